@@ -216,7 +216,9 @@ def token_divergence(
         logq = s - mx.logsumexp(s, axis=-1, keepdims=True)
     # The teacher is a target: no gradient flows into it (matters for on-policy / self-distillation).
     logp = mx.stop_gradient(logp)
-    return (temperature**2) * _divergence_from_logprobs(logp, logq, divergence, beta)
+    # Every divergence is >= 0; float32 rounding of two near-equal rows can give -1e-8 per token, which
+    # T^2 magnifies. Clamp, so a loss is never negative (peers ship "negative JSD" bugs).
+    return (temperature**2) * mx.maximum(_divergence_from_logprobs(logp, logq, divergence, beta), 0.0)
 
 
 # ------------------------------------------------------------------------------------------ public API

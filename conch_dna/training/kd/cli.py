@@ -1,0 +1,101 @@
+"""Command line: `python -m conch_dna.training.kd`, `python -m conch_dna.training.true_kd`,
+`scripts/distill_neurons.py`. Defaults are the offline EGO/CORTEX pair. Bad input exits with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Distil the EGO teacher into CORTEX neuron LoRA adapters (true logit-level KD).")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--domain", help="one domain (from config/domains.toml, or any name with --prompts)")
+    which.add_argument("--all", action="store_true", help="every domain in config/domains.toml")
+    ap.add_argument("--prompts", help="prompt file: one prompt per line, or JSONL with a \"prompt\" field")
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--alpha", type=float)
+    ap.add_argument("--divergence", choices=["forward_kl", "reverse_kl", "jsd", "tvd"])
+    ap.add_argument("--iters", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--learning-rate", type=float)
+    ap.add_argument("--max-seq-length", type=int)
+    ap.add_argument("--max-new-tokens", type=int, help="teacher response length")
+    ap.add_argument("--lora-rank", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--teacher", help="teacher model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
+    ap.add_argument("--student", help="student model folder or hub id (default: its depth-pruned copy)")
+    ap.add_argument("--output", help="output directory (default models/distilled_neurons/adapters_kd)")
+    ap.add_argument("--config", help="TOML config file (default config/kd.toml if present)")
+    ap.add_argument("--resume", action="store_true", help="resume each domain from its latest checkpoint")
+    ap.add_argument("--log-json", action="store_true", help="JSON-lines logs even on a terminal")
+    return ap
+
+
+def overrides_from_args(args) -> dict:
+    """CLI flags that were given, as KDConfig fields (flags rank above environment and file)."""
+    out = {k: v for k, v in {
+        "temperature": args.temperature, "alpha": args.alpha, "divergence": args.divergence, "iters": args.iters,
+        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "max_seq_length": args.max_seq_length,
+        "seed": args.seed, "teacher_model_id": args.teacher, "student_model_id": args.student, "output_dir": args.output,
+    }.items() if v is not None}
+    if args.lora_rank is not None:
+        out["lora"] = {"rank": args.lora_rank}
+    if args.max_new_tokens is not None:
+        out["generation"] = {"max_new_tokens": args.max_new_tokens}
+    return out
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.training.kd") -> int:
+    import conch_dna  # noqa: F401  (optimized BLAS before mlx)
+    from conch_dna.log_setup import configure_logging
+
+    args = build_parser(prog).parse_args(argv)
+    configure_logging(json_lines=True if args.log_json else None)
+    if not args.domain and not args.all:
+        print("error: give --domain NAME or --all", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from conch_dna.training.kd import bad_input_errors
+    from conch_dna.training.kd.config import KDConfig
+    from conch_dna.training.kd.data import load_domains, load_prompts
+    from conch_dna.training.kd.distiller import TrueKnowledgeDistiller
+
+    try:
+        config = KDConfig.load(args.config, **_merge_nested(args))
+        distiller = TrueKnowledgeDistiller(config=config)
+        if args.all:
+            results = distiller.distill_all(resume=args.resume)
+        else:
+            prompts = load_prompts(args.prompts) if args.prompts else None
+            if prompts is None and args.domain not in load_domains():
+                raise bad_input_errors()[1](f"unknown domain {args.domain!r}: known domains are {', '.join(load_domains())}; "
+                                            "pass --prompts FILE for a custom domain")
+            results = {args.domain: distiller.distill_domain(args.domain, prompts, resume=args.resume)}
+    except bad_input_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for name, r in results.items():
+        print(json.dumps({"domain": name, "adapter": r.adapter_path, "final_train_loss": round(r.final_train_loss, 4),
+                          "final_val_kd": r.final_val_kd, "final_val_ce": r.final_val_ce, "val_agreement": r.val_agreement,
+                          "training_seconds": round(r.training_seconds, 1)}))
+    return 0
+
+
+def _merge_nested(args) -> dict:
+    """Nested flags (lora.rank, generation.max_new_tokens) must not wipe the rest of their section."""
+    from conch_dna.training.kd.config import KDConfig
+
+    over = overrides_from_args(args)
+    if "lora" in over or "generation" in over:
+        base = KDConfig.load(args.config, **{k: v for k, v in over.items() if k not in ("lora", "generation")})
+        for section in ("lora", "generation"):
+            if section in over:
+                over[section] = {**getattr(base, section).model_dump(), **over[section]}
+    return over
+
+
+if __name__ == "__main__":
+    sys.exit(main())

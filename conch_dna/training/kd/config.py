@@ -1,0 +1,159 @@
+"""KDConfig: every knob of a distillation run, validated at construction.
+
+Sources, highest priority first: explicit arguments (the CLI passes its flags this way), environment
+variables `CONCH_KD_<FIELD>` (nested: `CONCH_KD_LORA__RANK=32`), the TOML file (`config/kd.toml` in the
+working directory, or `KDConfig.load(config_file=...)`, or `CONCH_KD_CONFIG_FILE`), then defaults.
+Out-of-range values, unknown keys and malformed TOML fail with the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+DEFAULT_CONFIG_FILE = Path("config/kd.toml")
+DEFAULT_OUTPUT_DIR = Path("models/distilled_neurons/adapters_kd")
+LORA_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+_config_file: ContextVar[Path | None] = ContextVar("kd_config_file", default=None)
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the source, key and what to do."""
+
+
+class LoRAConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
+    scale: float = Field(2.0, gt=0.0, le=100.0, description="LoRA output scale (mlx-lm's `scale`, i.e. alpha/r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    num_layers: int = Field(-1, ge=-1, description="adapt the last N transformer blocks; -1 = all (auto-detected)")
+    keys: list[str] = Field(default_factory=lambda: list(LORA_KEYS), min_length=1,
+                            description="module paths inside a block that get LoRA (attention and MLP by default)")
+
+
+class GenerationConfig(BaseModel):
+    """How the teacher writes responses to the domain prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(128, ge=1, le=32768)
+    temperature: float = Field(0.7, ge=0.0, le=5.0, description="sampling temperature; 0 = greedy")
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1, le=1024)
+    system_prompt: str | None = Field(None, description="optional system message for the chat template")
+
+
+class KDConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CONCH_KD_", env_nested_delimiter="__", extra="forbid", validate_default=True,
+    )
+
+    # Models
+    teacher_model_id: str = Field("default-teacher", description="EGO teacher: model folder or hub id")
+    student_model_id: str = Field("default-student", description="CORTEX base student: model folder or hub id")
+    output_dir: Path = DEFAULT_OUTPUT_DIR
+
+    # The objective: alpha * T^2 * divergence(teacher_T, student_T) + (1 - alpha) * CE
+    temperature: float = Field(2.0, ge=0.5, le=10.0)
+    alpha: float = Field(0.7, ge=0.0, le=1.0)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
+
+    # Teacher targets: cached top-k (computed once, reusable across temperatures/alphas) or online dense.
+    teacher_targets: Literal["cache", "online"] = "cache"
+    top_k: int = Field(64, ge=1, le=4096)
+
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    # Optimisation
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="clip the global gradient norm; 0 = off")
+    batch_size: int = Field(4, ge=1, le=4096)
+    grad_accumulation: int = Field(1, ge=1, le=1024)
+    iters: int = Field(100, ge=1)
+    max_seq_length: int = Field(512, ge=8, le=131072)
+
+    # Validation and checkpoints
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of prompts held out for validation")
+    val_interval: int = Field(25, ge=1)
+    checkpoint_interval: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = Field(0, ge=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _resolve_config_file()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: str | os.PathLike | None = None, **overrides) -> KDConfig:
+        """Build a config from `config_file` (or the default file) plus explicit `overrides`.
+
+        Raises `ConfigError` with a readable message instead of pydantic's or tomllib's exceptions.
+        """
+        if config_file is not None and not Path(config_file).is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        token = _config_file.set(Path(config_file) if config_file is not None else None)
+        try:
+            return cls(**overrides)
+        except ValidationError as e:
+            raise ConfigError(describe_validation_error(e, _resolve_config_file())) from e
+        finally:
+            _config_file.reset(token)
+
+    def lora_parameters(self) -> dict:
+        """The `lora_parameters` dict of mlx-lm's adapter_config.json."""
+        return {"rank": self.lora.rank, "scale": self.lora.scale, "dropout": self.lora.dropout, "keys": list(self.lora.keys)}
+
+
+def _resolve_config_file() -> Path | None:
+    path = _config_file.get()
+    if path is None and (env := os.environ.get("CONCH_KD_CONFIG_FILE")):
+        path = Path(env)
+    if path is None and DEFAULT_CONFIG_FILE.is_file():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}. Fix the syntax or pass another --config.") from e
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from e
+    return path
+
+
+def describe_validation_error(e: ValidationError, config_file: Path | None = None) -> str:
+    """One line per problem: the field, the value given, and what is allowed."""
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown setting {field!r} (check the spelling; `python -m conch_dna.training.kd --help` lists them)")
+        else:
+            lines.append(f"{field} = {err.get('input')!r}: {err['msg']}")
+    where = f" (sources: arguments, CONCH_KD_* environment, {config_file})" if config_file else ""
+    return "invalid KD configuration" + where + ":\n  " + "\n  ".join(lines)

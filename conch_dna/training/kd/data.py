@@ -1,0 +1,341 @@
+"""Teacher data: domain prompts -> teacher responses -> token examples -> cached top-k soft targets.
+
+Data flows one way: `load_prompts` / `DOMAIN_PROMPTS` give prompts; `generate_examples` has the teacher
+answer them through the chat template (batched); `build_teacher_cache` runs the teacher once over every
+example and stores its top-k logits, ids and row log-sum-exp in safetensors shards; the trainer reads
+batches from `iterate_batches` and targets from the cache (or from the live teacher, online).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import structlog
+
+from conch_dna.training.kd.losses import SparseTargets
+
+log = structlog.get_logger(__name__)
+
+_REPO_CONFIG = Path(__file__).resolve().parents[3] / "config" / "domains.toml"
+
+
+class DataError(ValueError):
+    """Prompts or examples are unusable; the message says which file/prompt and what to do."""
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+def domains_file() -> Path:
+    """`config/domains.toml` of the working directory, else the one next to the package source."""
+    local = Path("config/domains.toml")
+    return local if local.is_file() else _REPO_CONFIG
+
+
+def load_domains(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
+    """{domain: prompts} from a domains TOML file (tables with a `prompts` list)."""
+    path = Path(path) if path else domains_file()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise DataError(f"domains file {path} not found") from e
+    except tomllib.TOMLDecodeError as e:
+        raise DataError(f"domains file {path} is not valid TOML: {e}") from e
+    domains = {}
+    for name, table in data.items():
+        prompts = table.get("prompts") if isinstance(table, dict) else None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts) or not prompts:
+            raise DataError(f"domain [{name}] in {path} needs a non-empty `prompts` list of non-empty strings")
+        domains[name] = [p.strip() for p in prompts]
+    return domains
+
+
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a file: JSONL (objects with "prompt", or JSON strings) or plain text, one per line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as e:
+        raise DataError(f"prompt file {path} not found") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"prompt file {path} has no prompts; write one prompt per line (or JSONL with a \"prompt\" field)")
+    is_jsonl = path.suffix in (".jsonl", ".json") or lines[0].lstrip().startswith(("{", '"'))
+    if not is_jsonl:
+        return [ln.strip() for ln in lines]
+    prompts = []
+    for i, ln in enumerate(lines, 1):
+        try:
+            obj = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid JSON ({e.msg}); JSONL needs one JSON object per line") from e
+        p = obj.get("prompt") if isinstance(obj, dict) else obj
+        if not isinstance(p, str) or not p.strip():
+            raise DataError(f"{path}:{i}: expected a non-empty string or an object with a \"prompt\" string")
+        prompts.append(p.strip())
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: prompt + response token ids; the loss applies to the response only."""
+
+    tokens: tuple[int, ...]
+    prompt_len: int
+
+    @property
+    def response_len(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+def chat_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return list(tokenizer.encode(prompt))
+
+
+def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length: int, seed: int = 0) -> tuple[list[Example], dict]:
+    """The teacher answers each prompt (batched sampling); returns examples and throughput figures.
+
+    A prompt that leaves no room for a response within `max_seq_length` is an error naming it.
+    Responses that end with EOS keep the EOS token, so students learn to stop.
+    """
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    if not prompts:
+        raise DataError("no prompts given: pass at least one prompt (or use a domain from config/domains.toml)")
+    prompt_ids = [chat_prompt_ids(tokenizer, p, gen.system_prompt) for p in prompts]
+    for p, ids in zip(prompts, prompt_ids):
+        if len(ids) >= max_seq_length - 1:
+            raise DataError(
+                f"prompt of {len(ids)} tokens does not fit max_seq_length={max_seq_length} with room for an answer: "
+                f"{p[:60]!r}... Shorten it or raise max_seq_length."
+            )
+    eos = sorted(tokenizer.eos_token_ids)[0] if tokenizer.eos_token_ids else None
+    mx.random.seed(seed)
+    sampler = make_sampler(temp=gen.temperature, top_p=gen.top_p if gen.temperature > 0 else 0.0)
+    examples, n_gen = [], 0
+    t0 = time.perf_counter()
+    for start in range(0, len(prompt_ids), gen.batch_size):
+        chunk = prompt_ids[start : start + gen.batch_size]
+        budgets = [min(gen.max_new_tokens, max_seq_length - len(ids)) for ids in chunk]
+        out = batch_generate(model, tokenizer, chunk, max_tokens=budgets, sampler=sampler, return_token_ids=True)
+        for ids, resp, budget in zip(chunk, out.token_ids, budgets):
+            resp = list(resp)
+            n_gen += len(resp)
+            if eos is not None and len(resp) < budget:
+                resp.append(eos)  # stopped on EOS (batch_generate drops the stop token)
+            if not resp:
+                continue
+            examples.append(Example(tuple(ids + resp)[:max_seq_length], len(ids)))
+    seconds = time.perf_counter() - t0
+    stats = {"samples": len(examples), "generated_tokens": n_gen, "seconds": seconds,
+             "tokens_per_second": n_gen / seconds if seconds > 0 else 0.0,
+             "tokens": sum(len(e.tokens) for e in examples)}
+    return examples, stats
+
+
+def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded split; at least one training example, and one validation example when asked for any."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_val = min(len(examples) - 1, max(1 if val_fraction > 0 else 0, round(len(examples) * val_fraction)))
+    val = [examples[i] for i in sorted(order[:n_val])]
+    train = [examples[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def pad_batch(examples: list[Example], pad_id: int = 0) -> tuple[mx.array, mx.array]:
+    """tokens [B, L] (right-padded) and loss_mask [B, L] (true on response tokens only)."""
+    width = max(len(e.tokens) for e in examples)
+    tokens = np.full((len(examples), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(examples), width), dtype=bool)
+    for i, e in enumerate(examples):
+        tokens[i, : len(e.tokens)] = e.tokens
+        mask[i, e.prompt_len : len(e.tokens)] = True
+    return mx.array(tokens), mx.array(mask)
+
+
+def batch_order(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Example indices of global batch `step`: epochs are seeded permutations, so any step is recomputable
+    from (seed, step) alone. That is what makes resuming exact without saving a data cursor."""
+    per_epoch = max(1, n // batch_size) if n >= batch_size else 1
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    if n < batch_size:  # tiny data sets: wrap around
+        return [int(perm[i % n]) for i in range(batch_size)]
+    return [int(i) for i in perm[k * batch_size : (k + 1) * batch_size]]
+
+
+# ------------------------------------------------------------------------------------- teacher cache
+
+
+def fingerprint_model(model) -> str:
+    """A cheap content fingerprint of a loaded model: shapes plus per-tensor sums (computed on device)."""
+    from mlx.utils import tree_flatten
+
+    h = hashlib.sha256()
+    for name, p in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        x = p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p.astype(mx.float32)
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(np.array(mx.stack([x.sum(), (x * x).sum()])).tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_tokenizer(tokenizer) -> str:
+    tok = getattr(tokenizer, "_tokenizer", tokenizer)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps([vocab, getattr(tokenizer, "chat_template", None)]).encode()).hexdigest()
+
+
+def cache_key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def teacher_logits(model, tokens: mx.array) -> mx.array:
+    return model(tokens).astype(mx.float32)
+
+
+def compute_sparse_targets(model, examples: list[Example], top_k: int, batch_size: int = 8) -> list[SparseTargets]:
+    """Run the teacher over each example and keep top-k logits, ids and the row log-sum-exp per token."""
+    from conch_dna.training.kd.losses import topk_targets
+
+    out = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        tokens, _ = pad_batch(chunk)
+        t = topk_targets(teacher_logits(model, tokens), top_k)
+        mx.eval(t)
+        for i, e in enumerate(chunk):
+            n = len(e.tokens)
+            out.append(SparseTargets(t.logits[i, :n], t.indices[i, :n], t.logsumexp[i, :n]))
+    return out
+
+
+def tail_logsumexp(t: SparseTargets) -> mx.array:
+    """log of the teacher's (unnormalised) mass outside the top-k, in float32, from exact values."""
+    lse_k = mx.logsumexp(t.logits.astype(mx.float32), axis=-1)
+    frac = mx.minimum(mx.exp(lse_k - t.logsumexp), 1.0)
+    return mx.where(frac < 1.0, t.logsumexp + mx.log1p(-frac), -mx.inf).astype(mx.float32)
+
+
+class TeacherCache:
+    """Examples and their top-k teacher targets, stored as safetensors shards in one folder.
+
+    Logits are stored as float16 (half the bytes; a logit needs no more), ids as uint16 when the
+    vocabulary fits (else int32). Instead of the full-row log-sum-exp we store the log-sum-exp of the
+    *tail* (float32): the tail holds ~1e-3 of the mass, far below float16's resolution of the top-k
+    probabilities, so 1 - sum(top-k) recomputed from rounded logits would be noise. The folder is written to a temporary sibling and
+    renamed, so a cache is either complete or absent.
+    """
+
+    SHARD_EXAMPLES = 256
+
+    def __init__(self, examples: list[Example], targets: list[SparseTargets], meta: dict):
+        self.examples, self.targets, self.meta = examples, targets, meta
+
+    def save(self, folder: Path) -> Path:
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            vocab = self.meta.get("vocab_size", 1 << 31)
+            id_dtype = mx.uint16 if vocab <= 65536 else mx.int32
+            n_shards = max(1, math.ceil(len(self.examples) / self.SHARD_EXAMPLES))
+            for s in range(n_shards):
+                lo, hi = s * self.SHARD_EXAMPLES, (s + 1) * self.SHARD_EXAMPLES
+                ex, tg = self.examples[lo:hi], self.targets[lo:hi]
+                arrays = {
+                    "tokens": mx.array(np.concatenate([np.array(e.tokens, np.int32) for e in ex])),
+                    "lengths": mx.array([len(e.tokens) for e in ex], dtype=mx.int32),
+                    "prompt_lens": mx.array([e.prompt_len for e in ex], dtype=mx.int32),
+                    "logits": mx.concatenate([t.logits for t in tg]).astype(mx.float16),
+                    "indices": mx.concatenate([t.indices for t in tg]).astype(id_dtype),
+                    "tail_logsumexp": mx.concatenate([tail_logsumexp(t) for t in tg]),
+                }
+                mx.save_safetensors(str(tmp / f"shard-{s:05d}.safetensors"), arrays)
+            (tmp / "meta.json").write_text(json.dumps({**self.meta, "shards": n_shards, "examples": len(self.examples)}, indent=2))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> TeacherCache:
+        folder = Path(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        examples, targets = [], []
+        for s in range(meta["shards"]):
+            path = folder / f"shard-{s:05d}.safetensors"
+            try:
+                a = mx.load(str(path))
+            except Exception as e:
+                raise DataError(f"teacher cache shard {path} is unreadable ({e}); delete {folder} to rebuild it") from e
+            lengths = np.array(a["lengths"]).tolist()
+            prompt_lens = np.array(a["prompt_lens"]).tolist()
+            tokens = np.array(a["tokens"])
+            off = 0
+            for n, p in zip(lengths, prompt_lens):
+                examples.append(Example(tuple(int(t) for t in tokens[off : off + n]), int(p)))
+                top = a["logits"][off : off + n].astype(mx.float32)
+                # The full-row logsumexp, rebuilt from the *rounded* top-k and the exact tail: the tail
+                # mass the loss derives from it is then exact, whatever float16 did to the top-k.
+                lse = mx.logaddexp(mx.logsumexp(top, axis=-1), a["tail_logsumexp"][off : off + n])
+                targets.append(SparseTargets(top, a["indices"][off : off + n].astype(mx.int32), lse))
+                off += n
+        if len(examples) != meta["examples"]:
+            raise DataError(f"teacher cache {folder} is incomplete ({len(examples)} of {meta['examples']} examples); delete it to rebuild")
+        return cls(examples, targets, meta)
+
+    def bytes_per_token(self) -> float:
+        k = self.targets[0].logits.shape[-1] if self.targets else 0
+        id_bytes = 2 if self.meta.get("vocab_size", 1 << 31) <= 65536 else 4
+        return k * (2 + id_bytes) + 4
+
+
+def pad_sparse(targets: list[SparseTargets], width: int) -> SparseTargets:
+    """Stack per-example sparse targets into [B, width, k], padding with neutral rows (masked anyway)."""
+    k = targets[0].logits.shape[-1]
+    rows_l, rows_i, rows_z = [], [], []
+    for t in targets:
+        pad = width - t.logits.shape[0]
+        rows_l.append(mx.pad(t.logits, [(0, pad), (0, 0)]))
+        rows_i.append(mx.pad(t.indices, [(0, pad), (0, 0)]) if pad else t.indices)
+        # Padding rows: logits 0 with logsumexp log(k) describe a valid (uniform-over-top-k) distribution.
+        rows_z.append(mx.concatenate([t.logsumexp, mx.full((pad,), math.log(k))]) if pad else t.logsumexp)
+    indices = mx.stack(rows_i)
+    if k > 1:  # padding rows need distinct ids, or take/put_along_axis would collide
+        pad_ids = mx.broadcast_to(mx.arange(k, dtype=indices.dtype), indices.shape)
+        valid = mx.arange(width)[None, :, None] < mx.array([t.logits.shape[0] for t in targets])[:, None, None]
+        indices = mx.where(valid, indices, pad_ids)
+    return SparseTargets(mx.stack(rows_l), indices, mx.stack(rows_z))

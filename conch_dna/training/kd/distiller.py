@@ -1,0 +1,282 @@
+"""TrueKnowledgeDistiller: teacher data -> KD training of a LoRA student -> adapter, per domain.
+
+    distiller = TrueKnowledgeDistiller(teacher_model_id=..., student_model_id=..., config=KDConfig(...))
+    result = distiller.distill_domain("thinking", prompts)   # -> KDResult
+    results = distiller.distill_all()                        # every domain; writes kd_summary.json
+
+The teacher can be handed in already loaded (EGO's live model and tokenizer): nothing is reloaded.
+Per domain the output folder holds adapters.safetensors + adapter_config.json (mlx-lm's format),
+checkpoint_*/, metrics.jsonl and result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import nullcontext
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlx.core as mx
+import structlog
+from pydantic import BaseModel
+
+from conch_dna.models import load_model
+from conch_dna.training.kd.config import KDConfig
+from conch_dna.training.kd.data import (
+    DataError,
+    Example,
+    TeacherCache,
+    cache_key,
+    compute_sparse_targets,
+    fingerprint_model,
+    fingerprint_tokenizer,
+    generate_examples,
+    load_domains,
+    pad_sparse,
+    split_examples,
+    teacher_logits,
+)
+from conch_dna.training.kd.trainer import _atomic_write, adapter_config, apply_lora, save_adapter
+from conch_dna.training.kd.trainer import train_with_kd as run_training
+from conch_dna.training.kd.vocab import check_same_tokenizer, tokenizer_vocab_size
+
+log = structlog.get_logger(__name__)
+
+
+class OutputDirError(OSError):
+    """The output directory cannot be created or written."""
+
+
+class KDResult(BaseModel):
+    """What one domain's distillation produced; JSON-serialisable (`model_dump_json`)."""
+
+    domain: str
+    run_id: str
+    teacher_model_id: str
+    student_model_id: str
+    num_train_samples: int
+    num_val_samples: int
+    final_train_kd: float
+    final_train_ce: float
+    final_train_loss: float
+    best_train_loss: float
+    final_val_kd: float | None = None
+    final_val_ce: float | None = None
+    final_val_loss: float | None = None
+    best_val_kd: float | None = None
+    best_val_ce: float | None = None
+    best_val_loss: float | None = None
+    val_agreement: float | None = None
+    adapter_path: str
+    iterations: int
+    tokens_processed: int
+    training_seconds: float
+    generation: dict
+    config: dict
+    timestamp: str
+
+
+def _finite_or_none(x):
+    return None if x is None or x != x or x in (float("inf"), float("-inf")) else float(x)
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}-{threading.get_ident()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(f"output directory {folder} is not writable ({e.strerror}); choose another with --output") from e
+
+
+class TrueKnowledgeDistiller:
+    """Distils a teacher (EGO) into per-domain LoRA adapters on a student (a CORTEX neuron's base)."""
+
+    def __init__(
+        self,
+        teacher_model_id: str | None = None,
+        student_model_id: str | None = None,
+        config: KDConfig | None = None,
+        *,
+        teacher=None,
+        teacher_tokenizer=None,
+        teacher_lock: threading.Lock | None = None,
+        on_event: Callable[..., None] | None = None,
+    ):
+        config = config or KDConfig.load()
+        updates = {k: v for k, v in (("teacher_model_id", teacher_model_id), ("student_model_id", student_model_id)) if v}
+        self.config = config.model_copy(update=updates) if updates else config
+        if (teacher is None) != (teacher_tokenizer is None):
+            raise ValueError("pass both teacher and teacher_tokenizer (a live model), or neither")
+        self._teacher, self._teacher_tokenizer = teacher, teacher_tokenizer
+        # A live teacher may be shared with other threads (EGO answering prompts): hold this lock around it.
+        self.teacher_lock = teacher_lock or threading.Lock()
+        self.on_event = on_event or (lambda name, **kw: None)
+
+    # ------------------------------------------------------------------------------------- models
+
+    @property
+    def teacher(self):
+        if self._teacher is None:
+            self._teacher, self._teacher_tokenizer = load_model(self.config.teacher_model_id)
+        return self._teacher
+
+    @property
+    def teacher_tokenizer(self):
+        _ = self.teacher
+        return self._teacher_tokenizer
+
+    def load_student(self):
+        return load_model(self.config.student_model_id)
+
+    # --------------------------------------------------------------------------------- teacher data
+
+    def generate_training_data(self, prompts: list[str], domain: str) -> tuple[TeacherCache, dict]:
+        """Teacher responses and top-k soft targets for `prompts`, from the cache when inputs are unchanged."""
+        cfg = self.config
+        if not prompts:
+            raise DataError(f"no prompts for domain {domain!r}: pass at least one prompt")
+        with self.teacher_lock:
+            key = cache_key(
+                teacher=fingerprint_model(self.teacher), tokenizer=fingerprint_tokenizer(self.teacher_tokenizer),
+                prompts=prompts, generation=cfg.generation.model_dump(), max_seq_length=cfg.max_seq_length,
+                top_k=cfg.top_k, seed=cfg.seed,
+            )
+        folder = Path(cfg.output_dir) / "teacher_cache" / key
+        if (folder / "meta.json").is_file():
+            cache = TeacherCache.load(folder)
+            log.info("teacher cache hit", domain=domain, folder=str(folder), samples=len(cache.examples))
+            return cache, {**cache.meta.get("generation_stats", {}), "cached": True}
+        with self.teacher_lock:
+            examples, stats = generate_examples(self.teacher, self.teacher_tokenizer, prompts, cfg.generation,
+                                                cfg.max_seq_length, cfg.seed)
+            if not examples:
+                raise DataError(f"the teacher produced no responses for domain {domain!r}")
+            t0 = time.perf_counter()
+            targets = compute_sparse_targets(self.teacher, examples, cfg.top_k, cfg.generation.batch_size)
+            stats["target_seconds"] = time.perf_counter() - t0
+        vocab = tokenizer_vocab_size(self.teacher_tokenizer)
+        cache = TeacherCache(examples, targets, {"key": key, "domain": domain, "teacher": cfg.teacher_model_id,
+                                                  "top_k": cfg.top_k, "vocab_size": vocab, "generation_stats": stats})
+        cache.save(folder)
+        # Train from what was stored (float16 logits), so a fresh run and a resumed or cached run see
+        # exactly the same targets.
+        cache = TeacherCache.load(folder)
+        stats["cache_bytes_per_token"] = cache.bytes_per_token()
+        stats["dense_bf16_bytes_per_token"] = 2 * vocab
+        log.info("teacher data ready", domain=domain, samples=len(examples), tokens=stats["tokens"],
+                 seconds=round(stats["seconds"], 2), gen_tokens_per_second=round(stats["tokens_per_second"], 1))
+        return cache, {**stats, "cached": False}
+
+    # ------------------------------------------------------------------------------------ training
+
+    def distill_domain(self, domain: str, prompts: list[str] | None = None, *, resume: bool = False,
+                       should_stop: Callable[[], bool] | None = None) -> KDResult:
+        """Generate teacher data for `domain`, train its LoRA adapter with KD, save it; return the result."""
+        cfg = self.config
+        if prompts is None:
+            domains = load_domains()
+            if domain not in domains:
+                raise DataError(f"unknown domain {domain!r}: known domains are {', '.join(domains)}; "
+                                "pass prompts (or --prompts FILE) for a custom domain")
+            prompts = domains[domain]
+        prompts = [p for p in (s.strip() for s in prompts) if p]
+        if not prompts:
+            raise DataError(f"domain {domain!r}: the prompt list is empty")
+        out_dir = Path(cfg.output_dir) / domain
+        _check_writable(out_dir)
+        run_id = uuid.uuid4().hex[:12]
+        log.info("distillation started", domain=domain, run_id=run_id, prompts=len(prompts))
+        self.on_event("started", domain=domain, run_id=run_id, config=cfg.model_dump(mode="json"))
+
+        cache, gen_stats = self.generate_training_data(prompts, domain)
+        self.on_event("data_ready", domain=domain, samples=len(cache.examples),
+                      tokens=sum(len(e.tokens) for e in cache.examples), seconds=gen_stats.get("seconds", 0.0))
+        return self.train_with_kd(cache, domain, resume=resume, should_stop=should_stop, generation_stats=gen_stats, run_id=run_id)
+
+    def train_with_kd(self, train_data: TeacherCache, domain: str, *, resume: bool = False,
+                      should_stop: Callable[[], bool] | None = None, generation_stats: dict | None = None,
+                      run_id: str | None = None) -> KDResult:
+        """Train `domain`'s LoRA adapter on teacher data from `generate_training_data`; save it; return the result."""
+        cfg = self.config
+        cache, gen_stats = train_data, generation_stats or {}
+        run_id = run_id or uuid.uuid4().hex[:12]
+        out_dir = Path(cfg.output_dir) / domain
+        _check_writable(out_dir)
+        indices = list(range(len(cache.examples)))
+        train_idx, val_idx = split_examples(indices, cfg.val_fraction, cfg.seed)
+        train = [cache.examples[i] for i in train_idx]
+        val = [cache.examples[i] for i in val_idx]
+
+        student, student_tok = self.load_student()
+        vocab = self._shared_vocab(student, student_tok)
+        num_layers = apply_lora(student, cfg)
+        acfg = adapter_config(cfg, num_layers, {"domain": domain, "run_id": run_id})
+        targets_fn = self._targets_fn(cache, train_idx, val_idx, vocab)
+        summary = run_training(student, train, val, targets_fn, cfg, out_dir, adapter_cfg=acfg, resume=resume,
+                                vocab=vocab, on_event=lambda name, **kw: self.on_event(name, domain=domain, **kw),
+                                should_stop=should_stop)
+        adapter = save_adapter(student, out_dir, acfg)
+        final, best = summary["final"], summary["best"]
+        result = KDResult(
+            domain=domain, run_id=run_id, teacher_model_id=cfg.teacher_model_id, student_model_id=cfg.student_model_id,
+            num_train_samples=len(train), num_val_samples=len(val),
+            final_train_kd=final["kd"], final_train_ce=final["ce"], final_train_loss=final["loss"],
+            best_train_loss=best["train_loss"],
+            final_val_kd=final.get("val_kd"), final_val_ce=final.get("val_ce"), final_val_loss=final.get("val_loss"),
+            best_val_kd=_finite_or_none(best.get("val_kd")), best_val_ce=_finite_or_none(best.get("val_ce")),
+            best_val_loss=_finite_or_none(best.get("val_loss")), val_agreement=final.get("val_agreement"),
+            adapter_path=str(adapter.parent), iterations=cfg.iters, tokens_processed=summary["tokens"],
+            training_seconds=summary["train_seconds"], generation=gen_stats, config=cfg.model_dump(mode="json"),
+            timestamp=datetime.now(UTC).isoformat(),
+        )
+        _atomic_write(out_dir / "result.json", lambda p: p.write_text(result.model_dump_json(indent=2)))
+        log.info("domain completed", domain=domain, adapter=result.adapter_path, val_kd=result.final_val_kd,
+                 val_agreement=result.val_agreement, seconds=round(result.training_seconds, 1))
+        self.on_event("completed", domain=domain, result=result.model_dump(mode="json"))
+        return result
+
+    def distill_all(self, domains: dict[str, list[str]] | None = None, *, resume: bool = False) -> dict[str, KDResult]:
+        """Distil every domain (default: all of DOMAIN_PROMPTS) and write <output>/kd_summary.json."""
+        domains = domains if domains is not None else load_domains()
+        results = {name: self.distill_domain(name, prompts, resume=resume) for name, prompts in domains.items()}
+        summary = {name: r.model_dump(mode="json") for name, r in results.items()}
+        out = Path(self.config.output_dir)
+        _atomic_write(out / "kd_summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+        return results
+
+    # ------------------------------------------------------------------------------------- helpers
+
+    def _shared_vocab(self, student, student_tok) -> int | None:
+        """Verify the tokenizers match; return the width to cut logits to when embeddings are padded."""
+        figures = check_same_tokenizer(self.teacher_tokenizer, student_tok)
+        s_width = student.model.embed_tokens.weight.shape[0] if hasattr(student, "model") else None
+        real = tokenizer_vocab_size(student_tok)
+        log.info("tokenizers match", **figures)
+        return real if s_width is not None and real < s_width else None
+
+    def _targets_fn(self, cache: TeacherCache, train_idx: list[int], val_idx: list[int], vocab: int | None):
+        split_index = {"train": train_idx, "val": val_idx}
+        if self.config.teacher_targets == "cache":
+            def from_cache(idx, split, tokens):
+                return pad_sparse([cache.targets[split_index[split][i]] for i in idx], tokens.shape[1])
+            return from_cache
+
+        teacher = self.teacher
+
+        def online(idx, split, tokens):
+            with self.teacher_lock if self._teacher is not None else nullcontext():
+                logits = teacher_logits(teacher, tokens)
+                logits = logits[..., :vocab] if vocab is not None else logits
+                mx.eval(logits)
+            return mx.stop_gradient(logits)
+        return online
+
+
+__all__ = ["Example", "KDResult", "OutputDirError", "TrueKnowledgeDistiller"]

@@ -1,0 +1,377 @@
+"""The KD training loop for LoRA students, in the style of mlx-lm's tuner: plain functions, no Trainer class.
+
+`train_with_kd(model, train, val, targets_fn, config, out_dir)` runs AdamW on the LoRA parameters with the
+combined objective from `losses.kd_objective`, validates every `val_interval` steps, checkpoints every
+`checkpoint_interval` steps and at the end, and resumes exactly from the latest checkpoint.
+
+Exact resume needs no saved data cursor or RNG state: batch `s` is a function of (seed, s) (see
+`data.batch_order`) and the random state (LoRA dropout) is reseeded from (seed, s) at every step. A
+checkpoint therefore holds the adapter, the optimizer state and the step; it is written to a temporary
+folder and renamed, so a crash leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import structlog
+from mlx.utils import tree_flatten, tree_unflatten
+
+from conch_dna.training.kd.config import KDConfig
+from conch_dna.training.kd.data import Example, batch_order, pad_batch
+from conch_dna.training.kd.losses import SparseTargets, kd_objective, next_token_view
+
+log = structlog.get_logger(__name__)
+
+# targets_fn(indices into the data split, "train" | "val", padded tokens [B, L]) -> dense logits or SparseTargets
+TargetsFn = Callable[[list[int], str, mx.array], "mx.array | SparseTargets"]
+# on_event(name, **payload): progress for the distiller (which turns them into signals) and tests
+EventFn = Callable[..., None]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
+
+    def __init__(self, step: int, last_checkpoint: Path | None, value: float):
+        self.step, self.last_checkpoint, self.value = step, last_checkpoint, value
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        super().__init__(
+            f"loss became {value} at step {step}; training stopped, {where}. "
+            "Lower the learning rate, raise max_grad_norm clipping, or check the teacher's outputs."
+        )
+
+
+class TrainingCancelled(RuntimeError):
+    """`should_stop()` returned true; the run stopped at a step boundary."""
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+
+
+def apply_lora(model: nn.Module, config: KDConfig) -> int:
+    """Freeze the model and add LoRA layers (mlx-lm's); returns the number of adapted blocks."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    n_blocks = len(model.layers)
+    num_layers = n_blocks if config.lora.num_layers in (-1, 0) else min(config.lora.num_layers, n_blocks)
+    block_modules = {name for name, _ in model.layers[0].named_modules()}
+    missing = [k for k in config.lora.keys if k not in block_modules]
+    if missing:
+        raise ValueError(f"LoRA keys {missing} are not modules of this model's blocks; available: {sorted(k for k in block_modules if k)}")
+    model.freeze()
+    linear_to_lora_layers(model, num_layers, config.lora_parameters())
+    return num_layers
+
+
+def adapter_config(config: KDConfig, num_layers: int, extra: dict | None = None) -> dict:
+    """mlx-lm's adapter_config.json (read by mlx_lm.load/generate/fuse), plus our provenance."""
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": num_layers,
+        "lora_parameters": config.lora_parameters(),
+        "model": config.student_model_id,
+        "conch_kd": {
+            "teacher": config.teacher_model_id,
+            "temperature": config.temperature,
+            "alpha": config.alpha,
+            "divergence": config.divergence,
+            "jsd_beta": config.jsd_beta,
+            **(extra or {}),
+        },
+    }
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via `write(tmp)` to a temporary file in the same folder, fsync, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(model: nn.Module, folder: Path, config_dict: dict) -> Path:
+    """adapters.safetensors + adapter_config.json in `folder`, each written atomically (config first:
+    mlx-lm reads the config to build the layers, then validates the weights' names and shapes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    _atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(config_dict, indent=2)))
+    _atomic_write(folder / "adapters.safetensors", lambda p: mx.save_safetensors(str(p), weights, {"format": "mlx"}))
+    return folder / "adapters.safetensors"
+
+
+# --------------------------------------------------------------------------------------- optimizer
+
+
+def build_optimizer(config: KDConfig) -> optim.Optimizer:
+    lr, steps, warm = config.learning_rate, config.iters, min(config.warmup_steps, config.iters)
+    main = steps - warm
+    if config.lr_schedule == "cosine":
+        schedule = optim.cosine_decay(lr, max(main, 1), lr * 0.1)
+    elif config.lr_schedule == "linear":
+        schedule = optim.linear_schedule(lr, lr * 0.1, max(main, 1))
+    else:
+        schedule = lr
+    if warm:
+        schedule = optim.join_schedules([optim.linear_schedule(lr / warm, lr, warm), schedule if callable(schedule) else (lambda _: lr)], [warm])
+    return optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a complete one has state.json; temp folders start with '.')."""
+    return sorted(p for p in out_dir.glob("checkpoint_*") if (p / "state.json").is_file())
+
+
+def save_checkpoint(model, optimizer, out_dir: Path, step: int, state: dict, config_dict: dict, keep: int) -> Path:
+    final = out_dir / f"checkpoint_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_dir))
+    try:
+        mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (tmp / "adapter_config.json").write_text(json.dumps(config_dict, indent=2))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(model, optimizer, ckpt: Path) -> dict:
+    try:
+        adapters = mx.load(str(ckpt / "adapters.safetensors"))
+        opt_state = mx.load(str(ckpt / "optimizer.safetensors"))
+        state = json.loads((ckpt / "state.json").read_text())
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from an earlier one") from e
+    model.load_weights(list(adapters.items()), strict=False)
+    optimizer.state = tree_unflatten(list(opt_state.items()))
+    return state
+
+
+# ------------------------------------------------------------------------------------------- steps
+
+
+def _seed_for(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**31)
+
+
+def student_logits(model, tokens, vocab: int | None = None):
+    """The student's logits, cut to the shared real vocabulary when its embedding matrix is padded wider."""
+    logits = model(tokens)
+    return logits[..., :vocab] if vocab is not None and vocab < logits.shape[-1] else logits
+
+
+def _loss_fn(model, tokens, loss_mask, targets, cfg: KDConfig, vocab: int | None = None):
+    logits = student_logits(model, tokens, vocab)
+    out = kd_objective(logits, targets, tokens, loss_mask, cfg.alpha, cfg.temperature, cfg.divergence, cfg.jsd_beta)
+    return out["loss"], out
+
+
+def top1_agreement(student_logits, targets, tokens, loss_mask) -> tuple[mx.array, mx.array]:
+    """(number of scored positions where argmax student == argmax teacher, number of scored positions)."""
+    s, _, mask = next_token_view(student_logits, tokens, loss_mask)
+    if isinstance(targets, SparseTargets):
+        best = mx.argmax(targets.logits, axis=-1, keepdims=True)
+        t_top = mx.take_along_axis(targets.indices, best, axis=-1)[..., 0][:, :-1]
+    else:
+        t_top = mx.argmax(targets[:, :-1], axis=-1)
+    agree = (mx.argmax(s, axis=-1) == t_top) & mask
+    return agree.sum(), mask.sum()
+
+
+def evaluate(model, examples: list[Example], targets_fn: TargetsFn, cfg: KDConfig, batch_size: int, vocab: int | None = None) -> dict:
+    """Token-weighted validation losses and teacher-student top-1 agreement over all of `examples`."""
+    sums = {"kd": 0.0, "ce": 0.0, "loss": 0.0}
+    n_tok = n_agree = 0.0
+    for start in range(0, len(examples), batch_size):
+        idx = list(range(start, min(start + batch_size, len(examples))))
+        tokens, mask = pad_batch([examples[i] for i in idx])
+        targets = targets_fn(idx, "val", tokens)
+        logits = student_logits(model, tokens, vocab)
+        out = kd_objective(logits, targets, tokens, mask, cfg.alpha, cfg.temperature, cfg.divergence, cfg.jsd_beta)
+        agree, n = top1_agreement(logits, targets, tokens, mask)
+        mx.eval(out, agree, n)
+        n = n.item()
+        for k in sums:
+            sums[k] += out[k].item() * n
+        n_tok += n
+        n_agree += agree.item()
+    d = max(n_tok, 1.0)
+    return {"val_kd": sums["kd"] / d, "val_ce": sums["ce"] / d, "val_loss": sums["loss"] / d,
+            "val_agreement": n_agree / d, "val_tokens": int(n_tok)}
+
+
+# -------------------------------------------------------------------------------------------- loop
+
+
+def train_with_kd(
+    model: nn.Module,
+    train: list[Example],
+    val: list[Example],
+    targets_fn: TargetsFn,
+    config: KDConfig,
+    out_dir: Path,
+    *,
+    adapter_cfg: dict,
+    resume: bool = False,
+    vocab: int | None = None,
+    on_event: EventFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
+    """Train the (already LoRA-wrapped) `model`; returns a summary of losses, tokens and time.
+
+    Events (for signals and tests): "step" every step, "validation", "checkpoint". Raises
+    `TrainingDivergedError` on a non-finite loss and `TrainingCancelled` when `should_stop()` is true.
+    """
+    if not train:
+        raise ValueError("no training examples: give more prompts or lower val_fraction")
+    emit = on_event or (lambda name, **kw: None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.jsonl"
+    optimizer = build_optimizer(config)
+    optimizer.init(model.trainable_parameters())
+    loss_and_grad = nn.value_and_grad(model, lambda m, *a: _loss_fn(m, *a, config, vocab))
+
+    start_step, best = 0, {"train_loss": math.inf, "val_loss": math.inf, "val_kd": math.inf, "val_ce": math.inf}
+    tokens_seen = 0
+    if resume and (ckpts := checkpoint_dirs(out_dir)):
+        state = load_checkpoint(model, optimizer, ckpts[-1])
+        start_step, best, tokens_seen = state["step"], state.get("best", best), state.get("tokens", 0)
+        log.info("resumed", checkpoint=str(ckpts[-1]), step=start_step)
+    _truncate_metrics(metrics_path, start_step)
+
+    global_batch = config.batch_size * config.grad_accumulation
+    last_ckpt = checkpoint_dirs(out_dir)[-1] if checkpoint_dirs(out_dir) else None
+    last = {}
+    show_bar = sys.stderr.isatty()
+    t_start = time.perf_counter()
+    train_seconds = 0.0
+    for step in range(start_step, config.iters):
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled(f"cancelled before step {step + 1}")
+        t0 = time.perf_counter()
+        mx.random.seed(_seed_for(config.seed, step))
+        idx = batch_order(len(train), global_batch, config.seed, step)
+        grads_sum, sums, n_step = None, {"loss": 0.0, "kd": 0.0, "ce": 0.0}, 0.0
+        for m in range(config.grad_accumulation):
+            micro = idx[m * config.batch_size : (m + 1) * config.batch_size]
+            tokens, mask = pad_batch([train[i] for i in micro])
+            targets = targets_fn(micro, "train", tokens)
+            (loss, out), grads = loss_and_grad(model, tokens, mask, targets)
+            n = out["ntokens"]
+            # Token-weighted accumulation: the step's gradient is that of the mean over all its tokens.
+            grads = tree_map_scale(grads, n)
+            grads_sum = grads if grads_sum is None else tree_add(grads_sum, grads)
+            mx.eval(grads_sum, out)
+            nv = n.item()
+            for k in sums:
+                sums[k] += out[k].item() * nv
+            n_step += nv
+        if n_step == 0:
+            raise ValueError(f"step {step + 1}: the batch has no response tokens to learn from (empty responses?)")
+        grads = tree_map_scale(grads_sum, 1.0 / n_step)
+        loss_value = sums["loss"] / n_step
+        if not math.isfinite(loss_value):
+            raise TrainingDivergedError(step + 1, last_ckpt, loss_value)
+        if config.max_grad_norm > 0:
+            grads, _ = optim.clip_grad_norm(grads, config.max_grad_norm)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+        lr = optimizer.learning_rate.item()  # after update: the rate this step used
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        tokens_seen += int(n_step)
+        s = step + 1
+        last = {"step": s, "loss": loss_value, "kd": sums["kd"] / n_step, "ce": sums["ce"] / n_step, "lr": lr,
+                "tokens_per_second": n_step / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9, "tokens": tokens_seen}
+        best["train_loss"] = min(best["train_loss"], loss_value)
+        _append_metrics(metrics_path, {"type": "train", **last})
+        emit("step", **last)
+        if show_bar:
+            print(f"\r[{s}/{config.iters}] loss {loss_value:.4f} kd {last['kd']:.4f} ce {last['ce']:.4f} "
+                  f"{last['tokens_per_second']:.0f} tok/s", end="" if s < config.iters else "\n", file=sys.stderr, flush=True)
+        if s % config.val_interval == 0 or s == config.iters:
+            if val:
+                v = evaluate(model, val, targets_fn, config, config.batch_size, vocab)
+                for k in ("val_loss", "val_kd", "val_ce"):
+                    best[k] = min(best[k], v[k])
+                last.update(v)
+                _append_metrics(metrics_path, {"type": "val", "step": s, **v})
+                log.info("validation", **{"step": s, **{k: round(x, 5) if isinstance(x, float) else x for k, x in v.items()}})
+                emit("validation", step=s, **v)
+        if s % config.checkpoint_interval == 0 or s == config.iters:
+            last_ckpt = save_checkpoint(model, optimizer, out_dir, s, {"best": best, "tokens": tokens_seen},
+                                        adapter_cfg, config.keep_checkpoints)
+            emit("checkpoint", step=s, path=str(last_ckpt))
+        if s % max(1, config.iters // 10) == 0 or s == config.iters:
+            log.info("step", step=s, loss=round(loss_value, 5), kd=round(last["kd"], 5), ce=round(last["ce"], 5),
+                     lr=lr, tokens_per_second=round(last["tokens_per_second"], 1))
+    return {"final": last, "best": best, "tokens": tokens_seen, "train_seconds": train_seconds,
+            "wall_seconds": time.perf_counter() - t_start, "start_step": start_step,
+            "last_checkpoint": str(last_ckpt) if last_ckpt else None}
+
+
+def tree_map_scale(tree, scale):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda g: g * scale, tree)
+
+
+def tree_add(a, b):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda x, y: x + y, a, b)
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the loss curve consistent after a resume: drop rows logged after the resumed step."""
+    if not path.exists():
+        return
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = []
+    for ln in rows:
+        try:
+            if json.loads(ln).get("step", 0) <= step:
+                kept.append(ln)
+        except json.JSONDecodeError:
+            continue
+    _atomic_write(path, lambda p: p.write_text("".join(k + "\n" for k in kept)))
+
+
+__all__ = [
+    "TrainingCancelled", "TrainingDivergedError", "adapter_config", "apply_lora", "build_optimizer",
+    "checkpoint_dirs", "evaluate", "save_adapter", "top1_agreement", "train_with_kd",
+]

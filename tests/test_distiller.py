@@ -1,0 +1,161 @@
+"""The distiller end to end on tiny random-weight models, plus bad input."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import load as mlx_load
+
+from conch_dna.models import load_model
+from conch_dna.training.kd import DOMAIN_PROMPTS, DataError, KDResult, OutputDirError, TrueKnowledgeDistiller
+from conch_dna.training.kd.data import TeacherCache
+from tests.conftest import PROMPTS
+
+
+def test_generate_train_save_and_stock_mlx_lm_load(tiny_pair, kd_config):
+    teacher, student = tiny_pair
+    cfg = kd_config()
+    d = TrueKnowledgeDistiller(str(teacher), str(student), cfg)
+    r = d.distill_domain("thinking", PROMPTS)
+    assert isinstance(r, KDResult)
+    out = cfg.output_dir / "thinking"
+    for f in ("adapters.safetensors", "adapter_config.json", "metrics.jsonl", "result.json", "checkpoint_000006/state.json"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "result.json").read_text())["domain"] == "thinking"
+    json.loads(r.model_dump_json())  # serialisable
+    assert r.num_train_samples + r.num_val_samples == len(PROMPTS) and r.val_agreement is not None
+
+    # Logits of the trained student (rebuilt from our adapter) == stock mlx_lm.load(student, adapter_path=...).
+    from conch_dna.training.kd.trainer import apply_lora
+
+    ours, _ = load_model(student)
+    apply_lora(ours, cfg)
+    ours.load_weights(str(out / "adapters.safetensors"), strict=False)
+    stock, tok = mlx_load(str(student), adapter_path=str(out))
+    x = mx.array([tok.encode("the quick brown fox")])
+    assert np.allclose(np.array(ours(x)), np.array(stock(x)), atol=1e-5)
+    # ... and training changed the student.
+    base, _ = mlx_load(str(student))
+    assert not np.allclose(np.array(base(x)), np.array(stock(x)), atol=1e-4)
+
+
+def test_cache_is_reused_and_keyed_by_inputs(tiny_pair, kd_config):
+    teacher, student = tiny_pair
+    cfg = kd_config()
+    d = TrueKnowledgeDistiller(str(teacher), str(student), cfg)
+    c1, s1 = d.generate_training_data(PROMPTS[:4], "task")
+    c2, s2 = d.generate_training_data(PROMPTS[:4], "task")
+    assert not s1["cached"] and s2["cached"]
+    assert [e.tokens for e in c1.examples] == [e.tokens for e in c2.examples]
+    _, s3 = d.generate_training_data(PROMPTS[:3], "task")  # changed prompts: never stale
+    assert not s3["cached"]
+    d2 = TrueKnowledgeDistiller(str(teacher), str(student), cfg.model_copy(update={"top_k": 8}))
+    assert not d2.generate_training_data(PROMPTS[:4], "task")[1]["cached"]
+    # A different temperature/alpha reuses the same targets.
+    d3 = TrueKnowledgeDistiller(str(teacher), str(student), cfg.model_copy(update={"temperature": 4.0, "alpha": 0.2}))
+    assert d3.generate_training_data(PROMPTS[:4], "task")[1]["cached"]
+    assert len(list((cfg.output_dir / "teacher_cache").iterdir())) == 3
+    loaded = TeacherCache.load(next((cfg.output_dir / "teacher_cache").iterdir()))
+    assert loaded.targets[0].logits.shape[-1] in (cfg.top_k, 8)
+
+
+def test_live_teacher_is_not_reloaded(tiny_pair, kd_config, monkeypatch):
+    teacher, student = tiny_pair
+    model, tok = load_model(teacher)
+    d = TrueKnowledgeDistiller(student_model_id=str(student), config=kd_config(iters=2), teacher=model, teacher_tokenizer=tok)
+    calls = []
+    import conch_dna.training.kd.distiller as dist
+
+    real = dist.load_model
+    monkeypatch.setattr(dist, "load_model", lambda p: calls.append(str(p)) or real(p))
+    d.distill_domain("memory", PROMPTS[:4])
+    assert calls == [str(student)]  # only the student was loaded
+
+
+def test_online_targets_and_grad_accumulation(tiny_pair, kd_config):
+    teacher, student = tiny_pair
+    cfg = kd_config(teacher_targets="online", grad_accumulation=2, iters=3, divergence="jsd")
+    r = TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("debug", PROMPTS)
+    assert np.isfinite(r.final_train_loss) and r.tokens_processed > 0
+
+
+def test_distill_all_writes_summary(tiny_pair, kd_config):
+    teacher, student = tiny_pair
+    cfg = kd_config(iters=2)
+    domains = {"alpha": PROMPTS[:3], "beta": PROMPTS[3:6]}
+    results = TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_all(domains)
+    summary = json.loads((cfg.output_dir / "kd_summary.json").read_text())
+    assert set(summary) == set(results) == {"alpha", "beta"}
+
+
+def test_resume_continues_from_checkpoint_exactly(tiny_pair, kd_config, tmp_path):
+    """N steps == k steps, stop, resume, N-k steps: bitwise on CPU (same adapter weights)."""
+    from conch_dna.training.kd import TrainingCancelled
+
+    teacher, student = tiny_pair
+    full = kd_config(iters=6, output_dir=str(tmp_path / "full"), lora={"dropout": 0.1}, warmup_steps=2)
+    TrueKnowledgeDistiller(str(teacher), str(student), full).distill_domain("task", PROMPTS)
+    part = full.model_copy(update={"output_dir": tmp_path / "part"})
+    steps = []
+    d = TrueKnowledgeDistiller(str(teacher), str(student), part, on_event=lambda name, **kw: steps.append(kw.get("step")) if name == "step" else None)
+    with pytest.raises(TrainingCancelled):
+        d.distill_domain("task", PROMPTS, should_stop=lambda: len(steps) >= 3)
+    assert not (tmp_path / "part/task/adapters.safetensors").exists()
+    TrueKnowledgeDistiller(str(teacher), str(student), part).distill_domain("task", PROMPTS, resume=True)
+    a = mx.load(str(tmp_path / "full/task/adapters.safetensors"))
+    b = mx.load(str(tmp_path / "part/task/adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(np.array(a[k]), np.array(b[k])), k
+    curve = [json.loads(x) for x in (tmp_path / "part/task/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_default_domains_are_loaded():
+    assert set(DOMAIN_PROMPTS) >= {"thinking", "task", "action", "reflection", "debug", "memory"}
+    assert all(len(p) >= 20 for p in DOMAIN_PROMPTS.values())
+
+
+def test_bad_input(tiny_pair, kd_config, tmp_path):
+    teacher, student = tiny_pair
+    d = TrueKnowledgeDistiller(str(teacher), str(student), kd_config())
+    with pytest.raises(DataError, match="empty|no prompts"):
+        d.distill_domain("thinking", [])
+    with pytest.raises(DataError, match="unknown domain"):
+        d.distill_domain("no-such-domain")
+    with pytest.raises(DataError, match="does not fit max_seq_length"):
+        d.distill_domain("thinking", ["word " * 200])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    d2 = TrueKnowledgeDistiller(str(teacher), str(student), kd_config(output_dir=str(blocker / "sub")))
+    with pytest.raises(OutputDirError, match="not writable"):
+        d2.distill_domain("thinking", PROMPTS)
+    from conch_dna.models import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        TrueKnowledgeDistiller(str(tmp_path / "missing"), str(student), kd_config()).distill_domain("thinking", PROMPTS)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_pair, kd_config, monkeypatch):
+    from conch_dna.training.kd import TrainingDivergedError
+    from conch_dna.training.kd import trainer
+
+    teacher, student = tiny_pair
+    cfg = kd_config(iters=6, checkpoint_interval=2)
+    real = trainer.kd_objective
+    calls = {"n": 0}
+
+    def poisoned(*a, **kw):
+        calls["n"] += 1
+        out = real(*a, **kw)
+        if calls["n"] >= 4:  # the 4th training step's loss becomes NaN
+            out = {**out, "loss": out["loss"] * mx.array(float("nan"))}
+        return out
+
+    monkeypatch.setattr(trainer, "kd_objective", poisoned)
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_kd": 0.0, "val_ce": 0.0, "val_loss": 0.0, "val_agreement": 0.0, "val_tokens": 0})
+    with pytest.raises(TrainingDivergedError, match="step 4") as e:
+        TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("thinking", PROMPTS)
+    assert e.value.last_checkpoint.name == "checkpoint_000002"
+    assert not (cfg.output_dir / "thinking" / "adapters.safetensors").exists()  # nothing half-written
