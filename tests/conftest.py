@@ -39,3 +39,14 @@ def kd_config(tmp_path):
 
 PROMPTS = ["think step by step about apples", "plan a small task", "what is the next action", "reflect on the work",
            "debug this loop", "remember the facts", "why is the sky blue", "count to ten"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_kd_settings(monkeypatch, tmp_path_factory):
+    """Tests never read the developer's config/kd.toml or CONCH_KD_* variables unless they set them."""
+    import conch_dna.training.kd.config as config_module
+
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_FILE", tmp_path_factory.getbasetemp() / "no-kd.toml")
+    for key in list(os.environ):
+        if key.startswith("CONCH_KD_"):
+            monkeypatch.delenv(key)

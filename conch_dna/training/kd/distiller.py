@@ -72,6 +72,7 @@ class KDResult(BaseModel):
     best_val_ce: float | None = None
     best_val_loss: float | None = None
     val_agreement: float | None = None
+    initial_val_kd: float | None = None
     adapter_path: str
     iterations: int
     tokens_processed: int
@@ -232,6 +233,7 @@ class TrueKnowledgeDistiller:
             final_val_kd=final.get("val_kd"), final_val_ce=final.get("val_ce"), final_val_loss=final.get("val_loss"),
             best_val_kd=_finite_or_none(best.get("val_kd")), best_val_ce=_finite_or_none(best.get("val_ce")),
             best_val_loss=_finite_or_none(best.get("val_loss")), val_agreement=final.get("val_agreement"),
+            initial_val_kd=_finite_or_none(best.get("initial_val_kd")),
             adapter_path=str(adapter.parent), iterations=cfg.iters, tokens_processed=summary["tokens"],
             training_seconds=summary["train_seconds"], generation=gen_stats, config=cfg.model_dump(mode="json"),
             timestamp=datetime.now(UTC).isoformat(),

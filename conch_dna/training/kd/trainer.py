@@ -268,6 +268,13 @@ def train_with_kd(
         log.info("resumed", checkpoint=str(ckpts[-1]), step=start_step)
     _truncate_metrics(metrics_path, start_step)
 
+    if start_step == 0 and val:
+        # The untrained student's figures: the baseline every later validation is compared with.
+        v0 = evaluate(model, val, targets_fn, config, config.batch_size, vocab)
+        best["initial_val_kd"], best["initial_val_loss"] = v0["val_kd"], v0["val_loss"]
+        _append_metrics(metrics_path, {"type": "val", "step": 0, **v0})
+        log.info("validation", step=0, **{k: round(x, 5) if isinstance(x, float) else x for k, x in v0.items()})
+        emit("validation", step=0, **v0)
     global_batch = config.batch_size * config.grad_accumulation
     last_ckpt = checkpoint_dirs(out_dir)[-1] if checkpoint_dirs(out_dir) else None
     last = {}

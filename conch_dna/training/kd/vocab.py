@@ -75,7 +75,8 @@ def align_vocab_sizes(
     strategy:
       "slice"  cut both to the real vocabulary (`real_vocab_size`, else the tokenizer's, else the
                smaller width): rows beyond it are embedding padding that no text ever produces.
-      "pad"    widen the narrower one with -inf (a token it cannot produce has probability 0).
+      "pad"    widen the narrower one to the wider width with -inf, and set every id past the real
+               vocabulary to -inf in both (padding rows never produce text: probability 0).
     Equal widths are returned unchanged. Otherwise both tokenizers are required and verified first with
     `check_same_tokenizer`; a mismatch raises `VocabMismatchError` instead of producing wrong targets.
     """
@@ -96,11 +97,14 @@ def align_vocab_sizes(
             raise VocabMismatchError(f"real vocabulary {v} is larger than a logits width ({vt}, {vs})")
         return teacher_logits[..., :v], student_logits[..., :v]
     width = max(vt, vs)
+    real = real_vocab_size or tokenizer_vocab_size(teacher_tokenizer)
+    keep = mx.arange(width) < real
 
     def widen(x):
-        if x.shape[-1] == width:
-            return x
-        pad = mx.full((*x.shape[:-1], width - x.shape[-1]), -mx.inf, dtype=x.dtype)
-        return mx.concatenate([x, pad], axis=-1)
+        if x.shape[-1] < width:
+            pad = mx.full((*x.shape[:-1], width - x.shape[-1]), -mx.inf, dtype=x.dtype)
+            x = mx.concatenate([x, pad], axis=-1)
+        # Ids past the real vocabulary are padding rows in both models: probability 0 in both.
+        return mx.where(keep, x, mx.array(-mx.inf, dtype=x.dtype))
 
     return widen(teacher_logits), widen(student_logits)
