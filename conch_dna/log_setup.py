@@ -22,6 +22,7 @@ def configure_logging(json_lines: bool | None = None, level: int = logging.INFO)
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # Resolve sys.stderr at each use, not now: it may be replaced (pytest's capture, daemonisation).
+        logger_factory=lambda *args: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )

@@ -50,3 +50,7 @@ def isolated_kd_settings(monkeypatch, tmp_path_factory):
     for key in list(os.environ):
         if key.startswith("CONCH_KD_"):
             monkeypatch.delenv(key)
+    yield
+    import structlog
+
+    structlog.reset_defaults()  # the CLI tests configure logging, as entry points do

@@ -98,7 +98,7 @@ def test_resume_continues_from_checkpoint_exactly(tiny_pair, kd_config, tmp_path
     TrueKnowledgeDistiller(str(teacher), str(student), full).distill_domain("task", PROMPTS)
     part = full.model_copy(update={"output_dir": tmp_path / "part"})
     steps = []
-    d = TrueKnowledgeDistiller(str(teacher), str(student), part, on_event=lambda name, **kw: steps.append(kw.get("step")) if name == "step" else None)
+    d = TrueKnowledgeDistiller(str(teacher), str(student), part, on_event=lambda name, **kw: steps.append(kw.get("step")) if name == "step-completed" else None)
     with pytest.raises(TrainingCancelled):
         d.distill_domain("task", PROMPTS, should_stop=lambda: len(steps) >= 3)
     assert not (tmp_path / "part/task/adapters.safetensors").exists()

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import structlog
 from pydantic import BaseModel
 
 from conch_dna.models import load_model
+from conch_dna.training.kd import signals
 from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.data import (
     DataError,
@@ -41,7 +42,15 @@ from conch_dna.training.kd.data import (
     split_examples,
     teacher_logits,
 )
-from conch_dna.training.kd.trainer import _atomic_write, adapter_config, apply_lora, save_adapter
+from conch_dna.training.kd.trainer import (
+    TrainingCancelled,
+    TrainingDivergedError,
+    _atomic_write,
+    adapter_config,
+    apply_lora,
+    checkpoint_dirs,
+    save_adapter,
+)
 from conch_dna.training.kd.trainer import train_with_kd as run_training
 from conch_dna.training.kd.vocab import check_same_tokenizer, tokenizer_vocab_size
 
@@ -118,7 +127,9 @@ class TrueKnowledgeDistiller:
         self._teacher, self._teacher_tokenizer = teacher, teacher_tokenizer
         # A live teacher may be shared with other threads (EGO answering prompts): hold this lock around it.
         self.teacher_lock = teacher_lock or threading.Lock()
-        self.on_event = on_event or (lambda name, **kw: None)
+        # A direct progress callback, on_event(signal_name, **payload), besides the blinker signals (EGO's
+        # handles use it for their progress). Its exceptions are isolated like a signal receiver's.
+        self._on_event = on_event
 
     # ------------------------------------------------------------------------------------- models
 
@@ -194,22 +205,30 @@ class TrueKnowledgeDistiller:
         _check_writable(out_dir)
         run_id = uuid.uuid4().hex[:12]
         log.info("distillation started", domain=domain, run_id=run_id, prompts=len(prompts))
-        self.on_event("started", domain=domain, run_id=run_id, config=cfg.model_dump(mode="json"))
-
-        cache, gen_stats = self.generate_training_data(prompts, domain)
-        self.on_event("data_ready", domain=domain, samples=len(cache.examples),
-                      tokens=sum(len(e.tokens) for e in cache.examples), seconds=gen_stats.get("seconds", 0.0))
-        return self.train_with_kd(cache, domain, resume=resume, should_stop=should_stop, generation_stats=gen_stats, run_id=run_id)
+        if signals.has_receivers(signals.distillation_started) or self._on_event:
+            self._emit(signals.distillation_started, domain=domain, run_id=run_id,
+                       config=cfg.model_dump(mode="json"), prompts=len(prompts))
+        with self._failure_signal(domain, run_id, out_dir):
+            cache, gen_stats = self.generate_training_data(prompts, domain)
+            self._emit(signals.teacher_data_ready, domain=domain, run_id=run_id, samples=len(cache.examples),
+                       tokens=sum(len(e.tokens) for e in cache.examples), seconds=float(gen_stats.get("seconds", 0.0)),
+                       cached=bool(gen_stats.get("cached", False)))
+            return self._train(cache, domain, run_id, resume=resume, should_stop=should_stop, generation_stats=gen_stats)
 
     def train_with_kd(self, train_data: TeacherCache, domain: str, *, resume: bool = False,
-                      should_stop: Callable[[], bool] | None = None, generation_stats: dict | None = None,
-                      run_id: str | None = None) -> KDResult:
+                      should_stop: Callable[[], bool] | None = None) -> KDResult:
         """Train `domain`'s LoRA adapter on teacher data from `generate_training_data`; save it; return the result."""
-        cfg = self.config
-        cache, gen_stats = train_data, generation_stats or {}
-        run_id = run_id or uuid.uuid4().hex[:12]
-        out_dir = Path(cfg.output_dir) / domain
+        run_id = uuid.uuid4().hex[:12]
+        out_dir = Path(self.config.output_dir) / domain
         _check_writable(out_dir)
+        with self._failure_signal(domain, run_id, out_dir):
+            return self._train(train_data, domain, run_id, resume=resume, should_stop=should_stop)
+
+    def _train(self, cache: TeacherCache, domain: str, run_id: str, *, resume: bool = False,
+               should_stop: Callable[[], bool] | None = None, generation_stats: dict | None = None) -> KDResult:
+        cfg = self.config
+        gen_stats = generation_stats or {}
+        out_dir = Path(cfg.output_dir) / domain
         indices = list(range(len(cache.examples)))
         train_idx, val_idx = split_examples(indices, cfg.val_fraction, cfg.seed)
         train = [cache.examples[i] for i in train_idx]
@@ -221,8 +240,7 @@ class TrueKnowledgeDistiller:
         acfg = adapter_config(cfg, num_layers, {"domain": domain, "run_id": run_id})
         targets_fn = self._targets_fn(cache, train_idx, val_idx, vocab)
         summary = run_training(student, train, val, targets_fn, cfg, out_dir, adapter_cfg=acfg, resume=resume,
-                                vocab=vocab, on_event=lambda name, **kw: self.on_event(name, domain=domain, **kw),
-                                should_stop=should_stop)
+                               vocab=vocab, on_event=self._trainer_events(domain, run_id), should_stop=should_stop)
         adapter = save_adapter(student, out_dir, acfg)
         final, best = summary["final"], summary["best"]
         result = KDResult(
@@ -241,7 +259,9 @@ class TrueKnowledgeDistiller:
         _atomic_write(out_dir / "result.json", lambda p: p.write_text(result.model_dump_json(indent=2)))
         log.info("domain completed", domain=domain, adapter=result.adapter_path, val_kd=result.final_val_kd,
                  val_agreement=result.val_agreement, seconds=round(result.training_seconds, 1))
-        self.on_event("completed", domain=domain, result=result.model_dump(mode="json"))
+        if signals.has_receivers(signals.domain_completed) or self._on_event:
+            self._emit(signals.domain_completed, domain=domain, run_id=run_id, result=result.model_dump(mode="json"),
+                       adapter_path=result.adapter_path)
         return result
 
     def distill_all(self, domains: dict[str, list[str]] | None = None, *, resume: bool = False) -> dict[str, KDResult]:
@@ -252,6 +272,50 @@ class TrueKnowledgeDistiller:
         out = Path(self.config.output_dir)
         _atomic_write(out / "kd_summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
         return results
+
+    # ------------------------------------------------------------------------------------- signals
+
+    def _emit(self, signal, **payload) -> None:
+        signals.send(signal, self, **payload)
+        if self._on_event is not None:
+            try:
+                self._on_event(signal.name, **payload)
+            except Exception:
+                log.exception("on_event callback failed", signal=signal.name)
+
+    def _trainer_events(self, domain: str, run_id: str):
+        """Turn the trainer's plain events into signals (payloads are floats and ints: cheap)."""
+        iters = self.config.iters
+
+        def on_event(name: str, **kw) -> None:
+            if name == "step":
+                self._emit(signals.step_completed, domain=domain, run_id=run_id, step=kw["step"], iters=iters,
+                           kd=kw["kd"], ce=kw["ce"], total=kw["loss"], lr=kw["lr"],
+                           tokens_per_second=kw["tokens_per_second"], peak_memory_gb=kw["peak_memory_gb"],
+                           tokens=kw["tokens"])
+            elif name == "validation":
+                self._emit(signals.validation_completed, domain=domain, run_id=run_id, **kw)
+            elif name == "checkpoint":
+                self._emit(signals.checkpoint_saved, domain=domain, run_id=run_id, **kw)
+
+        return on_event
+
+    @contextmanager
+    def _failure_signal(self, domain: str, run_id: str, out_dir: Path):
+        """Signal `distillation_failed` (with the checkpoint to resume from) for any exception, then re-raise."""
+        try:
+            yield
+        except BaseException as e:
+            if isinstance(e, TrainingDivergedError) and e.last_checkpoint is not None:
+                last = str(e.last_checkpoint)
+            else:
+                ckpts = checkpoint_dirs(out_dir) if out_dir.is_dir() else []
+                last = str(ckpts[-1]) if ckpts else None
+            log.error("distillation failed", domain=domain, run_id=run_id, error=str(e), error_type=type(e).__name__,
+                      last_checkpoint=last)
+            self._emit(signals.distillation_failed, domain=domain, run_id=run_id, error=str(e),
+                       error_type=type(e).__name__, cancelled=isinstance(e, TrainingCancelled), last_checkpoint=last)
+            raise
 
     # ------------------------------------------------------------------------------------- helpers
 
