@@ -115,10 +115,14 @@ def test_cli_trains_a_domain_from_a_prompt_file(tiny_pair, tmp_path, capsys):
     pf.write_text("\n".join(PROMPTS))
     rc = main(["--domain", "custom", "--prompts", str(pf), "--teacher", str(teacher), "--student", str(student),
                "--output", str(tmp_path / "out"), "--iters", "2", "--max-new-tokens", "8", "--max-seq-length", "64",
-               "--lora-rank", "4", "--log-json"])
+               "--lora-rank", "4", "--log-json", "--registry", str(tmp_path / "reg")])
     assert rc == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["domain"] == "custom" and (tmp_path / "out/custom/adapters.safetensors").is_file()
+    assert line["registered_version"] == 1
+    assert main(["--list", "--registry", str(tmp_path / "reg")]) == 0
+    listing = capsys.readouterr().out
+    assert "* custom" in listing and "v1" in listing
     cfg = json.loads((tmp_path / "out/custom/adapter_config.json").read_text())
     assert cfg["lora_parameters"]["rank"] == 4 and cfg["lora_parameters"]["scale"] == 2.0
 
@@ -128,6 +132,7 @@ def test_cli_trains_a_domain_from_a_prompt_file(tiny_pair, tmp_path, capsys):
     (["--domain", "thinking", "--temperature", "50"], "temperature"),
     (["--domain", "thinking", "--teacher", "/no/such/model"], "does not exist"),
     ([], "--domain NAME or --all"),
+    (["--list", "--registry", "/dev/null/x"], "error"),
 ])
 def test_cli_bad_input_exits_2(args, message, capsys, tiny_pair, tmp_path):
     rc = main(args + ["--output", str(tmp_path / "o")])

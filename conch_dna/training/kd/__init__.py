@@ -47,11 +47,12 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean "the user's input is wrong" (the CLI exits 2 with the message)."""
     from pydantic import ValidationError
 
+    from conch_dna.cortex.registry import RegistryError
     from conch_dna.models import ModelNotFoundError
     from conch_dna.models.gguf_convert import GGUFError
 
     return (ConfigError, DataError, OutputDirError, VocabMismatchError, ModelNotFoundError, GGUFError,
-            TrainingDivergedError, ValidationError)
+            TrainingDivergedError, ValidationError, RegistryError)
 
 
 __all__ = [

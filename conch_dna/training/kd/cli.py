@@ -15,6 +15,7 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--domain", help="one domain (from config/domains.toml, or any name with --prompts)")
     which.add_argument("--all", action="store_true", help="every domain in config/domains.toml")
+    which.add_argument("--list", action="store_true", help="list the CORTEX registry's neurons and versions, then exit")
     ap.add_argument("--prompts", help="prompt file: one prompt per line, or JSONL with a \"prompt\" field")
     ap.add_argument("--temperature", type=float)
     ap.add_argument("--alpha", type=float)
@@ -31,6 +32,8 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
     ap.add_argument("--output", help="output directory (default models/distilled_neurons/adapters_kd)")
     ap.add_argument("--config", help="TOML config file (default config/kd.toml if present)")
     ap.add_argument("--resume", action="store_true", help="resume each domain from its latest checkpoint")
+    ap.add_argument("--registry", default="models/cortex_registry", help="CORTEX neuron registry folder (default %(default)s)")
+    ap.add_argument("--no-register", action="store_true", help="train only; do not register the adapters in CORTEX")
     ap.add_argument("--log-json", action="store_true", help="JSON-lines logs even on a terminal")
     return ap
 
@@ -55,8 +58,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
 
     args = build_parser(prog).parse_args(argv)
     configure_logging(json_lines=True if args.log_json else None)
+    if args.list:
+        return list_neurons(args.registry)
     if not args.domain and not args.all:
-        print("error: give --domain NAME or --all", file=sys.stderr)
+        print("error: give --domain NAME or --all (or --list)", file=sys.stderr)
         return EXIT_BAD_INPUT
     from conch_dna.training.kd import bad_input_errors
     from conch_dna.training.kd.config import KDConfig
@@ -74,13 +79,46 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
                 raise DataError(f"unknown domain {args.domain!r}: known domains are {', '.join(load_domains())}; "
                                 "pass --prompts FILE for a custom domain")
             results = {args.domain: distiller.distill_domain(args.domain, prompts, resume=args.resume)}
+        registered = {} if args.no_register else register_results(args.registry, config, results)
     except bad_input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for name, r in results.items():
+        v = registered.get(name)
         print(json.dumps({"domain": name, "adapter": r.adapter_path, "final_train_loss": round(r.final_train_loss, 4),
-                          "final_val_kd": r.final_val_kd, "final_val_ce": r.final_val_ce, "val_agreement": r.val_agreement,
-                          "training_seconds": round(r.training_seconds, 1)}))
+                          "initial_val_kd": r.initial_val_kd, "final_val_kd": r.final_val_kd, "final_val_ce": r.final_val_ce,
+                          "val_agreement": r.val_agreement, "training_seconds": round(r.training_seconds, 1),
+                          "registered_version": v.version if v else None}))
+    return 0
+
+
+def register_results(registry_dir: str, config, results: dict) -> dict:
+    """Register each trained adapter as the next version of its neuron in the CORTEX registry."""
+    from conch_dna.cortex import NeuronRegistry
+
+    registry = NeuronRegistry(registry_dir, base_model=config.student_model_id)
+    return {name: registry.register(name, r.adapter_path, teacher=r.teacher_model_id, student=r.student_model_id,
+                                    metrics={"val_kd": r.final_val_kd, "val_ce": r.final_val_ce, "val_agreement": r.val_agreement,
+                                             "initial_val_kd": r.initial_val_kd})
+            for name, r in results.items()}
+
+
+def list_neurons(registry_dir: str) -> int:
+    from conch_dna.cortex import NeuronRegistry, RegistryError
+
+    try:
+        registry = NeuronRegistry(registry_dir)
+    except RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not registry.neurons():
+        print(f"no neurons registered in {registry_dir}")
+    for name in registry.neurons():
+        active = registry.active(name)
+        for v in registry.versions(name):
+            mark = "*" if active is not None and v.version == active.version else " "
+            kd = v.metrics.get("val_kd")
+            print(f"{mark} {name:12s} v{v.version:<4d} val_kd={kd if kd is None else round(kd, 4)!s:8s} {v.created}  {v.path}")
     return 0
 
 

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 import tomllib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,11 +116,13 @@ def chat_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) ->
     return list(tokenizer.encode(prompt))
 
 
-def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length: int, seed: int = 0) -> tuple[list[Example], dict]:
+def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length: int, seed: int = 0,
+                      lock=None) -> tuple[list[Example], dict]:
     """The teacher answers each prompt (batched sampling); returns examples and throughput figures.
 
     A prompt that leaves no room for a response within `max_seq_length` is an error naming it.
-    Responses that end with EOS keep the EOS token, so students learn to stop.
+    Responses that end with EOS keep the EOS token, so students learn to stop. `lock` (if given) is held
+    around each batch only, so that other users of a shared live model (EGO answering) are not starved.
     """
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
@@ -141,7 +144,8 @@ def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length:
     for start in range(0, len(prompt_ids), gen.batch_size):
         chunk = prompt_ids[start : start + gen.batch_size]
         budgets = [min(gen.max_new_tokens, max_seq_length - len(ids)) for ids in chunk]
-        out = batch_generate(model, tokenizer, chunk, max_tokens=budgets, sampler=sampler, return_token_ids=True)
+        with lock or nullcontext():
+            out = batch_generate(model, tokenizer, chunk, max_tokens=budgets, sampler=sampler, return_token_ids=True)
         for ids, resp, budget in zip(chunk, out.token_ids, budgets):
             resp = list(resp)
             n_gen += len(resp)
@@ -220,7 +224,7 @@ def teacher_logits(model, tokens: mx.array) -> mx.array:
     return model(tokens).astype(mx.float32)
 
 
-def compute_sparse_targets(model, examples: list[Example], top_k: int, batch_size: int = 8) -> list[SparseTargets]:
+def compute_sparse_targets(model, examples: list[Example], top_k: int, batch_size: int = 8, lock=None) -> list[SparseTargets]:
     """Run the teacher over each example and keep top-k logits, ids and the row log-sum-exp per token."""
     from conch_dna.training.kd.losses import topk_targets
 
@@ -228,8 +232,9 @@ def compute_sparse_targets(model, examples: list[Example], top_k: int, batch_siz
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         tokens, _ = pad_batch(chunk)
-        t = topk_targets(teacher_logits(model, tokens), top_k)
-        mx.eval(t)
+        with lock or nullcontext():
+            t = topk_targets(teacher_logits(model, tokens), top_k)
+            mx.eval(t)
         for i, e in enumerate(chunk):
             n = len(e.tokens)
             out.append(SparseTargets(t.logits[i, :n], t.indices[i, :n], t.logsumexp[i, :n]))

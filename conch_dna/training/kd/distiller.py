@@ -116,7 +116,7 @@ class TrueKnowledgeDistiller:
         *,
         teacher=None,
         teacher_tokenizer=None,
-        teacher_lock: threading.Lock | None = None,
+        teacher_lock: threading.Lock | threading.RLock | None = None,
         on_event: Callable[..., None] | None = None,
     ):
         config = config or KDConfig.load()
@@ -165,14 +165,13 @@ class TrueKnowledgeDistiller:
             cache = TeacherCache.load(folder)
             log.info("teacher cache hit", domain=domain, folder=str(folder), samples=len(cache.examples))
             return cache, {**cache.meta.get("generation_stats", {}), "cached": True}
-        with self.teacher_lock:
-            examples, stats = generate_examples(self.teacher, self.teacher_tokenizer, prompts, cfg.generation,
-                                                cfg.max_seq_length, cfg.seed)
-            if not examples:
-                raise DataError(f"the teacher produced no responses for domain {domain!r}")
-            t0 = time.perf_counter()
-            targets = compute_sparse_targets(self.teacher, examples, cfg.top_k, cfg.generation.batch_size)
-            stats["target_seconds"] = time.perf_counter() - t0
+        examples, stats = generate_examples(self.teacher, self.teacher_tokenizer, prompts, cfg.generation,
+                                            cfg.max_seq_length, cfg.seed, lock=self.teacher_lock)
+        if not examples:
+            raise DataError(f"the teacher produced no responses for domain {domain!r}")
+        t0 = time.perf_counter()
+        targets = compute_sparse_targets(self.teacher, examples, cfg.top_k, cfg.generation.batch_size, lock=self.teacher_lock)
+        stats["target_seconds"] = time.perf_counter() - t0
         vocab = tokenizer_vocab_size(self.teacher_tokenizer)
         cache = TeacherCache(examples, targets, {"key": key, "domain": domain, "teacher": cfg.teacher_model_id,
                                                   "top_k": cfg.top_k, "vocab_size": vocab, "generation_stats": stats})

@@ -1,0 +1,19 @@
+"""CORTEX: small specialised neurons (one base student + one LoRA adapter per domain) and their registry."""
+
+from conch_dna.cortex.cortex import Cortex, NeuronAnswer
+from conch_dna.cortex.registry import (
+    AdapterMismatchError,
+    DuplicateAdapterError,
+    NeuronNotFoundError,
+    NeuronRegistry,
+    NeuronVersion,
+    QualityGateError,
+    RegistryError,
+)
+
+DEFAULT_REGISTRY_DIR = "models/cortex_registry"
+
+__all__ = [
+    "DEFAULT_REGISTRY_DIR", "AdapterMismatchError", "Cortex", "DuplicateAdapterError", "NeuronAnswer",
+    "NeuronNotFoundError", "NeuronRegistry", "NeuronVersion", "QualityGateError", "RegistryError",
+]

@@ -1,0 +1,86 @@
+"""CORTEX: one base student in memory, any neuron served by attaching that neuron's active adapter.
+
+`generate(domain, prompt)` reads the registry's active version once, at the start of the request, then
+attaches that version's LoRA weights to the shared base model (switching adapters never reloads the base)
+and answers. Requests are serialised on the base model by a lock, so a request in flight finishes on the
+version it started with; a version registered meanwhile is used by the next request, with no restart.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import structlog
+
+from conch_dna.cortex.registry import AdapterMismatchError, NeuronNotFoundError, NeuronRegistry, NeuronVersion, sha256_file
+from conch_dna.models import load_model
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class NeuronAnswer:
+    text: str
+    neuron: str
+    version: int
+
+
+class Cortex:
+    def __init__(self, registry: NeuronRegistry, base_model_id: str | None = None, *, model=None, tokenizer=None):
+        self.registry = registry
+        self.base_model_id = base_model_id or registry.base_model or "default-student"
+        if model is None:
+            model, tokenizer = load_model(self.base_model_id)
+        self.model, self.tokenizer = model, tokenizer
+        self._lock = threading.Lock()
+        self._attached: NeuronVersion | None = None
+        self._lora_layout: str | None = None  # the LoRA wrapping currently on the base model
+        self._weights: dict[tuple[str, int], list] = {}  # adapter tensors by (neuron, version), verified once
+
+    def _load_version(self, v: NeuronVersion) -> tuple[dict, list]:
+        key = (v.neuron, v.version)
+        folder = Path(v.path)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        if key not in self._weights:
+            if sha256_file(folder / "adapters.safetensors") != v.sha256:
+                raise AdapterMismatchError(f"{folder / 'adapters.safetensors'} does not match its registered sha256: "
+                                           f"the file was modified or corrupted; promote another version of {v.neuron!r}")
+            self._weights[key] = list(mx.load(str(folder / "adapters.safetensors")).items())
+        return config, self._weights[key]
+
+    def _attach(self, v: NeuronVersion) -> None:
+        """Put `v`'s LoRA weights on the base model (called with the lock held)."""
+        from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
+
+        if self._attached == v:
+            return
+        config, weights = self._load_version(v)
+        layout = json.dumps([config.get("num_layers"), config.get("lora_parameters")], sort_keys=True)
+        if layout != self._lora_layout:
+            remove_lora_layers(self.model)
+            linear_to_lora_layers(self.model, config["num_layers"], config["lora_parameters"])
+            self._lora_layout = layout
+        self.model.load_weights(weights, strict=False)
+        mx.eval(self.model.parameters())
+        self.model.eval()
+        self._attached = v
+        log.debug("neuron attached", neuron=v.neuron, version=v.version)
+
+    def generate(self, domain: str, prompt: str, max_tokens: int = 128, system_prompt: str | None = None) -> NeuronAnswer:
+        """Answer `prompt` with the domain's active neuron (greedy)."""
+        from mlx_lm import generate
+
+        from conch_dna.training.kd.data import chat_prompt_ids
+
+        version = self.registry.active(domain)  # fixed for this request
+        if version is None:
+            raise NeuronNotFoundError(f"neuron {domain!r} has no active version; distil it first (known: {', '.join(self.registry.neurons()) or 'none'})")
+        ids = chat_prompt_ids(self.tokenizer, prompt, system_prompt)
+        with self._lock:
+            self._attach(version)
+            text = generate(self.model, self.tokenizer, ids, max_tokens=max_tokens)
+        return NeuronAnswer(text, domain, version.version)

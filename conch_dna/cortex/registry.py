@@ -1,0 +1,365 @@
+"""The CORTEX neuron registry: immutable adapter versions per neuron (domain), one of them active.
+
+    registry = NeuronRegistry("models/cortex_registry", base_model="default-student")
+    v = registry.register("thinking", "models/distilled_neurons/adapters_kd/thinking", metrics={"val_kd": 1.9})
+    registry.active("thinking")        # -> NeuronVersion (v), what CORTEX serves
+    registry.promote("thinking", 1); registry.rollback("thinking")
+
+Design (MLflow-style aliases over immutable versions):
+* `register` copies the adapter into the registry's own store (`<root>/<neuron>/v0001/`), so retraining
+  into the same output folder never changes a registered version; the copy is written to a temporary
+  folder and renamed. Its sha256 is recorded; a duplicate (same sha256 for that neuron) is rejected, and
+  so is an adapter whose files are missing/corrupt or whose shapes do not fit the base student.
+* The manifest `<root>/registry.json` is written atomically (temp file, fsync, rename) under an
+  inter-process file lock, after re-reading it, so two processes never lose each other's versions.
+* In memory, writers build a new immutable `RegistryState` and swap the reference: readers never block
+  and never see a half-registered state.
+* A manifest that cannot be read or validated raises `RegistryError` and the registry keeps the state it
+  had; nothing is overwritten.
+* The optional quality gate refuses to activate a version whose validation KD loss (metrics["val_kd"]) is
+  worse than the active version's. Compare like with like: the gate trusts that both were validated on
+  comparable held-out prompts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from conch_dna.training.kd import signals
+
+log = structlog.get_logger(__name__)
+
+MANIFEST = "registry.json"
+ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
+
+
+class RegistryError(RuntimeError):
+    """The registry's manifest or store is unusable; the message says what and what to do."""
+
+
+class DuplicateAdapterError(RegistryError):
+    """This exact adapter (same sha256) is already a version of the neuron."""
+
+
+class AdapterMismatchError(RegistryError):
+    """The adapter's files are missing/corrupt, or its shapes do not fit the base student."""
+
+
+class QualityGateError(RegistryError):
+    """Promotion refused: the version's validation KD loss is worse than the active one's."""
+
+
+class NeuronNotFoundError(KeyError):
+    """No such neuron, or no version of it."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; say it plainly
+        return str(self.args[0]) if self.args else "neuron not found"
+
+
+class NeuronVersion(BaseModel):
+    """One registered adapter: immutable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    neuron: str
+    version: int
+    path: str
+    sha256: str
+    metrics: dict = {}
+    created: str
+    teacher: str | None = None
+    student: str | None = None
+
+
+class NeuronRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    versions: tuple[NeuronVersion, ...] = ()
+    active: int | None = None
+    history: tuple[int, ...] = ()  # versions activated, in order (for rollback)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: int = 1
+    base_model: str | None = None
+    neurons: dict[str, NeuronRecord] = {}
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    neurons: dict[str, NeuronRecord] = field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- shape validation
+
+
+def base_linear_shapes(model_folder: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """{module path: (out_features, in_features)} of the base model's linear layers, from safetensors
+    headers only (no weights are read). Quantized weights are unpacked using config.json's bits."""
+    from safetensors import safe_open
+
+    folder = Path(model_folder)
+    config = json.loads((folder / "config.json").read_text())
+    bits = (config.get("quantization") or {}).get("bits")
+    shapes: dict[str, tuple[int, int]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "numpy") as st:
+            for name in st.keys():
+                if not name.endswith(".weight"):
+                    continue
+                shape = st.get_slice(name).get_shape()
+                if len(shape) != 2:
+                    continue
+                out_f, in_f = shape
+                if bits and name[: -len(".weight")] + ".scales" in st.keys():
+                    in_f = in_f * 32 // bits
+                shapes[name[: -len(".weight")]] = (int(out_f), int(in_f))
+    return shapes
+
+
+def check_adapter(adapter_dir: Path, base_shapes: dict[str, tuple[int, int]] | None) -> dict:
+    """Validate an adapter folder; return its adapter_config. Raises AdapterMismatchError listing problems."""
+    import mlx.core as mx
+
+    for name in ADAPTER_FILES:
+        if not (adapter_dir / name).is_file():
+            raise AdapterMismatchError(f"{adapter_dir / name} is missing: an adapter folder needs {', '.join(ADAPTER_FILES)}")
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterMismatchError(f"{adapter_dir / 'adapter_config.json'} is not valid JSON: {e}") from e
+    try:
+        weights = mx.load(str(adapter_dir / "adapters.safetensors"))
+    except Exception as e:
+        raise AdapterMismatchError(f"{adapter_dir / 'adapters.safetensors'} is corrupt or truncated ({e}); retrain or restore it") from e
+    if not weights:
+        raise AdapterMismatchError(f"{adapter_dir / 'adapters.safetensors'} holds no tensors")
+    if base_shapes is None:
+        return config
+    problems = []
+    rank = (config.get("lora_parameters") or {}).get("rank")
+    for key, w in weights.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf not in ("lora_a", "lora_b"):
+            continue
+        if module not in base_shapes:
+            problems.append(f"{module}: not a linear layer of the base model")
+            continue
+        out_f, in_f = base_shapes[module]
+        expected = (in_f, rank or w.shape[1]) if leaf == "lora_a" else (rank or w.shape[0], out_f)
+        if tuple(w.shape) != expected:
+            problems.append(f"{key}: shape {tuple(w.shape)}, the base model needs {expected}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise AdapterMismatchError(f"adapter {adapter_dir} does not fit the base student ({len(problems)} problems): {shown}. "
+                                   "Was it trained for another base model?")
+    return config
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+
+class NeuronRegistry:
+    def __init__(self, root: str | os.PathLike, base_model: str | os.PathLike | None = None, *, quality_gate: bool = False):
+        self.root = Path(root)
+        self.base_model = str(base_model) if base_model is not None else None
+        self.quality_gate = quality_gate
+        self._write_lock = threading.Lock()
+        self._state = RegistryState()
+        self._base_shapes: dict | None = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RegistryError(f"cannot create the registry folder {self.root} ({e.strerror}); choose another with --registry") from e
+        self.reload()
+
+    # ----------------------------------------------------------------------------------- reading
+
+    def neurons(self) -> list[str]:
+        return sorted(self._state.neurons)
+
+    def versions(self, neuron: str) -> tuple[NeuronVersion, ...]:
+        return self._record(neuron).versions
+
+    def active(self, neuron: str) -> NeuronVersion | None:
+        state = self._state  # one snapshot: active id and versions agree
+        rec = state.neurons.get(neuron)
+        if rec is None or rec.active is None:
+            return None
+        return next(v for v in rec.versions if v.version == rec.active)
+
+    def get(self, neuron: str, version: int) -> NeuronVersion:
+        for v in self._record(neuron).versions:
+            if v.version == version:
+                return v
+        raise NeuronNotFoundError(f"neuron {neuron!r} has no version {version}")
+
+    def _record(self, neuron: str) -> NeuronRecord:
+        rec = self._state.neurons.get(neuron)
+        if rec is None:
+            raise NeuronNotFoundError(f"no neuron {neuron!r} in the registry at {self.root}; known: {', '.join(self.neurons()) or 'none'}")
+        return rec
+
+    def reload(self) -> None:
+        """Read the manifest (e.g. after another process registered); on error keep the current state."""
+        self._state = RegistryState(dict(self._read_manifest().neurons))
+
+    def _read_manifest(self) -> Manifest:
+        path = self.root / MANIFEST
+        if not path.exists():
+            return Manifest(base_model=self.base_model)
+        try:
+            return Manifest.model_validate(json.loads(path.read_text()))
+        except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as e:
+            raise RegistryError(
+                f"registry manifest {path} is corrupt or was edited into an invalid form ({str(e).splitlines()[0]}). "
+                "The registry kept its previous state; restore the file from a backup or fix it by hand."
+            ) from e
+
+    # ----------------------------------------------------------------------------------- writing
+
+    @contextmanager
+    def _transaction(self):
+        """Inter-process lock + fresh manifest; yields a mutable dict of neurons, then saves atomically."""
+        with self._write_lock, open(self.root / ".registry.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                manifest = self._read_manifest()
+                neurons = dict(manifest.neurons)
+                yield neurons
+                new = Manifest(base_model=manifest.base_model or self.base_model, neurons=neurons)
+                self._write_manifest(new)
+                self._state = RegistryState(dict(new.neurons))  # swap: readers see old or new, never half
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        path = self.root / MANIFEST
+        fd, tmp = tempfile.mkstemp(prefix=".registry.", suffix=".json", dir=self.root)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(manifest.model_dump_json(indent=2))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _shapes(self):
+        if self._base_shapes is None and self.base_model is not None:
+            folder = Path(self.base_model)
+            if not folder.is_dir():
+                from conch_dna.models.defaults import prepare_default_models
+
+                if self.base_model == "default-student":
+                    folder = prepare_default_models()[1]
+            if folder.is_dir():
+                self._base_shapes = base_linear_shapes(folder)
+        return self._base_shapes
+
+    def register(self, neuron: str, adapter_dir: str | os.PathLike, metrics: dict | None = None, *,
+                 teacher: str | None = None, student: str | None = None, activate: bool = True) -> NeuronVersion:
+        """Copy the adapter in as the neuron's next version; activate it unless the quality gate refuses."""
+        if not neuron or "/" in neuron or neuron.startswith("."):
+            raise ValueError(f"invalid neuron name {neuron!r}")
+        adapter_dir = Path(adapter_dir)
+        check_adapter(adapter_dir, self._shapes())
+        digest = sha256_file(adapter_dir / "adapters.safetensors")
+        with self._transaction() as neurons:
+            rec = neurons.get(neuron, NeuronRecord())
+            for v in rec.versions:
+                if v.sha256 == digest:
+                    raise DuplicateAdapterError(f"this adapter is already version {v.version} of neuron {neuron!r} (sha256 {digest[:12]}...)")
+            store = self.root / neuron
+            store.mkdir(parents=True, exist_ok=True)
+            taken = [v.version for v in rec.versions] + [int(p.name[1:]) for p in store.glob("v[0-9]*") if p.name[1:].isdigit()]
+            number = max(taken, default=0) + 1
+            dest = store / f"v{number:04d}"
+            tmp = Path(tempfile.mkdtemp(prefix=f".v{number:04d}.tmp-", dir=store))
+            try:
+                for name in ADAPTER_FILES:
+                    shutil.copyfile(adapter_dir / name, tmp / name)
+                    with open(tmp / name, "rb") as f:
+                        os.fsync(f.fileno())
+                if sha256_file(tmp / "adapters.safetensors") != digest:
+                    raise AdapterMismatchError(f"{adapter_dir} changed while it was being registered; try again")
+                os.replace(tmp, dest)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            version = NeuronVersion(neuron=neuron, version=number, path=str(dest.resolve()), sha256=digest,
+                                    metrics=dict(metrics or {}), created=datetime.now(UTC).isoformat(),
+                                    teacher=teacher, student=student)
+            rec = rec.model_copy(update={"versions": rec.versions + (version,)})
+            active = False
+            if activate:
+                refusal = self._gate_refusal(rec, version)
+                if refusal is None:
+                    rec = rec.model_copy(update={"active": number, "history": rec.history + (number,)})
+                    active = True
+                else:
+                    log.warning("quality gate kept the new version inactive", neuron=neuron, version=number, reason=refusal)
+            neurons[neuron] = rec
+        log.info("adapter registered", neuron=neuron, version=number, active=active, path=str(dest))
+        signals.send(signals.adapter_registered, self, neuron=neuron, version=number, path=str(dest), sha256=digest, active=active)
+        return version
+
+    def _gate_refusal(self, rec: NeuronRecord, candidate: NeuronVersion) -> str | None:
+        if not self.quality_gate or rec.active is None:
+            return None
+        current = next(v for v in rec.versions if v.version == rec.active)
+        new_kd, old_kd = candidate.metrics.get("val_kd"), current.metrics.get("val_kd")
+        if new_kd is None or old_kd is None:
+            return f"version {candidate.version} or the active version {current.version} has no val_kd metric"
+        if new_kd > old_kd:
+            return f"validation KD {new_kd:.4f} of version {candidate.version} is worse than {old_kd:.4f} of active version {current.version}"
+        return None
+
+    def promote(self, neuron: str, version: int) -> NeuronVersion:
+        """Make `version` the active one (quality gate applies when enabled)."""
+        with self._transaction() as neurons:
+            rec = neurons.get(neuron)
+            if rec is None:
+                raise NeuronNotFoundError(f"no neuron {neuron!r} in the registry")
+            target = next((v for v in rec.versions if v.version == version), None)
+            if target is None:
+                raise NeuronNotFoundError(f"neuron {neuron!r} has no version {version}")
+            if (refusal := self._gate_refusal(rec, target)) is not None:
+                raise QualityGateError(f"not promoting {neuron} v{version}: {refusal}")
+            neurons[neuron] = rec.model_copy(update={"active": version, "history": rec.history + (version,)})
+        return target
+
+    def rollback(self, neuron: str) -> NeuronVersion:
+        """Re-activate the version that was active before the current one."""
+        with self._transaction() as neurons:
+            rec = neurons.get(neuron)
+            if rec is None or len(rec.history) < 2:
+                raise RegistryError(f"neuron {neuron!r} has no earlier active version to roll back to")
+            history = rec.history[:-1]
+            neurons[neuron] = rec.model_copy(update={"active": history[-1], "history": history})
+            previous = history[-1]
+        return self.get(neuron, previous)

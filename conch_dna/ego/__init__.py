@@ -1,0 +1,5 @@
+"""EGO: the large thinking model, and the live teacher for self-distillation into CORTEX neurons."""
+
+from conch_dna.ego.ego import EGO, DistillationHandle
+
+__all__ = ["EGO", "DistillationHandle"]
