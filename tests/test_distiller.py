@@ -143,17 +143,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_pair, kd_config, mon
 
     teacher, student = tiny_pair
     cfg = kd_config(iters=6, checkpoint_interval=2)
-    real = trainer.kd_objective
+    real = trainer._loss_fn
     calls = {"n": 0}
 
     def poisoned(*a, **kw):
         calls["n"] += 1
-        out = real(*a, **kw)
+        loss, out = real(*a, **kw)
         if calls["n"] >= 4:  # the 4th training step's loss becomes NaN
-            out = {**out, "loss": out["loss"] * mx.array(float("nan"))}
-        return out
+            loss = loss * mx.array(float("nan"))
+            out = {**out, "loss": loss}
+        return loss, out
 
-    monkeypatch.setattr(trainer, "kd_objective", poisoned)
+    monkeypatch.setattr(trainer, "_loss_fn", poisoned)
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_kd": 0.0, "val_ce": 0.0, "val_loss": 0.0, "val_agreement": 0.0, "val_tokens": 0})
     with pytest.raises(TrainingDivergedError, match="step 4") as e:
         TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("thinking", PROMPTS)

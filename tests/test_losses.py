@@ -365,3 +365,23 @@ def test_no_warning_for_normal_masks():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compute_kd_loss(mx.array(t, mx.float32), mx.array(s, mx.float32), 2.0, mx.ones(t.shape[:2], dtype=mx.bool_))
+
+
+def test_masked_infinite_positions_do_not_poison_the_mean():
+    """A padding row may have an infinite divergence; masked, it must not turn the loss into NaN."""
+    t = np.zeros((1, 2, 4))
+    s = np.zeros((1, 2, 4))
+    t[0, 1, 0] = -np.inf  # row 1: the teacher excludes a token the student allows -> reverse KL is inf there
+    mask = mx.array([[True, False]])
+    for div in DIVERGENCES:
+        val, grad = mx.value_and_grad(lambda x, d=div: compute_kd_loss(mx.array(t, mx.float32), x, 1.0, mask, divergence=d))(mx.array(s, mx.float32))
+        assert val.item() == 0.0 and np.isfinite(np.array(grad)).all(), div
+
+
+def test_sparse_tail_below_float32_resolution_keeps_reverse_kl_finite():
+    t = np.full((1, 1, 50), -60.0)
+    t[..., 0] = 40.0  # all mass on one token; the tail rounds to 0 in float32
+    s = mx.array(np.random.default_rng(0).normal(size=(1, 1, 50)), mx.float32)
+    for div in DIVERGENCES:
+        val = compute_kd_loss(topk_targets(mx.array(t, mx.float32), 4), s, 2.0, divergence=div)
+        assert np.isfinite(val.item()), div

@@ -86,6 +86,13 @@ class KDConfig(BaseSettings):
     iters: int = Field(100, ge=1)
     max_seq_length: int = Field(512, ge=8, le=131072)
 
+    # Memory and speed
+    loss_impl: Literal["fused", "reference"] = Field(
+        "fused", description="fused: chunked loss from hidden states, never full-vocabulary logits; reference: plain")
+    loss_chunk_size: int = Field(1024, ge=1, le=1 << 20, description="token positions per chunk of the fused loss")
+    grad_checkpoint: bool = Field(False, description="recompute each block's activations in the backward pass")
+    memory_preflight: bool = Field(True, description="refuse settings whose estimated peak memory does not fit")
+
     # Validation and checkpoints
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of prompts held out for validation")
     val_interval: int = Field(25, ge=1)

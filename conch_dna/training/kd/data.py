@@ -244,8 +244,8 @@ def compute_sparse_targets(model, examples: list[Example], top_k: int, batch_siz
 def tail_logsumexp(t: SparseTargets) -> mx.array:
     """log of the teacher's (unnormalised) mass outside the top-k, in float32, from exact values."""
     lse_k = mx.logsumexp(t.logits.astype(mx.float32), axis=-1)
-    frac = mx.minimum(mx.exp(lse_k - t.logsumexp), 1.0)
-    return mx.where(frac < 1.0, t.logsumexp + mx.log1p(-frac), -mx.inf).astype(mx.float32)
+    frac = mx.minimum(mx.exp(lse_k - t.logsumexp), 1.0 - 2.0**-23)  # floored as in losses._sparse_logprobs
+    return (t.logsumexp + mx.log1p(-frac)).astype(mx.float32)
 
 
 class TeacherCache:

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from conch_dna.training.kd.data import (
     split_examples,
     teacher_logits,
 )
+from conch_dna.training.kd.fused import TeacherStates, model_parts, parts_match
 from conch_dna.training.kd.trainer import (
     TrainingCancelled,
     TrainingDivergedError,
@@ -334,9 +335,16 @@ class TrueKnowledgeDistiller:
             return from_cache
 
         teacher = self.teacher
+        split_ok = parts_match(teacher)
 
         def online(idx, split, tokens):
-            with self.teacher_lock if self._teacher is not None else nullcontext():
+            # The teacher stops at its final hidden states; the loss makes logits chunk by chunk.
+            with self.teacher_lock:
+                if split_ok:
+                    body, head = model_parts(teacher)
+                    hidden = mx.stop_gradient(body(tokens))
+                    mx.eval(hidden)
+                    return TeacherStates(hidden, head)
                 logits = teacher_logits(teacher, tokens)
                 logits = logits[..., :vocab] if vocab is not None else logits
                 mx.eval(logits)

@@ -48,6 +48,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+_F32_EPS = 2.0**-23
 IGNORE_INDEX = -100
 
 
@@ -70,7 +71,8 @@ def masked_mean(values: mx.array, mask: mx.array | None = None) -> mx.array:
     mask = mask.astype(mx.float32)
     n = mask.sum()
     _warn_if_empty(n)
-    return (values * mask).sum() / mx.maximum(n, 1.0)
+    # where, not multiply: a masked position's value may be inf (e.g. a padding row), and inf * 0 = NaN.
+    return mx.where(mask > 0, values, 0.0).sum() / mx.maximum(n, 1.0)
 
 
 def _warn_if_empty(n: mx.array) -> None:
@@ -155,8 +157,10 @@ def _sparse_logprobs(teacher: SparseTargets, student_logits: mx.array, temperatu
         return t_scaled - mx.logsumexp(t_scaled, axis=-1, keepdims=True), s_top - s_lse
     # Teacher tail mass at T = 1, exactly: log(1 - sum_k p_k), computed as lse + log1p(-exp(lse_k - lse)).
     lse_k = mx.logsumexp(t_logits, axis=-1, keepdims=True)
-    frac = mx.minimum(mx.exp(lse_k - lse), 1.0)
-    log_tail = mx.where(frac < 1.0, lse + mx.log1p(-frac), -mx.inf)
+    # When the tail holds less than float32's resolution (1 - frac rounds to 0) it is floored at that
+    # resolution, not set to 0: a zero tail would make reverse KL / JSD infinite for any student.
+    frac = mx.minimum(mx.exp(lse_k - lse), 1.0 - _F32_EPS)
+    log_tail = lse + mx.log1p(-frac)
     # Its tempered mass needs the tail's shape, which was not cached. LM logits fall roughly linearly in
     # log(rank), so the tail continues the top-k's own decay: logit(r) = a + b log r for ranks k < r <= V,
     # with b fitted on the lower half of the sorted top-k and `a` set so the T = 1 tail mass stays exact.

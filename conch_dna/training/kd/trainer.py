@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.data import Example, batch_order, pad_batch
+from conch_dna.training.kd.fused import TeacherStates, fused_objective, parts_match
 from conch_dna.training.kd.losses import SparseTargets, kd_objective, next_token_view
 
 log = structlog.get_logger(__name__)
@@ -189,9 +190,22 @@ def student_logits(model, tokens, vocab: int | None = None):
     return logits[..., :vocab] if vocab is not None and vocab < logits.shape[-1] else logits
 
 
-def _loss_fn(model, tokens, loss_mask, targets, cfg: KDConfig, vocab: int | None = None):
+def dense_targets(targets, vocab: int | None = None):
+    """Teacher targets as the reference loss takes them: `TeacherStates` become logits here."""
+    if isinstance(targets, TeacherStates):
+        logits = targets.head(targets.hidden).astype(mx.float32)
+        return logits[..., :vocab] if vocab is not None else logits
+    return targets
+
+
+def _loss_fn(model, tokens, loss_mask, targets, cfg: KDConfig, vocab: int | None = None, fused: bool = False):
+    if fused and not isinstance(targets, mx.array):
+        out = fused_objective(model, targets, tokens, loss_mask, alpha=cfg.alpha, temperature=cfg.temperature,
+                              divergence=cfg.divergence, beta=cfg.jsd_beta, chunk_size=cfg.loss_chunk_size, vocab=vocab)
+        return out["loss"], out
     logits = student_logits(model, tokens, vocab)
-    out = kd_objective(logits, targets, tokens, loss_mask, cfg.alpha, cfg.temperature, cfg.divergence, cfg.jsd_beta)
+    out = kd_objective(logits, dense_targets(targets, vocab), tokens, loss_mask, cfg.alpha, cfg.temperature,
+                       cfg.divergence, cfg.jsd_beta)
     return out["loss"], out
 
 
@@ -214,7 +228,7 @@ def evaluate(model, examples: list[Example], targets_fn: TargetsFn, cfg: KDConfi
     for start in range(0, len(examples), batch_size):
         idx = list(range(start, min(start + batch_size, len(examples))))
         tokens, mask = pad_batch([examples[i] for i in idx])
-        targets = targets_fn(idx, "val", tokens)
+        targets = dense_targets(targets_fn(idx, "val", tokens), vocab)
         logits = student_logits(model, tokens, vocab)
         out = kd_objective(logits, targets, tokens, mask, cfg.alpha, cfg.temperature, cfg.divergence, cfg.jsd_beta)
         agree, n = top1_agreement(logits, targets, tokens, mask)
@@ -258,7 +272,14 @@ def train_with_kd(
     metrics_path = out_dir / "metrics.jsonl"
     optimizer = build_optimizer(config)
     optimizer.init(model.trainable_parameters())
-    loss_and_grad = nn.value_and_grad(model, lambda m, *a: _loss_fn(m, *a, config, vocab))
+    fused = config.loss_impl == "fused" and parts_match(model)
+    if config.loss_impl == "fused" and not fused:
+        log.warning("fused loss unavailable for this model (head(body(x)) != model(x)); using the reference loss")
+    if config.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+    loss_and_grad = nn.value_and_grad(model, lambda m, *a: _loss_fn(m, *a, config, vocab, fused))
 
     start_step, best = 0, {"train_loss": math.inf, "val_loss": math.inf, "val_kd": math.inf, "val_ce": math.inf}
     tokens_seen = 0

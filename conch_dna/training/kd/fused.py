@@ -1,0 +1,187 @@
+"""A chunked KD + CE loss that never materialises [batch, seq, vocab] logits.
+
+The principal cost of logit distillation is the full-vocabulary logits of two models (151936 x 4 bytes
+per token each for Qwen). Here the loss takes the models' final *hidden states* and their output heads:
+
+    for each chunk of C token positions:
+        s = student_head(h_s[chunk]); t = teacher_head(h_t[chunk])  (or cached top-k targets)
+        loss_c, dL/dh_s[chunk] = value_and_grad(weighted per-token loss of (s, t, y))
+        -> keep the scalar and the [C, D] gradient; the [C, V] logits die with the chunk
+
+and returns the total together with dL/dh_s. A custom VJP (`mx.custom_function`) hands that gradient to the
+student's backward pass, so the student's forward runs once and its backward once: no surrogate loss and no
+recomputed forward. At most one chunk of logits exists at a time, so peak memory grows with the chunk size,
+not with sequence length x vocabulary.
+
+The per-chunk loss is `losses.token_divergence` / `losses.token_cross_entropy` themselves, differentiated
+by MLX inside the chunk: every divergence, masks, sparse top-k targets, tied or untied and quantized heads
+give the same values and gradients as the reference (tests/test_fused.py checks <= 1e-4 relative).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import mlx.core as mx
+
+from conch_dna.training.kd.losses import SparseTargets, _warn_if_empty, token_cross_entropy, token_divergence
+
+Head = Callable[[mx.array], mx.array]
+
+
+def model_parts(model) -> tuple[Callable, Head]:
+    """(body, head) of an mlx-lm causal LM: body(tokens) -> final normed hidden states, head(h) -> logits.
+
+    Works for models whose `Model.__call__` is `head(self.model(tokens))` (llama, qwen2, qwen3, mistral,
+    gemma3_text, phi3, ...). Models with extra logit processing (soft-capping, scaling) are detected by
+    comparing against the full forward in `check_parts` and should use the reference loss instead.
+    """
+    body = model.model
+    head = model.lm_head if getattr(model, "lm_head", None) is not None else model.model.embed_tokens.as_linear
+    return body, head
+
+
+class TeacherStates(NamedTuple):
+    """The teacher's final hidden states [B, L, Dt] and its output head: logits are made chunk by chunk."""
+
+    hidden: mx.array
+    head: Head
+
+
+def parts_match(model, vocab_size: int | None = None) -> bool:
+    """True when head(body(tokens)) reproduces model(tokens), i.e. the fused path is exact for this model."""
+    body, head = model_parts(model)
+    x = mx.array([[1, 2, 3, 4]])
+    try:
+        return bool(mx.allclose(head(body(x)), model(x), rtol=1e-4, atol=1e-4).item())
+    except Exception:  # noqa: BLE001 - any architecture that does not split this way
+        return False
+
+
+def _chunk_loss(s_logits, t, targets, w_kd, w_ce, temperature, divergence, beta):
+    """sum over the chunk of w_kd * KD_token + w_ce * CE_token (the weights fold in mask and 1/n)."""
+    total = mx.array(0.0)
+    kd_sum = ce_sum = mx.array(0.0)
+    # where, not multiply: a masked (padding) row may be inf, and inf * 0 = NaN.
+    if w_kd is not None:
+        kd_tok = token_divergence(t, s_logits, temperature, divergence, beta)
+        kd_sum = mx.where(w_kd > 0, kd_tok * w_kd, 0.0).sum()
+        total = total + kd_sum
+    if w_ce is not None:
+        ce_tok = token_cross_entropy(s_logits, targets)
+        ce_sum = mx.where(w_ce > 0, ce_tok * w_ce, 0.0).sum()
+        total = total + ce_sum
+    return total, (kd_sum, ce_sum)
+
+
+def fused_kd_loss(
+    h_student: mx.array,
+    student_head: Head,
+    teacher: mx.array | SparseTargets,
+    targets: mx.array,
+    mask: mx.array,
+    *,
+    teacher_head: Head | None = None,
+    alpha: float = 0.7,
+    temperature: float = 2.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    chunk_size: int = 1024,
+) -> dict[str, mx.array]:
+    """alpha * KD + (1 - alpha) * CE over masked positions, from hidden states, chunk by chunk.
+
+    h_student [N, D]: the student's final hidden states for the N scored positions (already shifted: row i
+    predicts targets[i]). `teacher` is either the teacher's hidden states [N, Dt] (with `teacher_head`) or
+    `SparseTargets` [N, k]. mask [N] selects the positions that count. Differentiable w.r.t. h_student only
+    (the teacher is a target). Returns {"loss", "kd", "ce", "ntokens"} like `losses.kd_objective`.
+    """
+    if isinstance(teacher, SparseTargets) == (teacher_head is not None):
+        raise ValueError("pass teacher hidden states with teacher_head, or SparseTargets without it")
+    n_rows = h_student.shape[0]
+    maskf = mask.astype(mx.float32)
+    n = maskf.sum()
+    _warn_if_empty(n)
+    inv_n = 1.0 / mx.maximum(n, 1.0)
+    w_kd = maskf * (alpha * inv_n) if alpha > 0 else None
+    w_ce = maskf * ((1.0 - alpha) * inv_n) if alpha < 1 else None
+
+    def chunk_grad(hs, t, y, wk, wc):
+        def f(h):
+            return _chunk_loss(student_head(h), t, y, wk, wc, temperature, divergence, beta)
+
+        (total, (kd, ce)), g = mx.value_and_grad(f)(hs)
+        return total, kd, ce, g
+
+    def forward(h_s, *teacher_arrays):
+        totals, kds, ces, grads = [], [], [], []
+        for start in range(0, n_rows, chunk_size):
+            sl = slice(start, min(start + chunk_size, n_rows))
+            if teacher_head is not None:
+                t = mx.stop_gradient(teacher_head(teacher_arrays[0][sl]))
+            else:
+                t = SparseTargets(*(x[sl] for x in teacher_arrays))
+            total, kd, ce, g = chunk_grad(h_s[sl], t, targets[sl],
+                                          None if w_kd is None else w_kd[sl], None if w_ce is None else w_ce[sl])
+            # Evaluate now: the chunk's [C, V] logits are freed before the next chunk starts.
+            mx.eval(total, kd, ce, g)
+            totals.append(total)
+            kds.append(kd)
+            ces.append(ce)
+            grads.append(g)
+        loss = mx.stack(totals).sum()
+        grad_h = mx.concatenate(grads, axis=0) if grads else mx.zeros_like(h_s)
+        return loss, mx.stack(kds).sum(), mx.stack(ces).sum(), grad_h
+
+    teacher_arrays = (teacher,) if teacher_head is not None else tuple(teacher)
+
+    @mx.custom_function
+    def loss_fn(h_s, *t_arrays):
+        return forward(h_s, *t_arrays)
+
+    @loss_fn.vjp
+    def loss_vjp(primals, cotangents, outputs):
+        # d(loss)/d(h_s) was computed in the forward pass; the teacher receives no gradient.
+        g = outputs[3] * cotangents[0].astype(outputs[3].dtype)
+        return (g.astype(primals[0].dtype),) + tuple(mx.zeros_like(p) for p in primals[1:])
+
+    loss, kd_w, ce_w, _ = loss_fn(h_student, *teacher_arrays)
+    # kd_w / ce_w carry the alpha weights; report the unweighted parts, as kd_objective does.
+    kd = kd_w / alpha if alpha > 0 else mx.array(0.0)
+    ce = ce_w / (1.0 - alpha) if alpha < 1 else mx.array(0.0)
+    return {"loss": loss, "kd": mx.stop_gradient(kd), "ce": mx.stop_gradient(ce), "ntokens": n}
+
+
+def fused_objective(
+    student, teacher_targets, tokens: mx.array, loss_mask: mx.array, *, alpha=0.7, temperature=2.0,
+    divergence="forward_kl", beta=0.5, chunk_size=1024, vocab: int | None = None, teacher=None,
+) -> dict[str, mx.array]:
+    """`kd_objective`'s drop-in: runs the student to its final hidden states only.
+
+    `teacher_targets`: `SparseTargets` [B, L, k] (cached), `TeacherStates` (online: the teacher's hidden
+    states and head), or None with `teacher` (a model, run here to hidden states). Shift and mask follow
+    `losses.next_token_view`: row t predicts token t+1.
+    """
+    body, head = model_parts(student)
+    head = _cut(head, vocab)
+    h = body(tokens)[:, :-1]
+    B, L1, D = h.shape
+    targets = tokens[:, 1:].reshape(-1)
+    mask = loss_mask[:, 1:].reshape(-1)
+    kw = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta, chunk_size=chunk_size)
+    if teacher_targets is None:
+        t_body, t_head = model_parts(teacher)
+        teacher_targets = TeacherStates(mx.stop_gradient(t_body(tokens)), t_head)
+    if isinstance(teacher_targets, TeacherStates):
+        h_t = teacher_targets.hidden[:, :-1]
+        return fused_kd_loss(h.reshape(B * L1, D), head, h_t.reshape(B * L1, -1), targets, mask,
+                             teacher_head=_cut(teacher_targets.head, vocab), **kw)
+    t = SparseTargets(*(x[:, :-1].reshape(B * L1, *x.shape[2:]) for x in teacher_targets))
+    return fused_kd_loss(h.reshape(B * L1, D), head, t, targets, mask, **kw)
+
+
+def _cut(head: Head, vocab: int | None) -> Head:
+    """Cut logits to the real vocabulary when the embedding matrix is padded wider."""
+    if vocab is None:
+        return head
+    return lambda h: head(h)[..., :vocab]
