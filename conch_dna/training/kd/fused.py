@@ -25,7 +25,13 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from conch_dna.training.kd.losses import SparseTargets, _warn_if_empty, token_cross_entropy, token_divergence
+from conch_dna.training.kd.losses import (
+    SparseTargets,
+    _warn_if_empty,
+    neutralise_masked_rows,
+    token_cross_entropy,
+    token_divergence,
+)
 
 Head = Callable[[mx.array], mx.array]
 
@@ -65,7 +71,8 @@ def _chunk_loss(s_logits, t, targets, w_kd, w_ce, temperature, divergence, beta)
     kd_sum = ce_sum = mx.array(0.0)
     # where, not multiply: a masked (padding) row may be inf, and inf * 0 = NaN.
     if w_kd is not None:
-        kd_tok = token_divergence(t, s_logits, temperature, divergence, beta)
+        t, s_kd = neutralise_masked_rows(t, s_logits, w_kd > 0)
+        kd_tok = token_divergence(t, s_kd, temperature, divergence, beta)
         kd_sum = mx.where(w_kd > 0, kd_tok * w_kd, 0.0).sum()
         total = total + kd_sum
     if w_ce is not None:

@@ -228,6 +228,22 @@ def token_divergence(
 # ------------------------------------------------------------------------------------------ public API
 
 
+def neutralise_masked_rows(teacher: mx.array | SparseTargets, student_logits: mx.array, mask: mx.array):
+    """Replace masked rows of both sides by the uniform distribution (logits 0).
+
+    A masked row's divergence is then exactly 0 with a finite gradient. Without this, a padding row whose
+    divergence is infinite (e.g. reverse KL where the teacher has a -inf logit the student does not) gives
+    0 * inf = NaN in the backward pass even though the row is masked out of the mean.
+    """
+    keep = mask.astype(mx.bool_)[..., None]
+    student_logits = mx.where(keep, student_logits, 0.0)
+    if isinstance(teacher, SparseTargets):
+        vocab = student_logits.shape[-1]
+        return SparseTargets(mx.where(keep, teacher.logits, 0.0), teacher.indices,
+                             mx.where(keep[..., 0], teacher.logsumexp, math.log(vocab))), student_logits
+    return mx.where(keep, teacher, 0.0), student_logits
+
+
 def compute_kd_loss(
     teacher_logits: mx.array | SparseTargets,
     student_logits: mx.array,
@@ -237,6 +253,8 @@ def compute_kd_loss(
     beta: float = 0.5,
 ) -> mx.array:
     """Token-averaged T^2 * divergence(P_teacher^T, P_student^T) over unmasked positions (default forward KL)."""
+    if mask is not None:
+        teacher_logits, student_logits = neutralise_masked_rows(teacher_logits, student_logits, mask)
     return masked_mean(token_divergence(teacher_logits, student_logits, temperature, divergence, beta), mask)
 
 
