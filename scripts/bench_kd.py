@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Time the KD training step: teacher forward + student forward/backward + optimizer.
+
+    python scripts/bench_kd.py --preset tiny                      # CPU, reference and fused side by side
+    python scripts/bench_kd.py --preset qwen2.5-1.5b->0.5b --batch 8 --impl fused    # on the GPU machine
+    python scripts/bench_kd.py --preset smollm2 --real            # the real default pair (+ cache, generation)
+
+Prints one JSON line per run (tokens/s, peak memory, step-time split, model FLOP utilisation) and a table.
+Random weights of the preset's shapes unless --real. Shapes of `qwen2.5-1.5b->0.5b` match
+../shared/bench/peer_torch_kd.py (LoRA r=16 on q,k,v,o; forward KL T=2 + CE, alpha 0.7; vocab 151936).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import conch_dna  # noqa: E402,F401  (optimized BLAS before mlx)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+
+PRESETS = {
+    # name: (teacher shape, student shape, vocab, batch, seq)
+    "tiny": (dict(layers=8, hidden=512, inter=1408, heads=8, kv=4), dict(layers=4, hidden=256, inter=704, heads=4, kv=2), 8192, 4, 256),
+    "smollm2": (dict(layers=30, hidden=576, inter=1536, heads=9, kv=3), dict(layers=16, hidden=576, inter=1536, heads=9, kv=3), 49152, 4, 256),
+    "qwen2.5-1.5b->0.5b": (dict(layers=28, hidden=1536, inter=8960, heads=12, kv=2, qwen=True),
+                           dict(layers=24, hidden=896, inter=4864, heads=14, kv=2, qwen=True), 151936, 8, 1024),
+}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM)
+
+
+def build(shape: dict, vocab: int, dtype):
+    from mlx_lm.models import llama, qwen2
+
+    cfg = dict(hidden_size=shape["hidden"], num_hidden_layers=shape["layers"], intermediate_size=shape["inter"],
+               num_attention_heads=shape["heads"], num_key_value_heads=shape["kv"], rms_norm_eps=1e-6,
+               vocab_size=vocab, tie_word_embeddings=True, rope_theta=1e6 if shape.get("qwen") else 1e4,
+               max_position_embeddings=32768)
+    if shape.get("qwen"):
+        model = qwen2.Model(qwen2.ModelArgs.from_dict({**cfg, "model_type": "qwen2"}))
+    else:
+        model = llama.Model(llama.ModelArgs.from_dict({**cfg, "model_type": "llama"}))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def n_params(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(p.size for _, p in tree_flatten(model.parameters()))
+
+
+def run(args, impl: str) -> dict:
+    from conch_dna.training.kd import KDConfig
+    from conch_dna.training.kd.fused import TeacherStates, fused_objective, model_parts
+    from conch_dna.training.kd.losses import kd_objective
+    from conch_dna.training.kd.trainer import apply_lora
+
+    t_shape, s_shape, vocab, batch, seq = PRESETS[args.preset]
+    batch, seq = args.batch or batch, args.seq or seq
+    gpu = mx.default_device() == mx.gpu
+    dtype = mx.bfloat16 if gpu else mx.float32
+    if args.real:
+        from conch_dna.models import load_model
+
+        teacher, _ = load_model("default-teacher", dtype=dtype)
+        student, _ = load_model("default-student", dtype=dtype)
+        vocab = 49152
+    else:
+        mx.random.seed(0)
+        teacher, student = build(t_shape, vocab, dtype), build(s_shape, vocab, dtype)
+    nt, ns = n_params(teacher), n_params(student)
+    cfg = KDConfig(lora={"rank": 16, "scale": 2.0, "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]},
+                   temperature=2.0, alpha=0.7, loss_chunk_size=args.chunk)
+    apply_lora(student, cfg)
+    if args.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(student.layers[0])
+    opt = optim.AdamW(learning_rate=1e-4)
+    opt.init(student.trainable_parameters())
+    tokens = mx.random.randint(0, vocab, (batch, seq))
+    mask = mx.ones((batch, seq), dtype=mx.bool_)
+    t_body, t_head = model_parts(teacher)
+
+    def teacher_targets():
+        if impl == "fused":
+            return TeacherStates(mx.stop_gradient(t_body(tokens)), t_head)  # hidden states only
+        return mx.stop_gradient(teacher(tokens))
+
+    def loss_fn(model, targets):
+        if impl == "fused":
+            out = fused_objective(model, targets, tokens, mask, alpha=0.7, temperature=2.0, chunk_size=args.chunk)
+        else:
+            out = kd_objective(model(tokens), targets, tokens, mask, 0.7, 2.0)
+        return out["loss"]
+
+    loss_and_grad = nn.value_and_grad(student, loss_fn)
+
+    def step():
+        targets = teacher_targets()
+        mx.eval(targets)
+        loss, grads = loss_and_grad(student, targets)
+        opt.update(student, grads)
+        mx.eval(loss, student.trainable_parameters(), opt.state)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    dt = (time.perf_counter() - t0) / args.steps
+    peak = mx.get_peak_memory() / 2**30
+    # Split: teacher alone, and the loss (+ its hidden-state gradient) alone on fixed hidden states.
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        mx.eval(teacher_targets())
+    t_teacher = (time.perf_counter() - t0) / args.steps
+    t_loss = None
+    if impl == "fused":
+        s_body, s_head = model_parts(student)
+        h = mx.stop_gradient(s_body(tokens))
+        tt = teacher_targets()
+        mx.eval(h, tt)
+
+        def only_loss(hh):
+            from conch_dna.training.kd.fused import fused_kd_loss
+
+            B, L, D = hh.shape
+            return fused_kd_loss(hh[:, :-1].reshape(-1, D), s_head, tt.hidden[:, :-1].reshape(B * (L - 1), -1),
+                                 tokens[:, 1:].reshape(-1), mask[:, 1:].reshape(-1), teacher_head=tt.head,
+                                 chunk_size=args.chunk)["loss"]
+
+        g = mx.grad(only_loss)
+        mx.eval(g(h))
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            mx.eval(g(h))
+        t_loss = (time.perf_counter() - t0) / args.steps
+    flops = batch * seq * (2 * nt + 4 * ns)  # the peer's convention: LoRA needs no weight gradients
+    device = mx.device_info().get("device_name", str(mx.default_device()))
+    peak_tf = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
+    res = {
+        "impl": f"mlx-{impl}", "preset": args.preset, "real": args.real, "device": device, "dtype": str(dtype),
+        "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint,
+        "step_s": round(dt, 4), "tok_s": round(batch * seq / dt, 1), "peak_gb": round(peak, 2),
+        "teacher_fwd_s": round(t_teacher, 4), "loss_s": None if t_loss is None else round(t_loss, 4),
+        "student_and_rest_s": round(dt - t_teacher - (t_loss or 0.0), 4),
+        "tflops": round(flops / dt / 1e12, 2), "mfu": None if peak_tf is None else round(flops / dt / 1e12 / peak_tf, 3),
+        "loss": round(float(loss.item()), 4), "teacher_params": nt, "student_params": ns,
+    }
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--impl", choices=["reference", "fused", "both"], default="both")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--real", action="store_true", help="real default-pair weights (smollm2 preset)")
+    ap.add_argument("--grad-checkpoint", action="store_true")
+    ap.add_argument("--out", help="append the JSON lines to this file")
+    args = ap.parse_args()
+    impls = ["reference", "fused"] if args.impl == "both" else [args.impl]
+    rows = []
+    for impl in impls:
+        try:
+            r = run(args, impl)
+        except Exception as e:  # out of memory etc.: report it as a row, keep going
+            r = {"impl": f"mlx-{impl}", "preset": args.preset, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    print(f"\n| impl | B x T | tokens/s | peak GB | step s | teacher s | loss s | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['impl']} | | {r['error']} | | | | | |")
+        else:
+            print(f"| {r['impl']} | {r['B']} x {r['T']} | {r['tok_s']:.0f} | {r['peak_gb']} | {r['step_s']} | "
+                  f"{r['teacher_fwd_s']} | {r['loss_s']} | {r['tflops']} |")
+
+
+if __name__ == "__main__":
+    main()
