@@ -110,3 +110,24 @@ def test_chunk_size_does_not_change_the_result(models):
     outs = [fused_objective(students["tied"], None, tokens, mask, teacher=teacher, chunk_size=c)["loss"].item()
             for c in (1, 7, 46, 4096)]
     assert max(outs) - min(outs) <= 1e-5 * abs(outs[0])
+
+
+def test_compiled_closed_form_path_equals_generic_path(models):
+    """The default objective uses a compiled closed-form chunk; it must equal the autograd chunk."""
+    from conch_dna.training.kd.fused import _head_weight, fused_kd_loss, model_parts
+
+    teacher, students = models
+    tokens, mask = batch(4)
+    for s in students.values():
+        body, head = model_parts(s)
+        t_body, t_head = model_parts(teacher)
+        assert _head_weight(head) is not None and _head_weight(t_head) is not None
+        h, ht = body(tokens)[:, :-1], t_body(tokens)[:, :-1]
+        args = (h.reshape(-1, h.shape[-1]), head, ht.reshape(-1, ht.shape[-1]), tokens[:, 1:].reshape(-1), mask[:, 1:].reshape(-1))
+
+        def run(fast):
+            f = lambda x: fused_kd_loss(x, *args[1:], teacher_head=t_head, chunk_size=9, fast=fast)["loss"]  # noqa: E731
+            return mx.value_and_grad(f)(args[0])
+
+        (v1, g1), (v2, g2) = run(True), run(False)
+        assert rel(v1.item(), v2.item()) <= TOL and rel(np.array(g1), np.array(g2)) <= TOL

@@ -95,6 +95,7 @@ def fused_kd_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     chunk_size: int = 1024,
+    fast: bool = True,
 ) -> dict[str, mx.array]:
     """alpha * KD + (1 - alpha) * CE over masked positions, from hidden states, chunk by chunk.
 
@@ -120,18 +121,36 @@ def fused_kd_loss(
         (total, (kd, ce)), g = mx.value_and_grad(f)(hs)
         return total, kd, ce, g
 
+    # The default objective (dense teacher, forward KL + CE, plain output matrices) has a closed-form
+    # gradient, a difference of softmaxes; compiled, its elementwise passes over [C, V] fuse into few kernels.
+    w_student = _head_weight(student_head) if fast else None
+    w_teacher = _head_weight(teacher_head) if fast and teacher_head is not None else None
+    use_fast = w_student is not None and w_teacher is not None and divergence == "forward_kl"
+    if use_fast:
+        fast_chunk = _fast_forward_kl_ce(w_student, w_teacher, temperature, alpha)
+
     def forward(h_s, *teacher_arrays):
         totals, kds, ces, grads = [], [], [], []
+        after = None  # a zero that depends on the previous chunk's results
         for start in range(0, n_rows, chunk_size):
             sl = slice(start, min(start + chunk_size, n_rows))
-            if teacher_head is not None:
-                t = mx.stop_gradient(teacher_head(teacher_arrays[0][sl]))
+            hs = h_s[sl]
+            if after is not None:
+                hs = hs + after.astype(hs.dtype)
+            if use_fast:
+                total, kd, ce, g = fast_chunk(hs, mx.stop_gradient(teacher_arrays[0][sl]), targets[sl], maskf[sl], inv_n)
             else:
-                t = SparseTargets(*(x[sl] for x in teacher_arrays))
-            total, kd, ce, g = chunk_grad(h_s[sl], t, targets[sl],
-                                          None if w_kd is None else w_kd[sl], None if w_ce is None else w_ce[sl])
-            # Evaluate now: the chunk's [C, V] logits are freed before the next chunk starts.
-            mx.eval(total, kd, ce, g)
+                if teacher_head is not None:
+                    t = mx.stop_gradient(teacher_head(teacher_arrays[0][sl]))
+                else:
+                    t = SparseTargets(*(x[sl] for x in teacher_arrays))
+                total, kd, ce, g = chunk_grad(hs, t, targets[sl],
+                                              None if w_kd is None else w_kd[sl], None if w_ce is None else w_ce[sl])
+            # Chain the chunks: chunk i+1 cannot start before chunk i's gradient exists, so MLX's scheduler
+            # runs them one after another and each [C, V] buffer is freed before the next is allocated.
+            # (Evaluating each chunk eagerly would not free them: inside a grad transform every evaluated
+            # array keeps its graph.) where(x == x, 0, 0) is an exact zero even for inf/NaN.
+            after = mx.stop_gradient(mx.where(g[:1, :1] == g[:1, :1], 0.0, 0.0)[0, 0])
             totals.append(total)
             kds.append(kd)
             ces.append(ce)
@@ -157,6 +176,48 @@ def fused_kd_loss(
     kd = kd_w / alpha if alpha > 0 else mx.array(0.0)
     ce = ce_w / (1.0 - alpha) if alpha < 1 else mx.array(0.0)
     return {"loss": loss, "kd": mx.stop_gradient(kd), "ce": mx.stop_gradient(ce), "ntokens": n}
+
+
+def _head_weight(head: Head | None) -> mx.array | None:
+    """The [V, D] matrix of a plain (unquantized, bias-free) output head, or None."""
+    import mlx.nn as nn
+
+    owner = getattr(head, "__self__", head)  # embed_tokens.as_linear is a bound method
+    if isinstance(owner, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return None
+    if isinstance(owner, nn.Linear) and "bias" not in owner:
+        return owner.weight
+    if isinstance(owner, nn.Embedding) and getattr(head, "__name__", "") == "as_linear":
+        return owner.weight
+    return None
+
+
+def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, alpha: float):
+    """A compiled chunk: loss parts and dL/dh for forward KL + CE with closed-form logit gradients.
+
+    d(T^2 KL(p||q))/ds = T (q - p) with p, q the tempered softmaxes; d CE/ds = softmax(s) - onehot(y).
+    """
+    T = float(temperature)
+
+    def chunk(hs, ht, y, m, inv_n):
+        s = (hs @ w_s.T).astype(mx.float32)
+        t = (ht @ w_t.T).astype(mx.float32)
+        logq = s / T - mx.logsumexp(s / T, axis=-1, keepdims=True)
+        logp = t / T - mx.logsumexp(t / T, axis=-1, keepdims=True)
+        p, q = mx.exp(logp), mx.exp(logq)
+        kd_tok = (T * T) * mx.maximum((p * (logp - logq)).sum(axis=-1), 0.0)
+        lse = mx.logsumexp(s, axis=-1, keepdims=True)
+        ce_tok = lse[:, 0] - mx.take_along_axis(s, y[:, None], axis=-1)[:, 0]
+        onehot = mx.arange(s.shape[-1])[None, :] == y[:, None]
+        wk = (alpha * inv_n) * m
+        wc = ((1.0 - alpha) * inv_n) * m
+        g_s = wk[:, None] * (T * (q - p)) + wc[:, None] * (mx.exp(s - lse) - onehot)
+        g_h = g_s.astype(hs.dtype) @ w_s
+        kd = mx.where(m > 0, kd_tok * wk, 0.0).sum()
+        ce = mx.where(m > 0, ce_tok * wc, 0.0).sum()
+        return kd + ce, kd, ce, g_h
+
+    return mx.compile(chunk)
 
 
 def fused_objective(
