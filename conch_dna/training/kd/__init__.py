@@ -48,11 +48,12 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
     from pydantic import ValidationError
 
     from conch_dna.cortex.registry import RegistryError
+    from conch_dna.training.kd.memory import MemoryPreflightError
     from conch_dna.models import ModelNotFoundError
     from conch_dna.models.gguf_convert import GGUFError
 
     return (ConfigError, DataError, OutputDirError, VocabMismatchError, ModelNotFoundError, GGUFError,
-            TrainingDivergedError, ValidationError, RegistryError)
+            TrainingDivergedError, ValidationError, RegistryError, MemoryPreflightError)
 
 
 __all__ = [

@@ -68,8 +68,10 @@ class KDConfig(BaseSettings):
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
 
-    # Teacher targets: cached top-k (computed once, reusable across temperatures/alphas) or online dense.
-    teacher_targets: Literal["cache", "online"] = "cache"
+    # Teacher targets: online dense (exact) or cached top-k (computed once, reusable across temperatures/alphas).
+    teacher_targets: Literal["cache", "online"] = Field(
+        "online", description="online: teacher forward every step, exact dense targets (default); cache: top-k "
+        "computed once, an approximation (docs/benchmarks.md gives its error)")
     top_k: int = Field(64, ge=1, le=4096)
 
     lora: LoRAConfig = Field(default_factory=LoRAConfig)

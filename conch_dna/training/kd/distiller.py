@@ -43,6 +43,7 @@ from conch_dna.training.kd.data import (
     teacher_logits,
 )
 from conch_dna.training.kd.fused import TeacherStates, model_parts, parts_match
+from conch_dna.training.kd.memory import preflight
 from conch_dna.training.kd.trainer import (
     TrainingCancelled,
     TrainingDivergedError,
@@ -237,6 +238,11 @@ class TrueKnowledgeDistiller:
         student, student_tok = self.load_student()
         vocab = self._shared_vocab(student, student_tok)
         num_layers = apply_lora(student, cfg)
+        if cfg.memory_preflight:
+            longest = max(len(e.tokens) for e in train + val)
+            running_teacher = self.teacher if cfg.teacher_targets == "online" else None
+            est = preflight(student, running_teacher, cfg, cfg.batch_size, longest)
+            log.info("memory preflight", estimate_gb=round(est["total"] / 2**30, 2), batch=cfg.batch_size, seq=longest)
         acfg = adapter_config(cfg, num_layers, {"domain": domain, "run_id": run_id})
         targets_fn = self._targets_fn(cache, train_idx, val_idx, vocab)
         summary = run_training(student, train, val, targets_fn, cfg, out_dir, adapter_cfg=acfg, resume=resume,

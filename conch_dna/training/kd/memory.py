@@ -1,0 +1,120 @@
+"""Memory preflight: estimate a KD step's peak memory from shapes and refuse settings that cannot fit.
+
+On Apple silicon an out-of-memory abort cannot be caught (and can wedge the GPU), so the distiller checks
+before the first step and says which settings would fit. The estimate is deliberately simple and errs high:
+
+    weights (student + the teacher when it runs during training)
+  + LoRA gradients and AdamW moments (3 x trainable parameters, float32)
+  + student activations kept for the backward pass: per token and block ~ (32 d + 8 i) values
+    (with gradient checkpointing: one block's worth, plus each block's input)
+  + attention scores where no fused attention exists (CPU): batch x heads x seq^2 x 4 bytes per block
+  + the loss: fused, ~6 float32 [chunk, vocab] buffers; reference, ~6 [batch x seq, vocab] buffers
+  + the teacher's forward activations (transient): batch x seq x 8 d_teacher values
+
+Calibrated against the H100 runs of docs/benchmarks.md (Qwen2.5 1.5B -> 0.5B, batch 8 x 1024, chunk 1024:
+34.6 GB before the margin vs 35.5 GB measured with the autograd chunk); a 1.25 margin covers allocator caching.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+MARGIN = 1.25
+
+
+class MemoryPreflightError(MemoryError):
+    """The estimated peak memory exceeds what the device has; the message lists settings that fit."""
+
+
+@dataclass
+class Shapes:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+
+
+def model_shapes(model) -> Shapes:
+    args = model.args
+    return Shapes(len(model.layers), args.hidden_size, getattr(args, "intermediate_size", 4 * args.hidden_size),
+                  args.num_attention_heads, args.vocab_size)
+
+
+def param_bytes(model) -> int:
+    return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+
+
+def trainable_count(model) -> int:
+    return sum(p.size for _, p in tree_flatten(model.trainable_parameters()))
+
+
+def available_bytes() -> int:
+    """Memory the default device may use: the GPU's total (Metal/CUDA), else the machine's RAM."""
+    info = mx.device_info()
+    for key in ("total_memory", "memory_size"):
+        if key in info:
+            return int(info[key])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[str, int]:
+    """Bytes of each part of a training step's peak; `teacher` None when it does not run during training."""
+    s = model_shapes(student)
+    dtype_bytes = next(p.itemsize for _, p in tree_flatten(student.parameters()))
+    tokens = batch * seq
+    per_block_token = (32 * s.hidden + 8 * s.intermediate) * dtype_bytes
+    if config.grad_checkpoint:
+        activations = tokens * (per_block_token + s.layers * s.hidden * dtype_bytes)
+    else:
+        activations = tokens * per_block_token * s.layers
+    on_cpu = mx.default_device() == mx.cpu
+    attention = batch * s.heads * seq * seq * 4 * (1 if config.grad_checkpoint else s.layers) if on_cpu else 0
+    rows = min(config.loss_chunk_size, tokens) if config.loss_impl == "fused" else tokens
+    parts = {
+        "weights": param_bytes(student) + (param_bytes(teacher) if teacher is not None else 0),
+        "optimizer": 3 * 4 * trainable_count(student),
+        "activations": activations,
+        "attention": attention,
+        "loss": 6 * 4 * rows * s.vocab,
+        "teacher_forward": 8 * tokens * model_shapes(teacher).hidden * dtype_bytes if teacher is not None else 0,
+    }
+    parts["total"] = int(MARGIN * sum(parts.values()))
+    return parts
+
+
+def preflight(student, teacher, config, batch: int, seq: int, available: int | None = None) -> dict:
+    """Raise `MemoryPreflightError` naming settings that fit when the estimate exceeds 90% of `available`."""
+    available = available if available is not None else available_bytes()
+    est = estimate_peak_bytes(student, teacher, config, batch, seq)
+    if est["total"] <= 0.9 * available:
+        return est
+    gb = 1 << 30
+    suggestions = []
+    for b in range(batch - 1, 0, -1):
+        if estimate_peak_bytes(student, teacher, config, b, seq)["total"] <= 0.9 * available:
+            suggestions.append(f"batch_size={b} (with grad_accumulation={-(-batch // b)} for the same batch)")
+            break
+    if not config.grad_checkpoint:
+        alt = config.model_copy(update={"grad_checkpoint": True})
+        if estimate_peak_bytes(student, teacher, alt, batch, seq)["total"] <= 0.9 * available:
+            suggestions.append("grad_checkpoint=true")
+    if config.loss_impl != "fused":
+        alt = config.model_copy(update={"loss_impl": "fused"})
+        if estimate_peak_bytes(student, teacher, alt, batch, seq)["total"] <= 0.9 * available:
+            suggestions.append('loss_impl="fused"')
+    for L in (seq // 2, seq // 4):
+        if L >= 8 and estimate_peak_bytes(student, teacher, config, batch, L)["total"] <= 0.9 * available:
+            suggestions.append(f"max_seq_length={L}")
+            break
+    largest = max((k for k in est if k != "total"), key=lambda k: est[k])
+    raise MemoryPreflightError(
+        f"estimated peak memory {est['total'] / gb:.1f} GB (largest part: {largest} {est[largest] / gb:.1f} GB) exceeds "
+        f"90% of the {available / gb:.1f} GB available, for batch {batch} x {seq} tokens. Settings that would fit: "
+        + ("; ".join(suggestions) if suggestions else "none found by reducing batch, sequence or checkpointing: use a smaller model")
+        + ". (Disable this check with memory_preflight=false at your own risk.)"
+    )

@@ -1,0 +1,50 @@
+"""Memory preflight: estimates grow with the right settings; a run that cannot fit is refused with advice."""
+
+import pytest
+
+from conch_dna.models import load_model
+from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
+from conch_dna.training.kd.memory import MemoryPreflightError, estimate_peak_bytes, preflight
+from conch_dna.training.kd.trainer import apply_lora
+from tests.conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_pair):
+    t, _ = load_model(tiny_pair[0])
+    s, _ = load_model(tiny_pair[1])
+    apply_lora(s, KDConfig())
+    return t, s
+
+
+def test_estimate_scales_with_the_settings(pair):
+    t, s = pair
+    cfg = KDConfig()
+    base = estimate_peak_bytes(s, t, cfg, 4, 256)
+    assert estimate_peak_bytes(s, t, cfg, 8, 256)["activations"] == 2 * base["activations"]
+    assert estimate_peak_bytes(s, None, cfg, 4, 256)["weights"] < base["weights"]
+    ckpt = estimate_peak_bytes(s, t, cfg.model_copy(update={"grad_checkpoint": True}), 4, 256)
+    assert ckpt["activations"] < base["activations"]
+    ref = estimate_peak_bytes(s, t, cfg.model_copy(update={"loss_impl": "reference"}), 4, 4096)
+    fused = estimate_peak_bytes(s, t, cfg, 4, 4096)
+    assert ref["loss"] == 16 * fused["loss"]  # fused: one chunk of 1024 rows, reference: all 16384
+
+
+def test_refuses_with_settings_that_fit(pair):
+    t, s = pair
+    cfg = KDConfig(batch_size=16)
+    need = estimate_peak_bytes(s, t, cfg, 16, 512)["total"]
+    with pytest.raises(MemoryPreflightError, match="Settings that would fit: batch_size=") as e:
+        preflight(s, t, cfg, 16, 512, available=int(need * 0.6))
+    assert "GB" in str(e.value)
+    assert preflight(s, t, cfg, 16, 512, available=need * 2)["total"] == need
+
+
+def test_distiller_refuses_before_training(tiny_pair, kd_config, monkeypatch):
+    import conch_dna.training.kd.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)  # a 1 MB device
+    cfg = kd_config()
+    with pytest.raises(MemoryPreflightError, match="exceeds"):
+        TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg).distill_domain("thinking", PROMPTS)
+    assert not (cfg.output_dir / "thinking" / "metrics.jsonl").exists()
