@@ -38,6 +38,7 @@ from pathlib import Path
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from conch_dna._faults import fault_point
 from conch_dna.training.kd import signals
 
 log = structlog.get_logger(__name__)
@@ -282,8 +283,12 @@ class NeuronRegistry:
         return self._base_shapes
 
     def register(self, neuron: str, adapter_dir: str | os.PathLike, metrics: dict | None = None, *,
-                 teacher: str | None = None, student: str | None = None, activate: bool = True) -> NeuronVersion:
-        """Copy the adapter in as the neuron's next version; activate it unless the quality gate refuses."""
+                 teacher: str | None = None, student: str | None = None, activate: bool = True,
+                 exist_ok: bool = False) -> NeuronVersion:
+        """Copy the adapter in as the neuron's next version; activate it unless the quality gate refuses.
+
+        An adapter already registered for this neuron (same sha256) is an error, or, with `exist_ok`, returns
+        that version unchanged (what a resumed run that was killed after registering needs)."""
         if not neuron or "/" in neuron or neuron.startswith("."):
             raise ValueError(f"invalid neuron name {neuron!r}")
         adapter_dir = Path(adapter_dir)
@@ -292,6 +297,8 @@ class NeuronRegistry:
         with self._transaction() as neurons:
             rec = neurons.get(neuron, NeuronRecord())
             for v in rec.versions:
+                if v.sha256 == digest and exist_ok:
+                    return v
                 if v.sha256 == digest:
                     raise DuplicateAdapterError(f"this adapter is already version {v.version} of neuron {neuron!r} (sha256 {digest[:12]}...)")
             store = self.root / neuron
@@ -305,6 +312,7 @@ class NeuronRegistry:
                     shutil.copyfile(adapter_dir / name, tmp / name)
                     with open(tmp / name, "rb") as f:
                         os.fsync(f.fileno())
+                fault_point("register")
                 if sha256_file(tmp / "adapters.safetensors") != digest:
                     raise AdapterMismatchError(f"{adapter_dir} changed while it was being registered; try again")
                 os.replace(tmp, dest)

@@ -97,7 +97,8 @@ def register_results(registry_dir: str, config, results: dict) -> dict:
     from conch_dna.cortex import NeuronRegistry
 
     registry = NeuronRegistry(registry_dir, base_model=config.student_model_id)
-    return {name: registry.register(name, r.adapter_path, teacher=r.teacher_model_id, student=r.student_model_id,
+    # exist_ok: re-running a finished run with --resume (e.g. after a kill while registering) is idempotent.
+    return {name: registry.register(name, r.adapter_path, teacher=r.teacher_model_id, student=r.student_model_id, exist_ok=True,
                                     metrics={"val_kd": r.final_val_kd, "val_ce": r.final_val_ce, "val_agreement": r.val_agreement,
                                              "initial_val_kd": r.initial_val_kd})
             for name, r in results.items()}

@@ -24,6 +24,8 @@ import mlx.core as mx
 import numpy as np
 import structlog
 
+from conch_dna._faults import fault_point
+
 from conch_dna.training.kd.losses import SparseTargets
 
 log = structlog.get_logger(__name__)
@@ -146,6 +148,7 @@ def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length:
         budgets = [min(gen.max_new_tokens, max_seq_length - len(ids)) for ids in chunk]
         with lock or nullcontext():
             out = batch_generate(model, tokenizer, chunk, max_tokens=budgets, sampler=sampler, return_token_ids=True)
+        fault_point("generation")
         for ids, resp, budget in zip(chunk, out.token_ids, budgets):
             resp = list(resp)
             n_gen += len(resp)

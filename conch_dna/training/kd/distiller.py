@@ -60,7 +60,35 @@ log = structlog.get_logger(__name__)
 
 
 class OutputDirError(OSError):
-    """The output directory cannot be created or written."""
+    """The output directory cannot be created or written, or another process is writing it."""
+
+
+@contextmanager
+def output_lock(folder: Path):
+    """Exclusive, non-blocking lock on a domain's output folder, held for the whole run.
+
+    Two processes (or two EGOs) writing one folder would interleave checkpoints and adapters; the second
+    gets a clear error instead. The lock is released by the OS if the holder dies, even by SIGKILL.
+    """
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise OutputDirError(f"{folder} is being written by another process ({holder}); wait for it to finish "
+                                 "or choose another --output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class KDResult(BaseModel):
@@ -209,7 +237,7 @@ class TrueKnowledgeDistiller:
         if signals.has_receivers(signals.distillation_started) or self._on_event:
             self._emit(signals.distillation_started, domain=domain, run_id=run_id,
                        config=cfg.model_dump(mode="json"), prompts=len(prompts))
-        with self._failure_signal(domain, run_id, out_dir):
+        with self._failure_signal(domain, run_id, out_dir), output_lock(out_dir):
             cache, gen_stats = self.generate_training_data(prompts, domain)
             self._emit(signals.teacher_data_ready, domain=domain, run_id=run_id, samples=len(cache.examples),
                        tokens=sum(len(e.tokens) for e in cache.examples), seconds=float(gen_stats.get("seconds", 0.0)),
@@ -222,7 +250,7 @@ class TrueKnowledgeDistiller:
         run_id = uuid.uuid4().hex[:12]
         out_dir = Path(self.config.output_dir) / domain
         _check_writable(out_dir)
-        with self._failure_signal(domain, run_id, out_dir):
+        with self._failure_signal(domain, run_id, out_dir), output_lock(out_dir):
             return self._train(train_data, domain, run_id, resume=resume, should_stop=should_stop)
 
     def _train(self, cache: TeacherCache, domain: str, run_id: str, *, resume: bool = False,

@@ -28,6 +28,7 @@ import mlx.optimizers as optim
 import structlog
 from mlx.utils import tree_flatten, tree_unflatten
 
+from conch_dna._faults import fault_point
 from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.data import Example, batch_order, pad_batch
 from conch_dna.training.kd.fused import TeacherStates, fused_objective, parts_match
@@ -114,6 +115,7 @@ def save_adapter(model: nn.Module, folder: Path, config_dict: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.trainable_parameters()))
     _atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(config_dict, indent=2)))
+    fault_point("adapter")
     _atomic_write(folder / "adapters.safetensors", lambda p: mx.save_safetensors(str(p), weights, {"format": "mlx"}))
     return folder / "adapters.safetensors"
 
@@ -150,6 +152,7 @@ def save_checkpoint(model, optimizer, out_dir: Path, step: int, state: dict, con
         mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (tmp / "adapter_config.json").write_text(json.dumps(config_dict, indent=2))
+        fault_point("checkpoint")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -283,10 +286,16 @@ def train_with_kd(
 
     start_step, best = 0, {"train_loss": math.inf, "val_loss": math.inf, "val_kd": math.inf, "val_ce": math.inf}
     tokens_seen = 0
+    for stale in out_dir.glob(".checkpoint_*.tmp-*"):  # left by a crash while saving: never complete
+        shutil.rmtree(stale, ignore_errors=True)
+    last = {}
     if resume and (ckpts := checkpoint_dirs(out_dir)):
         state = load_checkpoint(model, optimizer, ckpts[-1])
         start_step, best, tokens_seen = state["step"], state.get("best", best), state.get("tokens", 0)
+        last = state.get("last", {})
         log.info("resumed", checkpoint=str(ckpts[-1]), step=start_step)
+        if start_step > config.iters:
+            raise ValueError(f"the checkpoint in {out_dir} is at step {start_step}, past iters={config.iters}; raise iters or start afresh")
     _truncate_metrics(metrics_path, start_step)
 
     if start_step == 0 and val:
@@ -298,7 +307,6 @@ def train_with_kd(
         emit("validation", step=0, **v0)
     global_batch = config.batch_size * config.grad_accumulation
     last_ckpt = checkpoint_dirs(out_dir)[-1] if checkpoint_dirs(out_dir) else None
-    last = {}
     show_bar = sys.stderr.isatty()
     t_start = time.perf_counter()
     train_seconds = 0.0
@@ -331,6 +339,7 @@ def train_with_kd(
             raise TrainingDivergedError(step + 1, last_ckpt, loss_value)
         if config.max_grad_norm > 0:
             grads, _ = optim.clip_grad_norm(grads, config.max_grad_norm)
+        fault_point("step")
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state)
         lr = optimizer.learning_rate.item()  # after update: the rate this step used
@@ -356,7 +365,7 @@ def train_with_kd(
                 log.info("validation", **{"step": s, **{k: round(x, 5) if isinstance(x, float) else x for k, x in v.items()}})
                 emit("validation", step=s, **v)
         if s % config.checkpoint_interval == 0 or s == config.iters:
-            last_ckpt = save_checkpoint(model, optimizer, out_dir, s, {"best": best, "tokens": tokens_seen},
+            last_ckpt = save_checkpoint(model, optimizer, out_dir, s, {"best": best, "tokens": tokens_seen, "last": last},
                                         adapter_cfg, config.keep_checkpoints)
             emit("checkpoint", step=s, path=str(last_ckpt))
         if s % max(1, config.iters // 10) == 0 or s == config.iters:

@@ -1,0 +1,160 @@
+"""Crash safety: SIGKILL the CLI at every fault point and at random moments; resume; the final adapter equals
+an uninterrupted run's, bit for bit, and the registry's active version always loads. Plus disk full, a
+second process on the same output, a corrupt checkpoint, a NaN teacher."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conch_dna.cortex import NeuronRegistry
+from conch_dna.cortex.registry import sha256_file
+from tests.conftest import PROMPTS
+
+CONFIG = """
+batch_size = 2
+iters = 8
+val_interval = 4
+checkpoint_interval = 2
+max_seq_length = 64
+learning_rate = 0.005
+[generation]
+max_new_tokens = 10
+temperature = 0.0
+batch_size = 4
+"""
+
+
+def cli(tiny_pair, tmp_path, out, registry, fault=None, timeout=120, kill_after=None):
+    teacher, student = tiny_pair
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    cfg = tmp_path / "kd.toml"
+    cfg.write_text(CONFIG)
+    env = {**os.environ, "CONCH_FAULT_POINT": fault or ""}
+    cmd = [sys.executable, "-m", "conch_dna.training.kd", "--domain", "thinking", "--prompts", str(prompts),
+           "--teacher", str(teacher), "--student", str(student), "--output", str(out), "--registry", str(registry),
+           "--config", str(cfg), "--resume", "--log-json"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if kill_after is not None:
+        time.sleep(kill_after)
+        proc.send_signal(signal.SIGKILL)
+    out_s, err_s = proc.communicate(timeout=timeout)
+    return proc.returncode, out_s, err_s
+
+
+def registry_is_sane(root: Path) -> None:
+    """Whatever happened, the registry loads, and its active version's files exist with the recorded sha256."""
+    if not (root / "registry.json").exists():
+        return
+    reg = NeuronRegistry(root)
+    v = reg.active("thinking")
+    if v is not None:
+        assert sha256_file(Path(v.path) / "adapters.safetensors") == v.sha256
+        assert json.loads((Path(v.path) / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
+
+
+def test_sigkill_at_every_fault_point_then_resume_equals_uninterrupted(tiny_pair, tmp_path):
+    rc, out, err = cli(tiny_pair, tmp_path, tmp_path / "ref", tmp_path / "ref_reg")
+    assert rc == 0, err[-2000:]
+    reference = mx.load(str(tmp_path / "ref/thinking/adapters.safetensors"))
+
+    out_dir, reg = tmp_path / "run", tmp_path / "reg"
+    faults = ["generation", "step:3", "checkpoint:2", "step:2", "adapter", "register"]
+    for fault in faults:
+        rc, _, err = cli(tiny_pair, tmp_path, out_dir, reg, fault=fault)
+        assert rc == -signal.SIGKILL, (fault, rc, err[-2000:])
+        registry_is_sane(reg)
+    rc, out, err = cli(tiny_pair, tmp_path, out_dir, reg)
+    assert rc == 0, err[-2000:]
+    final = mx.load(str(out_dir / "thinking/adapters.safetensors"))
+    assert final.keys() == reference.keys()
+    for k in final:
+        assert np.array_equal(np.array(final[k]), np.array(reference[k])), k
+    registry_is_sane(reg)
+    assert [v.version for v in NeuronRegistry(reg).versions("thinking")] == [1]
+    assert not list((out_dir / "thinking").glob(".checkpoint_*"))  # crash leftovers cleaned
+
+
+def test_random_sigkills_never_lose_finished_work(tiny_pair, tmp_path):
+    rng = random.Random(0)
+    out_dir, reg = tmp_path / "run", tmp_path / "reg"
+    kills = 0
+    for _ in range(4):
+        rc, _, _ = cli(tiny_pair, tmp_path, out_dir, reg, kill_after=rng.uniform(1.0, 6.0))
+        kills += rc == -signal.SIGKILL
+        registry_is_sane(reg)
+        for ckpt in (out_dir / "thinking").glob("checkpoint_*"):  # every visible checkpoint is complete
+            assert {p.name for p in ckpt.iterdir()} >= {"adapters.safetensors", "optimizer.safetensors", "state.json"}
+    rc, _, err = cli(tiny_pair, tmp_path, out_dir, reg)
+    assert rc == 0, err[-2000:]
+    registry_is_sane(reg)
+    assert kills >= 1
+
+
+def test_second_process_on_the_same_output_is_refused(tiny_pair, tmp_path):
+    from conch_dna.training.kd.distiller import output_lock
+
+    folder = tmp_path / "out" / "thinking"
+    with output_lock(folder):
+        rc, _, err = cli(tiny_pair, tmp_path, tmp_path / "out", tmp_path / "reg")
+    assert rc == 2 and "being written by another process" in err and f"pid {os.getpid()}" in err
+
+
+def test_disk_full_while_saving_keeps_the_previous_files(tiny_pair, kd_config, monkeypatch):
+    from conch_dna.training.kd import TrueKnowledgeDistiller
+    from conch_dna.training.kd import trainer
+
+    cfg = kd_config(iters=4, checkpoint_interval=2)
+    d = TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg)
+    d.distill_domain("thinking", PROMPTS)
+    out = cfg.output_dir / "thinking"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json")}
+    real = mx.save_safetensors
+
+    def full(path, *a, **k):
+        real(path, *a, **k)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.mx, "save_safetensors", full)
+    with pytest.raises(OSError, match="No space left"):
+        TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg.model_copy(update={"iters": 6})).distill_domain(
+            "thinking", PROMPTS, resume=True)
+    monkeypatch.setattr(trainer.mx, "save_safetensors", real)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json")}
+    assert after["adapters.safetensors"] == before["adapters.safetensors"]  # the finished adapter is intact
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no temp files left
+    assert [c.name for c in sorted(out.glob("checkpoint_*"))] == ["checkpoint_000002", "checkpoint_000004"]
+
+
+def test_corrupt_checkpoint_is_refused_clearly(tiny_pair, kd_config):
+    from conch_dna.training.kd import TrueKnowledgeDistiller
+
+    cfg = kd_config(iters=4, checkpoint_interval=2)
+    TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg).distill_domain("thinking", PROMPTS)
+    ckpt = cfg.output_dir / "thinking" / "checkpoint_000004" / "optimizer.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:50])
+    with pytest.raises(RuntimeError, match="checkpoint .* is unreadable"):
+        TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg.model_copy(update={"iters": 6})).distill_domain(
+            "thinking", PROMPTS, resume=True)
+
+
+def test_nan_teacher_stops_with_a_clear_error(tiny_pair, kd_config, monkeypatch):
+    from conch_dna.training.kd import TrainingDivergedError, TrueKnowledgeDistiller
+    from conch_dna.training.kd import distiller
+
+    monkeypatch.setattr(distiller, "teacher_logits", lambda model, tokens: model(tokens) * float("nan"))
+    cfg = kd_config(teacher_targets="online", loss_impl="reference")
+    d = TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg)
+    monkeypatch.setattr(distiller, "parts_match", lambda m: False)  # force the logits path
+    with pytest.raises(TrainingDivergedError, match="step 1"):
+        d.distill_domain("thinking", PROMPTS)
+    assert not (cfg.output_dir / "thinking" / "adapters.safetensors").exists()
