@@ -147,3 +147,23 @@ def test_cli_module_entry_points_are_the_same(tmp_path):
     out = subprocess.run([sys.executable, "scripts/distill_neurons.py", "--domain", "x", "--prompts", str(tmp_path / "missing.txt")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "not found" in out.stderr
+
+
+def test_temperature_alpha_comparison_script(tiny_pair, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cmp", "scripts/compare_kd_settings.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pf = tmp_path / "p.txt"
+    pf.write_text("\n".join(PROMPTS))
+    rc = mod.main(["--prompts", str(pf), "--teacher", str(tiny_pair[0]), "--student", str(tiny_pair[1]),
+                   "--temperatures", "1", "2", "--alphas", "0", "1", "--iters", "2", "--max-new-tokens", "8",
+                   "--max-seq-length", "64", "--output", str(tmp_path / "sweep"), "--json", str(tmp_path / "rows.json")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["temperature"], r["alpha"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    table = capsys.readouterr().out
+    assert "| T | alpha | val KD (T=1)" in table and table.count("\n| ") >= 5
+    # The teacher data was generated once and shared by the four cells.
+    assert len(list((tmp_path / "sweep" / "teacher_cache").iterdir())) == 1

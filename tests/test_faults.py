@@ -158,3 +158,33 @@ def test_nan_teacher_stops_with_a_clear_error(tiny_pair, kd_config, monkeypatch)
     with pytest.raises(TrainingDivergedError, match="step 1"):
         d.distill_domain("thinking", PROMPTS)
     assert not (cfg.output_dir / "thinking" / "adapters.safetensors").exists()
+
+
+def test_corrupt_teacher_cache_shard_is_detected(tiny_pair, kd_config):
+    from conch_dna.training.kd import DataError, TrueKnowledgeDistiller
+    from conch_dna.training.kd.data import TeacherCache
+
+    cfg = kd_config()
+    d = TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg)
+    d.generate_training_data(PROMPTS, "thinking")
+    folder = next((cfg.output_dir / "teacher_cache").iterdir())
+    shard = folder / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte inside the tensor data: still loadable, but wrong
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="corrupt"):
+        TeacherCache.load(folder)
+
+
+def test_bit_flip_in_a_checkpoint_is_detected(tiny_pair, kd_config):
+    from conch_dna.training.kd import TrueKnowledgeDistiller
+
+    cfg = kd_config(iters=2, checkpoint_interval=2)
+    TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg).distill_domain("thinking", PROMPTS)
+    f = cfg.output_dir / "thinking" / "checkpoint_000002" / "adapters.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="sha256"):
+        TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg.model_copy(update={"iters": 4})).distill_domain(
+            "thinking", PROMPTS, resume=True)

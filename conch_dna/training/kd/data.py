@@ -286,7 +286,9 @@ class TeacherCache:
                     "tail_logsumexp": mx.concatenate([tail_logsumexp(t) for t in tg]),
                 }
                 mx.save_safetensors(str(tmp / f"shard-{s:05d}.safetensors"), arrays)
-            (tmp / "meta.json").write_text(json.dumps({**self.meta, "shards": n_shards, "examples": len(self.examples)}, indent=2))
+            digests = [hashlib.sha256((tmp / f"shard-{i:05d}.safetensors").read_bytes()).hexdigest() for i in range(n_shards)]
+            (tmp / "meta.json").write_text(json.dumps({**self.meta, "shards": n_shards, "examples": len(self.examples),
+                                                       "sha256": digests}, indent=2))
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -305,6 +307,9 @@ class TeacherCache:
         examples, targets = [], []
         for s in range(meta["shards"]):
             path = folder / f"shard-{s:05d}.safetensors"
+            digests = meta.get("sha256")
+            if digests and hashlib.sha256(path.read_bytes()).hexdigest() != digests[s]:
+                raise DataError(f"teacher cache shard {path} is corrupt (sha256 mismatch); delete {folder} to rebuild it")
             try:
                 a = mx.load(str(path))
             except Exception as e:

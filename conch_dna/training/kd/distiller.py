@@ -194,7 +194,7 @@ class TrueKnowledgeDistiller:
         if (folder / "meta.json").is_file():
             cache = TeacherCache.load(folder)
             log.info("teacher cache hit", domain=domain, folder=str(folder), samples=len(cache.examples))
-            return cache, {**cache.meta.get("generation_stats", {}), "cached": True}
+            return cache, {**cache.meta.get("generation_stats", {}), "cached": True, "cache_key": key}
         examples, stats = generate_examples(self.teacher, self.teacher_tokenizer, prompts, cfg.generation,
                                             cfg.max_seq_length, cfg.seed, lock=self.teacher_lock)
         if not examples:
@@ -213,7 +213,7 @@ class TrueKnowledgeDistiller:
         stats["dense_bf16_bytes_per_token"] = 2 * vocab
         log.info("teacher data ready", domain=domain, samples=len(examples), tokens=stats["tokens"],
                  seconds=round(stats["seconds"], 2), gen_tokens_per_second=round(stats["tokens_per_second"], 1))
-        return cache, {**stats, "cached": False}
+        return cache, {**stats, "cached": False, "cache_key": key}
 
     # ------------------------------------------------------------------------------------ training
 

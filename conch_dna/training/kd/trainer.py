@@ -153,7 +153,8 @@ def save_checkpoint(model, optimizer, out_dir: Path, step: int, state: dict, con
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (tmp / "adapter_config.json").write_text(json.dumps(config_dict, indent=2))
         fault_point("checkpoint")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "sha256": digests}, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -170,9 +171,12 @@ def save_checkpoint(model, optimizer, out_dir: Path, step: int, state: dict, con
 
 def load_checkpoint(model, optimizer, ckpt: Path) -> dict:
     try:
+        state = json.loads((ckpt / "state.json").read_text())
+        for name, digest in state.get("sha256", {}).items():
+            if _sha256(ckpt / name) != digest:
+                raise ValueError(f"{name} does not match the sha256 recorded when it was saved")
         adapters = mx.load(str(ckpt / "adapters.safetensors"))
         opt_state = mx.load(str(ckpt / "optimizer.safetensors"))
-        state = json.loads((ckpt / "state.json").read_text())
     except Exception as e:
         raise RuntimeError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from an earlier one") from e
     model.load_weights(list(adapters.items()), strict=False)
@@ -374,6 +378,16 @@ def train_with_kd(
     return {"final": last, "best": best, "tokens": tokens_seen, "train_seconds": train_seconds,
             "wall_seconds": time.perf_counter() - t_start, "start_step": start_step,
             "last_checkpoint": str(last_ckpt) if last_ckpt else None}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def tree_map_scale(tree, scale):
