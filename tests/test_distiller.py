@@ -160,3 +160,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_pair, kd_config, mon
         TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("thinking", PROMPTS)
     assert e.value.last_checkpoint.name == "checkpoint_000002"
     assert not (cfg.output_dir / "thinking" / "adapters.safetensors").exists()  # nothing half-written
+
+
+def test_on_policy_share_is_written_by_the_student(tiny_pair, kd_config, monkeypatch):
+    """With lambda = 1 every training sequence is the student's own answer, scored by the teacher online."""
+    from conch_dna.training.kd import ConfigError, KDConfig
+    from conch_dna.training.kd import distiller
+
+    teacher, student = tiny_pair
+    written = []
+    real = distiller.continue_prompts
+
+    def spy(model, tok, examples, *a, **k):
+        out = real(model, tok, examples, *a, **k)
+        written.append((examples, out))
+        return out
+
+    monkeypatch.setattr(distiller, "continue_prompts", spy)
+    cfg = kd_config(on_policy_lambda=1.0, iters=3, divergence="reverse_kl")
+    r = TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("thinking", PROMPTS)
+    assert len(written) == 3 and np.isfinite(r.final_train_loss)
+    for before, after in written:
+        assert [e.tokens[: e.prompt_len] for e in before] == [e.tokens[: e.prompt_len] for e in after]
+    with pytest.raises(ConfigError, match="needs teacher_targets = 'online'"):
+        KDConfig.load(on_policy_lambda=0.5, teacher_targets="cache")

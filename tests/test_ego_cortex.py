@@ -59,8 +59,9 @@ def test_concurrent_generation_while_ego_self_distils_and_hot_registers(world, t
     def cortex_client():
         while not stop.is_set():
             try:
+                started = time.perf_counter()
                 a = cortex.generate("thinking", "plan a small task", max_tokens=6)
-                answers.append((time.perf_counter(), a.version))
+                answers.append((started, a.version))
             except Exception as e:  # noqa: BLE001 - the test collects every error
                 errors.append(e)
 
@@ -88,11 +89,12 @@ def test_concurrent_generation_while_ego_self_distils_and_hot_registers(world, t
             t.join(60)
     assert not errors, errors[:3]
     versions = [v for _, v in answers]
-    assert 1 in versions and 2 in versions
-    assert all(v == 2 for t, v in answers if t > registered_at + 1.0)  # the switch sticks
+    assert set(versions) == {1, 2}
+    # Every request that started after the registration finished is served by the new version (no restart);
+    # a request in flight keeps the version it started with, so completion order may interleave.
+    after = [v for started, v in answers if started > registered_at]
+    assert after and all(v == 2 for v in after)
     assert ego_answers  # EGO kept answering while it distilled
-    # Versions only ever move forward for the clients: nothing torn.
-    assert versions == sorted(versions)
 
 
 def test_cancel_registers_nothing_and_signals(world):

@@ -33,12 +33,12 @@ batch_size = 4
 """
 
 
-def cli(tiny_pair, tmp_path, out, registry, fault=None, timeout=120, kill_after=None):
+def cli(tiny_pair, tmp_path, out, registry, fault=None, timeout=120, kill_after=None, iters=8):
     teacher, student = tiny_pair
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
     cfg = tmp_path / "kd.toml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(CONFIG.replace("iters = 8", f"iters = {iters}"))
     env = {**os.environ, "CONCH_FAULT_POINT": fault or ""}
     cmd = [sys.executable, "-m", "conch_dna.training.kd", "--domain", "thinking", "--prompts", str(prompts),
            "--teacher", str(teacher), "--student", str(student), "--output", str(out), "--registry", str(registry),
@@ -89,12 +89,13 @@ def test_random_sigkills_never_lose_finished_work(tiny_pair, tmp_path):
     out_dir, reg = tmp_path / "run", tmp_path / "reg"
     kills = 0
     for _ in range(4):
-        rc, _, _ = cli(tiny_pair, tmp_path, out_dir, reg, kill_after=rng.uniform(1.0, 6.0))
+        # 60 steps take several seconds even on a fast machine; the process needs ~2 s to start.
+        rc, _, _ = cli(tiny_pair, tmp_path, out_dir, reg, kill_after=rng.uniform(0.5, 4.0), iters=60)
         kills += rc == -signal.SIGKILL
         registry_is_sane(reg)
         for ckpt in (out_dir / "thinking").glob("checkpoint_*"):  # every visible checkpoint is complete
             assert {p.name for p in ckpt.iterdir()} >= {"adapters.safetensors", "optimizer.safetensors", "state.json"}
-    rc, _, err = cli(tiny_pair, tmp_path, out_dir, reg)
+    rc, _, err = cli(tiny_pair, tmp_path, out_dir, reg, iters=60)
     assert rc == 0, err[-2000:]
     registry_is_sane(reg)
     assert kills >= 1

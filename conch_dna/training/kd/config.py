@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 DEFAULT_CONFIG_FILE = Path("config/kd.toml")
@@ -69,6 +69,9 @@ class KDConfig(BaseSettings):
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
 
     # Teacher targets: online dense (exact) or cached top-k (computed once, reusable across temperatures/alphas).
+    on_policy_lambda: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of training sequences whose response the current student writes "
+        "(scored by the teacher online), as in GKD; needs teacher_targets = online")
     teacher_targets: Literal["cache", "online"] = Field(
         "online", description="online: teacher forward every step, exact dense targets (default); cache: top-k "
         "computed once, an approximation (docs/benchmarks.md gives its error)")
@@ -132,6 +135,13 @@ class KDConfig(BaseSettings):
             raise ConfigError(describe_validation_error(e, _resolve_config_file())) from e
         finally:
             _config_file.reset(token)
+
+    @model_validator(mode="after")
+    def _on_policy_needs_online(self):
+        if self.on_policy_lambda > 0 and self.teacher_targets != "online":
+            raise ValueError("on_policy_lambda > 0 needs teacher_targets = 'online' (cached targets cannot score "
+                             "sequences the student writes during training)")
+        return self
 
     def lora_parameters(self) -> dict:
         """The `lora_parameters` dict of mlx-lm's adapter_config.json."""

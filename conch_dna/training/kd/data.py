@@ -164,6 +164,25 @@ def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length:
     return examples, stats
 
 
+def continue_prompts(model, tokenizer, examples: list[Example], max_new_tokens: int, temperature: float,
+                     top_p: float, max_seq_length: int, lock=None) -> list[Example]:
+    """New examples: the same prompts, answered by `model` (on-policy data: the student writes)."""
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    prompts = [list(e.tokens[: e.prompt_len]) for e in examples]
+    budgets = [max(1, min(max_new_tokens, max_seq_length - len(p))) for p in prompts]
+    sampler = make_sampler(temp=temperature, top_p=top_p if temperature > 0 else 0.0)
+    eos = sorted(tokenizer.eos_token_ids)[0] if tokenizer.eos_token_ids else None
+    with lock or nullcontext():
+        out = batch_generate(model, tokenizer, prompts, max_tokens=budgets, sampler=sampler, return_token_ids=True)
+    new = []
+    for p, resp, budget, old in zip(prompts, out.token_ids, budgets, examples):
+        resp = list(resp) + ([eos] if eos is not None and len(resp) < budget else [])
+        new.append(Example(tuple(p + resp)[:max_seq_length], len(p)) if resp else old)
+    return new
+
+
 def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:
     """A seeded split; at least one training example, and one validation example when asked for any."""
     order = np.random.default_rng(seed).permutation(len(examples))

@@ -34,6 +34,7 @@ from conch_dna.training.kd.data import (
     TeacherCache,
     cache_key,
     compute_sparse_targets,
+    continue_prompts,
     fingerprint_model,
     fingerprint_tokenizer,
     generate_examples,
@@ -273,8 +274,13 @@ class TrueKnowledgeDistiller:
             log.info("memory preflight", estimate_gb=round(est["total"] / 2**30, 2), batch=cfg.batch_size, seq=longest)
         acfg = adapter_config(cfg, num_layers, {"domain": domain, "run_id": run_id})
         targets_fn = self._targets_fn(cache, train_idx, val_idx, vocab)
+        def student_writes(examples):
+            g = cfg.generation
+            return continue_prompts(student, student_tok, examples, g.max_new_tokens, g.temperature, g.top_p, cfg.max_seq_length)
+
         summary = run_training(student, train, val, targets_fn, cfg, out_dir, adapter_cfg=acfg, resume=resume,
-                               vocab=vocab, on_event=self._trainer_events(domain, run_id), should_stop=should_stop)
+                               vocab=vocab, on_event=self._trainer_events(domain, run_id), should_stop=should_stop,
+                               student_writes=student_writes if cfg.on_policy_lambda > 0 else None)
         adapter = save_adapter(student, out_dir, acfg)
         final, best = summary["final"], summary["best"]
         result = KDResult(

@@ -25,6 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 import structlog
 from mlx.utils import tree_flatten, tree_unflatten
 
@@ -237,7 +238,9 @@ def evaluate(model, examples: list[Example], targets_fn: TargetsFn, cfg: KDConfi
         tokens, mask = pad_batch([examples[i] for i in idx])
         targets = dense_targets(targets_fn(idx, "val", tokens), vocab)
         logits = student_logits(model, tokens, vocab)
-        out = kd_objective(logits, targets, tokens, mask, cfg.alpha, cfg.temperature, cfg.divergence, cfg.jsd_beta)
+        # Both parts are always measured (alpha 0.5), whatever alpha trains: an SFT run's KD is reported too.
+        out = kd_objective(logits, targets, tokens, mask, 0.5, cfg.temperature, cfg.divergence, cfg.jsd_beta)
+        out["loss"] = cfg.alpha * out["kd"] + (1.0 - cfg.alpha) * out["ce"]
         agree, n = top1_agreement(logits, targets, tokens, mask)
         mx.eval(out, agree, n)
         n = n.item()
@@ -266,6 +269,7 @@ def train_with_kd(
     vocab: int | None = None,
     on_event: EventFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    student_writes: Callable[[list[Example]], list[Example]] | None = None,
 ) -> dict:
     """Train the (already LoRA-wrapped) `model`; returns a summary of losses, tokens and time.
 
@@ -321,9 +325,18 @@ def train_with_kd(
         mx.random.seed(_seed_for(config.seed, step))
         idx = batch_order(len(train), global_batch, config.seed, step)
         grads_sum, sums, n_step = None, {"loss": 0.0, "kd": 0.0, "ce": 0.0}, 0.0
+        batch_examples = [train[i] for i in idx]
+        if config.on_policy_lambda > 0 and student_writes is not None:
+            # On-policy share: the current student answers these prompts; the teacher scores its tokens.
+            pick = np.random.default_rng([config.seed, step, 7]).random(len(idx)) < config.on_policy_lambda
+            if pick.any():
+                model.eval()
+                written = iter(student_writes([e for e, p in zip(batch_examples, pick) if p]))
+                model.train()
+                batch_examples = [next(written) if p else e for e, p in zip(batch_examples, pick)]
         for m in range(config.grad_accumulation):
             micro = idx[m * config.batch_size : (m + 1) * config.batch_size]
-            tokens, mask = pad_batch([train[i] for i in micro])
+            tokens, mask = pad_batch(batch_examples[m * config.batch_size : (m + 1) * config.batch_size])
             targets = targets_fn(micro, "train", tokens)
             (loss, out), grads = loss_and_grad(model, tokens, mask, targets)
             n = out["ntokens"]
