@@ -20,10 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import conch_dna  # noqa: E402,F401  (optimized BLAS before mlx)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
+
+import conch_dna  # noqa: E402,F401  (optimized BLAS before mlx)
 
 PRESETS = {
     # name: (teacher shape, student shape, vocab, batch, seq)
@@ -186,7 +187,7 @@ def main() -> None:
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(r) + "\n")
-    print(f"\n| impl | B x T | tokens/s | peak GB | step s | teacher s | loss s | TFLOP/s |")
+    print("\n| impl | B x T | tokens/s | peak GB | step s | teacher s | loss s | TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

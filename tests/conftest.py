@@ -1,8 +1,8 @@
 import os
 
-import conch_dna  # noqa: F401  (optimized BLAS before mlx)
 import pytest
 
+import conch_dna  # noqa: F401  (optimized BLAS before mlx)
 from conch_dna.models.tiny import build_tiny_model
 
 

@@ -138,8 +138,7 @@ def test_bad_input(tiny_pair, kd_config, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_pair, kd_config, monkeypatch):
-    from conch_dna.training.kd import TrainingDivergedError
-    from conch_dna.training.kd import trainer
+    from conch_dna.training.kd import TrainingDivergedError, trainer
 
     teacher, student = tiny_pair
     cfg = kd_config(iters=6, checkpoint_interval=2)
@@ -164,8 +163,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_pair, kd_config, mon
 
 def test_on_policy_share_is_written_by_the_student(tiny_pair, kd_config, monkeypatch):
     """With lambda = 1 every training sequence is the student's own answer, scored by the teacher online."""
-    from conch_dna.training.kd import ConfigError, KDConfig
-    from conch_dna.training.kd import distiller
+    from conch_dna.training.kd import ConfigError, KDConfig, distiller
 
     teacher, student = tiny_pair
     written = []

@@ -111,8 +111,7 @@ def test_second_process_on_the_same_output_is_refused(tiny_pair, tmp_path):
 
 
 def test_disk_full_while_saving_keeps_the_previous_files(tiny_pair, kd_config, monkeypatch):
-    from conch_dna.training.kd import TrueKnowledgeDistiller
-    from conch_dna.training.kd import trainer
+    from conch_dna.training.kd import TrueKnowledgeDistiller, trainer
 
     cfg = kd_config(iters=4, checkpoint_interval=2)
     d = TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg)
@@ -149,8 +148,7 @@ def test_corrupt_checkpoint_is_refused_clearly(tiny_pair, kd_config):
 
 
 def test_nan_teacher_stops_with_a_clear_error(tiny_pair, kd_config, monkeypatch):
-    from conch_dna.training.kd import TrainingDivergedError, TrueKnowledgeDistiller
-    from conch_dna.training.kd import distiller
+    from conch_dna.training.kd import TrainingDivergedError, TrueKnowledgeDistiller, distiller
 
     monkeypatch.setattr(distiller, "teacher_logits", lambda model, tokens: model(tokens) * float("nan"))
     cfg = kd_config(teacher_targets="online", loss_impl="reference")

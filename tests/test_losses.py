@@ -6,7 +6,6 @@ Reference gradients are central finite differences of the float64 reference: ind
 
 import warnings
 
-import conch_dna  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import conch_dna  # noqa: F401  (BLAS preload before mlx)
 from conch_dna.training.kd import (
     DIVERGENCES,
     SparseTargets,

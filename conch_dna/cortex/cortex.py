@@ -16,7 +16,13 @@ from pathlib import Path
 import mlx.core as mx
 import structlog
 
-from conch_dna.cortex.registry import AdapterMismatchError, NeuronNotFoundError, NeuronRegistry, NeuronVersion, sha256_file
+from conch_dna.cortex.registry import (
+    AdapterMismatchError,
+    NeuronNotFoundError,
+    NeuronRegistry,
+    NeuronVersion,
+    sha256_file,
+)
 from conch_dna.models import load_model
 
 log = structlog.get_logger(__name__)

@@ -31,7 +31,6 @@ from conch_dna.models.gguf_convert import (
     MANIFEST,
     GGUFError,
     convert_gguf,
-    sha256_file,
     verify_model_folder,
     write_model_folder,
 )

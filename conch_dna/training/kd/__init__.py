@@ -48,9 +48,9 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
     from pydantic import ValidationError
 
     from conch_dna.cortex.registry import RegistryError
-    from conch_dna.training.kd.memory import MemoryPreflightError
     from conch_dna.models import ModelNotFoundError
     from conch_dna.models.gguf_convert import GGUFError
+    from conch_dna.training.kd.memory import MemoryPreflightError
 
     return (ConfigError, DataError, OutputDirError, VocabMismatchError, ModelNotFoundError, GGUFError,
             TrainingDivergedError, ValidationError, RegistryError, MemoryPreflightError)

@@ -25,7 +25,6 @@ import numpy as np
 import structlog
 
 from conch_dna._faults import fault_point
-
 from conch_dna.training.kd.losses import SparseTargets
 
 log = structlog.get_logger(__name__)
