@@ -24,11 +24,9 @@ Design (MLflow-style aliases over immutable versions):
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from conch_dna._faults import fault_point
+from conch_dna.atomic import atomic_folder, atomic_write, sha256_file
 from conch_dna.training.kd import signals
 
 log = structlog.get_logger(__name__)
@@ -104,14 +103,6 @@ class Manifest(BaseModel):
 @dataclass(frozen=True)
 class RegistryState:
     neurons: dict[str, NeuronRecord] = field(default_factory=dict)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------- shape validation
@@ -258,17 +249,7 @@ class NeuronRegistry:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _write_manifest(self, manifest: Manifest) -> None:
-        path = self.root / MANIFEST
-        fd, tmp = tempfile.mkstemp(prefix=".registry.", suffix=".json", dir=self.root)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(manifest.model_dump_json(indent=2))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.root / MANIFEST, lambda p: p.write_text(manifest.model_dump_json(indent=2)))
 
     def _shapes(self):
         if self._base_shapes is None and self.base_model is not None:
@@ -306,19 +287,12 @@ class NeuronRegistry:
             taken = [v.version for v in rec.versions] + [int(p.name[1:]) for p in store.glob("v[0-9]*") if p.name[1:].isdigit()]
             number = max(taken, default=0) + 1
             dest = store / f"v{number:04d}"
-            tmp = Path(tempfile.mkdtemp(prefix=f".v{number:04d}.tmp-", dir=store))
-            try:
+            with atomic_folder(dest) as tmp:
                 for name in ADAPTER_FILES:
                     shutil.copyfile(adapter_dir / name, tmp / name)
-                    with open(tmp / name, "rb") as f:
-                        os.fsync(f.fileno())
                 fault_point("register")
                 if sha256_file(tmp / "adapters.safetensors") != digest:
                     raise AdapterMismatchError(f"{adapter_dir} changed while it was being registered; try again")
-                os.replace(tmp, dest)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             version = NeuronVersion(neuron=neuron, version=number, path=str(dest.resolve()), sha256=digest,
                                     metrics=dict(metrics or {}), created=datetime.now(UTC).isoformat(),
                                     teacher=teacher, student=student)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conch_dna.atomic import atomic_write, check_writable
 from conch_dna.models.gguf_convert import (
     MANIFEST,
     GGUFError,
@@ -82,10 +83,7 @@ def _source_key(path: Path, extra: dict | None = None) -> dict:
 
 def _check_writable(cache: Path) -> None:
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        probe = cache / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        check_writable(cache)
     except OSError as e:
         raise GGUFError(
             f"cache folder {cache} is not writable ({e.strerror}); set CONCH_CACHE_DIR or pass --cache-dir "
@@ -146,9 +144,7 @@ def _stamp(folder: Path, source_key: dict) -> None:
     manifest = folder / MANIFEST
     info = json.loads(manifest.read_text())
     info["source_key"] = source_key
-    tmp = manifest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, manifest)
+    atomic_write(manifest, lambda p: p.write_text(json.dumps(info, indent=2)))
 
 
 def main(argv: list[str] | None = None) -> int:

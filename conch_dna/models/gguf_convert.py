@@ -13,24 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from conch_dna.atomic import atomic_folder, sha256_file
+
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 MANIFEST = "conch_model.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_model_folder(folder: str | os.PathLike) -> None:
@@ -240,11 +230,7 @@ def write_model_folder(
     """Write an mlx-lm model folder atomically: build it in a temp sibling, then rename into place."""
     from safetensors.numpy import save_file
 
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a model folder is meant to be readable by others
-    try:
+    with atomic_folder(dest) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "tokenizer.json").write_text(tokenizer_json)
@@ -255,20 +241,6 @@ def write_model_folder(
         # means the folder is complete, and `verify_model_folder` can detect later corruption.
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"files": files, **(info or {})}, indent=2))
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

@@ -12,8 +12,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import tomllib
 from contextlib import nullcontext
@@ -25,6 +23,7 @@ import numpy as np
 import structlog
 
 from conch_dna._faults import fault_point
+from conch_dna.atomic import atomic_folder, sha256_file
 from conch_dna.training.kd.losses import SparseTargets
 
 log = structlog.get_logger(__name__)
@@ -285,13 +284,10 @@ class TeacherCache:
         self.examples, self.targets, self.meta = examples, targets, meta
 
     def save(self, folder: Path) -> Path:
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
-            vocab = self.meta.get("vocab_size", 1 << 31)
-            id_dtype = mx.uint16 if vocab <= 65536 else mx.int32
-            n_shards = max(1, math.ceil(len(self.examples) / self.SHARD_EXAMPLES))
+        vocab = self.meta.get("vocab_size", 1 << 31)
+        id_dtype = mx.uint16 if vocab <= 65536 else mx.int32
+        n_shards = max(1, math.ceil(len(self.examples) / self.SHARD_EXAMPLES))
+        with atomic_folder(folder) as tmp:
             for s in range(n_shards):
                 lo, hi = s * self.SHARD_EXAMPLES, (s + 1) * self.SHARD_EXAMPLES
                 ex, tg = self.examples[lo:hi], self.targets[lo:hi]
@@ -304,19 +300,10 @@ class TeacherCache:
                     "tail_logsumexp": mx.concatenate([tail_logsumexp(t) for t in tg]),
                 }
                 mx.save_safetensors(str(tmp / f"shard-{s:05d}.safetensors"), arrays)
-            digests = [hashlib.sha256((tmp / f"shard-{i:05d}.safetensors").read_bytes()).hexdigest() for i in range(n_shards)]
+            digests = [sha256_file(tmp / f"shard-{i:05d}.safetensors") for i in range(n_shards)]
             (tmp / "meta.json").write_text(json.dumps({**self.meta, "shards": n_shards, "examples": len(self.examples),
                                                        "sha256": digests}, indent=2))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+        return Path(folder)
 
     @classmethod
     def load(cls, folder: Path) -> TeacherCache:
@@ -326,7 +313,7 @@ class TeacherCache:
         for s in range(meta["shards"]):
             path = folder / f"shard-{s:05d}.safetensors"
             digests = meta.get("sha256")
-            if digests and hashlib.sha256(path.read_bytes()).hexdigest() != digests[s]:
+            if digests and sha256_file(path) != digests[s]:
                 raise DataError(f"teacher cache shard {path} is corrupt (sha256 mismatch); delete {folder} to rebuild it")
             try:
                 a = mx.load(str(path))

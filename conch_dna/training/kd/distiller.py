@@ -25,6 +25,7 @@ import mlx.core as mx
 import structlog
 from pydantic import BaseModel
 
+from conch_dna.atomic import atomic_write, check_writable
 from conch_dna.models import load_model
 from conch_dna.training.kd import signals
 from conch_dna.training.kd.config import KDConfig
@@ -48,7 +49,6 @@ from conch_dna.training.kd.memory import preflight
 from conch_dna.training.kd.trainer import (
     TrainingCancelled,
     TrainingDivergedError,
-    _atomic_write,
     adapter_config,
     apply_lora,
     checkpoint_dirs,
@@ -128,10 +128,7 @@ def _finite_or_none(x):
 
 def _check_writable(folder: Path) -> None:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}-{threading.get_ident()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        check_writable(folder)
     except OSError as e:
         raise OutputDirError(f"output directory {folder} is not writable ({e.strerror}); choose another with --output") from e
 
@@ -296,7 +293,7 @@ class TrueKnowledgeDistiller:
             training_seconds=summary["train_seconds"], generation=gen_stats, config=cfg.model_dump(mode="json"),
             timestamp=datetime.now(UTC).isoformat(),
         )
-        _atomic_write(out_dir / "result.json", lambda p: p.write_text(result.model_dump_json(indent=2)))
+        atomic_write(out_dir / "result.json", lambda p: p.write_text(result.model_dump_json(indent=2)))
         log.info("domain completed", domain=domain, adapter=result.adapter_path, val_kd=result.final_val_kd,
                  val_agreement=result.val_agreement, seconds=round(result.training_seconds, 1))
         if signals.has_receivers(signals.domain_completed) or self._on_event:
@@ -310,7 +307,7 @@ class TrueKnowledgeDistiller:
         results = {name: self.distill_domain(name, prompts, resume=resume) for name, prompts in domains.items()}
         summary = {name: r.model_dump(mode="json") for name, r in results.items()}
         out = Path(self.config.output_dir)
-        _atomic_write(out / "kd_summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+        atomic_write(out / "kd_summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
         return results
 
     # ------------------------------------------------------------------------------------- signals

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +28,7 @@ import structlog
 from mlx.utils import tree_flatten, tree_unflatten
 
 from conch_dna._faults import fault_point
+from conch_dna.atomic import atomic_folder, atomic_write, sha256_file
 from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.data import Example, batch_order, pad_batch
 from conch_dna.training.kd.fused import TeacherStates, fused_objective, parts_match
@@ -95,29 +94,14 @@ def adapter_config(config: KDConfig, num_layers: int, extra: dict | None = None)
     }
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via `write(tmp)` to a temporary file in the same folder, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(model: nn.Module, folder: Path, config_dict: dict) -> Path:
     """adapters.safetensors + adapter_config.json in `folder`, each written atomically (config first:
     mlx-lm reads the config to build the layers, then validates the weights' names and shapes)."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.trainable_parameters()))
-    _atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(config_dict, indent=2)))
+    atomic_write(folder / "adapter_config.json", lambda p: p.write_text(json.dumps(config_dict, indent=2)))
     fault_point("adapter")
-    _atomic_write(folder / "adapters.safetensors", lambda p: mx.save_safetensors(str(p), weights, {"format": "mlx"}))
+    atomic_write(folder / "adapters.safetensors", lambda p: mx.save_safetensors(str(p), weights, {"format": "mlx"}))
     return folder / "adapters.safetensors"
 
 
@@ -148,23 +132,14 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
 
 def save_checkpoint(model, optimizer, out_dir: Path, step: int, state: dict, config_dict: dict, keep: int) -> Path:
     final = out_dir / f"checkpoint_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_dir))
-    try:
+    with atomic_folder(final) as tmp:
         mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (tmp / "adapter_config.json").write_text(json.dumps(config_dict, indent=2))
         fault_point("checkpoint")
-        digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        digests = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        # state.json last: a checkpoint folder is complete iff it has one (and the rename made it visible).
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "sha256": digests}, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoint_dirs(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -174,7 +149,7 @@ def load_checkpoint(model, optimizer, ckpt: Path) -> dict:
     try:
         state = json.loads((ckpt / "state.json").read_text())
         for name, digest in state.get("sha256", {}).items():
-            if _sha256(ckpt / name) != digest:
+            if sha256_file(ckpt / name) != digest:
                 raise ValueError(f"{name} does not match the sha256 recorded when it was saved")
         adapters = mx.load(str(ckpt / "adapters.safetensors"))
         opt_state = mx.load(str(ckpt / "optimizer.safetensors"))
@@ -393,16 +368,6 @@ def train_with_kd(
             "last_checkpoint": str(last_ckpt) if last_ckpt else None}
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tree_map_scale(tree, scale):
     from mlx.utils import tree_map
 
@@ -432,7 +397,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(ln)
         except json.JSONDecodeError:
             continue
-    _atomic_write(path, lambda p: p.write_text("".join(k + "\n" for k in kept)))
+    atomic_write(path, lambda p: p.write_text("".join(k + "\n" for k in kept)))
 
 
 __all__ = [
