@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
                 raise DataError(f"unknown domain {args.domain!r}: known domains are {', '.join(load_domains())}; "
                                 "pass --prompts FILE for a custom domain")
             results = {args.domain: distiller.distill_domain(args.domain, prompts, resume=args.resume)}
-        registered = {} if args.no_register else register_results(args.registry, config, results)
+        from conch_dna.training.kd import distributed as dist
+
+        registered = {} if args.no_register or not dist.is_writer() else register_results(args.registry, config, results)
+        if not dist.is_writer():
+            return 0  # rank 0 reports for a data-parallel run
     except bad_input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from conch_dna.atomic import atomic_write, check_writable
 from conch_dna.models import load_model
+from conch_dna.training.kd import distributed as dist
 from conch_dna.training.kd import signals
 from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.data import (
@@ -73,6 +74,9 @@ def output_lock(folder: Path):
     """
     import fcntl
 
+    if not dist.is_writer():  # data-parallel helpers write nothing; rank 0 holds the lock
+        yield
+        return
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a+") as f:
         try:
@@ -127,6 +131,8 @@ def _finite_or_none(x):
 
 
 def _check_writable(folder: Path) -> None:
+    if not dist.is_writer():  # only rank 0 of a data-parallel run writes
+        return
     try:
         check_writable(folder)
     except OSError as e:
@@ -189,8 +195,13 @@ class TrueKnowledgeDistiller:
                 top_k=cfg.top_k, seed=cfg.seed,
             )
         folder = Path(cfg.output_dir) / "teacher_cache" / key
+        if not dist.is_writer():  # rank 0 writes the teacher data once; the other processes read it
+            dist.barrier()
+            cache = TeacherCache.load(folder)
+            return cache, {**cache.meta.get("generation_stats", {}), "cached": True, "cache_key": key}
         if (folder / "meta.json").is_file():
             cache = TeacherCache.load(folder)
+            dist.barrier()
             log.info("teacher cache hit", domain=domain, folder=str(folder), samples=len(cache.examples))
             return cache, {**cache.meta.get("generation_stats", {}), "cached": True, "cache_key": key}
         examples, stats = generate_examples(self.teacher, self.teacher_tokenizer, prompts, cfg.generation,
@@ -204,6 +215,7 @@ class TrueKnowledgeDistiller:
         cache = TeacherCache(examples, targets, {"key": key, "domain": domain, "teacher": cfg.teacher_model_id,
                                                   "top_k": cfg.top_k, "vocab_size": vocab, "generation_stats": stats})
         cache.save(folder)
+        dist.barrier()
         # Train from what was stored (float16 logits), so a fresh run and a resumed or cached run see
         # exactly the same targets.
         cache = TeacherCache.load(folder)
@@ -263,6 +275,9 @@ class TrueKnowledgeDistiller:
 
         student, student_tok = self.load_student()
         vocab = self._shared_vocab(student, student_tok)
+        # LoRA's A matrices are random: seed them, so that a run is reproducible whether or not this process
+        # generated the teacher data (which also draws random numbers), and data-parallel ranks start equal.
+        mx.random.seed(cfg.seed)
         num_layers = apply_lora(student, cfg)
         if cfg.memory_preflight:
             longest = max(len(e.tokens) for e in train + val)
@@ -278,7 +293,9 @@ class TrueKnowledgeDistiller:
         summary = run_training(student, train, val, targets_fn, cfg, out_dir, adapter_cfg=acfg, resume=resume,
                                vocab=vocab, on_event=self._trainer_events(domain, run_id), should_stop=should_stop,
                                student_writes=student_writes if cfg.on_policy_lambda > 0 else None)
-        adapter = save_adapter(student, out_dir, acfg)
+        adapter = out_dir / "adapters.safetensors"
+        if dist.is_writer():
+            save_adapter(student, out_dir, acfg)
         final, best = summary["final"], summary["best"]
         result = KDResult(
             domain=domain, run_id=run_id, teacher_model_id=cfg.teacher_model_id, student_model_id=cfg.student_model_id,
@@ -293,7 +310,9 @@ class TrueKnowledgeDistiller:
             training_seconds=summary["train_seconds"], generation=gen_stats, config=cfg.model_dump(mode="json"),
             timestamp=datetime.now(UTC).isoformat(),
         )
-        atomic_write(out_dir / "result.json", lambda p: p.write_text(result.model_dump_json(indent=2)))
+        if dist.is_writer():
+            atomic_write(out_dir / "result.json", lambda p: p.write_text(result.model_dump_json(indent=2)))
+        dist.barrier()
         log.info("domain completed", domain=domain, adapter=result.adapter_path, val_kd=result.final_val_kd,
                  val_agreement=result.val_agreement, seconds=round(result.training_seconds, 1))
         if signals.has_receivers(signals.domain_completed) or self._on_event:
@@ -307,12 +326,15 @@ class TrueKnowledgeDistiller:
         results = {name: self.distill_domain(name, prompts, resume=resume) for name, prompts in domains.items()}
         summary = {name: r.model_dump(mode="json") for name, r in results.items()}
         out = Path(self.config.output_dir)
-        atomic_write(out / "kd_summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+        if dist.is_writer():
+            atomic_write(out / "kd_summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
         return results
 
     # ------------------------------------------------------------------------------------- signals
 
     def _emit(self, signal, **payload) -> None:
+        if not dist.is_writer():  # one process speaks for a data-parallel run
+            return
         signals.send(signal, self, **payload)
         if self._on_event is not None:
             try:

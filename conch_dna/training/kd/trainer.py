@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from conch_dna._faults import fault_point
 from conch_dna.atomic import atomic_folder, atomic_write, sha256_file
+from conch_dna.training.kd import distributed as dist
 from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.data import Example, batch_order, pad_batch
 from conch_dna.training.kd.fused import TeacherStates, fused_objective, parts_match
@@ -269,7 +270,7 @@ def train_with_kd(
 
     start_step, best = 0, {"train_loss": math.inf, "val_loss": math.inf, "val_kd": math.inf, "val_ce": math.inf}
     tokens_seen = 0
-    for stale in out_dir.glob(".checkpoint_*.tmp-*"):  # left by a crash while saving: never complete
+    for stale in out_dir.glob(".checkpoint_*.tmp-*") if dist.is_writer() else ():  # left by a crash while saving
         shutil.rmtree(stale, ignore_errors=True)
     last = {}
     if resume and (ckpts := checkpoint_dirs(out_dir)):
@@ -279,18 +280,23 @@ def train_with_kd(
         log.info("resumed", checkpoint=str(ckpts[-1]), step=start_step)
         if start_step > config.iters:
             raise ValueError(f"the checkpoint in {out_dir} is at step {start_step}, past iters={config.iters}; raise iters or start afresh")
-    _truncate_metrics(metrics_path, start_step)
+    if dist.is_writer():
+        _truncate_metrics(metrics_path, start_step)
 
     if start_step == 0 and val:
         # The untrained student's figures: the baseline every later validation is compared with.
         v0 = evaluate(model, val, targets_fn, config, config.batch_size, vocab)
         best["initial_val_kd"], best["initial_val_loss"] = v0["val_kd"], v0["val_loss"]
+    if start_step == 0 and val and dist.is_writer():
         _append_metrics(metrics_path, {"type": "val", "step": 0, **v0})
         log.info("validation", step=0, **{k: round(x, 5) if isinstance(x, float) else x for k, x in v0.items()})
         emit("validation", step=0, **v0)
     global_batch = config.batch_size * config.grad_accumulation
+    if global_batch < dist.size():
+        raise ValueError(f"batch_size x grad_accumulation = {global_batch} is smaller than the {dist.size()} processes; "
+                         "every process needs at least one example per step")
     last_ckpt = checkpoint_dirs(out_dir)[-1] if checkpoint_dirs(out_dir) else None
-    show_bar = sys.stderr.isatty()
+    show_bar = sys.stderr.isatty() and dist.is_writer()
     t_start = time.perf_counter()
     train_seconds = 0.0
     for step in range(start_step, config.iters):
@@ -304,14 +310,23 @@ def train_with_kd(
         if config.on_policy_lambda > 0 and student_writes is not None:
             # On-policy share: the current student answers these prompts; the teacher scores its tokens.
             pick = np.random.default_rng([config.seed, step, 7]).random(len(idx)) < config.on_policy_lambda
+            mine = np.zeros(len(idx), bool)
+            mine[dist.rank() :: dist.size()] = True
+            pick &= mine  # each process writes the answers of its own shard only
             if pick.any():
                 model.eval()
                 written = iter(student_writes([e for e, p in zip(batch_examples, pick) if p]))
                 model.train()
                 batch_examples = [next(written) if p else e for e, p in zip(batch_examples, pick)]
+        # Data parallel: this process takes positions rank, rank + size, ... of the global batch.
+        shard = list(range(dist.rank(), len(idx), dist.size()))
+        per_micro = -(-len(shard) // config.grad_accumulation)
         for m in range(config.grad_accumulation):
-            micro = idx[m * config.batch_size : (m + 1) * config.batch_size]
-            tokens, mask = pad_batch(batch_examples[m * config.batch_size : (m + 1) * config.batch_size])
+            positions = shard[m * per_micro : (m + 1) * per_micro]
+            if not positions:
+                continue
+            micro = [idx[p] for p in positions]
+            tokens, mask = pad_batch([batch_examples[p] for p in positions])
             targets = targets_fn(micro, "train", tokens)
             (loss, out), grads = loss_and_grad(model, tokens, mask, targets)
             n = out["ntokens"]
@@ -323,6 +338,10 @@ def train_with_kd(
             for k in sums:
                 sums[k] += out[k].item() * nv
             n_step += nv
+        if dist.size() > 1:  # one all-reduce per step: gradient sums, then the scalar sums
+            grads_sum = dist.all_sum_tree(grads_sum)
+            n_step = dist.all_sum_float(n_step)
+            sums = {k: dist.all_sum_float(v) for k, v in sums.items()}
         if n_step == 0:
             raise ValueError(f"step {step + 1}: the batch has no response tokens to learn from (empty responses?)")
         grads = tree_map_scale(grads_sum, 1.0 / n_step)
@@ -342,8 +361,9 @@ def train_with_kd(
         last = {"step": s, "loss": loss_value, "kd": sums["kd"] / n_step, "ce": sums["ce"] / n_step, "lr": lr,
                 "tokens_per_second": n_step / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9, "tokens": tokens_seen}
         best["train_loss"] = min(best["train_loss"], loss_value)
-        _append_metrics(metrics_path, {"type": "train", **last})
-        emit("step", **last)
+        if dist.is_writer():
+            _append_metrics(metrics_path, {"type": "train", **last})
+            emit("step", **last)
         if show_bar:
             print(f"\r[{s}/{config.iters}] loss {loss_value:.4f} kd {last['kd']:.4f} ce {last['ce']:.4f} "
                   f"{last['tokens_per_second']:.0f} tok/s", end="" if s < config.iters else "\n", file=sys.stderr, flush=True)
@@ -353,14 +373,17 @@ def train_with_kd(
                 for k in ("val_loss", "val_kd", "val_ce"):
                     best[k] = min(best[k], v[k])
                 last.update(v)
-                _append_metrics(metrics_path, {"type": "val", "step": s, **v})
-                log.info("validation", **{"step": s, **{k: round(x, 5) if isinstance(x, float) else x for k, x in v.items()}})
-                emit("validation", step=s, **v)
+                if dist.is_writer():
+                    _append_metrics(metrics_path, {"type": "val", "step": s, **v})
+                    log.info("validation", **{"step": s, **{k: round(x, 5) if isinstance(x, float) else x for k, x in v.items()}})
+                    emit("validation", step=s, **v)
         if s % config.checkpoint_interval == 0 or s == config.iters:
-            last_ckpt = save_checkpoint(model, optimizer, out_dir, s, {"best": best, "tokens": tokens_seen, "last": last},
-                                        adapter_cfg, config.keep_checkpoints)
-            emit("checkpoint", step=s, path=str(last_ckpt))
-        if s % max(1, config.iters // 10) == 0 or s == config.iters:
+            if dist.is_writer():
+                last_ckpt = save_checkpoint(model, optimizer, out_dir, s, {"best": best, "tokens": tokens_seen, "last": last},
+                                            adapter_cfg, config.keep_checkpoints)
+                emit("checkpoint", step=s, path=str(last_ckpt))
+            dist.barrier()
+        if (s % max(1, config.iters // 10) == 0 or s == config.iters) and dist.is_writer():
             log.info("step", step=s, loss=round(loss_value, 5), kd=round(last["kd"], 5), ce=round(last["ce"], 5),
                      lr=lr, tokens_per_second=round(last["tokens_per_second"], 1))
     return {"final": last, "best": best, "tokens": tokens_seen, "train_seconds": train_seconds,

@@ -1,0 +1,53 @@
+"""Data parallelism over MLX's own engine, `mx.distributed` (ring over TCP, MPI, NCCL), launched with
+`mlx.launch`. Without a launcher the group has one member and everything below is a no-op.
+
+    mlx.launch --backend ring -n 2 -- python -m conch_dna.training.kd --domain thinking   # one machine
+    mlx.launch --backend ring --hostfile hosts.json -- python -m conch_dna.training.kd --all  # several
+
+Each process takes its shard (examples rank, rank + size, ...) of every global batch; the token-weighted
+gradient sums, token counts and loss sums are all-summed, so the update equals one process's on the whole
+batch (up to float summation order). Every process keeps identical weights; only rank 0 writes files
+(teacher cache, checkpoints, adapter, metrics, registry) and emits signals; the others wait at barriers.
+Several hosts need the output folder on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+
+@lru_cache(maxsize=1)
+def group():
+    return mx.distributed.init()
+
+
+def rank() -> int:
+    return group().rank()
+
+
+def size() -> int:
+    return group().size()
+
+
+def is_writer() -> bool:
+    return rank() == 0
+
+
+def all_sum_tree(tree):
+    if size() == 1:
+        return tree
+    return tree_map(lambda x: mx.distributed.all_sum(x), tree)
+
+
+def all_sum_float(x: float) -> float:
+    if size() == 1:
+        return x
+    return mx.distributed.all_sum(mx.array(x, dtype=mx.float32)).item()
+
+
+def barrier() -> None:
+    if size() > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0)))
