@@ -54,3 +54,27 @@ def test_two_processes_equal_one(tiny_pair, tmp_path):
     # Only rank 0 wrote: one metrics file with one line per step, one result.
     rows = [line for line in (tmp_path / "two/thinking/metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert len(rows) == 4
+
+
+def test_distill_all_spreads_domains_over_processes(tiny_pair, tmp_path):
+    teacher, student = tiny_pair
+    domains = tmp_path / "config" / "domains.toml"
+    domains.parent.mkdir()
+    import json
+
+    tables = {"alpha": PROMPTS[0:4], "beta": PROMPTS[2:6], "gamma": PROMPTS[4:8]}
+    domains.write_text("".join(f"[{name}]\nprompts = {json.dumps(p)}\n" for name, p in tables.items()))
+    cfg = tmp_path / "kd.toml"
+    cfg.write_text(CONFIG.replace("iters = 4", "iters = 2"))
+    port = random.randint(20000, 40000)
+    run = subprocess.run([sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", "2", "--starting-port", str(port), "--",
+                          sys.executable, "-m", "conch_dna.training.kd", "--all", "--spread-domains", "--teacher", str(teacher),
+                          "--student", str(student), "--output", str(tmp_path / "out"), "--config", str(cfg),
+                          "--registry", str(tmp_path / "reg"), "--log-json"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-2000:])
+    summary = json.loads((tmp_path / "out" / "kd_summary.json").read_text())
+    assert set(summary) == {"alpha", "beta", "gamma"}
+    from conch_dna.cortex import NeuronRegistry
+
+    assert NeuronRegistry(tmp_path / "reg").neurons() == ["alpha", "beta", "gamma"]

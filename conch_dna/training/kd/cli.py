@@ -32,6 +32,8 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
     ap.add_argument("--output", help="output directory (default models/distilled_neurons/adapters_kd)")
     ap.add_argument("--config", help="TOML config file (default config/kd.toml if present)")
     ap.add_argument("--resume", action="store_true", help="resume each domain from its latest checkpoint")
+    ap.add_argument("--spread-domains", action="store_true",
+                    help="with --all under mlx.launch: deal whole domains out to the processes instead of splitting batches")
     ap.add_argument("--registry", default="models/cortex_registry", help="CORTEX neuron registry folder (default %(default)s)")
     ap.add_argument("--no-register", action="store_true", help="train only; do not register the adapters in CORTEX")
     ap.add_argument("--log-json", action="store_true", help="JSON-lines logs even on a terminal")
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
         config = KDConfig.load(args.config, **_merge_nested(args))
         distiller = TrueKnowledgeDistiller(config=config)
         if args.all:
-            results = distiller.distill_all(resume=args.resume)
+            results = distiller.distill_all(resume=args.resume, spread=args.spread_domains)
         else:
             prompts = load_prompts(args.prompts) if args.prompts else None
             if prompts is None and args.domain not in load_domains():

@@ -320,10 +320,26 @@ class TrueKnowledgeDistiller:
                        adapter_path=result.adapter_path)
         return result
 
-    def distill_all(self, domains: dict[str, list[str]] | None = None, *, resume: bool = False) -> dict[str, KDResult]:
-        """Distil every domain (default: all of DOMAIN_PROMPTS) and write <output>/kd_summary.json."""
+    def distill_all(self, domains: dict[str, list[str]] | None = None, *, resume: bool = False,
+                    spread: bool = False) -> dict[str, KDResult]:
+        """Distil every domain (default: all of DOMAIN_PROMPTS) and write <output>/kd_summary.json.
+
+        Launched on several processes, each batch is split over them (data parallel); with `spread`, whole
+        domains are dealt out instead (process r takes domains r, r + n, ...), which is faster when there
+        are at least as many domains as processes and batches are small. Rank 0 then gathers the results.
+        """
         domains = domains if domains is not None else load_domains()
-        results = {name: self.distill_domain(name, prompts, resume=resume) for name, prompts in domains.items()}
+        n_proc = dist.group().size()
+        if spread and n_proc > 1:
+            names = list(domains)
+            with dist.solo():
+                for name in names[dist.group().rank() :: n_proc]:
+                    self.distill_domain(name, domains[name], resume=resume)
+            dist.world_barrier()
+            out = Path(self.config.output_dir)
+            results = {name: KDResult.model_validate_json((out / name / "result.json").read_text()) for name in names}
+        else:
+            results = {name: self.distill_domain(name, prompts, resume=resume) for name, prompts in domains.items()}
         summary = {name: r.model_dump(mode="json") for name, r in results.items()}
         out = Path(self.config.output_dir)
         if dist.is_writer():

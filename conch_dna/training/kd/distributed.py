@@ -13,10 +13,14 @@ Several hosts need the output folder on a shared filesystem.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from functools import lru_cache
 
 import mlx.core as mx
 from mlx.utils import tree_map
+
+_solo = threading.local()
 
 
 @lru_cache(maxsize=1)
@@ -25,11 +29,28 @@ def group():
 
 
 def rank() -> int:
-    return group().rank()
+    return 0 if getattr(_solo, "on", False) else group().rank()
 
 
 def size() -> int:
-    return group().size()
+    return 1 if getattr(_solo, "on", False) else group().size()
+
+
+@contextmanager
+def solo():
+    """Inside, this process trains alone (no gradient exchange) and writes its own outputs: used when
+    `distill_all` spreads whole domains over the processes instead of splitting each batch."""
+    _solo.on = True
+    try:
+        yield
+    finally:
+        _solo.on = False
+
+
+def world_barrier() -> None:
+    """A barrier over all launched processes, even inside `solo()`."""
+    if group().size() > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group()))
 
 
 def is_writer() -> bool:
