@@ -89,13 +89,14 @@ def test_random_sigkills_never_lose_finished_work(tiny_pair, tmp_path):
     out_dir, reg = tmp_path / "run", tmp_path / "reg"
     kills = 0
     for _ in range(4):
-        # 60 steps take several seconds even on a fast machine; the process needs ~2 s to start.
-        rc, _, _ = cli(tiny_pair, tmp_path, out_dir, reg, kill_after=rng.uniform(0.5, 4.0), iters=60)
+        # 300 steps (checkpoint every 2) take well over 3 s on any machine, so a kill 1-3 s in always lands
+        # in the first run; later runs resume and may be killed at any point, or finish.
+        rc, _, _ = cli(tiny_pair, tmp_path, out_dir, reg, kill_after=rng.uniform(1.0, 3.0), iters=300)
         kills += rc == -signal.SIGKILL
         registry_is_sane(reg)
         for ckpt in (out_dir / "thinking").glob("checkpoint_*"):  # every visible checkpoint is complete
             assert {p.name for p in ckpt.iterdir()} >= {"adapters.safetensors", "optimizer.safetensors", "state.json"}
-    rc, _, err = cli(tiny_pair, tmp_path, out_dir, reg, iters=60)
+    rc, _, err = cli(tiny_pair, tmp_path, out_dir, reg, iters=300)
     assert rc == 0, err[-2000:]
     registry_is_sane(reg)
     assert kills >= 1
