@@ -37,6 +37,13 @@ def kd_config(tmp_path):
     return make
 
 
+def cli_config(batch_size: int, iters: int, gen_batch: int) -> str:
+    """A small kd.toml for CLI runs in subprocesses: greedy teacher (deterministic data), short sequences."""
+    return (f"batch_size = {batch_size}\niters = {iters}\nval_interval = 4\ncheckpoint_interval = 2\n"
+            "max_seq_length = 64\nlearning_rate = 0.005\n"
+            f"[generation]\nmax_new_tokens = 10\ntemperature = 0.0\nbatch_size = {gen_batch}\n")
+
+
 PROMPTS = ["think step by step about apples", "plan a small task", "what is the next action", "reflect on the work",
            "debug this loop", "remember the facts", "why is the sky blue", "count to ten"]
 

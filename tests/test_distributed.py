@@ -8,20 +8,8 @@ import sys
 import mlx.core as mx
 import numpy as np
 
-from tests.conftest import PROMPTS
+from tests.conftest import PROMPTS, cli_config
 
-CONFIG = """
-batch_size = 4
-iters = 4
-val_interval = 4
-checkpoint_interval = 2
-max_seq_length = 64
-learning_rate = 0.005
-[generation]
-max_new_tokens = 10
-temperature = 0.0
-batch_size = 8
-"""
 LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; sys.exit(main())"
 
 
@@ -30,7 +18,7 @@ def test_two_processes_equal_one(tiny_pair, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS))
     cfg = tmp_path / "kd.toml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(cli_config(batch_size=4, iters=4, gen_batch=8))
 
     def args(out):
         return ["-m", "conch_dna.training.kd", "--domain", "thinking", "--prompts", str(prompts), "--teacher", str(teacher),
@@ -65,7 +53,7 @@ def test_distill_all_spreads_domains_over_processes(tiny_pair, tmp_path):
     tables = {"alpha": PROMPTS[0:4], "beta": PROMPTS[2:6], "gamma": PROMPTS[4:8]}
     domains.write_text("".join(f"[{name}]\nprompts = {json.dumps(p)}\n" for name, p in tables.items()))
     cfg = tmp_path / "kd.toml"
-    cfg.write_text(CONFIG.replace("iters = 4", "iters = 2"))
+    cfg.write_text(cli_config(batch_size=4, iters=2, gen_batch=8))
     port = random.randint(20000, 40000)
     run = subprocess.run([sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", "2", "--starting-port", str(port), "--",
                           sys.executable, "-m", "conch_dna.training.kd", "--all", "--spread-domains", "--teacher", str(teacher),

@@ -17,20 +17,7 @@ import pytest
 
 from conch_dna.cortex import NeuronRegistry
 from conch_dna.cortex.registry import sha256_file
-from tests.conftest import PROMPTS
-
-CONFIG = """
-batch_size = 2
-iters = 8
-val_interval = 4
-checkpoint_interval = 2
-max_seq_length = 64
-learning_rate = 0.005
-[generation]
-max_new_tokens = 10
-temperature = 0.0
-batch_size = 4
-"""
+from tests.conftest import PROMPTS, cli_config
 
 
 def cli(tiny_pair, tmp_path, out, registry, fault=None, timeout=120, kill_after=None, iters=8):
@@ -38,7 +25,7 @@ def cli(tiny_pair, tmp_path, out, registry, fault=None, timeout=120, kill_after=
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
     cfg = tmp_path / "kd.toml"
-    cfg.write_text(CONFIG.replace("iters = 8", f"iters = {iters}"))
+    cfg.write_text(cli_config(batch_size=2, iters=iters, gen_batch=4))
     env = {**os.environ, "CONCH_FAULT_POINT": fault or ""}
     cmd = [sys.executable, "-m", "conch_dna.training.kd", "--domain", "thinking", "--prompts", str(prompts),
            "--teacher", str(teacher), "--student", str(student), "--output", str(out), "--registry", str(registry),
