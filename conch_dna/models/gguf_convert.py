@@ -2,8 +2,9 @@
 
 The folder holds config.json, model.safetensors (float32 by default: GGUF's 4/8-bit blocks dequantize
 exactly into float32, not into bf16) and tokenizer.json + tokenizer_config.json with the chat template, so
-stock `mlx_lm.load(folder)` reads it. Supported: llama-family (Llama, SmolLM, Mistral) and qwen2, with
-byte-level BPE tokenizers. Anything else fails with a clear error before a file is written.
+stock `mlx_lm.load(folder)` reads it. Supported: llama-family (Llama, SmolLM, Mistral) and qwen2 with
+byte-level BPE tokenizers, and gemma3 (text) with its SentencePiece-BPE tokenizer (byte fallback). Anything
+else fails with a clear error before a file is written.
 
 The folder is written to a temporary sibling and renamed into place, so a half-converted model is never
 visible under the final name.
@@ -19,7 +20,7 @@ import numpy as np
 
 from conch_dna.atomic import atomic_folder, sha256_file
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 MANIFEST = "conch_model.json"
 
 
@@ -80,7 +81,7 @@ def _config(reader) -> dict:
     n_vocab = len(_field(reader, "tokenizer.ggml.tokens"))
     cfg = {
         "model_type": arch,
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "architectures": [_HF_CLASS[arch]],
         "hidden_size": int(_field(reader, f"{arch}.embedding_length")),
         "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
         "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
@@ -98,7 +99,25 @@ def _config(reader) -> dict:
     if arch == "llama":
         cfg["attention_bias"] = False
         cfg["mlp_bias"] = False
+    if arch == "gemma3":
+        # mlx-lm's text-only Gemma 3. Three values are not in the GGUF; these are Gemma 3's published ones
+        # (every size uses them; the 270m/1b models have no rope scaling).
+        cfg.update({
+            "model_type": "gemma3_text",
+            "head_dim": int(_field(reader, "gemma3.attention.key_length")),
+            "sliding_window": int(_field(reader, "gemma3.attention.sliding_window")),
+            "rope_local_base_freq": 10000.0,
+            "query_pre_attn_scalar": 256,
+            "sliding_window_pattern": 6,
+            "hidden_activation": "gelu_pytorch_tanh",
+        })
+        tokens = _field(reader, "tokenizer.ggml.tokens")
+        if "<end_of_turn>" in tokens:  # a chat turn ends with <end_of_turn>: generation must stop there too
+            cfg["eos_token_id"] = [cfg["eos_token_id"], tokens.index("<end_of_turn>")]
     return cfg
+
+
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -114,17 +133,27 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 3 normalises around both halves of each block, and inside attention (q/k norms).
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str:
     stem, kind = gguf_name.rsplit(".", 1)  # kind: weight | bias
     if stem in _TOP_NAMES:
         return f"{_TOP_NAMES[stem]}.{kind}"
+    layer_names = _GEMMA3_LAYER_NAMES if arch == "gemma3_text" else _LAYER_NAMES
     blk, idx, part = stem.split(".", 2)
-    if blk != "blk" or part not in _LAYER_NAMES:
+    if blk != "blk" or part not in layer_names:
         raise GGUFError(f"unexpected GGUF tensor {gguf_name!r}; this file's layout is not supported")
-    return f"model.layers.{idx}.{_LAYER_NAMES[part]}.{kind}"
+    return f"model.layers.{idx}.{layer_names[part]}.{kind}"
 
 
 def _reverse_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -148,7 +177,9 @@ def _weights(reader, cfg: dict, dtype=np.float32) -> dict[str, np.ndarray]:
                 w = _reverse_permute(w, cfg["num_attention_heads"])
             elif t.name.endswith("attn_k.weight"):
                 w = _reverse_permute(w, cfg["num_key_value_heads"])
-        out[_hf_name(t.name)] = w.astype(dtype)
+        if cfg["model_type"] == "gemma3_text" and t.name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's RMSNorm scale as (1 + w); mlx-lm adds the 1 itself
+        out[_hf_name(t.name, cfg["model_type"])] = w.astype(dtype)
     return out
 
 
@@ -170,20 +201,31 @@ PRE_TOKENIZER_RULES = {
 
 
 def build_tokenizer(meta: dict):
-    """A `tokenizers.Tokenizer` rebuilt from GGUF metadata (byte-level BPE only)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
+    """A `tokenizers.Tokenizer` rebuilt from GGUF metadata: byte-level BPE ("gpt2") or SentencePiece BPE ("llama")."""
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         raise GGUFError(
-            f"tokenizer type {kind!r} is not supported yet (only byte-level BPE, 'gpt2'); "
-            "use a model whose GGUF has tokenizer.ggml.model = gpt2"
-        )
+        f"tokenizer type {kind!r} is not supported (supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE); "
+        "convert this model with mlx_lm.convert from its Hugging Face files instead"
+    )
+    tok = _byte_bpe_tokenizer(meta) if kind == "gpt2" else _sentencepiece_tokenizer(meta)
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        from tokenizers import processors
+
+        name = meta["tokenizer.ggml.tokens"][bos]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{name} $A", pair=f"{name} $A {name} $B", special_tokens=[(name, int(bos))])
+    return tok
+
+
+def _byte_bpe_tokenizer(meta: dict):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZER_RULES:
         raise GGUFError(f"unknown GGUF pre-tokenizer {pre!r}; known: {', '.join(sorted(PRE_TOKENIZER_RULES))}")
     tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
     vocab = {tok: i for i, tok in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
@@ -192,10 +234,64 @@ def build_tokenizer(meta: dict):
         splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tok.decoder = decoders.ByteLevel()
-    # Control (3) and user-defined (4) tokens are atomic: never split by the BPE.
-    specials = [AddedToken(t, special=(ty == 3), normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)]
-    tok.add_tokens(specials)
+    _add_atomic_tokens(tok, meta)
     return tok
+
+
+def _sentencepiece_tokenizer(meta: dict):
+    """SentencePiece BPE as llama.cpp runs it (and Hugging Face's Gemma tokenizer.json): spaces become "▁",
+    then adjacent pieces merge, highest-scoring result first, over the whole text; a piece not in the
+    vocabulary falls back to its UTF-8 bytes (<0xNN> tokens). User-defined tokens (newline and space runs,
+    HTML tags) are matched first, on the raw text.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.scores")
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    if scores is None or len(scores) != len(tokens):
+        raise GGUFError("SentencePiece GGUF tokenizer has no per-token scores; its merges cannot be rebuilt")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_scores(tokens, scores, types), byte_fallback=True,
+                               fuse_unk=True, unk_token=tokens[unk] if unk is not None else None))
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if meta.get("tokenizer.ggml.add_space_prefix", False):
+        steps.insert(0, normalizers.Prepend("\u2581"))
+    tok.normalizer = normalizers.Sequence(steps)
+    dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if meta.get("tokenizer.ggml.add_space_prefix", False):
+        dec.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(dec)
+    _add_atomic_tokens(tok, meta)
+    return tok
+
+
+def _merges_from_scores(tokens, scores, types) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's rule "merge the pair whose result scores highest".
+
+    Every normal piece that splits into two pieces of the vocabulary yields a merge ranked by the piece's
+    score (ties: the left part's score, then the right's, as Hugging Face's converter orders them).
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for piece, score, ty in zip(tokens, scores, types):
+        if ty != 1 or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _add_atomic_tokens(tok, meta: dict) -> None:
+    """Control (type 3) and user-defined (type 4) tokens are atomic: matched on the raw text, never split."""
+    from tokenizers import AddedToken
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    tok.add_tokens([AddedToken(t, special=(ty == 3), normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)])
 
 
 def _tokenizer_config(meta: dict) -> dict:
@@ -217,7 +313,20 @@ def _tokenizer_config(meta: dict) -> dict:
     }
     if meta.get("tokenizer.chat_template"):
         cfg["chat_template"] = meta["tokenizer.chat_template"]
+    elif "<start_of_turn>" in tokens:
+        cfg["chat_template"] = GEMMA_CHAT_TEMPLATE  # base Gemma GGUFs carry no template; use Gemma's turn format
     return cfg
+
+
+# Gemma's published turn format (text only): a system prompt is prefixed to the first user turn.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\n\n' %}"
+    "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ ns.system if m['role'] == 'user' else '' }}{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% if m['role'] == 'user' %}{% set ns.system = '' %}{% endif %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
 # ------------------------------------------------------------------------------------------ convert

@@ -7,6 +7,7 @@ registry. `TrueKnowledgeDistiller` (`distiller`) runs that flow per domain.
 from collections.abc import Mapping
 
 from conch_dna.training.kd.config import ConfigError, KDConfig
+from conch_dna.training.kd.cross_vocab import CrossTokenizerError, build_vocab_map, compare_tokenizers
 from conch_dna.training.kd.data import DataError, load_domains, load_prompts
 from conch_dna.training.kd.distiller import KDResult, OutputDirError, TrueKnowledgeDistiller
 from conch_dna.training.kd.losses import (
@@ -58,7 +59,7 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
 
 __all__ = [
     "DIVERGENCES", "DOMAIN_PROMPTS", "ConfigError", "DataError", "KDConfig", "KDResult", "OutputDirError",
-    "SparseTargets", "TrainingCancelled", "TrainingDivergedError", "TrueKnowledgeDistiller", "VocabMismatchError",
-    "align_vocab_sizes", "bad_input_errors", "check_same_tokenizer", "compute_ce_loss", "compute_kd_loss",
+    "CrossTokenizerError", "SparseTargets", "TrainingCancelled", "TrainingDivergedError", "TrueKnowledgeDistiller", "VocabMismatchError",
+    "align_vocab_sizes", "bad_input_errors", "build_vocab_map", "check_same_tokenizer", "compare_tokenizers", "compute_ce_loss", "compute_kd_loss",
     "kd_objective", "load_domains", "load_prompts", "masked_mean", "next_token_view", "token_divergence", "topk_targets",
 ]

@@ -82,6 +82,11 @@ class KDConfig(BaseSettings):
         "computed once, an approximation (docs/benchmarks.md gives its error)")
     top_k: int = Field(64, ge=1, le=4096)
 
+    # Different tokenizers (detected automatically): KD on exactly-mapped tokens + ULD on the remainder.
+    uld_weight: float = Field(1.0, ge=0.0, le=100.0, description="weight of the sorted-probability (ULD) term "
+                              "on tokens without a counterpart in the other vocabulary")
+    uld_top_k: int = Field(64, ge=1, le=4096, description="largest unmapped probabilities compared by ULD")
+
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 

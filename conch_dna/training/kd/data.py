@@ -15,7 +15,7 @@ import os
 import time
 import tomllib
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -102,6 +102,7 @@ class Example:
 
     tokens: tuple[int, ...]
     prompt_len: int
+    prompt: str = field(default="", compare=False)  # the prompt's text (re-tokenized for another tokenizer)
 
     @property
     def response_len(self) -> int:
@@ -130,6 +131,7 @@ def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length:
     if not prompts:
         raise DataError("no prompts given: pass at least one prompt (or use a domain from config/domains.toml)")
     prompt_ids = [chat_prompt_ids(tokenizer, p, gen.system_prompt) for p in prompts]
+    texts = iter(prompts)
     for p, ids in zip(prompts, prompt_ids):
         if len(ids) >= max_seq_length - 1:
             raise DataError(
@@ -147,14 +149,14 @@ def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length:
         with lock or nullcontext():
             out = batch_generate(model, tokenizer, chunk, max_tokens=budgets, sampler=sampler, return_token_ids=True)
         fault_point("generation")
-        for ids, resp, budget in zip(chunk, out.token_ids, budgets):
+        for ids, resp, budget, text in zip(chunk, out.token_ids, budgets, texts):
             resp = list(resp)
             n_gen += len(resp)
             if eos is not None and len(resp) < budget:
                 resp.append(eos)  # stopped on EOS (batch_generate drops the stop token)
             if not resp:
                 continue
-            examples.append(Example(tuple(ids + resp)[:max_seq_length], len(ids)))
+            examples.append(Example(tuple(ids + resp)[:max_seq_length], len(ids), text))
     seconds = time.perf_counter() - t0
     stats = {"samples": len(examples), "generated_tokens": n_gen, "seconds": seconds,
              "tokens_per_second": n_gen / seconds if seconds > 0 else 0.0,
@@ -177,7 +179,7 @@ def continue_prompts(model, tokenizer, examples: list[Example], max_new_tokens: 
     new = []
     for p, resp, budget, old in zip(prompts, out.token_ids, budgets, examples):
         resp = list(resp) + ([eos] if eos is not None and len(resp) < budget else [])
-        new.append(Example(tuple(p + resp)[:max_seq_length], len(p)) if resp else old)
+        new.append(Example(tuple(p + resp)[:max_seq_length], len(p), old.prompt) if resp else old)
     return new
 
 
@@ -295,13 +297,15 @@ class TeacherCache:
                     "tokens": mx.array(np.concatenate([np.array(e.tokens, np.int32) for e in ex])),
                     "lengths": mx.array([len(e.tokens) for e in ex], dtype=mx.int32),
                     "prompt_lens": mx.array([e.prompt_len for e in ex], dtype=mx.int32),
-                    "logits": mx.concatenate([t.logits for t in tg]).astype(mx.float16),
-                    "indices": mx.concatenate([t.indices for t in tg]).astype(id_dtype),
-                    "tail_logsumexp": mx.concatenate([tail_logsumexp(t) for t in tg]),
                 }
+                if tg:  # online training stores the teacher's answers only
+                    arrays["logits"] = mx.concatenate([t.logits for t in tg]).astype(mx.float16)
+                    arrays["indices"] = mx.concatenate([t.indices for t in tg]).astype(id_dtype)
+                    arrays["tail_logsumexp"] = mx.concatenate([tail_logsumexp(t) for t in tg])
                 mx.save_safetensors(str(tmp / f"shard-{s:05d}.safetensors"), arrays)
             digests = [sha256_file(tmp / f"shard-{i:05d}.safetensors") for i in range(n_shards)]
             (tmp / "meta.json").write_text(json.dumps({**self.meta, "shards": n_shards, "examples": len(self.examples),
+                                                       "prompts": [e.prompt for e in self.examples],
                                                        "sha256": digests}, indent=2))
         return Path(folder)
 
@@ -310,6 +314,7 @@ class TeacherCache:
         folder = Path(folder)
         meta = json.loads((folder / "meta.json").read_text())
         examples, targets = [], []
+        prompts = iter(meta.get("prompts") or [])
         for s in range(meta["shards"]):
             path = folder / f"shard-{s:05d}.safetensors"
             digests = meta.get("sha256")
@@ -324,14 +329,17 @@ class TeacherCache:
             tokens = np.array(a["tokens"])
             off = 0
             for n, p in zip(lengths, prompt_lens):
-                examples.append(Example(tuple(int(t) for t in tokens[off : off + n]), int(p)))
+                examples.append(Example(tuple(int(t) for t in tokens[off : off + n]), int(p), next(prompts, "")))
+                if "logits" not in a:
+                    off += n
+                    continue
                 top = a["logits"][off : off + n].astype(mx.float32)
                 # The full-row logsumexp, rebuilt from the *rounded* top-k and the exact tail: the tail
                 # mass the loss derives from it is then exact, whatever float16 did to the top-k.
                 lse = mx.logaddexp(mx.logsumexp(top, axis=-1), a["tail_logsumexp"][off : off + n])
                 targets.append(SparseTargets(top, a["indices"][off : off + n].astype(mx.int32), lse))
                 off += n
-        if len(examples) != meta["examples"]:
+        if len(examples) != meta["examples"] or len(targets) not in (0, len(examples)):
             raise DataError(f"teacher cache {folder} is incomplete ({len(examples)} of {meta['examples']} examples); delete it to rebuild")
         return cls(examples, targets, meta)
 

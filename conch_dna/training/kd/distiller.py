@@ -30,6 +30,15 @@ from conch_dna.models import load_model
 from conch_dna.training.kd import distributed as dist
 from conch_dna.training.kd import signals
 from conch_dna.training.kd.config import KDConfig
+from conch_dna.training.kd.cross_vocab import (
+    CrossTargets,
+    CrossTokenizerError,
+    build_vocab_map,
+    compare_tokenizers,
+    cross_examples,
+    pad_pairs,
+    vmap_arrays,
+)
 from conch_dna.training.kd.data import (
     DataError,
     Example,
@@ -56,7 +65,7 @@ from conch_dna.training.kd.trainer import (
     save_adapter,
 )
 from conch_dna.training.kd.trainer import train_with_kd as run_training
-from conch_dna.training.kd.vocab import check_same_tokenizer, tokenizer_vocab_size
+from conch_dna.training.kd.vocab import tokenizer_vocab_size
 
 log = structlog.get_logger(__name__)
 
@@ -117,6 +126,8 @@ class KDResult(BaseModel):
     best_val_loss: float | None = None
     val_agreement: float | None = None
     initial_val_kd: float | None = None
+    # Set when teacher and student tokenizers differ: vocabulary mapping, alignment and coverage figures.
+    cross_tokenizer: dict | None = None
     adapter_path: str
     iterations: int
     tokens_processed: int
@@ -192,7 +203,7 @@ class TrueKnowledgeDistiller:
             key = cache_key(
                 teacher=fingerprint_model(self.teacher), tokenizer=fingerprint_tokenizer(self.teacher_tokenizer),
                 prompts=prompts, generation=cfg.generation.model_dump(), max_seq_length=cfg.max_seq_length,
-                top_k=cfg.top_k, seed=cfg.seed,
+                targets=cfg.top_k if cfg.teacher_targets == "cache" else None, seed=cfg.seed,
             )
         folder = Path(cfg.output_dir) / "teacher_cache" / key
         if not dist.is_writer():  # rank 0 writes the teacher data once; the other processes read it
@@ -208,9 +219,11 @@ class TrueKnowledgeDistiller:
                                             cfg.max_seq_length, cfg.seed, lock=self.teacher_lock)
         if not examples:
             raise DataError(f"the teacher produced no responses for domain {domain!r}")
-        t0 = time.perf_counter()
-        targets = compute_sparse_targets(self.teacher, examples, cfg.top_k, cfg.generation.batch_size, lock=self.teacher_lock)
-        stats["target_seconds"] = time.perf_counter() - t0
+        targets = []
+        if cfg.teacher_targets == "cache":  # online training scores every batch itself: store answers only
+            t0 = time.perf_counter()
+            targets = compute_sparse_targets(self.teacher, examples, cfg.top_k, cfg.generation.batch_size, lock=self.teacher_lock)
+            stats["target_seconds"] = time.perf_counter() - t0
         vocab = tokenizer_vocab_size(self.teacher_tokenizer)
         cache = TeacherCache(examples, targets, {"key": key, "domain": domain, "teacher": cfg.teacher_model_id,
                                                   "top_k": cfg.top_k, "vocab_size": vocab, "generation_stats": stats})
@@ -219,8 +232,9 @@ class TrueKnowledgeDistiller:
         # Train from what was stored (float16 logits), so a fresh run and a resumed or cached run see
         # exactly the same targets.
         cache = TeacherCache.load(folder)
-        stats["cache_bytes_per_token"] = cache.bytes_per_token()
-        stats["dense_bf16_bytes_per_token"] = 2 * vocab
+        if targets:
+            stats["cache_bytes_per_token"] = cache.bytes_per_token()
+            stats["dense_bf16_bytes_per_token"] = 2 * vocab
         log.info("teacher data ready", domain=domain, samples=len(examples), tokens=stats["tokens"],
                  seconds=round(stats["seconds"], 2), gen_tokens_per_second=round(stats["tokens_per_second"], 1))
         return cache, {**stats, "cached": False, "cache_key": key}
@@ -268,13 +282,18 @@ class TrueKnowledgeDistiller:
         cfg = self.config
         gen_stats = generation_stats or {}
         out_dir = Path(cfg.output_dir) / domain
-        indices = list(range(len(cache.examples)))
-        train_idx, val_idx = split_examples(indices, cfg.val_fraction, cfg.seed)
-        train = [cache.examples[i] for i in train_idx]
-        val = [cache.examples[i] for i in val_idx]
-
         student, student_tok = self.load_student()
-        vocab = self._shared_vocab(student, student_tok)
+        examples, cross = cache.examples, None
+        relation = compare_tokenizers(self.teacher_tokenizer, student_tok)
+        if relation["relation"] == "different":
+            examples, cross = self._cross_setup(cache, student, student_tok, relation)
+            vocab = None
+        else:
+            vocab = self._shared_vocab(student, student_tok, relation)
+        indices = list(range(len(examples)))
+        train_idx, val_idx = split_examples(indices, cfg.val_fraction, cfg.seed)
+        train = [examples[i] for i in train_idx]
+        val = [examples[i] for i in val_idx]
         # LoRA's A matrices are random: seed them, so that a run is reproducible whether or not this process
         # generated the teacher data (which also draws random numbers), and data-parallel ranks start equal.
         mx.random.seed(cfg.seed)
@@ -282,10 +301,15 @@ class TrueKnowledgeDistiller:
         if cfg.memory_preflight:
             longest = max(len(e.tokens) for e in train + val)
             running_teacher = self.teacher if cfg.teacher_targets == "online" else None
-            est = preflight(student, running_teacher, cfg, cfg.batch_size, longest)
+            # Across tokenizers the student's full logits exist (the reference loss): estimate that.
+            est = preflight(student, running_teacher, cfg.model_copy(update={"loss_impl": "reference"}) if cross else cfg,
+                            cfg.batch_size, longest)
             log.info("memory preflight", estimate_gb=round(est["total"] / 2**30, 2), batch=cfg.batch_size, seq=longest)
         acfg = adapter_config(cfg, num_layers, {"domain": domain, "run_id": run_id})
-        targets_fn = self._targets_fn(cache, train_idx, val_idx, vocab)
+        if cross:
+            targets_fn = self._cross_targets_fn(train, val, cross["vmap"])
+        else:
+            targets_fn = self._targets_fn(cache, train_idx, val_idx, vocab)
         def student_writes(examples):
             g = cfg.generation
             return continue_prompts(student, student_tok, examples, g.max_new_tokens, g.temperature, g.top_p, cfg.max_seq_length)
@@ -306,6 +330,7 @@ class TrueKnowledgeDistiller:
             best_val_kd=_finite_or_none(best.get("val_kd")), best_val_ce=_finite_or_none(best.get("val_ce")),
             best_val_loss=_finite_or_none(best.get("val_loss")), val_agreement=final.get("val_agreement"),
             initial_val_kd=_finite_or_none(best.get("initial_val_kd")),
+            cross_tokenizer={**cross["figures"], **{k: final[k] for k in ("val_coverage",) if k in final}} if cross else None,
             adapter_path=str(adapter.parent), iterations=cfg.iters, tokens_processed=summary["tokens"],
             training_seconds=summary["train_seconds"], generation=gen_stats, config=cfg.model_dump(mode="json"),
             timestamp=datetime.now(UTC).isoformat(),
@@ -394,13 +419,57 @@ class TrueKnowledgeDistiller:
 
     # ------------------------------------------------------------------------------------- helpers
 
-    def _shared_vocab(self, student, student_tok) -> int | None:
-        """Verify the tokenizers match; return the width to cut logits to when embeddings are padded."""
-        figures = check_same_tokenizer(self.teacher_tokenizer, student_tok)
+    def _shared_vocab(self, student, student_tok, relation: dict) -> int | None:
+        """Same tokenizer: the width to cut logits to when the student's embeddings are padded wider."""
         s_width = student.model.embed_tokens.weight.shape[0] if hasattr(student, "model") else None
         real = tokenizer_vocab_size(student_tok)
-        log.info("tokenizers match", **figures)
+        log.info("tokenizers match: logits compared id by id", **relation)
         return real if s_width is not None and real < s_width else None
+
+    def _cross_setup(self, cache: TeacherCache, student, student_tok, relation: dict):
+        """Different tokenizers: re-tokenize and align the teacher's answers, map the vocabularies."""
+        cfg = self.config
+        if cfg.teacher_targets != "online":
+            raise CrossTokenizerError("teacher and student tokenizers differ: cached top-k targets are over the "
+                                      "teacher's ids and cannot be aligned later; use teacher_targets = 'online'")
+        if cfg.on_policy_lambda > 0:
+            raise CrossTokenizerError("on-policy KD (on_policy_lambda > 0) is not supported across tokenizers yet: "
+                                      "set on_policy_lambda = 0")
+        t_width = self.teacher(mx.array([[0]])).shape[-1]
+        s_width = student(mx.array([[0]])).shape[-1]
+        vmap = build_vocab_map(self.teacher_tokenizer, student_tok, t_width, s_width)
+        examples, align = cross_examples(cache.examples, self.teacher_tokenizer, student_tok, cfg.max_seq_length,
+                                         cfg.generation.system_prompt)
+        if not examples:
+            raise DataError("no teacher answer survived re-tokenization for the student (all empty or truncated)")
+        figures = {**{k: v for k, v in relation.items() if k != "relation"}, **vmap.figures, **align,
+                   "method": "mapped"}
+        log.info("tokenizers differ: exact-match vocabulary mapping + ULD on the rest", **figures)
+        return examples, {"vmap": vmap_arrays(vmap), "figures": figures}
+
+    def _cross_targets_fn(self, train: list, val: list, vmap: dict):
+        """Teacher logits at the aligned positions of each batch (the teacher runs on its own tokenization)."""
+        from conch_dna.training.kd.data import pad_batch
+
+        teacher = self.teacher
+        split_ok = parts_match(teacher)
+        by_split = {"train": train, "val": val}
+
+        def targets(idx, split, tokens):
+            batch = [by_split[split][i] for i in idx]
+            t_tokens, _ = pad_batch([e.teacher for e in batch])
+            t_pos, s_pos, valid = pad_pairs(batch)
+            with self.teacher_lock:
+                if split_ok:  # only the aligned rows go through the output layer
+                    body, head = model_parts(teacher)
+                    hidden = body(t_tokens)
+                    rows = head(mx.take_along_axis(hidden, t_pos[..., None], axis=1))
+                else:
+                    rows = mx.take_along_axis(teacher(t_tokens), t_pos[..., None], axis=1)
+                rows = mx.stop_gradient(rows.astype(mx.float32))
+                mx.eval(rows)
+            return CrossTargets(rows, s_pos, valid, vmap)
+        return targets
 
     def _targets_fn(self, cache: TeacherCache, train_idx: list[int], val_idx: list[int], vocab: int | None):
         split_index = {"train": train_idx, "val": val_idx}

@@ -31,6 +31,7 @@ from conch_dna._faults import fault_point
 from conch_dna.atomic import atomic_folder, atomic_write, sha256_file
 from conch_dna.training.kd import distributed as dist
 from conch_dna.training.kd.config import KDConfig
+from conch_dna.training.kd.cross_vocab import CrossTargets, cross_agreement, cross_objective
 from conch_dna.training.kd.data import Example, batch_order, pad_batch
 from conch_dna.training.kd.fused import TeacherStates, fused_objective, parts_match
 from conch_dna.training.kd.losses import SparseTargets, kd_objective, next_token_view
@@ -183,6 +184,10 @@ def dense_targets(targets, vocab: int | None = None):
 
 
 def _loss_fn(model, tokens, loss_mask, targets, cfg: KDConfig, vocab: int | None = None, fused: bool = False):
+    if isinstance(targets, CrossTargets):  # different tokenizers: aligned positions, mapped vocabularies
+        out = cross_objective(model(tokens), targets, tokens, loss_mask, cfg.alpha, cfg.temperature, cfg.divergence,
+                              cfg.jsd_beta, cfg.uld_weight, cfg.uld_top_k)
+        return out["loss"], out
     if fused and not isinstance(targets, mx.array):
         out = fused_objective(model, targets, tokens, loss_mask, alpha=cfg.alpha, temperature=cfg.temperature,
                               divergence=cfg.divergence, beta=cfg.jsd_beta, chunk_size=cfg.loss_chunk_size, vocab=vocab)
@@ -209,11 +214,26 @@ def evaluate(model, examples: list[Example], targets_fn: TargetsFn, cfg: KDConfi
     """Token-weighted validation losses and teacher-student top-1 agreement over all of `examples`."""
     sums = {"kd": 0.0, "ce": 0.0, "loss": 0.0}
     n_tok = n_agree = 0.0
+    cross = {"aligned": 0.0, "agree": 0.0, "coverage": 0.0}
     for start in range(0, len(examples), batch_size):
         idx = list(range(start, min(start + batch_size, len(examples))))
         tokens, mask = pad_batch([examples[i] for i in idx])
         targets = dense_targets(targets_fn(idx, "val", tokens), vocab)
         logits = student_logits(model, tokens, vocab)
+        if isinstance(targets, CrossTargets):
+            # KD is a mean over aligned positions, CE over response tokens: each weighted by its own count.
+            out = cross_objective(logits, targets, tokens, mask, 0.5, cfg.temperature, cfg.divergence, cfg.jsd_beta,
+                                  cfg.uld_weight, cfg.uld_top_k)
+            agree, n_al = cross_agreement(logits, targets)
+            mx.eval(out, agree, n_al)
+            n, n_al = out["ntokens"].item(), n_al.item()
+            sums["ce"] += out["ce"].item() * n
+            sums["kd"] += out["kd"].item() * n_al
+            n_tok += n
+            cross["aligned"] += n_al
+            cross["agree"] += agree.item()
+            cross["coverage"] += out["coverage"].item() * n_al
+            continue
         # Both parts are always measured (alpha 0.5), whatever alpha trains: an SFT run's KD is reported too.
         out = kd_objective(logits, targets, tokens, mask, 0.5, cfg.temperature, cfg.divergence, cfg.jsd_beta)
         out["loss"] = cfg.alpha * out["kd"] + (1.0 - cfg.alpha) * out["ce"]
@@ -225,6 +245,12 @@ def evaluate(model, examples: list[Example], targets_fn: TargetsFn, cfg: KDConfi
         n_tok += n
         n_agree += agree.item()
     d = max(n_tok, 1.0)
+    if cross["aligned"]:
+        a = cross["aligned"]
+        kd, ce = sums["kd"] / a, sums["ce"] / d
+        return {"val_kd": kd, "val_ce": ce, "val_loss": cfg.alpha * kd + (1.0 - cfg.alpha) * ce,
+                "val_agreement": cross["agree"] / a, "val_tokens": int(n_tok), "val_aligned": int(a),
+                "val_coverage": cross["coverage"] / a}
     return {"val_kd": sums["kd"] / d, "val_ce": sums["ce"] / d, "val_loss": sums["loss"] / d,
             "val_agreement": n_agree / d, "val_tokens": int(n_tok)}
 

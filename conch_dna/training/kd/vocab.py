@@ -69,6 +69,7 @@ def align_vocab_sizes(
     teacher_tokenizer=None,
     student_tokenizer=None,
     real_vocab_size: int | None = None,
+    temperature: float = 1.0,
 ) -> tuple[mx.array, mx.array]:
     """Make teacher and student logits the same width, for tokenizers that agree on every shared id.
 
@@ -77,12 +78,24 @@ def align_vocab_sizes(
                smaller width): rows beyond it are embedding padding that no text ever produces.
       "pad"    widen the narrower one to the wider width with -inf, and set every id past the real
                vocabulary to -inf in both (padding rows never produce text: probability 0).
-    Equal widths are returned unchanged. Otherwise both tokenizers are required and verified first with
-    `check_same_tokenizer`; a mismatch raises `VocabMismatchError` instead of producing wrong targets.
+      "mapped" different tokenizers: both become logits over {tokens that spell the same text in both
+               vocabularies} + {one remainder bucket}, so that softmax(result / temperature) is each
+               side's softmax(logits / temperature) coarse-grained to those buckets (`cross_vocab`).
+               The rows must already be aligned positions (`cross_vocab.align_spans`).
+    Equal widths are returned unchanged by "slice"/"pad". Otherwise both tokenizers are required and verified
+    first with `check_same_tokenizer`; a mismatch raises `VocabMismatchError` instead of producing wrong targets.
     """
     vt, vs = teacher_logits.shape[-1], student_logits.shape[-1]
-    if strategy not in ("slice", "pad"):
-        raise ValueError(f"unknown strategy {strategy!r}: use 'slice' or 'pad' (different tokenizers: 'mapped')")
+    if strategy not in ("slice", "pad", "mapped"):
+        raise ValueError(f"unknown strategy {strategy!r}: use 'slice' or 'pad' (same tokenizer) or 'mapped' (different)")
+    if strategy == "mapped":
+        if teacher_tokenizer is None or student_tokenizer is None:
+            raise VocabMismatchError("strategy 'mapped' needs teacher_tokenizer and student_tokenizer")
+        from conch_dna.training.kd.cross_vocab import bucket_logits, build_vocab_map, vmap_arrays
+
+        vm = vmap_arrays(build_vocab_map(teacher_tokenizer, student_tokenizer, vt, vs))
+        return (bucket_logits(teacher_logits, vm["t_ids"], vm["t_unmapped"], temperature),
+                bucket_logits(student_logits, vm["s_ids"], vm["s_unmapped"], temperature))
     if vt == vs:
         return teacher_logits, student_logits
     if teacher_tokenizer is None or student_tokenizer is None:

@@ -1,0 +1,422 @@
+"""Distillation between a teacher and a student with different tokenizers.
+
+Token id 500 is a different string in each vocabulary, so logits cannot be sliced or projected into each
+other. The method here (close to GOLD, Patiño et al. 2025, and ULD, Boizard et al. 2024):
+
+1. Sequence alignment. The teacher's response text is tokenized by both tokenizers; every token carries
+   its character span. A character offset c where both token sequences have a boundary is a place where
+   both models predict "the text from c on": the teacher's logits at its token ending at c and the
+   student's at its token ending at c are compared (plus the start of the response, and the end, where
+   both predict their end-of-sequence token).
+2. Vocabulary mapping. Tokens whose strings are the same bytes (after undoing the byte-level alphabet or
+   SentencePiece's "▁" and <0xNN> pieces) are paired one to one. On the paired tokens the divergence is
+   computed exactly, on the distributions coarse-grained to {each paired token} + {everything else}: that
+   is a true divergence (0 only when the paired probabilities and the remainder mass agree).
+3. The remainder. Inside "everything else" the tokens have no counterpart, so their probabilities are
+   compared as sorted lists (ULD: L1 distance of the top-k sorted probabilities), which needs no mapping.
+
+`coverage` figures say how much of this is exact: the share of the teacher's probability mass on paired
+tokens, and the share of response positions that align.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import NamedTuple
+
+import mlx.core as mx
+import numpy as np
+
+from conch_dna.training.kd.losses import (
+    _check,
+    _divergence_from_logprobs,
+    masked_mean,
+    next_token_view,
+    token_cross_entropy,
+)
+from conch_dna.training.kd.vocab import PROBE_TEXTS, VocabMismatchError, _vocab_of
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class CrossTokenizerError(VocabMismatchError):
+    """The tokenizers cannot be aligned (no offsets, unknown token alphabet); the message says why."""
+
+
+# ----------------------------------------------------------------------------------------- detection
+
+
+def _hf(tokenizer):
+    """The Hugging Face tokenizer: mlx-lm's TokenizerWrapper holds one in `_tokenizer` (a HF tokenizer's own
+    `_tokenizer` is its Rust backend, which is not what we want)."""
+    inner = vars(tokenizer).get("_tokenizer")
+    return inner if hasattr(inner, "backend_tokenizer") else tokenizer
+
+
+def compare_tokenizers(teacher_tokenizer, student_tokenizer, probes=PROBE_TEXTS) -> dict:
+    """Decide how two tokenizers relate, with the figures behind the decision.
+
+    "identical": same vocabulary and same encodings of every probe text.
+    "padded": every id both have is the same string and the probes encode the same; only the number of
+              (added) tokens differs, so logits can be sliced/padded to the real vocabulary.
+    "different": anything else; distillation needs the mapped strategy.
+    """
+    tv, sv = _vocab_of(teacher_tokenizer), _vocab_of(student_tokenizer)
+    t_inv, s_inv = {i: t for t, i in tv.items()}, {i: t for t, i in sv.items()}
+    shared = set(t_inv) & set(s_inv)
+    same_ids = sum(t_inv[i] == s_inv[i] for i in shared)
+    same_probes = sum(list(teacher_tokenizer.encode(p)) == list(student_tokenizer.encode(p)) for p in probes)
+    figures = {"teacher_vocab": len(tv), "student_vocab": len(sv), "shared_ids": len(shared),
+               "shared_ids_same_string": same_ids, "probes": len(probes), "probes_encoded_alike": same_probes}
+    if same_ids == len(shared) and same_probes == len(probes):
+        relation = "identical" if len(tv) == len(sv) else "padded"
+    else:
+        relation = "different"
+    return {"relation": relation, **figures}
+
+
+# ------------------------------------------------------------------------------------ token strings
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: printable stand-in character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _scheme(spec: dict) -> str:
+    dec = spec.get("decoder") or {}
+    kinds = [d.get("type") for d in dec.get("decoders", [])] if dec.get("type") == "Sequence" else [dec.get("type")]
+    if "ByteLevel" in kinds:
+        return "byte_level"
+    if "Metaspace" in kinds or "ByteFallback" in kinds or any(
+            d.get("type") == "Replace" and d.get("pattern", {}).get("String") == "\u2581" for d in dec.get("decoders", [])):
+        return "sentencepiece"
+    raise CrossTokenizerError(
+        f"cannot read this tokenizer's token strings as bytes (decoder {kinds}); cross-tokenizer distillation "
+        "supports byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) and SentencePiece (Llama 2, Gemma, Mistral)"
+    )
+
+
+def token_bytes(tokenizer) -> tuple[list[bytes | None], list[bool]]:
+    """For every id: the bytes of text the token stands for (None for special tokens), and whether it is a
+    SentencePiece byte-fallback piece (<0xNN>, a duplicate spelling of a byte that may also be a normal piece).
+    """
+    hf = _hf(tokenizer)
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise CrossTokenizerError(f"{type(hf).__name__} is not a fast (Rust) tokenizer: its tokens have no "
+                                  "character offsets; load the model with a tokenizer.json")
+    spec = json.loads(backend.to_str())
+    scheme = _scheme(spec)
+    vocab = backend.get_vocab(with_added_tokens=True)
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    out: list[bytes | None] = [None] * (max(vocab.values()) + 1)
+    is_byte_piece = [False] * len(out)
+    decoder = _byte_decoder()
+    for piece, i in vocab.items():
+        if i in added:  # matched on the raw text: its content is literal text (or a special marker)
+            out[i] = None if added[i].get("special") else piece.encode("utf-8")
+        elif scheme == "byte_level":
+            try:
+                out[i] = bytes(decoder[ch] for ch in piece)
+            except KeyError:
+                out[i] = None
+        elif m := _BYTE_PIECE.fullmatch(piece):
+            out[i] = bytes([int(m.group(1), 16)])
+            is_byte_piece[i] = True
+        else:
+            out[i] = piece.replace("\u2581", " ").encode("utf-8")
+    return out, is_byte_piece
+
+
+# ----------------------------------------------------------------------------------- vocabulary map
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """One-to-one pairs (teacher id, student id) of tokens that stand for the same bytes."""
+
+    teacher_ids: np.ndarray
+    student_ids: np.ndarray
+    teacher_vocab: int
+    student_vocab: int
+    figures: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.teacher_ids)
+
+
+def _by_bytes(table: list[bytes | None], byte_piece: list[bool]) -> dict[bytes, int]:
+    """bytes -> the id that spells them; a normal piece wins over a byte-fallback piece, then the lower id."""
+    out: dict[bytes, int] = {}
+    for i in sorted(range(len(table)), key=lambda i: (byte_piece[i], i)):
+        if table[i] is not None and table[i] != b"":
+            out.setdefault(table[i], i)
+    return out
+
+
+def build_vocab_map(teacher_tokenizer, student_tokenizer, teacher_width: int | None = None,
+                    student_width: int | None = None) -> VocabMap:
+    """Pair tokens by exact byte string; the end-of-sequence tokens are paired by role."""
+    t_table, t_bp = token_bytes(teacher_tokenizer)
+    s_table, s_bp = token_bytes(student_tokenizer)
+    t_by, s_by = _by_bytes(t_table, t_bp), _by_bytes(s_table, s_bp)
+    pairs = sorted((t_by[b], s_by[b]) for b in t_by.keys() & s_by.keys())
+    t_eos, s_eos = end_token(teacher_tokenizer), end_token(student_tokenizer)
+    if t_eos is not None and s_eos is not None:
+        pairs.append((t_eos, s_eos))
+    t_ids = np.array([p[0] for p in pairs], np.int32)
+    s_ids = np.array([p[1] for p in pairs], np.int32)
+    tv, sv = teacher_width or len(t_table), student_width or len(s_table)
+    figures = {"mapped_tokens": len(pairs), "teacher_vocab": len(t_table), "student_vocab": len(s_table),
+               "teacher_vocab_mapped": round(len(pairs) / len(t_table), 4),
+               "student_vocab_mapped": round(len(pairs) / len(s_table), 4)}
+    if len(pairs) == 0:
+        raise CrossTokenizerError("no token of the teacher spells the same text as a token of the student; "
+                                  "these tokenizers cannot be mapped")
+    return VocabMap(t_ids, s_ids, tv, sv, figures)
+
+
+def end_token(tokenizer) -> int | None:
+    """The end-of-sequence id appended to finished responses (the lowest of the tokenizer's EOS ids)."""
+    ids = getattr(tokenizer, "eos_token_ids", None)  # mlx-lm: a set; a HF tokenizer: maybe one int
+    if isinstance(ids, int):
+        return ids
+    if ids:
+        return sorted(ids)[0]
+    return getattr(_hf(tokenizer), "eos_token_id", None)
+
+
+def stop_tokens(tokenizer) -> set[int]:
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if isinstance(ids, int):
+        return {ids}
+    return set(ids) if ids else ({end_token(tokenizer)} - {None})
+
+
+# ------------------------------------------------------------------------------------ alignment
+
+
+def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` (no special tokens added) and each token's character span in `text`."""
+    hf = _hf(tokenizer)
+    if not getattr(hf, "is_fast", False):
+        raise CrossTokenizerError(f"{type(hf).__name__} gives no character offsets (not a fast tokenizer); "
+                                  "cross-tokenizer alignment needs a tokenizer.json")
+    enc = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def boundaries(offsets: list[tuple[int, int]]) -> dict[int, int]:
+    """Character offset -> index of the token that ends there, for offsets where one token ends and the
+    next begins (-1: before the first token). Tokens inside one character (byte pieces of an emoji) share
+    its span and are not boundaries until the last of them.
+    """
+    out = {0: -1}
+    for i, (_, end) in enumerate(offsets):
+        nxt = offsets[i + 1][0] if i + 1 < len(offsets) else None
+        if nxt is None or nxt >= end:
+            out[end] = i
+    return out
+
+
+def align_spans(teacher_offsets, student_offsets, text_len: int) -> list[tuple[int, int, int]]:
+    """(offset, teacher token index, student token index) at every shared boundary before the end."""
+    bt, bs = boundaries(teacher_offsets), boundaries(student_offsets)
+    return [(c, bt[c], bs[c]) for c in sorted(bt.keys() & bs.keys()) if c < text_len]
+
+
+@dataclass(frozen=True)
+class CrossExample:
+    """One response in both tokenizations. `pairs` holds (teacher position, student position) whose logits
+    predict the same text; the student's Example is what the trainer batches (its CE uses every token)."""
+
+    student: object  # data.Example
+    teacher: object  # data.Example
+    pairs: tuple[tuple[int, int], ...]
+
+    @property
+    def tokens(self):
+        return self.student.tokens
+
+    @property
+    def prompt_len(self):
+        return self.student.prompt_len
+
+
+def cross_examples(teacher_examples, teacher_tokenizer, student_tokenizer, max_seq_length: int,
+                   system_prompt: str | None = None) -> tuple[list[CrossExample], dict]:
+    """Re-tokenize the teacher's responses for the student and align both; returns examples and figures."""
+    from conch_dna.training.kd.data import DataError, Example, chat_prompt_ids
+
+    t_eos, s_eos = end_token(teacher_tokenizer), end_token(student_tokenizer)
+    t_stop = stop_tokens(teacher_tokenizer)
+    out, n_resp_tokens, n_aligned = [], 0, 0
+    for ex in teacher_examples:
+        if not ex.prompt:
+            raise DataError("teacher data has no prompt texts (made by an older version): delete the teacher "
+                            "cache folder so that it is generated again")
+        resp = list(ex.tokens[ex.prompt_len:])
+        finished = bool(resp) and resp[-1] in t_stop
+        text = teacher_tokenizer.decode(resp[:-1] if finished else resp)
+        t_ids, t_off = encode_with_offsets(teacher_tokenizer, text)
+        s_ids, s_off = encode_with_offsets(student_tokenizer, text)
+        t_prompt = list(ex.tokens[: ex.prompt_len])
+        s_prompt = chat_prompt_ids(student_tokenizer, ex.prompt, system_prompt)
+        t_seq = (t_prompt + t_ids + ([t_eos] if finished else []))[:max_seq_length]
+        s_seq = (s_prompt + s_ids + ([s_eos] if finished else []))[:max_seq_length]
+        pairs = [(len(t_prompt) + ti, len(s_prompt) + si) for _, ti, si in align_spans(t_off, s_off, len(text))]
+        if finished:  # both predict their end-of-sequence token after the last character
+            pairs.append((len(t_prompt) + len(t_ids) - 1, len(s_prompt) + len(s_ids) - 1))
+        # A position is usable only if the token it predicts is inside both (truncated) sequences.
+        pairs = tuple((t, s) for t, s in pairs if t + 1 < len(t_seq) and s + 1 < len(s_seq))
+        if len(s_seq) <= len(s_prompt):
+            continue
+        out.append(CrossExample(Example(tuple(s_seq), len(s_prompt), ex.prompt), Example(tuple(t_seq), len(t_prompt), ex.prompt), pairs))
+        n_resp_tokens += len(s_seq) - len(s_prompt)
+        n_aligned += len(pairs)
+    stats = {"examples": len(out), "student_response_tokens": n_resp_tokens, "aligned_positions": n_aligned,
+             "positions_aligned": round(n_aligned / max(n_resp_tokens, 1), 4)}
+    return out, stats
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+class CrossTargets(NamedTuple):
+    """Teacher rows at aligned positions and where they go in the student's sequence."""
+
+    logits: mx.array  # [B, P, Vt] teacher logits at aligned positions
+    student_pos: mx.array  # [B, P] the student positions they pair with
+    valid: mx.array  # [B, P] false on padding
+    vmap: dict  # vmap_arrays(VocabMap)
+
+
+def bucket_logits(logits: mx.array, ids: mx.array, unmapped: mx.array, temperature: float = 1.0) -> mx.array:
+    """Logits [.., M + 1] over {each mapped id} + {the remainder}: softmax(result / T) is exactly softmax(logits / T)
+    coarse-grained to those buckets (the remainder column is T * logsumexp(unmapped logits / T))."""
+    x = logits.astype(mx.float32)
+    # A finite stand-in, not -inf: with nothing unmapped, logsumexp over all -inf has a NaN gradient.
+    rest = temperature * mx.logsumexp(mx.where(unmapped, x / temperature, -1e30), axis=-1, keepdims=True)
+    return mx.concatenate([mx.take(x, ids, axis=-1), rest], axis=-1)
+
+
+def _split_logprobs(logits: mx.array, ids: mx.array, unmapped: mx.array, temperature: float, k: int):
+    """Bucket log-probabilities at T (see `bucket_logits`), and the k largest remainder log-probabilities
+    (descending; -inf fillers when fewer exist). Touches the full vocabulary as few times as possible."""
+    b = bucket_logits(logits, ids, unmapped, temperature) / temperature
+    lse = mx.logsumexp(b, axis=-1, keepdims=True)  # = logsumexp over the whole vocabulary
+    if k <= 0:
+        return b - lse, None
+    x = mx.where(unmapped, logits.astype(mx.float32) / temperature, -mx.inf)
+    k = min(k, x.shape[-1])
+    idx = mx.stop_gradient(mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k])
+    top = mx.take_along_axis(x, idx, axis=-1)
+    top = mx.take_along_axis(top, mx.stop_gradient(mx.argsort(-top, axis=-1)), axis=-1)
+    return b - lse, top - lse
+
+
+def cross_token_divergence(teacher_rows: mx.array, student_rows: mx.array, vmap: dict, temperature: float = 2.0,
+                           divergence: str = "forward_kl", beta: float = 0.5, uld_weight: float = 1.0,
+                           uld_top_k: int = 64) -> dict[str, mx.array]:
+    """Per-row T^2-scaled divergence between a teacher row [.., Vt] and a student row [.., Vs].
+
+    `vmap` holds mx arrays "t_ids", "s_ids" (paired ids) and "t_unmapped", "s_unmapped" (bool per id).
+    Returns {"kd": mapped + uld_weight * uld, "mapped": ..., "uld": ..., "coverage": teacher mass on
+    paired tokens at T = 1}. ULD compares the uld_top_k largest remainder probabilities of each side,
+    sorted: the L1 distance of the sorted lists (Boizard et al.), without renormalising (the remainder's
+    total mass is already matched by the mapped term's remainder bucket).
+    """
+    _check(divergence, temperature, beta)
+    k = uld_top_k if uld_weight > 0 else 0
+    bucket_t, top_t = _split_logprobs(mx.stop_gradient(teacher_rows), vmap["t_ids"], vmap["t_unmapped"], temperature, k)
+    bucket_s, top_s = _split_logprobs(student_rows, vmap["s_ids"], vmap["s_unmapped"], temperature, k)
+    mapped = mx.maximum(_divergence_from_logprobs(bucket_t, bucket_s, divergence, beta), 0.0)
+    uld = mx.zeros(mapped.shape)
+    if k:
+        n = min(top_t.shape[-1], top_s.shape[-1])
+        uld = mx.abs(mx.exp(top_t[..., :n]) - mx.exp(top_s[..., :n])).sum(axis=-1)
+    t = teacher_rows.astype(mx.float32)
+    coverage = mx.stop_gradient(mx.exp(mx.logsumexp(mx.take(t, vmap["t_ids"], axis=-1), axis=-1) - mx.logsumexp(t, axis=-1)))
+    scale = temperature**2
+    return {"kd": scale * (mapped + uld_weight * uld), "mapped": scale * mapped, "uld": scale * uld,
+            "coverage": coverage}
+
+
+def vmap_arrays(vmap: VocabMap) -> dict:
+    t_unmapped = np.ones(vmap.teacher_vocab, bool)
+    t_unmapped[vmap.teacher_ids] = False
+    s_unmapped = np.ones(vmap.student_vocab, bool)
+    s_unmapped[vmap.student_ids] = False
+    return {"t_ids": mx.array(vmap.teacher_ids), "s_ids": mx.array(vmap.student_ids),
+            "t_unmapped": mx.array(t_unmapped), "s_unmapped": mx.array(s_unmapped)}
+
+
+def cross_objective(student_logits: mx.array, targets: CrossTargets, tokens: mx.array, loss_mask: mx.array,
+                    alpha: float = 0.7, temperature: float = 2.0, divergence: str = "forward_kl", beta: float = 0.5,
+                    uld_weight: float = 1.0, uld_top_k: int = 64) -> dict[str, mx.array]:
+    """alpha * KD (at aligned positions) + (1 - alpha) * CE (the student's own next tokens, every response token).
+
+    Returns {"loss", "kd", "ce", "ntokens", "mapped", "uld", "coverage", "aligned"}; "ntokens" counts the
+    CE positions (the trainer's weighting), "aligned" the KD positions.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    s_next, next_ids, mask = next_token_view(student_logits, tokens, loss_mask)
+    ce = masked_mean(token_cross_entropy(s_next, next_ids), mask)
+    rows = mx.take_along_axis(student_logits, targets.student_pos[..., None].astype(mx.int32), axis=1)
+    valid = targets.valid
+    # Padding rows (valid false) are neutralised to equal uniform rows: divergence 0, finite gradient.
+    rows = mx.where(valid[..., None], rows, 0.0)
+    t_rows = mx.where(valid[..., None], targets.logits, 0.0)
+    d = cross_token_divergence(t_rows, rows, targets.vmap, temperature, divergence, beta, uld_weight, uld_top_k)
+    kd = masked_mean(d["kd"], valid)
+    return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce, "ntokens": mask.astype(mx.float32).sum(),
+            "mapped": masked_mean(d["mapped"], valid), "uld": masked_mean(d["uld"], valid),
+            "coverage": masked_mean(d["coverage"], valid), "aligned": valid.astype(mx.float32).sum()}
+
+
+def cross_agreement(student_logits: mx.array, targets: CrossTargets) -> tuple[mx.array, mx.array]:
+    """(aligned positions where the student's top token is the teacher's top token's pair, aligned positions).
+    A teacher top token without a pair counts as disagreement."""
+    vm = targets.vmap
+    t_top = mx.argmax(targets.logits, axis=-1)
+    lookup = mx.full((vm["t_unmapped"].shape[0],), -1, dtype=mx.int32)
+    lookup[vm["t_ids"]] = vm["s_ids"].astype(mx.int32)
+    want = lookup[t_top]
+    rows = mx.take_along_axis(student_logits, targets.student_pos[..., None].astype(mx.int32), axis=1)
+    agree = (mx.argmax(rows, axis=-1) == want) & targets.valid
+    return agree.sum(), targets.valid.sum()
+
+
+def pad_pairs(examples: list[CrossExample]) -> tuple[mx.array, mx.array, mx.array]:
+    """teacher positions, student positions [B, P] and validity, P = the most pairs in the batch."""
+    width = max(1, max(len(e.pairs) for e in examples))
+    t_pos = np.zeros((len(examples), width), np.int32)
+    s_pos = np.zeros((len(examples), width), np.int32)
+    valid = np.zeros((len(examples), width), bool)
+    for b, e in enumerate(examples):
+        if e.pairs:
+            p = np.array(e.pairs, np.int32)
+            t_pos[b, : len(p)], s_pos[b, : len(p)], valid[b, : len(p)] = p[:, 0], p[:, 1], True
+    return mx.array(t_pos), mx.array(s_pos), mx.array(valid)
+
+
+__all__ = [
+    "CrossExample", "CrossTargets", "CrossTokenizerError", "VocabMap", "align_spans", "boundaries", "build_vocab_map",
+    "bucket_logits", "compare_tokenizers", "cross_agreement", "cross_examples", "cross_objective", "cross_token_divergence",
+    "encode_with_offsets", "pad_pairs", "token_bytes", "vmap_arrays",
+]
