@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Cross-tokenizer KD vs SFT, on a real pair with different vocabularies.
 
-    python scripts/benchmark_cross_tokenizer.py --seeds 0 1 --iters 30 --out docs/cross_tokenizer.md
+    python scripts/benchmark_cross_tokenizer.py --seeds 0 1 --iters 20 --out docs/cross_tokenizer.md
 
-Teacher SmolLM2-135M-Instruct (49k byte-level BPE) answers a domain's prompts; the student Gemma-3-270m
+Teacher SmolLM2-135M-Instruct (49k byte-level BPE) answers the domains' prompts; the student Gemma-3-270m
 (262k SentencePiece, a base model) is trained as LoRA on the same teacher answers, with the same budget:
   sft  alpha = 0: cross-entropy on the teacher's text, re-tokenized for the student
   kd   alpha = 0.7, T = 2: + KD at aligned positions (exact vocabulary mapping + ULD on the rest)
-The last prompts of the domain are held out. On their teacher answers we measure the student's loss against
+The last prompts of every domain are held out. On their teacher answers we measure the student's loss against
 the teacher's text (cross-entropy per student token, and per character so that it does not depend on the
 tokenizer), KL(teacher || student) at aligned positions at T = 1 (on the mapped tokens + remainder bucket),
 top-1 agreement, and the coverage figures (teacher mass on mapped tokens; share of positions aligned).
@@ -52,14 +52,14 @@ def main(argv=None) -> int:
     from conch_dna.training.kd.trainer import apply_lora
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--domain", default="thinking")
+    ap.add_argument("--domains", nargs="+", help="default: all of config/domains.toml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--learning-rate", type=float, default=2e-4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-seq-length", type=int, default=160)
-    ap.add_argument("--heldout", type=int, default=6, help="number of prompts held out (the domain's last ones)")
+    ap.add_argument("--heldout", type=int, default=2, help="prompts held out per domain (its last ones)")
     ap.add_argument("--reverse", action="store_true", help="Gemma-3-270m teaches SmolLM2-135M-Instruct")
     ap.add_argument("--work", default="models/benchmark_cross_tokenizer")
     ap.add_argument("--out", help="write the markdown report here (and the figures as .json)")
@@ -68,14 +68,16 @@ def main(argv=None) -> int:
     teacher_id, student_id = ("gemma-3-270m", "default-teacher") if args.reverse else ("default-teacher", "gemma-3-270m")
 
     teacher, t_tok = load_model(teacher_id)
-    prompts = load_domains()[args.domain]
-    held, train_prompts = prompts[-args.heldout:], prompts[: -args.heldout]
+    domains = load_domains()
+    args.domains = args.domains or list(domains)
+    held = [p for d in args.domains for p in domains[d][-args.heldout:]]
+    train_prompts = [p for d in args.domains for p in domains[d][: -args.heldout]]
     base = dict(teacher_model_id=teacher_id, student_model_id=student_id, iters=args.iters, batch_size=args.batch_size,
                 learning_rate=args.learning_rate, val_fraction=0.1, val_interval=max(1, args.iters // 5),
                 checkpoint_interval=args.iters, max_seq_length=args.max_seq_length, output_dir=args.work,
                 generation={"max_new_tokens": args.max_new_tokens})
     d0 = TrueKnowledgeDistiller(config=KDConfig(**base), teacher=teacher, teacher_tokenizer=t_tok)
-    held_cache, _ = d0.generate_training_data(held, args.domain + "-heldout")
+    held_cache, _ = d0.generate_training_data(held, "heldout")
 
     rows: dict[str, list[dict]] = {}
     student, s_tok = load_model(student_id)
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
             cfg = KDConfig(**{**base, **over, "seed": seed})
             d = TrueKnowledgeDistiller(config=cfg, teacher=teacher, teacher_tokenizer=t_tok)
             t0 = time.perf_counter()
-            r = d.distill_domain(f"{args.domain}-{method}-s{seed}", train_prompts)
+            r = d.distill_domain(f"{method}-s{seed}", train_prompts)
             student, s_tok = load_model(student_id)
             apply_lora(student, cfg)
             student.load_weights(str(Path(r.adapter_path) / "adapters.safetensors"), strict=False)
@@ -115,8 +117,9 @@ def render(rows: dict, figures: dict | None, args, teacher_id: str, student_id: 
     keys = [("ce_per_token", "held-out CE / student token"), ("ce_per_char", "CE / character"),
             ("kl_aligned", "KL at aligned positions (T=1)"), ("agreement", "top-1 agreement"),
             ("coverage", "teacher mass on mapped tokens")]
-    lines = [f"Teacher `{teacher_id}` -> student `{student_id}`, domain `{args.domain}`, {args.iters} steps, "
-             f"batch {args.batch_size}, lr {args.learning_rate}, seeds {args.seeds}, {args.heldout} held-out prompts.",
+    lines = [f"Teacher `{teacher_id}` -> student `{student_id}`, domains {', '.join(args.domains)}: "
+             f"{args.heldout} held-out prompts each, the rest for training; {args.iters} steps, batch {args.batch_size}, "
+             f"lr {args.learning_rate}, LoRA defaults, seeds {args.seeds}.",
              "", "| method | " + " | ".join(k[1] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for method in rows:
         lines.append(f"| {method} | " + " | ".join(cell(method, k) for k, _ in keys) + " |")

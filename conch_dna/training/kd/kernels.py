@@ -1,0 +1,131 @@
+"""A fused GPU kernel for the per-chunk elementwise work of the fused KD loss (forward KL + CE).
+
+Given one chunk of student and teacher logits [C, V] (bf16 straight out of the two head matmuls), one thread
+block per row computes in a single kernel what otherwise takes a dozen float32 passes over [C, V]:
+  pass 1 (online, one read):  logsumexp of s/T, t/T and s, and sum_j p_j (t_j - s_j) / T,
+  pass 2 (one read, one write): dL/ds_j = wk * T * (q_j - p_j) + wc * (softmax(s)_j - [j == y]),
+plus each row's KD term T^2 KL(p || q) and CE term. p = softmax(t/T), q = softmax(s/T); wk, wc are the
+row's weights (mask, alpha and 1/n folded in). Float32 arithmetic throughout, as in the portable path.
+
+`mx.fast.cuda_kernel` compiles it on NVIDIA GPUs (MLX's CUDA backend). Elsewhere (CPU, Apple silicon)
+`available()` is false and `fused.py` runs its compiled portable path; the two agree to float32 rounding
+(tests/test_kernels.py, run on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import mlx.core as mx
+
+BLOCK = 512  # threads per row; 151936 columns -> ~300 per thread per pass
+
+_SOURCE = r"""
+    const int row = blockIdx.x;
+    const int tid = threadIdx.x;
+    const int V = s_shape[1];
+    const float inv_t = 1.0f / temp[0];
+    const float wk = weights[2 * row];
+    const float wc = weights[2 * row + 1];
+    const int y = targets[row];
+    const size_t base = (size_t)row * V;
+    const float NEG = -INFINITY;
+
+    // Online log-sum-exp of three streams (s/T, t/T, s) and A = sum exp(t/T - mt) * (t - s) / T.
+    float ms = NEG, ls = 0.f, mt = NEG, lt = 0.f, m1 = NEG, l1 = 0.f, A = 0.f;
+    if (wk != 0.f || wc != 0.f) {
+        for (int j = tid; j < V; j += BLOCK) {
+            float sv = static_cast<float>(s[base + j]);
+            float tv = static_cast<float>(t[base + j]);
+            float a = sv * inv_t, b = tv * inv_t;
+            if (a > ms) { ls = ls * __expf(ms - a) + 1.f; ms = a; } else { ls += __expf(a - ms); }
+            if (b > mt) { float r = __expf(mt - b); lt = lt * r + 1.f; A = A * r + (b - a); mt = b; }
+            else { float e = __expf(b - mt); lt += e; A += e * (b - a); }
+            if (sv > m1) { l1 = l1 * __expf(m1 - sv) + 1.f; m1 = sv; } else { l1 += __expf(sv - m1); }
+        }
+    }
+    __shared__ float sh[7][BLOCK];
+    sh[0][tid] = ms; sh[1][tid] = ls; sh[2][tid] = mt; sh[3][tid] = lt; sh[4][tid] = A;
+    sh[5][tid] = m1; sh[6][tid] = l1;
+    __syncthreads();
+    for (int stride = BLOCK / 2; stride > 0; stride >>= 1) {
+        if (tid < stride) {
+            int o = tid + stride;
+            // merge (m, l) pairs; a side with m = -inf holds nothing
+            float mA = sh[0][tid], mB = sh[0][o];
+            if (mB > mA) { sh[1][tid] = sh[1][tid] * __expf(mA - mB) + sh[1][o]; sh[0][tid] = mB; }
+            else if (mB != NEG) { sh[1][tid] += sh[1][o] * __expf(mB - mA); }
+            mA = sh[2][tid]; mB = sh[2][o];
+            if (mB > mA) { float r = __expf(mA - mB); sh[3][tid] = sh[3][tid] * r + sh[3][o];
+                           sh[4][tid] = sh[4][tid] * r + sh[4][o]; sh[2][tid] = mB; }
+            else if (mB != NEG) { float r = __expf(mB - mA); sh[3][tid] += sh[3][o] * r; sh[4][tid] += sh[4][o] * r; }
+            mA = sh[5][tid]; mB = sh[5][o];
+            if (mB > mA) { sh[6][tid] = sh[6][tid] * __expf(mA - mB) + sh[6][o]; sh[5][tid] = mB; }
+            else if (mB != NEG) { sh[6][tid] += sh[6][o] * __expf(mB - mA); }
+        }
+        __syncthreads();
+    }
+    if (wk == 0.f && wc == 0.f) {  // a masked row: no loss, zero gradient (even if its logits are inf)
+        for (int j = tid; j < V; j += BLOCK) g[base + j] = static_cast<OutT>(0.f);
+        if (tid == 0) { stats[2 * row] = 0.f; stats[2 * row + 1] = 0.f; }
+        return;
+    }
+    const float lse_q = sh[0][0] + __logf(sh[1][0]);
+    const float lse_p = sh[2][0] + __logf(sh[3][0]);
+    const float lse_1 = sh[5][0] + __logf(sh[6][0]);
+    if (tid == 0) {
+        float kl = sh[4][0] / sh[3][0] - lse_p + lse_q;
+        float T = temp[0];
+        stats[2 * row] = T * T * fmaxf(kl, 0.f);
+        stats[2 * row + 1] = lse_1 - static_cast<float>(s[base + y]);
+    }
+    const float gk = wk * temp[0];
+    for (int j = tid; j < V; j += BLOCK) {
+        float sv = static_cast<float>(s[base + j]);
+        float tv = static_cast<float>(t[base + j]);
+        float q = __expf(sv * inv_t - lse_q);
+        float p = __expf(tv * inv_t - lse_p);
+        float sm = __expf(sv - lse_1);
+        float v = gk * (q - p) + wc * (sm - (j == y ? 1.f : 0.f));
+        g[base + j] = static_cast<OutT>(v);
+    }
+"""
+
+
+def available() -> bool:
+    """True where the fused kernel can run: MLX's CUDA backend on the default (GPU) device.
+    CONCH_FUSED_KERNEL=0 turns it off (the portable path then runs everywhere: for comparisons)."""
+    if os.environ.get("CONCH_FUSED_KERNEL", "1") == "0":
+        return False
+    try:
+        return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    except AttributeError:  # an MLX without the cuda module
+        return False
+
+
+@lru_cache(maxsize=1)
+def _kernel():
+    return mx.fast.cuda_kernel(
+        name="conch_forward_kl_ce_rows",
+        input_names=["s", "t", "targets", "weights", "temp"],
+        output_names=["g", "stats"],
+        source=_SOURCE,
+        header=f"#define BLOCK {BLOCK}\n",
+    )
+
+
+def forward_kl_ce_rows(s: mx.array, t: mx.array, targets: mx.array, wk: mx.array, wc: mx.array,
+                       temperature: float) -> tuple[mx.array, mx.array, mx.array]:
+    """(dL/ds [C, V] in s's dtype, KD per row [C] (T^2-scaled), CE per row [C]) for one chunk."""
+    rows = s.shape[0]
+    weights = mx.stack([wk.astype(mx.float32), wc.astype(mx.float32)], axis=-1)
+    g, stats = _kernel()(
+        inputs=[s, t, targets.astype(mx.int32), weights, mx.array([float(temperature)], dtype=mx.float32)],
+        template=[("OutT", s.dtype)],
+        grid=(rows * BLOCK, 1, 1),
+        threadgroup=(BLOCK, 1, 1),
+        output_shapes=[s.shape, (rows, 2)],
+        output_dtypes=[s.dtype, mx.float32],
+    )
+    return g, stats[:, 0], stats[:, 1]

@@ -1,0 +1,70 @@
+"""The fused CUDA kernel against the portable path (runs on the GPU machine; skipped where there is no CUDA).
+
+    python3 -m pytest -q tests/test_kernels.py      # on the GPU machine, MLX staged as in docs/benchmarks.md
+"""
+
+import mlx.core as mx
+import pytest
+
+from conch_dna.training.kd import kernels
+from conch_dna.training.kd.fused import fused_kd_loss
+from conch_dna.training.kd.losses import kd_objective
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs MLX's CUDA backend (an NVIDIA GPU)")
+
+
+def _rows(c, v, dtype, seed):
+    k = mx.random.split(mx.random.key(seed), 3)
+    s = (mx.random.normal((c, v), key=k[0]) * 3).astype(dtype)
+    t = (mx.random.normal((c, v), key=k[1]) * 3).astype(dtype)
+    y = mx.random.randint(0, v, (c,), key=k[2])
+    return s, t, y
+
+
+@pytest.mark.parametrize("v", [7, 1000, 151936])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
+def test_kernel_rows_match_float32_math(v, temperature):
+    s, t, y = _rows(64, v, mx.float32, v)
+    mask = (mx.arange(64) % 5 != 0).astype(mx.float32)
+    wk, wc = 0.7 * mask / 50, 0.3 * mask / 50
+    g, kd, ce = kernels.forward_kl_ce_rows(s, t, y, wk, wc, temperature)
+    T = temperature
+    logq = s / T - mx.logsumexp(s / T, axis=-1, keepdims=True)
+    logp = t / T - mx.logsumexp(t / T, axis=-1, keepdims=True)
+    want_kd = T * T * (mx.exp(logp) * (logp - logq)).sum(-1)
+    lse = mx.logsumexp(s, axis=-1)
+    want_ce = lse - mx.take_along_axis(s, y[:, None], -1)[:, 0]
+    onehot = (mx.arange(v)[None] == y[:, None]).astype(mx.float32)
+    want_g = wk[:, None] * T * (mx.exp(logq) - mx.exp(logp)) + wc[:, None] * (mx.exp(s - lse[:, None]) - onehot)
+    on = mask > 0
+    assert mx.allclose(mx.where(on, kd, 0), mx.where(on, want_kd, 0), rtol=1e-4, atol=1e-5).item()
+    assert mx.allclose(mx.where(on, ce, 0), mx.where(on, want_ce, 0), rtol=1e-4, atol=1e-5).item()
+    assert mx.allclose(g, want_g, rtol=1e-3, atol=1e-8).item()
+    assert mx.all(mx.where(on[:, None], 0, g) == 0).item()  # masked rows: zero gradient
+
+
+def test_fused_loss_with_kernel_matches_reference_values_and_gradients():
+    B, L, D, Dt, V = 2, 96, 64, 96, 5000
+    k = mx.random.split(mx.random.key(0), 5)
+    h = mx.random.normal((B * L, D), key=k[0])
+    ht = mx.random.normal((B * L, Dt), key=k[1])
+    w_s = mx.random.normal((V, D), key=k[2]) * 0.2
+    w_t = mx.random.normal((V, Dt), key=k[3]) * 0.2
+    y = mx.random.randint(0, V, (B * L,), key=k[4])
+    mask = mx.arange(B * L) % 7 != 3
+
+    def fused(x):
+        return fused_kd_loss(x, lambda a: a @ w_s.T, ht, y, mask, teacher_head=lambda a: a @ w_t.T, alpha=0.7,
+                             temperature=2.0, chunk_size=64)["loss"]
+
+    def reference(x):
+        s = (x @ w_s.T)[None]
+        t = (ht @ w_t.T)[None]
+        tokens = mx.concatenate([mx.zeros((1, 1), mx.int32), y[None]], axis=1)
+        m = mx.concatenate([mx.zeros((1, 1), mx.bool_), mask[None]], axis=1)
+        pad = mx.zeros((1, 1, V))
+        return kd_objective(mx.concatenate([s, pad], 1), mx.concatenate([t, pad], 1), tokens, m, 0.7, 2.0)["loss"]
+
+    (a, ga), (b, gb) = mx.value_and_grad(fused)(h), mx.value_and_grad(reference)(h)
+    assert abs(a.item() - b.item()) <= 1e-4 * abs(b.item())
+    assert mx.allclose(ga, gb, rtol=1e-3, atol=1e-6).item()
