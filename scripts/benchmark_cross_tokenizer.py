@@ -5,8 +5,9 @@
 
 Teacher SmolLM2-135M-Instruct (49k byte-level BPE) answers the domains' prompts; the student Gemma-3-270m
 (262k SentencePiece, a base model) is trained as LoRA on the same teacher answers, with the same budget:
-  sft  alpha = 0: cross-entropy on the teacher's text, re-tokenized for the student
-  kd   alpha = 0.7, T = 2: + KD at aligned positions (exact vocabulary mapping + ULD on the rest)
+  sft    alpha = 0: cross-entropy on the teacher's text, re-tokenized for the student
+  kd     alpha = 0.7, T = 2: + KD at aligned positions (exact vocabulary mapping + ULD on the rest)
+  kd_t1  alpha = 0.7, T = 1 (the teacher's own distribution, which its text is sampled from)
 The last prompts of every domain are held out. On their teacher answers we measure the student's loss against
 the teacher's text (cross-entropy per student token, and per character so that it does not depend on the
 tokenizer), KL(teacher || student) at aligned positions at T = 1 (on the mapped tokens + remainder bucket),
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import conch_dna  # noqa: E402,F401
 
-METHODS = {"sft": dict(alpha=0.0), "kd": dict(alpha=0.7, temperature=2.0)}
+METHODS = {"sft": dict(alpha=0.0), "kd": dict(alpha=0.7, temperature=2.0), "kd_t1": dict(alpha=0.7, temperature=1.0)}
 
 
 def measure(distiller, student, s_tok, held_cache, batch_size: int) -> dict:
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--domains", nargs="+", help="default: all of config/domains.toml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--learning-rate", type=float, default=2e-4)
@@ -63,6 +65,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reverse", action="store_true", help="Gemma-3-270m teaches SmolLM2-135M-Instruct")
     ap.add_argument("--work", default="models/benchmark_cross_tokenizer")
     ap.add_argument("--out", help="write the markdown report here (and the figures as .json)")
+    ap.add_argument("--heldout-temperature", type=float, action="append",
+                    help="sampling temperature of the held-out teacher answers (repeatable; default: the generation "
+                         "default, 0.7, as for the training data; 1.0 samples the teacher's own distribution)")
+    ap.add_argument("--eval-only", action="store_true", help="measure the adapters already trained in --work")
     args = ap.parse_args(argv)
     configure_logging(json_lines=True)
     teacher_id, student_id = ("gemma-3-270m", "default-teacher") if args.reverse else ("default-teacher", "gemma-3-270m")
@@ -77,26 +83,42 @@ def main(argv=None) -> int:
                 checkpoint_interval=args.iters, max_seq_length=args.max_seq_length, output_dir=args.work,
                 generation={"max_new_tokens": args.max_new_tokens})
     d0 = TrueKnowledgeDistiller(config=KDConfig(**base), teacher=teacher, teacher_tokenizer=t_tok)
-    held_cache, _ = d0.generate_training_data(held, "heldout")
+    held_sets = {}
+    for temp in args.heldout_temperature or [KDConfig().generation.temperature]:
+        d = TrueKnowledgeDistiller(config=KDConfig(**{**base, "generation": {**base["generation"], "temperature": temp}}),
+                                   teacher=teacher, teacher_tokenizer=t_tok)
+        held_sets[temp] = d.generate_training_data(held, "heldout")[0]
+
+    def measure_all(student, s_tok) -> dict:
+        out = {}
+        for temp, cache in held_sets.items():
+            m = measure(d0, student, s_tok, cache, args.batch_size)
+            out.update(m if len(held_sets) == 1 else {f"{k}@{temp}": v for k, v in m.items()})
+        return out
 
     rows: dict[str, list[dict]] = {}
     student, s_tok = load_model(student_id)
-    rows["untrained"] = [measure(d0, student, s_tok, held_cache, args.batch_size)]
+    rows["untrained"] = [measure_all(student, s_tok)]
     figures = None
-    for method, over in METHODS.items():
+    for method in args.methods:
+        over = METHODS[method]
         for seed in args.seeds:
             cfg = KDConfig(**{**base, **over, "seed": seed})
             d = TrueKnowledgeDistiller(config=cfg, teacher=teacher, teacher_tokenizer=t_tok)
             t0 = time.perf_counter()
-            r = d.distill_domain(f"{method}-s{seed}", train_prompts)
+            if args.eval_only:
+                adapter = Path(args.work) / f"{method}-s{seed}"
+                figures = json.loads((adapter / "result.json").read_text())["cross_tokenizer"]
+            else:
+                r = d.distill_domain(f"{method}-s{seed}", train_prompts)
+                adapter, figures = Path(r.adapter_path), r.cross_tokenizer
             student, s_tok = load_model(student_id)
             apply_lora(student, cfg)
-            student.load_weights(str(Path(r.adapter_path) / "adapters.safetensors"), strict=False)
+            student.load_weights(str(adapter / "adapters.safetensors"), strict=False)
             student.eval()
-            m = measure(d0, student, s_tok, held_cache, args.batch_size)
-            m["train_seconds"] = time.perf_counter() - t0
+            m = measure_all(student, s_tok)
+            m["seconds"] = time.perf_counter() - t0
             rows.setdefault(method, []).append(m)
-            figures = r.cross_tokenizer
             print(json.dumps({"method": method, "seed": seed, **m}), flush=True)
     report = render(rows, figures, args, teacher_id, student_id)
     print(report)
@@ -114,9 +136,12 @@ def render(rows: dict, figures: dict | None, args, teacher_id: str, student_id: 
             return fmt.format(xs[0])
         return f"{fmt.format(statistics.fmean(xs))} ± {fmt.format(statistics.stdev(xs))}"
 
-    keys = [("ce_per_token", "held-out CE / student token"), ("ce_per_char", "CE / character"),
-            ("kl_aligned", "KL at aligned positions (T=1)"), ("agreement", "top-1 agreement"),
-            ("coverage", "teacher mass on mapped tokens")]
+    base_keys = [("ce_per_token", "held-out CE / student token"), ("ce_per_char", "CE / character"),
+                 ("kl_aligned", "KL at aligned positions (T=1)"), ("agreement", "top-1 agreement"),
+                 ("coverage", "teacher mass on mapped tokens")]
+    temps = sorted({k.split("@")[1] for k in rows["untrained"][0] if "@" in k})
+    keys = base_keys if not temps else [(f"{k}@{t}", f"{label} (answers sampled at T={t})")
+                                        for t in temps for k, label in base_keys if k != "coverage"]
     lines = [f"Teacher `{teacher_id}` -> student `{student_id}`, domains {', '.join(args.domains)}: "
              f"{args.heldout} held-out prompts each, the rest for training; {args.iters} steps, batch {args.batch_size}, "
              f"lr {args.learning_rate}, LoRA defaults, seeds {args.seeds}.",

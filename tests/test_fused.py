@@ -111,9 +111,18 @@ def test_chunk_size_does_not_change_the_result(models):
     assert max(outs) - min(outs) <= 1e-5 * abs(outs[0])
 
 
-def test_compiled_closed_form_path_equals_generic_path(models):
-    """The default objective uses a compiled closed-form chunk; it must equal the autograd chunk."""
+@pytest.mark.parametrize("backend", ["numpy", "compiled-mlx"])
+def test_closed_form_paths_equal_generic_path(models, backend, monkeypatch):
+    """The default objective runs a closed-form chunk (NumPy on the CPU, compiled MLX on Apple GPUs, a CUDA
+    kernel on NVIDIA: tests/test_kernels.py); each must equal the autograd chunk."""
+    from conch_dna.training.kd import kernels
     from conch_dna.training.kd.fused import _head_weight, fused_kd_loss, model_parts
+
+    calls = []
+    real = kernels.forward_kl_ce_rows_numpy
+    monkeypatch.setattr(kernels, "forward_kl_ce_rows_numpy", lambda *a: calls.append(1) or real(*a))
+    if backend == "compiled-mlx":
+        monkeypatch.setenv("CONCH_FUSED_KERNEL", "0")
 
     teacher, students = models
     tokens, mask = batch(4)
@@ -130,3 +139,4 @@ def test_compiled_closed_form_path_equals_generic_path(models):
 
         (v1, g1), (v2, g2) = run(True), run(False)
         assert rel(v1.item(), v2.item()) <= TOL and rel(np.array(g1), np.array(g2)) <= TOL
+    assert bool(calls) == (backend == "numpy")

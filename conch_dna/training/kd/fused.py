@@ -197,7 +197,8 @@ def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, alpha:
     """A compiled chunk: loss parts and dL/dh for forward KL + CE with closed-form logit gradients.
 
     d(T^2 KL(p||q))/ds = T (q - p) with p, q the tempered softmaxes; d CE/ds = softmax(s) - onehot(y).
-    On an NVIDIA GPU the elementwise middle is one custom kernel (`kernels.py`); elsewhere it is compiled.
+    On an NVIDIA GPU the elementwise middle is one custom kernel, on the CPU NumPy (`kernels.py`); on Apple
+    silicon's GPU it is compiled MLX.
     """
     T = float(temperature)
 
@@ -214,6 +215,24 @@ def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, alpha:
             return kd + ce, kd, ce, g_h
 
         return kernel_chunk
+
+    if kernels.numpy_available():
+        def numpy_chunk(hs, ht, y, m, inv_n):
+            import numpy as np
+
+            s, t = (hs @ w_s.T).astype(mx.float32), (ht @ w_t.T).astype(mx.float32)
+            mn = np.asarray(m, dtype=np.float32)
+            inv = float(inv_n.item())
+            wk, wc = (alpha * inv) * mn, ((1.0 - alpha) * inv) * mn
+            g_s, kd_tok, ce_tok = kernels.forward_kl_ce_rows_numpy(np.array(s), np.array(t), np.asarray(y), wk, wc, T)
+            g_h = mx.array(g_s).astype(hs.dtype) @ w_s
+            on = mn > 0
+            kd = mx.array(float(np.where(on, kd_tok * wk, 0.0).sum()))
+            ce = mx.array(float(np.where(on, ce_tok * wc, 0.0).sum()))
+            mx.eval(g_h)  # now, so that this chunk's [C, V] gradient is freed before the next chunk
+            return kd + ce, kd, ce, g_h
+
+        return numpy_chunk
 
     def chunk(hs, ht, y, m, inv_n):
         s = (hs @ w_s.T).astype(mx.float32)
