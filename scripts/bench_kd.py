@@ -20,11 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Order matters: conch_dna loads the optimized BLAS, which only works before mlx is imported.
+# isort: off
+import conch_dna  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
-
-import conch_dna  # noqa: E402,F401  (optimized BLAS before mlx)
+# isort: on
 
 PRESETS = {
     # name: (teacher shape, student shape, vocab, batch, seq)

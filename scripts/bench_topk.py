@@ -14,9 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mlx.core as mx  # noqa: E402
-
+# Order matters: conch_dna loads the optimized BLAS, which only works before mlx is imported.
+# isort: off
 import conch_dna  # noqa: E402,F401
+import mlx.core as mx  # noqa: E402
+# isort: on
 from conch_dna.models import load_model  # noqa: E402
 from conch_dna.training.kd import SparseTargets, compute_kd_loss, topk_targets  # noqa: E402
 from conch_dna.training.kd.data import tail_logsumexp  # noqa: E402
