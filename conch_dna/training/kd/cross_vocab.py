@@ -305,28 +305,38 @@ class CrossTargets(NamedTuple):
     vmap: dict  # vmap_arrays(VocabMap)
 
 
+def _tempered(logits: mx.array, unmapped: mx.array, temperature: float) -> tuple[mx.array, mx.array]:
+    """logits / T, and the same with mapped ids masked out (a finite stand-in, not -inf: with nothing unmapped,
+    logsumexp over all -inf has a NaN gradient)."""
+    x = logits.astype(mx.float32) / temperature
+    return x, mx.where(unmapped, x, -1e30)
+
+
+def _buckets(x: mx.array, rest: mx.array, ids: mx.array) -> mx.array:
+    return mx.concatenate([mx.take(x, ids, axis=-1), mx.logsumexp(rest, axis=-1, keepdims=True)], axis=-1)
+
+
 def bucket_logits(logits: mx.array, ids: mx.array, unmapped: mx.array, temperature: float = 1.0) -> mx.array:
     """Logits [.., M + 1] over {each mapped id} + {the remainder}: softmax(result / T) is exactly softmax(logits / T)
     coarse-grained to those buckets (the remainder column is T * logsumexp(unmapped logits / T))."""
-    x = logits.astype(mx.float32)
-    # A finite stand-in, not -inf: with nothing unmapped, logsumexp over all -inf has a NaN gradient.
-    rest = temperature * mx.logsumexp(mx.where(unmapped, x / temperature, -1e30), axis=-1, keepdims=True)
-    return mx.concatenate([mx.take(x, ids, axis=-1), rest], axis=-1)
+    x, rest = _tempered(logits, unmapped, temperature)
+    return temperature * _buckets(x, rest, ids)
 
 
 def _split_logprobs(logits: mx.array, ids: mx.array, unmapped: mx.array, temperature: float, k: int):
     """Bucket log-probabilities at T (see `bucket_logits`), and the k largest remainder log-probabilities
-    (descending; -inf fillers when fewer exist). Touches the full vocabulary as few times as possible."""
-    b = bucket_logits(logits, ids, unmapped, temperature) / temperature
+    (descending; -inf fillers when fewer exist). One masked copy of the row serves both: each pass over a
+    262k-column vocabulary counts."""
+    x, rest = _tempered(logits, unmapped, temperature)
+    b = _buckets(x, rest, ids)
     lse = mx.logsumexp(b, axis=-1, keepdims=True)  # = logsumexp over the whole vocabulary
     if k <= 0:
         return b - lse, None
-    x = mx.where(unmapped, logits.astype(mx.float32) / temperature, -mx.inf)
     k = min(k, x.shape[-1])
-    idx = mx.stop_gradient(mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k])
-    top = mx.take_along_axis(x, idx, axis=-1)
+    idx = mx.stop_gradient(mx.argpartition(-rest, kth=k - 1, axis=-1)[..., :k])
+    top = mx.take_along_axis(rest, idx, axis=-1)
     top = mx.take_along_axis(top, mx.stop_gradient(mx.argsort(-top, axis=-1)), axis=-1)
-    return b - lse, top - lse
+    return b - lse, mx.where(top > -1e29, top - lse, -mx.inf)
 
 
 def cross_token_divergence(teacher_rows: mx.array, student_rows: mx.array, vmap: dict, temperature: float = 2.0,

@@ -131,7 +131,6 @@ def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length:
     if not prompts:
         raise DataError("no prompts given: pass at least one prompt (or use a domain from config/domains.toml)")
     prompt_ids = [chat_prompt_ids(tokenizer, p, gen.system_prompt) for p in prompts]
-    texts = iter(prompts)
     for p, ids in zip(prompts, prompt_ids):
         if len(ids) >= max_seq_length - 1:
             raise DataError(
@@ -149,7 +148,7 @@ def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length:
         with lock or nullcontext():
             out = batch_generate(model, tokenizer, chunk, max_tokens=budgets, sampler=sampler, return_token_ids=True)
         fault_point("generation")
-        for ids, resp, budget, text in zip(chunk, out.token_ids, budgets, texts):
+        for ids, resp, budget, text in zip(chunk, out.token_ids, budgets, prompts[start : start + gen.batch_size]):
             resp = list(resp)
             n_gen += len(resp)
             if eos is not None and len(resp) < budget:
