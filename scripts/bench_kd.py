@@ -83,6 +83,13 @@ def run(args, impl: str) -> dict:
     cfg = KDConfig(lora={"rank": 16, "scale": 2.0, "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]},
                    temperature=2.0, alpha=0.7, loss_chunk_size=args.chunk)
     apply_lora(student, cfg)
+    if args.stock_lora:  # mlx-lm's own layer (float32 LoRA matmuls on bf16 activations), for comparison
+        from mlx_lm.tuner.lora import LoRALinear
+
+        for m in student.modules():
+            if isinstance(m, LoRALinear):
+                m.__class__ = LoRALinear
+    compiled = impl == "fused" and (args.compile == "on" or (args.compile == "auto" and gpu))
     if args.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -98,19 +105,24 @@ def run(args, impl: str) -> dict:
             return TeacherStates(mx.stop_gradient(t_body(tokens)), t_head)  # hidden states only
         return mx.stop_gradient(teacher(tokens))
 
-    def loss_fn(model, targets):
+    def loss_fn(model, tokens, mask, targets):
         if impl == "fused":
-            out = fused_objective(model, targets, tokens, mask, alpha=0.7, temperature=2.0, chunk_size=args.chunk)
+            out = fused_objective(model, targets, tokens, mask, alpha=0.7, temperature=2.0, chunk_size=args.chunk,
+                                  compiled=compiled)
         else:
             out = kd_objective(model(tokens), targets, tokens, mask, 0.7, 2.0)
         return out["loss"]
 
     loss_and_grad = nn.value_and_grad(student, loss_fn)
+    if compiled:  # the trainer's compiled step (conch_dna.training.kd.trainer.compile_loss_and_grad)
+        from conch_dna.training.kd.trainer import compile_loss_and_grad
+
+        loss_and_grad = compile_loss_and_grad(student, loss_and_grad)
 
     def step():
         targets = teacher_targets()
         mx.eval(targets)
-        loss, grads = loss_and_grad(student, targets)
+        loss, grads = loss_and_grad(student, tokens, mask, targets)
         opt.update(student, grads)
         mx.eval(loss, student.trainable_parameters(), opt.state)
         return loss
@@ -155,6 +167,7 @@ def run(args, impl: str) -> dict:
     res = {
         "impl": f"mlx-{impl}", "preset": args.preset, "real": args.real, "device": device, "dtype": str(dtype),
         "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint,
+        "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch",
         "step_s": round(dt, 4), "tok_s": round(batch * seq / dt, 1), "peak_gb": round(peak, 2),
         "teacher_fwd_s": round(t_teacher, 4), "loss_s": None if t_loss is None else round(t_loss, 4),
         "student_and_rest_s": round(dt - t_teacher - (t_loss or 0.0), 4),
@@ -175,6 +188,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--real", action="store_true", help="real default-pair weights (smollm2 preset)")
     ap.add_argument("--grad-checkpoint", action="store_true")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="mx.compile the student's step as the trainer does (auto: on a GPU)")
+    ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     args = ap.parse_args()
     impls = ["reference", "fused"] if args.impl == "both" else [args.impl]

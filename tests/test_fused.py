@@ -4,7 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from conch_dna.models import load_model
 from conch_dna.models.tiny import build_tiny_model
@@ -140,3 +140,58 @@ def test_closed_form_paths_equal_generic_path(models, backend, monkeypatch):
         (v1, g1), (v2, g2) = run(True), run(False)
         assert rel(v1.item(), v2.item()) <= TOL and rel(np.array(g1), np.array(g2)) <= TOL
     assert bool(calls) == (backend == "numpy")
+
+
+def test_compiled_step_equals_eager_and_sees_parameter_updates(models):
+    """The trainer's mx.compile'd loss-and-gradient (default on GPUs) gives the eager values and gradients,
+    for online hidden states and cached top-k targets, and reads the current LoRA weights (model state is a
+    compiled input, not a baked-in constant)."""
+    from conch_dna.training.kd.fused import TeacherStates, model_parts
+    from conch_dna.training.kd.trainer import _loss_fn, compile_loss_and_grad
+
+    teacher, students = models
+    s = students["untied"]
+    tokens, mask = batch(5)
+    cfg = KDConfig(loss_chunk_size=11)
+    t_body, t_head = model_parts(teacher)
+    online = TeacherStates(t_body(tokens), t_head)
+    cached = topk_targets(teacher(tokens), 16)
+    eager = nn.value_and_grad(s, lambda m, *a: _loss_fn(m, *a, cfg, None, True, False))
+    traced = compile_loss_and_grad(s, nn.value_and_grad(s, lambda m, *a: _loss_fn(m, *a, cfg, None, True, True)))
+    losses = []
+    for step, targets in enumerate((online, cached, online, cached)):
+        if step == 2:  # what an optimizer step does: new LoRA weights, same compiled functions
+            s.update(tree_map(lambda v: v + 0.01, s.trainable_parameters()))
+        (l1, o1), g1 = eager(s, tokens, mask, targets)
+        (l2, o2), g2 = traced(s, tokens, mask, targets)
+        g1, g2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+        assert g1.keys() == g2.keys() and g1
+        assert rel(l2.item(), l1.item()) <= TOL and rel(o2["kd"].item(), o1["kd"].item()) <= TOL
+        for k in g1:
+            assert rel(np.array(g2[k]), np.array(g1[k])) <= TOL, k
+        losses.append(l2.item())
+    assert losses[2] != losses[0] and losses[3] != losses[1]  # the update was seen
+    with pytest.raises(ValueError, match="different model"):
+        traced(students["tied"], tokens, mask, online)
+
+
+def test_lora_layers_compute_in_the_model_dtype(tiny_pair):
+    """bf16 student: our LoRA layer keeps float32 weights and gradients but bf16 activations (mlx-lm's
+    promotes them to float32), and computes what mlx-lm's layer computes."""
+    from mlx_lm.tuner.lora import LoRALinear as MlxLoRALinear
+
+    _, student_path = tiny_pair
+    s, _ = load_model(student_path)
+    s.set_dtype(mx.bfloat16)
+    apply_lora(s, KDConfig(lora={"rank": 4}))
+    layer = s.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, MlxLoRALinear) and type(layer) is not MlxLoRALinear
+    layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+    assert layer.lora_a.dtype == layer.lora_b.dtype == mx.float32
+    x = mx.random.normal((3, layer.lora_a.shape[0])).astype(mx.bfloat16)
+    y = layer(x)
+    assert y.dtype == mx.bfloat16
+    assert rel(np.array(y.astype(mx.float32)), np.array(MlxLoRALinear.__call__(layer, x).astype(mx.float32))) < 1e-2
+    _, grads = nn.value_and_grad(layer, lambda m: m(x).astype(mx.float32).sum())(layer)
+    flat = dict(tree_flatten(grads))
+    assert set(flat) == {"lora_a", "lora_b"} and all(g.dtype == mx.float32 for g in flat.values())

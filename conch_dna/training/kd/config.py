@@ -106,6 +106,8 @@ class KDConfig(BaseSettings):
         "fused", description="fused: chunked loss from hidden states, never full-vocabulary logits; reference: plain")
     loss_chunk_size: int = Field(1024, ge=1, le=1 << 20, description="token positions per chunk of the fused loss")
     grad_checkpoint: bool = Field(False, description="recompute each block's activations in the backward pass")
+    compile_step: Literal["auto", "on", "off"] = Field(
+        "auto", description="mx.compile the student's forward/backward + loss: auto = on a GPU, off on the CPU")
     memory_preflight: bool = Field(True, description="refuse settings whose estimated peak memory does not fit")
 
     # Validation and checkpoints

@@ -194,9 +194,13 @@ def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list
 # ------------------------------------------------------------------------------------------ batches
 
 
-def pad_batch(examples: list[Example], pad_id: int = 0) -> tuple[mx.array, mx.array]:
-    """tokens [B, L] (right-padded) and loss_mask [B, L] (true on response tokens only)."""
+def pad_batch(examples: list[Example], pad_id: int = 0, multiple: int = 1) -> tuple[mx.array, mx.array]:
+    """tokens [B, L] (right-padded) and loss_mask [B, L] (true on response tokens only).
+
+    `multiple` rounds L up (a compiled step recompiles for every new shape; padding is masked and, being
+    on the right of a causal model, changes nothing)."""
     width = max(len(e.tokens) for e in examples)
+    width = -(-width // multiple) * multiple
     tokens = np.full((len(examples), width), pad_id, dtype=np.int32)
     mask = np.zeros((len(examples), width), dtype=bool)
     for i, e in enumerate(examples):

@@ -97,6 +97,7 @@ def fused_kd_loss(
     beta: float = 0.5,
     chunk_size: int = 1024,
     fast: bool = True,
+    compiled: bool = False,
 ) -> dict[str, mx.array]:
     """alpha * KD + (1 - alpha) * CE over masked positions, from hidden states, chunk by chunk.
 
@@ -104,6 +105,8 @@ def fused_kd_loss(
     predicts targets[i]). `teacher` is either the teacher's hidden states [N, Dt] (with `teacher_head`) or
     `SparseTargets` [N, k]. mask [N] selects the positions that count. Differentiable w.r.t. h_student only
     (the teacher is a target). Returns {"loss", "kd", "ce", "ntokens"} like `losses.kd_objective`.
+    `compiled`: the caller traces this under `mx.compile`, so the CPU's NumPy chunk (which reads arrays)
+    gives way to the compiled MLX chunk.
     """
     if isinstance(teacher, SparseTargets) == (teacher_head is not None):
         raise ValueError("pass teacher hidden states with teacher_head, or SparseTargets without it")
@@ -128,7 +131,7 @@ def fused_kd_loss(
     w_teacher = _head_weight(teacher_head) if fast and teacher_head is not None else None
     use_fast = w_student is not None and w_teacher is not None and divergence == "forward_kl"
     if use_fast:
-        fast_chunk = _fast_forward_kl_ce(w_student, w_teacher, temperature, alpha)
+        fast_chunk = _fast_forward_kl_ce(w_student, w_teacher, temperature, alpha, traced=compiled)
 
     def forward(h_s, *teacher_arrays):
         totals, kds, ces, grads = [], [], [], []
@@ -193,12 +196,13 @@ def _head_weight(head: Head | None) -> mx.array | None:
     return None
 
 
-def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, alpha: float):
+def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, alpha: float, traced: bool = False):
     """A compiled chunk: loss parts and dL/dh for forward KL + CE with closed-form logit gradients.
 
     d(T^2 KL(p||q))/ds = T (q - p) with p, q the tempered softmaxes; d CE/ds = softmax(s) - onehot(y).
     On an NVIDIA GPU the elementwise middle is one custom kernel, on the CPU NumPy (`kernels.py`); on Apple
-    silicon's GPU it is compiled MLX.
+    silicon's GPU it is compiled MLX. `traced`: the caller compiles the whole step (no NumPy, no nested
+    compile).
     """
     T = float(temperature)
 
@@ -216,7 +220,7 @@ def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, alpha:
 
         return kernel_chunk
 
-    if kernels.numpy_available():
+    if not traced and kernels.numpy_available():
         def numpy_chunk(hs, ht, y, m, inv_n):
             import numpy as np
 
@@ -252,12 +256,14 @@ def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, alpha:
         ce = mx.where(m > 0, ce_tok * wc, 0.0).sum()
         return kd + ce, kd, ce, g_h
 
-    return mx.compile(chunk)
+    # Under an outer mx.compile (`traced`) the chunk is fused there. A nested compiled function would be
+    # freed from inside the outer one's cache and abort MLX 0.32 ("Resource deadlock avoided").
+    return chunk if traced else mx.compile(chunk)
 
 
 def fused_objective(
     student, teacher_targets, tokens: mx.array, loss_mask: mx.array, *, alpha=0.7, temperature=2.0,
-    divergence="forward_kl", beta=0.5, chunk_size=1024, vocab: int | None = None, teacher=None,
+    divergence="forward_kl", beta=0.5, chunk_size=1024, vocab: int | None = None, teacher=None, compiled=False,
 ) -> dict[str, mx.array]:
     """`kd_objective`'s drop-in: runs the student to its final hidden states only.
 
@@ -271,7 +277,8 @@ def fused_objective(
     B, L1, D = h.shape
     targets = tokens[:, 1:].reshape(-1)
     mask = loss_mask[:, 1:].reshape(-1)
-    kw = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta, chunk_size=chunk_size)
+    kw = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta, chunk_size=chunk_size,
+              compiled=compiled)
     if teacher_targets is None:
         t_body, t_head = model_parts(teacher)
         teacher_targets = TeacherStates(mx.stop_gradient(t_body(tokens)), t_head)
