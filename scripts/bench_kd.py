@@ -96,9 +96,15 @@ def run(args, impl: str) -> dict:
         grad_checkpoint(student.layers[0])
     opt = optim.AdamW(learning_rate=1e-4)
     opt.init(student.trainable_parameters())
+    from conch_dna.training.kd.trainer import make_update
+
+    update = make_update(student, opt, 1.0, compiled)  # the trainer's: mean gradient, clipping, AdamW
+    weights_gb = mx.get_active_memory() / 2**30
     tokens = mx.random.randint(0, vocab, (batch, seq))
     mask = mx.ones((batch, seq), dtype=mx.bool_)
     t_body, t_head = model_parts(teacher)
+    if args.compile_teacher:
+        t_body = mx.compile(t_body)
 
     def teacher_targets():
         if impl == "fused":
@@ -123,8 +129,8 @@ def run(args, impl: str) -> dict:
         targets = teacher_targets()
         mx.eval(targets)
         loss, grads = loss_and_grad(student, tokens, mask, targets)
-        opt.update(student, grads)
-        mx.eval(loss, student.trainable_parameters(), opt.state)
+        norm = update(grads, mx.array(1.0))
+        mx.eval(loss, norm, student.trainable_parameters(), opt.state)
         return loss
 
     for _ in range(args.warmup):
@@ -136,10 +142,12 @@ def run(args, impl: str) -> dict:
     dt = (time.perf_counter() - t0) / args.steps
     peak = mx.get_peak_memory() / 2**30
     # Split: teacher alone, and the loss (+ its hidden-state gradient) alone on fixed hidden states.
+    mx.reset_peak_memory()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         mx.eval(teacher_targets())
     t_teacher = (time.perf_counter() - t0) / args.steps
+    teacher_peak = mx.get_peak_memory() / 2**30
     t_loss = None
     if impl == "fused":
         s_body, s_head = model_parts(student)
@@ -169,6 +177,7 @@ def run(args, impl: str) -> dict:
         "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint,
         "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch",
         "step_s": round(dt, 4), "tok_s": round(batch * seq / dt, 1), "peak_gb": round(peak, 2),
+        "weights_gb": round(weights_gb, 2), "teacher_fwd_peak_gb": round(teacher_peak, 2),
         "teacher_fwd_s": round(t_teacher, 4), "loss_s": None if t_loss is None else round(t_loss, 4),
         "student_and_rest_s": round(dt - t_teacher - (t_loss or 0.0), 4),
         "tflops": round(flops / dt / 1e12, 2), "mfu": None if peak_tf is None else round(flops / dt / 1e12 / peak_tf, 3),
@@ -190,6 +199,7 @@ def main() -> None:
     ap.add_argument("--grad-checkpoint", action="store_true")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="mx.compile the student's step as the trainer does (auto: on a GPU)")
+    ap.add_argument("--compile-teacher", action="store_true", help="mx.compile the teacher's forward too")
     ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     args = ap.parse_args()

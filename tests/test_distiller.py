@@ -102,12 +102,15 @@ def test_distill_all_writes_summary(tiny_pair, kd_config):
     assert set(summary) == set(results) == {"alpha", "beta"}
 
 
-def test_resume_continues_from_checkpoint_exactly(tiny_pair, kd_config, tmp_path):
-    """N steps == k steps, stop, resume, N-k steps: bitwise on CPU (same adapter weights)."""
+@pytest.mark.parametrize("compile_step", ["off", "on"])
+def test_resume_continues_from_checkpoint_exactly(tiny_pair, kd_config, tmp_path, compile_step):
+    """N steps == k steps, stop, resume, N-k steps: bitwise on CPU (same adapter weights), also with the
+    compiled step and update (the resumed optimizer state must reach the compiled update)."""
     from conch_dna.training.kd import TrainingCancelled
 
     teacher, student = tiny_pair
-    full = kd_config(iters=6, output_dir=str(tmp_path / "full"), lora={"dropout": 0.1}, warmup_steps=2)
+    full = kd_config(iters=6, output_dir=str(tmp_path / "full"), lora={"dropout": 0.1}, warmup_steps=2,
+                     compile_step=compile_step)
     TrueKnowledgeDistiller(str(teacher), str(student), full).distill_domain("task", PROMPTS)
     part = full.model_copy(update={"output_dir": tmp_path / "part"})
     steps = []
