@@ -62,7 +62,7 @@ def n_params(model) -> int:
 
 def run(args, impl: str) -> dict:
     from conch_dna.training.kd import KDConfig
-    from conch_dna.training.kd.fused import TeacherStates, fused_objective, model_parts
+    from conch_dna.training.kd.fused import TeacherStates, fused_objective, model_parts, teacher_hidden
     from conch_dna.training.kd.losses import kd_objective
     from conch_dna.training.kd.trainer import apply_lora
 
@@ -91,9 +91,9 @@ def run(args, impl: str) -> dict:
                 m.__class__ = LoRALinear
     compiled = impl == "fused" and (args.compile == "on" or (args.compile == "auto" and gpu))
     if args.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
+        from conch_dna.training.kd.trainer import checkpoint_blocks
 
-        grad_checkpoint(student.layers[0])
+        checkpoint_blocks(student, args.checkpoint_every)
     opt = optim.AdamW(learning_rate=1e-4)
     opt.init(student.trainable_parameters())
     from conch_dna.training.kd.trainer import make_update
@@ -108,7 +108,7 @@ def run(args, impl: str) -> dict:
 
     def teacher_targets():
         if impl == "fused":
-            return TeacherStates(mx.stop_gradient(t_body(tokens)), t_head)  # hidden states only
+            return TeacherStates(teacher_hidden(t_body, tokens, args.teacher_pass_tokens), t_head)  # hidden states only
         return mx.stop_gradient(teacher(tokens))
 
     def loss_fn(model, tokens, mask, targets):
@@ -174,7 +174,8 @@ def run(args, impl: str) -> dict:
     peak_tf = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
     res = {
         "impl": f"mlx-{impl}", "preset": args.preset, "real": args.real, "device": device, "dtype": str(dtype),
-        "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint,
+        "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and args.checkpoint_every,
+        "teacher_pass_tokens": args.teacher_pass_tokens,
         "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch",
         "step_s": round(dt, 4), "tok_s": round(batch * seq / dt, 1), "peak_gb": round(peak, 2),
         "weights_gb": round(weights_gb, 2), "teacher_fwd_peak_gb": round(teacher_peak, 2),
@@ -199,6 +200,8 @@ def main() -> None:
     ap.add_argument("--grad-checkpoint", action="store_true")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="mx.compile the student's step as the trainer does (auto: on a GPU)")
+    ap.add_argument("--checkpoint-every", type=int, default=1, help="with --grad-checkpoint: every k-th block")
+    ap.add_argument("--teacher-pass-tokens", type=int, default=4096, help="teacher forward: rows per pass")
     ap.add_argument("--compile-teacher", action="store_true", help="mx.compile the teacher's forward too")
     ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")
     ap.add_argument("--out", help="append the JSON lines to this file")

@@ -195,3 +195,44 @@ def test_lora_layers_compute_in_the_model_dtype(tiny_pair):
     _, grads = nn.value_and_grad(layer, lambda m: m(x).astype(mx.float32).sum())(layer)
     flat = dict(tree_flatten(grads))
     assert set(flat) == {"lora_a", "lora_b"} and all(g.dtype == mx.float32 for g in flat.values())
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every):
+    """Gradient checkpointing (all blocks, or every other one) recomputes instead of storing: same loss and
+    gradients; only the student's own blocks change class, not a teacher of the same architecture."""
+    from conch_dna.training.kd.trainer import checkpoint_blocks
+
+    teacher_path, student_path = tiny_pair
+    teacher, _ = load_model(teacher_path)
+    plain, ckpt = load_model(student_path)[0], load_model(student_path)[0]
+    for s in (plain, ckpt):
+        mx.random.seed(3)
+        apply_lora(s, KDConfig(lora={"rank": 4}))
+    plain.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, plain.trainable_parameters()))
+    ckpt.update(plain.trainable_parameters())
+    n = checkpoint_blocks(ckpt, every)
+    assert n == len(range(0, len(ckpt.layers), every))
+    assert [type(b).__name__.startswith("Checkpointed") for b in ckpt.layers] == [i % every == 0 for i in range(len(ckpt.layers))]
+    assert not any(type(b).__name__.startswith("Checkpointed") for b in list(plain.layers) + list(teacher.layers))
+    tokens, mask = batch(6)
+    f = lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, chunk_size=16))  # noqa: E731
+    (l1, _), g1 = nn.value_and_grad(plain, f)(plain)
+    (l2, _), g2 = nn.value_and_grad(ckpt, f)(ckpt)
+    g1, g2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+    assert g1.keys() == g2.keys() and rel(l2.item(), l1.item()) <= TOL
+    for k in g1:
+        assert rel(np.array(g2[k]), np.array(g1[k])) <= TOL, k
+    assert any(np.abs(np.array(g)).max() > 0 for k, g in g1.items() if "lora_a" in k)
+
+
+def test_teacher_hidden_in_groups_of_rows_equals_one_pass(models):
+    from conch_dna.training.kd.fused import model_parts, teacher_hidden
+
+    teacher, _ = models
+    body, _ = model_parts(teacher)
+    tokens, _ = batch(7, B=5, L=12)
+    whole = np.array(body(tokens))
+    for max_tokens in (1, 12, 30, 10_000):  # 1 row (also below one row), 1 row, 2 rows, all rows
+        got = teacher_hidden(body, tokens, max_tokens)
+        assert got.shape == whole.shape and rel(np.array(got), whole) <= 1e-6, max_tokens

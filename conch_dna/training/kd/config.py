@@ -105,7 +105,13 @@ class KDConfig(BaseSettings):
     loss_impl: Literal["fused", "reference"] = Field(
         "fused", description="fused: chunked loss from hidden states, never full-vocabulary logits; reference: plain")
     loss_chunk_size: int = Field(1024, ge=1, le=1 << 20, description="token positions per chunk of the fused loss")
-    grad_checkpoint: bool = Field(False, description="recompute each block's activations in the backward pass")
+    grad_checkpoint: bool = Field(False, description="recompute blocks' activations in the backward pass")
+    grad_checkpoint_every: int = Field(
+        1, ge=1, description="with grad_checkpoint, recompute every k-th block only (1 = all blocks; 2 = every "
+        "other block: about half the activation memory saved, for half the recompute time)")
+    teacher_pass_tokens: int = Field(
+        4096, ge=1, description="the online teacher's forward runs on groups of whole rows of at most this many "
+        "tokens (at least one row), each evaluated before the next: bounds its transient memory")
     compile_step: Literal["auto", "on", "off"] = Field(
         "auto", description="mx.compile the student's forward/backward + loss: auto = on a GPU, off on the CPU")
     memory_preflight: bool = Field(True, description="refuse settings whose estimated peak memory does not fit")

@@ -54,7 +54,7 @@ from conch_dna.training.kd.data import (
     split_examples,
     teacher_logits,
 )
-from conch_dna.training.kd.fused import TeacherStates, model_parts, parts_match
+from conch_dna.training.kd.fused import TeacherStates, model_parts, parts_match, teacher_hidden
 from conch_dna.training.kd.memory import preflight
 from conch_dna.training.kd.trainer import (
     TrainingCancelled,
@@ -462,7 +462,7 @@ class TrueKnowledgeDistiller:
             with self.teacher_lock:
                 if split_ok:  # only the aligned rows go through the output layer
                     body, head = model_parts(teacher)
-                    hidden = body(t_tokens)
+                    hidden = teacher_hidden(body, t_tokens, self.config.teacher_pass_tokens)
                     rows = head(mx.take_along_axis(hidden, t_pos[..., None], axis=1))
                 else:
                     rows = mx.take_along_axis(teacher(t_tokens), t_pos[..., None], axis=1)
@@ -486,9 +486,7 @@ class TrueKnowledgeDistiller:
             with self.teacher_lock:
                 if split_ok:
                     body, head = model_parts(teacher)
-                    hidden = mx.stop_gradient(body(tokens))
-                    mx.eval(hidden)
-                    return TeacherStates(hidden, head)
+                    return TeacherStates(teacher_hidden(body, tokens, self.config.teacher_pass_tokens), head)
                 logits = teacher_logits(teacher, tokens)
                 logits = logits[..., :vocab] if vocab is not None else logits
                 mx.eval(logits)

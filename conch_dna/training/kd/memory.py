@@ -6,10 +6,10 @@ before the first step and says which settings would fit. The estimate is deliber
     weights (student + the teacher when it runs during training)
   + LoRA gradients and AdamW moments (3 x trainable parameters, float32)
   + student activations kept for the backward pass: per token and block ~ (32 d + 8 i) values
-    (with gradient checkpointing: one block's worth, plus each block's input)
+    (recomputed blocks, with gradient checkpointing: their input, plus one block's worth at a time)
   + attention scores where no fused attention exists (CPU): batch x heads x seq^2 x 4 bytes per block
   + the loss: fused, ~6 float32 [chunk, vocab] buffers; reference, ~6 [batch x seq, vocab] buffers
-  + the teacher's forward activations (transient): batch x seq x 8 d_teacher values
+  + the teacher's forward pass (transient), over one group of rows: see `teacher_forward_bytes`
 
 Calibrated against the H100 runs of docs/benchmarks.md (Qwen2.5 1.5B -> 0.5B, batch 8 x 1024, chunk 1024:
 34.6 GB before the margin vs 35.5 GB measured with the autograd chunk); a 1.25 margin covers allocator caching.
@@ -62,18 +62,28 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def teacher_forward_bytes(teacher, config, batch: int, seq: int, dtype_bytes: int) -> int:
+    """Transient memory of the teacher's forward pass over one group of rows (`teacher_pass_tokens`).
+    MLX's CUDA backend held all of a pass's temporaries until it finished: ~(4 d + 2 i) values per token
+    and block (Qwen2.5-1.5B, 8192 tokens: 10 GB measured, 11 GB by this formula)."""
+    t = model_shapes(teacher)
+    rows = min(batch, max(1, config.teacher_pass_tokens // max(1, seq)))
+    return rows * seq * t.layers * (4 * t.hidden + 2 * t.intermediate) * dtype_bytes
+
+
 def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[str, int]:
     """Bytes of each part of a training step's peak; `teacher` None when it does not run during training."""
     s = model_shapes(student)
     dtype_bytes = next(p.itemsize for _, p in tree_flatten(student.parameters()))
     tokens = batch * seq
     per_block_token = (32 * s.hidden + 8 * s.intermediate) * dtype_bytes
-    if config.grad_checkpoint:
-        activations = tokens * (per_block_token + s.layers * s.hidden * dtype_bytes)
-    else:
-        activations = tokens * per_block_token * s.layers
+    recomputed = len(range(0, s.layers, config.grad_checkpoint_every)) if config.grad_checkpoint else 0
+    kept = s.layers - recomputed
+    # Kept blocks hold their activations; recomputed ones their input, plus one block's worth at a time.
+    activations = tokens * (kept * per_block_token + recomputed * s.hidden * dtype_bytes
+                            + (per_block_token if recomputed else 0))
     on_cpu = mx.default_device() == mx.cpu
-    attention = batch * s.heads * seq * seq * 4 * (1 if config.grad_checkpoint else s.layers) if on_cpu else 0
+    attention = batch * s.heads * seq * seq * 4 * (kept + (1 if recomputed else 0)) if on_cpu else 0
     rows = min(config.loss_chunk_size, tokens) if config.loss_impl == "fused" else tokens
     parts = {
         "weights": param_bytes(student) + (param_bytes(teacher) if teacher is not None else 0),
@@ -81,7 +91,7 @@ def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[
         "activations": activations,
         "attention": attention,
         "loss": 6 * 4 * rows * s.vocab,
-        "teacher_forward": 8 * tokens * model_shapes(teacher).hidden * dtype_bytes if teacher is not None else 0,
+        "teacher_forward": teacher_forward_bytes(teacher, config, batch, seq, dtype_bytes) if teacher is not None else 0,
     }
     parts["total"] = int(MARGIN * sum(parts.values()))
     return parts

@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import mlx.core as mx
@@ -105,6 +105,32 @@ def apply_lora(model: nn.Module, config: KDConfig) -> int:
         if type(module) is theirs:  # same fields, only __call__ differs: switch the class in place
             module.__class__ = ours
     return num_layers
+
+
+def checkpoint_blocks(model: nn.Module, every: int = 1) -> int:
+    """Gradient checkpointing: blocks 0, every, 2 * every, ... recompute their activations in the backward
+    pass (`mx.checkpoint`) instead of keeping them; returns how many. Per instance, by switching the block's
+    class: mlx-lm's `grad_checkpoint` patches the block class itself, which a teacher of the same
+    architecture (and every later model in the process) shares."""
+    picked = model.layers[::every]
+    for block in picked:
+        if not getattr(type(block), "_conch_checkpointed", False):
+            block.__class__ = _checkpointed_class(type(block))
+    return len(picked)
+
+
+@cache
+def _checkpointed_class(cls: type) -> type:
+    call = cls.__call__
+
+    def __call__(self, *args, **kwargs):
+        def inner(params, *args, **kwargs):
+            self.update(params)  # the tracers of the trainable parameters, so they get gradients
+            return call(self, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_conch_checkpointed": True})
 
 
 def adapter_config(config: KDConfig, num_layers: int, extra: dict | None = None) -> dict:
@@ -358,9 +384,7 @@ def train_with_kd(
     if config.loss_impl == "fused" and not fused:
         log.warning("fused loss unavailable for this model (head(body(x)) != model(x)); using the reference loss")
     if config.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
+        checkpoint_blocks(model, config.grad_checkpoint_every)
     compiled = fused and use_compile(config)
     loss_and_grad = nn.value_and_grad(model, lambda m, *a: _loss_fn(m, *a, config, vocab, fused, compiled))
     if compiled:
