@@ -2,22 +2,29 @@
 # The GPU figures of docs/benchmarks.md: one H100/H200, MLX's CUDA backend staged as in
 # ../shared/device/mlx-cuda.md, the PyTorch peer (../shared/bench/peer_torch_kd.py) copied to $PEER.
 # Every configuration runs in its own process (an out-of-memory must not end the others).
+# `bash scripts/gpu_bench.sh a` and `... b` split the session-3 table into two runs of < 10 minutes.
 set -u
 OUT=${OUT:-/tmp/bench-out}; PEER=${PEER:-.carry/b/peer_torch_kd.py}; mkdir -p "$OUT"
 P='qwen2.5-1.5b->0.5b'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-run() { echo "== mlx $*"; timeout 150 python3 scripts/bench_kd.py --preset "$P" --steps 4 --out "$OUT/bench.jsonl" "$@" 2>&1 | grep '^{' | tail -1; }
+run() { echo "== mlx $*"; timeout 170 python3 scripts/bench_kd.py --preset "$P" --steps 5 --impl fused --out "$OUT/bench.jsonl" "$@" 2>&1 | grep -E '^\{|Error' | tail -1; }
 peer() { echo "== torch peer B=$1"; timeout 150 python3 "$PEER" "$1" 2>&1 | tail -1 | tee -a "$OUT/peer.jsonl"; }
-# Session 2 table (docs/benchmarks.md): the CUDA kernel on (default) and off, the peer, the memory settings.
-peer 8
-CONCH_FUSED_KERNEL=0 run --impl fused --batch 8 --chunk 1024
-run --impl fused --batch 8 --chunk 1024
-run --impl fused --batch 8 --chunk 2048
-run --impl fused --batch 8 --chunk 4096
-run --impl fused --batch 8 --chunk 1024 --grad-checkpoint
-run --impl fused --batch 8 --chunk 512 --grad-checkpoint
-run --impl fused --batch 16 --chunk 1024 --grad-checkpoint
-run --impl fused --batch 16 --chunk 2048
-peer 16
-run --impl reference --batch 4
-python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py | tail -1 | tee "$OUT/kernel_tests.txt"
+part=${1:-all}
+if [ "$part" = a ] || [ "$part" = all ]; then
+  peer 8
+  # Session 2's configuration (eager step, mlx-lm's LoRA layer), then each session-3 change on top.
+  run --batch 8 --chunk 2048 --teacher-pass-tokens 8192 --compile off --stock-lora
+  run --batch 8 --chunk 2048 --teacher-pass-tokens 8192 --compile off
+  run --batch 8 --chunk 2048 --teacher-pass-tokens 8192
+  run --batch 8 --chunk 2048
+  run --batch 8 --chunk 512 --teacher-pass-tokens 8192 --grad-checkpoint
+  run --batch 8 --chunk 512 --grad-checkpoint
+  run --batch 8 --chunk 1024 --grad-checkpoint --checkpoint-every 2
+fi
+if [ "$part" = b ] || [ "$part" = all ]; then
+  run --batch 16 --chunk 2048 --teacher-pass-tokens 16384
+  run --batch 16 --chunk 1024 --grad-checkpoint
+  peer 16
+  python3 scratch/prof2.py 2>&1 | grep '^{' | tee "$OUT/student_profile.jsonl"
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py | tail -1 | tee "$OUT/kernel_tests.txt"
+fi

@@ -51,15 +51,18 @@ def model_parts(model) -> tuple[Callable, Head]:
 
 def teacher_hidden(body: Callable, tokens: mx.array, max_tokens: int) -> mx.array:
     """The teacher's final hidden states [B, L, D], made from groups of whole rows of at most `max_tokens`
-    tokens (at least one row), each evaluated before the next. Rows are independent (causal attention
-    within a row), so the states are those of one pass; the transient memory of the forward pass is that of
-    a group: a whole 8 x 1024 batch through Qwen2.5-1.5B held 10 GB above the weights on an H100."""
+    tokens (at least one row), at most two groups in flight. Rows are independent (causal attention within a
+    row), so the states are those of one pass, and the forward pass's transient memory is that of two
+    groups: a whole 8 x 1024 batch through Qwen2.5-1.5B held 10 GB above the weights on an H100."""
     rows = max(1, max_tokens // max(1, tokens.shape[1]))
     parts = []
     for start in range(0, tokens.shape[0], rows):
         h = mx.stop_gradient(body(tokens[start : start + rows]))
-        mx.eval(h)
+        mx.async_eval(h)  # runs while Python builds the next group's graph ...
+        if parts:
+            mx.eval(parts[-1])  # ... but at most two groups are in flight
         parts.append(h)
+    mx.eval(parts[-1])
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
 
 

@@ -9,7 +9,7 @@ before the first step and says which settings would fit. The estimate is deliber
     (recomputed blocks, with gradient checkpointing: their input, plus one block's worth at a time)
   + attention scores where no fused attention exists (CPU): batch x heads x seq^2 x 4 bytes per block
   + the loss: fused, ~6 float32 [chunk, vocab] buffers; reference, ~6 [batch x seq, vocab] buffers
-  + the teacher's forward pass (transient), over one group of rows: see `teacher_forward_bytes`
+  + the teacher's forward pass (transient), over two groups of rows: see `teacher_forward_bytes`
 
 Calibrated against the H100 runs of docs/benchmarks.md (Qwen2.5 1.5B -> 0.5B, batch 8 x 1024, chunk 1024:
 34.6 GB before the margin vs 35.5 GB measured with the autograd chunk); a 1.25 margin covers allocator caching.
@@ -63,11 +63,11 @@ def available_bytes() -> int:
 
 
 def teacher_forward_bytes(teacher, config, batch: int, seq: int, dtype_bytes: int) -> int:
-    """Transient memory of the teacher's forward pass over one group of rows (`teacher_pass_tokens`).
+    """Transient memory of the teacher's forward pass over two groups of rows (`teacher_pass_tokens`).
     MLX's CUDA backend held all of a pass's temporaries until it finished: ~(4 d + 2 i) values per token
     and block (Qwen2.5-1.5B, 8192 tokens: 10 GB measured, 11 GB by this formula)."""
     t = model_shapes(teacher)
-    rows = min(batch, max(1, config.teacher_pass_tokens // max(1, seq)))
+    rows = min(batch, 2 * max(1, config.teacher_pass_tokens // max(1, seq)))  # two groups in flight
     return rows * seq * t.layers * (4 * t.hidden + 2 * t.intermediate) * dtype_bytes
 
 
