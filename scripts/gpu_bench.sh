@@ -25,6 +25,6 @@ if [ "$part" = b ] || [ "$part" = all ]; then
   run --batch 16 --chunk 2048 --teacher-pass-tokens 16384
   run --batch 16 --chunk 1024 --grad-checkpoint
   peer 16
-  python3 scratch/prof2.py 2>&1 | grep '^{' | tee "$OUT/student_profile.jsonl"
+  python3 scripts/profile_student.py 2>&1 | grep '^{' | tee "$OUT/student_profile.jsonl"
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py | tail -1 | tee "$OUT/kernel_tests.txt"
 fi

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Where the student's step goes on the GPU: Qwen2.5-0.5B shapes, forward / forward+backward, eager and
+compiled, without LoRA, with our LoRA layer and with mlx-lm's, plus attention and MLP matmuls alone.
+
+    python scripts/profile_student.py [--batch 8 --seq 1024]     # prints one JSON line per measurement
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# isort: off
+import conch_dna  # noqa: E402,F401  (optimized BLAS before mlx)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+# isort: on
+from conch_dna.training.kd import KDConfig  # noqa: E402
+from conch_dna.training.kd.trainer import apply_lora  # noqa: E402
+from scripts.bench_kd import PRESETS, build  # noqa: E402
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--batch", type=int, default=8)
+ap.add_argument("--seq", type=int, default=1024)
+args = ap.parse_args()
+B, L = args.batch, args.seq
+_, s_shape, vocab, _, _ = PRESETS["qwen2.5-1.5b->0.5b"]
+D, BF16 = s_shape["hidden"], mx.bfloat16
+mx.random.seed(0)
+student = build(s_shape, vocab, BF16)
+tokens = mx.random.randint(0, vocab, (B, L))
+cotangent = mx.random.normal((B, L, D)).astype(BF16)
+
+
+def timeit(name, f, n=10):
+    for _ in range(3):
+        mx.eval(f())
+    mx.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        mx.eval(f())
+    mx.synchronize()
+    print(json.dumps({"name": name, "ms": round((time.perf_counter() - t0) / n * 1000, 2)}), flush=True)
+
+
+def blocks(e):
+    h = e
+    for layer in student.model.layers:
+        h = layer(h, "causal", None)
+    return student.model.norm(h)
+
+
+def loss(model):
+    return (model.model(tokens) * cotangent).astype(mx.float32).sum()
+
+
+def sdpa_sum(q, k, v):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal").astype(mx.float32).sum()
+
+
+emb = student.model.embed_tokens(tokens)
+timeit("fwd no lora, eager", lambda: blocks(emb))
+compiled_blocks = mx.compile(blocks)
+timeit("fwd no lora, compiled", lambda: compiled_blocks(emb))
+input_grad = mx.compile(lambda e: mx.vjp(blocks, [e], [cotangent])[1][0])
+timeit("fwd+bwd no lora (input gradient), compiled", lambda: input_grad(emb))
+apply_lora(student, KDConfig(lora={"rank": 16, "scale": 2.0, "keys": ["self_attn.q_proj", "self_attn.k_proj",
+                                                                     "self_attn.v_proj", "self_attn.o_proj"]}))
+for layer_kind in ("conch", "mlx-lm"):
+    if layer_kind == "mlx-lm":
+        from mlx_lm.tuner.lora import LoRALinear
+
+        for m in student.modules():
+            if isinstance(m, LoRALinear):
+                m.__class__ = LoRALinear
+    value_and_grad = nn.value_and_grad(student, loss)
+    state = [student.state]
+    compiled = mx.compile(lambda vg=value_and_grad: vg(student), inputs=state, outputs=state)
+    timeit(f"fwd+bwd lora r16 q,k,v,o ({layer_kind} layer), eager", lambda vg=value_and_grad: vg(student))
+    timeit(f"fwd+bwd lora r16 q,k,v,o ({layer_kind} layer), compiled", compiled)
+q = mx.random.normal((B, 14, L, 64)).astype(BF16)
+k = mx.random.normal((B, 2, L, 64)).astype(BF16)
+timeit("sdpa fwd+bwd x 24 blocks", lambda: [mx.grad(sdpa_sum, argnums=(0, 1, 2))(q, k, k) for _ in range(24)])
+x = mx.random.normal((B * L, D)).astype(BF16)
+w = mx.random.normal((s_shape["inter"], D)).astype(BF16)
+timeit("MLP-sized matmul x 72 (the MLPs' forward + input-gradient matmuls)", lambda: [x @ w.T for _ in range(72)])
