@@ -22,6 +22,8 @@ if [ "$part" = a ] || [ "$part" = all ]; then
   run --batch 8 --chunk 1024 --grad-checkpoint --checkpoint-every 2
 fi
 if [ "$part" = b ] || [ "$part" = all ]; then
+  run --batch 8 --chunk 1024 --teacher-pass-tokens 8192 --grad-checkpoint
+  run --batch 8 --chunk 2048 --teacher-pass-tokens 8192 --grad-checkpoint
   run --batch 16 --chunk 2048 --teacher-pass-tokens 16384
   run --batch 16 --chunk 1024 --grad-checkpoint
   peer 16
