@@ -171,3 +171,59 @@ def forward_kl_ce_rows_numpy(s: np.ndarray, t: np.ndarray, targets: np.ndarray, 
     q[rows, targets] -= wc
     q[(wk == 0) & (wc == 0)] = 0.0  # masked rows: zero gradient, whatever their logits
     return q, kd_tok.astype(np.float32), ce_tok.astype(np.float32)
+
+
+# ------------------------------------------------------------------------- SwiGLU backward (the student)
+
+# The student's MLP: down(silu(gate) * up). MLX's CUDA backend ran the backward of silu(gate) * up over
+# [tokens, intermediate] as several unfused passes (~0.69 ms for 8192 x 4864 bf16 on an H100, 5x the
+# memory-bound time); this kernel reads gate, up and the cotangent once and writes both gradients.
+_SWIGLU_SOURCE = r"""
+    const size_t n = (size_t)gate_shape[0] * gate_shape[1];
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float g = static_cast<float>(gate[i]);
+    const float u = static_cast<float>(up[i]);
+    const float c = static_cast<float>(cot[i]);
+    const float s = 1.f / (1.f + __expf(-g));
+    d_up[i] = static_cast<OutT>(c * g * s);
+    d_gate[i] = static_cast<OutT>(c * u * s * (1.f + g * (1.f - s)));
+"""
+_SWIGLU_THREADS = 256
+
+
+@lru_cache(maxsize=1)
+def _swiglu_kernel():
+    return mx.fast.cuda_kernel(name="conch_swiglu_vjp", input_names=["gate", "up", "cot"],
+                               output_names=["d_gate", "d_up"], source=_SWIGLU_SOURCE)
+
+
+def swiglu_vjp(gate: mx.array, up: mx.array, cotangent: mx.array) -> tuple[mx.array, mx.array]:
+    """(d gate, d up) of silu(gate) * up, in one pass (CUDA)."""
+    shape = gate.shape
+    flat = [a.reshape(-1, shape[-1]) for a in (gate, up, cotangent.astype(gate.dtype))]
+    d_gate, d_up = _swiglu_kernel()(
+        inputs=flat,
+        template=[("OutT", gate.dtype)],
+        grid=(-(-gate.size // _SWIGLU_THREADS) * _SWIGLU_THREADS, 1, 1),
+        threadgroup=(_SWIGLU_THREADS, 1, 1),
+        output_shapes=[flat[0].shape, flat[0].shape],
+        output_dtypes=[gate.dtype, gate.dtype],
+    )
+    return d_gate.reshape(shape), d_up.reshape(shape)
+
+
+@mx.custom_function
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up whose backward pass is `swiglu_vjp` where `available()` (else the same in MLX ops)."""
+    return gate * mx.sigmoid(gate) * up
+
+
+@swiglu.vjp
+def _swiglu_backward(primals, cotangent, output):
+    cot = cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
+    gate, up = primals
+    if available():
+        return swiglu_vjp(gate, up, cot)
+    s = mx.sigmoid(gate)  # the same arithmetic in MLX ops elsewhere
+    return cot * up * s * (1 + gate * (1 - s)), cot * gate * s
