@@ -90,13 +90,6 @@ def run(args, impl: str) -> dict:
             if isinstance(m, LoRALinear):
                 m.__class__ = LoRALinear
     compiled = impl == "fused" and (args.compile == "on" or (args.compile == "auto" and gpu))
-    from conch_dna.training.kd import kernels
-
-    swiglu = impl == "fused" and kernels.available() and not args.no_swiglu_kernel
-    if swiglu:  # as the trainer does on NVIDIA GPUs
-        from conch_dna.training.kd.trainer import use_swiglu_kernel
-
-        use_swiglu_kernel(student)
     if args.grad_checkpoint:
         from conch_dna.training.kd.trainer import checkpoint_blocks
 
@@ -183,7 +176,7 @@ def run(args, impl: str) -> dict:
         "impl": f"mlx-{impl}", "preset": args.preset, "real": args.real, "device": device, "dtype": str(dtype),
         "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and args.checkpoint_every,
         "teacher_pass_tokens": args.teacher_pass_tokens,
-        "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch", "swiglu_kernel": swiglu,
+        "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch",
         "step_s": round(dt, 4), "tok_s": round(batch * seq / dt, 1), "peak_gb": round(peak, 2),
         "weights_gb": round(weights_gb, 2), "teacher_fwd_peak_gb": round(teacher_peak, 2),
         "teacher_fwd_s": round(t_teacher, 4), "loss_s": None if t_loss is None else round(t_loss, 4),
@@ -210,7 +203,6 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=1, help="with --grad-checkpoint: every k-th block")
     ap.add_argument("--teacher-pass-tokens", type=int, default=4096, help="teacher forward: rows per pass")
     ap.add_argument("--compile-teacher", action="store_true", help="mx.compile the teacher's forward too")
-    ap.add_argument("--no-swiglu-kernel", action="store_true", help="MLX's own SwiGLU backward (for comparison)")
     ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     args = ap.parse_args()

@@ -68,19 +68,3 @@ def test_fused_loss_with_kernel_matches_reference_values_and_gradients():
     (a, ga), (b, gb) = mx.value_and_grad(fused)(h), mx.value_and_grad(reference)(h)
     assert abs(a.item() - b.item()) <= 1e-4 * abs(b.item())
     assert mx.allclose(ga, gb, rtol=1e-3, atol=1e-6).item()
-
-
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("shape", [(3, 5), (2, 7, 4864), (8192, 4864)])
-def test_swiglu_backward_kernel_matches_autograd(dtype, shape):
-    k = mx.random.split(mx.random.key(1), 3)
-    gate, up, cot = ((mx.random.normal(shape, key=key) * 3).astype(dtype) for key in k)
-    f = lambda a, b: a * mx.sigmoid(a) * b  # noqa: E731
-    want = mx.vjp(lambda a, b: f(a.astype(mx.float32), b.astype(mx.float32)), [gate, up], [cot.astype(mx.float32)])[1]
-    got = mx.vjp(kernels.swiglu, [gate, up], [cot])[1]
-    tol = 1e-5 if dtype == mx.float32 else 2e-2
-    for g, w in zip(got, want):
-        assert g.dtype == dtype and g.shape == shape
-        assert mx.allclose(g.astype(mx.float32), w, rtol=tol, atol=tol).item()
-    assert mx.allclose(kernels.swiglu(gate, up).astype(mx.float32), f(gate, up).astype(mx.float32), rtol=tol, atol=tol).item()
-

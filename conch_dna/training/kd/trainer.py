@@ -31,7 +31,6 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from conch_dna._faults import fault_point
 from conch_dna.atomic import atomic_folder, atomic_write, sha256_file
 from conch_dna.training.kd import distributed as dist
-from conch_dna.training.kd import kernels
 from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.cross_vocab import CrossTargets, cross_agreement, cross_objective
 from conch_dna.training.kd.data import Example, batch_order, pad_batch
@@ -132,39 +131,6 @@ def _checkpointed_class(cls: type) -> type:
         return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 
     return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_conch_checkpointed": True})
-
-
-def use_swiglu_kernel(model: nn.Module) -> int:
-    """Route the blocks' gated-SiLU MLPs, down(silu(gate(x)) * up(x)) (llama, qwen2/3, mistral, ...),
-    through `kernels.swiglu`, whose backward is one CUDA kernel pass; returns how many blocks. Per instance
-    (class switch), and only where the MLP has that structure and gives the same output on a probe input;
-    others (GELU, fused gate_up projections) are left as they are."""
-    from conch_dna.training.kd import kernels
-
-    count = 0
-    for block in model.layers:
-        mlp = getattr(block, "mlp", None)
-        if mlp is None or not all(isinstance(getattr(mlp, k, None), nn.Module) for k in ("gate_proj", "up_proj", "down_proj")):
-            continue
-        cls = type(mlp)
-        if not getattr(cls, "_conch_swiglu", False):
-            dtype = next(p.dtype for _, p in tree_flatten(mlp.parameters()) if mx.issubdtype(p.dtype, mx.floating))
-            probe = mx.random.normal((1, 3, model.args.hidden_size), key=mx.random.key(0)).astype(dtype)
-            want = mlp(probe)
-            mlp.__class__ = _swiglu_class(cls, kernels.swiglu)
-            if not mx.allclose(mlp(probe), want, rtol=1e-2, atol=1e-3).item():
-                mlp.__class__ = cls
-                continue
-        count += 1
-    return count
-
-
-@cache
-def _swiglu_class(cls: type, swiglu: Callable) -> type:
-    def __call__(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-    return type(f"SwiGLU{cls.__name__}", (cls,), {"__call__": __call__, "_conch_swiglu": True})
 
 
 def adapter_config(config: KDConfig, num_layers: int, extra: dict | None = None) -> dict:
@@ -419,8 +385,6 @@ def train_with_kd(
         log.warning("fused loss unavailable for this model (head(body(x)) != model(x)); using the reference loss")
     if config.grad_checkpoint:
         checkpoint_blocks(model, config.grad_checkpoint_every)
-    if fused and kernels.available():  # NVIDIA GPUs: the MLPs' backward in one kernel pass
-        use_swiglu_kernel(model)
     compiled = fused and use_compile(config)
     loss_and_grad = nn.value_and_grad(model, lambda m, *a: _loss_fn(m, *a, config, vocab, fused, compiled))
     if compiled:
