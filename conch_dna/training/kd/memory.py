@@ -5,14 +5,16 @@ before the first step and says which settings would fit. The estimate is deliber
 
     weights (student + the teacher when it runs during training)
   + LoRA gradients and AdamW moments (3 x trainable parameters, float32)
-  + student activations kept for the backward pass: per token and block ~ (32 d + 8 i) values
-    (recomputed blocks, with gradient checkpointing: their input, plus one block's worth at a time)
-  + attention scores where no fused attention exists (CPU): batch x heads x seq^2 x 4 bytes per block
-  + the loss: fused, ~6 float32 [chunk, vocab] buffers; reference, ~6 [batch x seq, vocab] buffers
-  + the teacher's forward pass (transient), over two groups of rows: see `teacher_forward_bytes`
+  + the larger of the two phases of a step:
+      the teacher's forward pass (transient), over two groups of rows: see `teacher_forward_bytes`
+      the student's: activations kept for the backward pass, per token and block ~ (22 d + 6 i) values
+        (recomputed blocks, with gradient checkpointing: their input, plus one block's worth at a time)
+      + attention scores where no fused attention exists (CPU): batch x heads x seq^2 x 4 bytes per block
+      + the loss: fused, ~6 float32 [chunk, vocab] buffers; reference, ~6 [batch x seq, vocab] buffers
 
-Calibrated against the H100 runs of docs/benchmarks.md (Qwen2.5 1.5B -> 0.5B, batch 8 x 1024, chunk 1024:
-34.6 GB before the margin vs 35.5 GB measured with the autograd chunk); a 1.25 margin covers allocator caching.
+Calibrated against the H100 runs of docs/benchmarks.md (Qwen2.5 1.5B -> 0.5B, compiled step): with the
+1.25 margin, which covers allocator caching, 35.9 / 17.6 / 58.2 GB estimated vs 24.9 / 15.3 / 38.4 GB
+measured (batch 8 chunk 2048; batch 8 chunk 1024 checkpointed; batch 16 chunk 2048).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[
     s = model_shapes(student)
     dtype_bytes = next(p.itemsize for _, p in tree_flatten(student.parameters()))
     tokens = batch * seq
-    per_block_token = (32 * s.hidden + 8 * s.intermediate) * dtype_bytes
+    per_block_token = (22 * s.hidden + 6 * s.intermediate) * dtype_bytes
     recomputed = len(range(0, s.layers, config.grad_checkpoint_every)) if config.grad_checkpoint else 0
     kept = s.layers - recomputed
     # Kept blocks hold their activations; recomputed ones their input, plus one block's worth at a time.
@@ -93,7 +95,8 @@ def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[
         "loss": 6 * 4 * rows * s.vocab,
         "teacher_forward": teacher_forward_bytes(teacher, config, batch, seq, dtype_bytes) if teacher is not None else 0,
     }
-    parts["total"] = int(MARGIN * sum(parts.values()))
+    student_phase = parts["activations"] + parts["attention"] + parts["loss"]
+    parts["total"] = int(MARGIN * (parts["weights"] + parts["optimizer"] + max(parts["teacher_forward"], student_phase)))
     return parts
 
 
