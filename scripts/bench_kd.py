@@ -125,8 +125,25 @@ def run(args, impl: str) -> dict:
 
         loss_and_grad = compile_loss_and_grad(student, loss_and_grad)
 
+    teacher_stream = mx.new_stream(mx.default_device()) if args.overlap_teacher else None
+    pending = []
+
+    def overlapped_targets():
+        # Experiment: the next step's teacher pass runs on its own stream while this step's student runs.
+        if not pending:
+            with mx.stream(teacher_stream):
+                h = mx.stop_gradient(t_body(tokens))
+            mx.eval(h)
+            pending.append(h)
+        current = pending.pop()
+        with mx.stream(teacher_stream):
+            h = mx.stop_gradient(t_body(tokens))
+        mx.async_eval(h)
+        pending.append(h)
+        return TeacherStates(current, t_head)
+
     def step():
-        targets = teacher_targets()
+        targets = overlapped_targets() if teacher_stream is not None else teacher_targets()
         mx.eval(targets)
         loss, grads = loss_and_grad(student, tokens, mask, targets)
         norm = update(grads, mx.array(1.0))
@@ -203,6 +220,7 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=1, help="with --grad-checkpoint: every k-th block")
     ap.add_argument("--teacher-pass-tokens", type=int, default=4096, help="teacher forward: rows per pass")
     ap.add_argument("--compile-teacher", action="store_true", help="mx.compile the teacher's forward too")
+    ap.add_argument("--overlap-teacher", action="store_true", help="experiment: next teacher pass on a second stream")
     ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     args = ap.parse_args()
