@@ -34,10 +34,14 @@ def test_generate_train_save_and_stock_mlx_lm_load(tiny_pair, kd_config):
     ours.load_weights(str(out / "adapters.safetensors"), strict=False)
     stock, tok = mlx_load(str(student), adapter_path=str(out))
     x = mx.array([tok.encode("the quick brown fox")])
-    assert np.allclose(np.array(ours(x)), np.array(stock(x)), atol=1e-5)
+    logits = lambda m: np.array(m(x).astype(mx.float32))  # noqa: E731
+    # float32 on the CPU; on a GPU the models are bf16 (resolution 2^-8 relative) and mlx-lm's LoRA layer
+    # promotes its activations to float32
+    tol = dict(atol=1e-5) if ours(x).dtype == mx.float32 else dict(rtol=3e-2, atol=6e-2)
+    assert np.allclose(logits(ours), logits(stock), **tol)
     # ... and training changed the student.
     base, _ = mlx_load(str(student))
-    assert not np.allclose(np.array(base(x)), np.array(stock(x)), atol=1e-4)
+    assert not np.allclose(logits(base), logits(stock), atol=1e-4)
 
 
 def test_cache_is_reused_and_keyed_by_inputs(tiny_pair, kd_config):
