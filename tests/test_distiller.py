@@ -239,3 +239,16 @@ def test_compiled_step_trains_the_same_adapter(tiny_pair, kd_config, tmp_path, t
     a, b = train("on", 0.1, "drop1"), train("on", 0.1, "drop2")
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert any(not np.allclose(a[k], on[k], atol=1e-3) for k in a)  # dropout did act
+
+
+@pytest.mark.parametrize("multiple", [1, 8, 32])
+def test_pad_batch_rounds_the_length_and_masks_the_padding(multiple):
+    from conch_dna.training.kd.data import Example, pad_batch
+
+    batch = [Example(tuple(range(1, 11)), 4), Example(tuple(range(1, 4)), 1)]
+    tokens, mask = pad_batch(batch, pad_id=0, multiple=multiple)
+    width = -(-10 // multiple) * multiple
+    assert tokens.shape == mask.shape == (2, width)
+    assert np.array(tokens)[0, :10].tolist() == list(range(1, 11)) and not np.array(tokens)[0, 10:].any()
+    assert np.array(mask).sum(axis=1).tolist() == [6, 2]  # responses only: never a padding position
+    assert np.array(mask)[1].tolist() == [False, True, True] + [False] * (width - 3)
