@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 
 import mlx.core as mx
@@ -64,7 +64,7 @@ class TrainingCancelled(RuntimeError):
 # --------------------------------------------------------------------------------------------- LoRA
 
 
-@lru_cache(maxsize=1)
+@cache
 def _lora_classes() -> tuple[type, type]:
     """(mlx-lm's LoRALinear, ours). Built on first use: importing mlx_lm costs ~2 s."""
     from mlx_lm.tuner.lora import LoRALinear as MlxLoRALinear
