@@ -66,6 +66,8 @@ def run(args, impl: str) -> dict:
     from conch_dna.training.kd.losses import kd_objective
     from conch_dna.training.kd.trainer import apply_lora
 
+    if args.memory_limit_gb:  # MLX waits for the GPU to free temporaries before it goes past this
+        mx.set_memory_limit(int(args.memory_limit_gb * 2**30))
     t_shape, s_shape, vocab, batch, seq = PRESETS[args.preset]
     batch, seq = args.batch or batch, args.seq or seq
     gpu = mx.default_device() == mx.gpu
@@ -93,7 +95,12 @@ def run(args, impl: str) -> dict:
     if args.grad_checkpoint:
         from conch_dna.training.kd.trainer import checkpoint_blocks
 
-        checkpoint_blocks(student, args.checkpoint_every)
+        if args.checkpoint_blocks is not None:  # only the first N blocks
+            from types import SimpleNamespace
+
+            checkpoint_blocks(SimpleNamespace(layers=student.layers[: args.checkpoint_blocks]), 1)
+        else:
+            checkpoint_blocks(student, args.checkpoint_every)
     opt = optim.AdamW(learning_rate=1e-4)
     opt.init(student.trainable_parameters())
     from conch_dna.training.kd.trainer import make_update
@@ -191,8 +198,9 @@ def run(args, impl: str) -> dict:
     peak_tf = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
     res = {
         "impl": f"mlx-{impl}", "preset": args.preset, "real": args.real, "device": device, "dtype": str(dtype),
-        "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and args.checkpoint_every,
-        "teacher_pass_tokens": args.teacher_pass_tokens,
+        "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and (args.checkpoint_blocks or f"every {args.checkpoint_every}"),
+        "teacher_pass_tokens": args.teacher_pass_tokens, "memory_limit_gb": args.memory_limit_gb,
+        "overlap_teacher": args.overlap_teacher,
         "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch",
         "step_s": round(dt, 4), "tok_s": round(batch * seq / dt, 1), "peak_gb": round(peak, 2),
         "weights_gb": round(weights_gb, 2), "teacher_fwd_peak_gb": round(teacher_peak, 2),
@@ -204,6 +212,55 @@ def run(args, impl: str) -> dict:
     return res
 
 
+def run_trainer(args) -> dict:
+    """The distiller's training loop end to end (`trainer.train_with_kd` with the distiller's online targets):
+    compiled step, teacher prefetch and memory limit as a user's run has them; tokens/s between step events."""
+    import tempfile
+
+    from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
+    from conch_dna.training.kd.data import Example
+    from conch_dna.training.kd.trainer import adapter_config, apply_lora, train_with_kd
+
+    t_shape, s_shape, vocab, batch, seq = PRESETS[args.preset]
+    batch, seq = args.batch or batch, args.seq or seq
+    gpu = mx.default_device() == mx.gpu
+    dtype = mx.bfloat16 if gpu else mx.float32
+    mx.random.seed(0)
+    teacher, student = build(t_shape, vocab, dtype), build(s_shape, vocab, dtype)
+    iters = args.warmup + args.steps
+    cfg = KDConfig(lora={"rank": 16, "scale": 2.0, "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]},
+                   temperature=2.0, alpha=0.7, loss_chunk_size=args.chunk, batch_size=batch, iters=iters,
+                   learning_rate=1e-4, lr_schedule="constant", val_fraction=0.0, val_interval=10**6,
+                   checkpoint_interval=10**6, grad_checkpoint=args.grad_checkpoint,
+                   grad_checkpoint_every=args.checkpoint_every, teacher_pass_tokens=args.teacher_pass_tokens,
+                   compile_step=args.compile, teacher_prefetch=args.prefetch, memory_limit_gb=args.memory_limit_gb)
+    n_blocks = apply_lora(student, cfg)
+    rng = mx.random.randint(1, vocab, (batch * iters, seq)).tolist()
+    train = [Example(tuple(row), 1) for row in rng]  # the loss on every position after the first
+    distiller = TrueKnowledgeDistiller(config=cfg, teacher=teacher, teacher_tokenizer=object())
+    targets_fn = distiller._targets_fn(None, list(range(len(train))), [], None)  # the distiller's online targets
+    times = []
+
+    def on_event(name, **kw):
+        if name == "step":
+            mx.synchronize()
+            times.append(time.perf_counter())
+            if len(times) == args.warmup:
+                mx.reset_peak_memory()
+
+    with tempfile.TemporaryDirectory() as out:
+        train_with_kd(student, train, [], targets_fn, cfg, Path(out), adapter_cfg=adapter_config(cfg, n_blocks),
+                      on_event=on_event)
+    dt = (times[-1] - times[args.warmup - 1]) / args.steps
+    device = mx.device_info().get("device_name", str(mx.default_device()))
+    from conch_dna.training.kd.trainer import use_compile, use_prefetch
+
+    return {"impl": "mlx-trainer", "preset": args.preset, "device": device, "dtype": str(dtype), "B": batch, "T": seq,
+            "chunk": args.chunk, "grad_checkpoint": args.grad_checkpoint and f"every {args.checkpoint_every}",
+            "compiled": use_compile(cfg), "teacher_prefetch": use_prefetch(cfg), "memory_limit_gb": args.memory_limit_gb,
+            "step_s": round(dt, 4), "tok_s": round(batch * seq / dt, 1), "peak_gb": round(mx.get_peak_memory() / 2**30, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -212,18 +269,31 @@ def main() -> None:
     ap.add_argument("--seq", type=int)
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (--trainer: at least 2)")
     ap.add_argument("--real", action="store_true", help="real default-pair weights (smollm2 preset)")
     ap.add_argument("--grad-checkpoint", action="store_true")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="mx.compile the student's step as the trainer does (auto: on a GPU)")
     ap.add_argument("--checkpoint-every", type=int, default=1, help="with --grad-checkpoint: every k-th block")
+    ap.add_argument("--checkpoint-blocks", type=int, help="with --grad-checkpoint: only the first N blocks")
     ap.add_argument("--teacher-pass-tokens", type=int, default=4096, help="teacher forward: rows per pass")
     ap.add_argument("--compile-teacher", action="store_true", help="mx.compile the teacher's forward too")
     ap.add_argument("--overlap-teacher", action="store_true", help="experiment: next teacher pass on a second stream")
+    ap.add_argument("--memory-limit-gb", type=float, help="mx.set_memory_limit: MLX throttles to stay under it")
     ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")
     ap.add_argument("--out", help="append the JSON lines to this file")
+    ap.add_argument("--trainer", action="store_true", help="time the trainer's loop end to end (train_with_kd)")
+    ap.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto", help="with --trainer: teacher_prefetch")
     args = ap.parse_args()
+    if args.trainer:
+        if args.warmup < 2:
+            ap.error("--trainer needs --warmup >= 2 (the first step compiles)")
+        r = run_trainer(args)
+        print(json.dumps(r), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        return
     impls = ["reference", "fused"] if args.impl == "both" else [args.impl]
     rows = []
     for impl in impls:

@@ -2,13 +2,15 @@
 # The GPU figures of docs/benchmarks.md: one H100/H200, MLX's CUDA backend staged as in
 # ../shared/device/mlx-cuda.md, the PyTorch peer (../shared/bench/peer_torch_kd.py) copied to $PEER.
 # Every configuration runs in its own process (an out-of-memory must not end the others).
-# `bash scripts/gpu_bench.sh a` and `... b` split the session-3 table into two runs of < 10 minutes.
+# `bash scripts/gpu_bench.sh a` and `... b` split the session-3 table into two runs of < 10 minutes;
+# `... c` is session 4's: the trainer's own loop end to end (teacher prefetch, memory limit), with the peer.
 set -u
 OUT=${OUT:-/tmp/bench-out}; PEER=${PEER:-.carry/b/peer_torch_kd.py}; mkdir -p "$OUT"
 P='qwen2.5-1.5b->0.5b'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 run() { echo "== mlx $*"; timeout 170 python3 scripts/bench_kd.py --preset "$P" --steps 5 --impl fused --out "$OUT/bench.jsonl" "$@" 2>&1 | grep -E '^\{|Error' | tail -1; }
 peer() { echo "== torch peer B=$1"; timeout 150 python3 "$PEER" "$1" 2>&1 | tail -1 | tee -a "$OUT/peer.jsonl"; }
+tr() { echo "== trainer $*"; timeout 170 python3 scripts/bench_kd.py --preset "$P" --trainer --warmup 2 --steps 8 --out "$OUT/bench.jsonl" "$@" 2>&1 | grep -E '^\{|Error' | tail -1; }
 part=${1:-all}
 if [ "$part" = a ] || [ "$part" = all ]; then
   peer 8
@@ -29,4 +31,14 @@ if [ "$part" = b ] || [ "$part" = all ]; then
   peer 16
   python3 scripts/profile_student.py 2>&1 | grep '^{' | tee "$OUT/student_profile.jsonl"
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py | tail -1 | tee "$OUT/kernel_tests.txt"
+fi
+if [ "$part" = c ] || [ "$part" = all ]; then
+  peer 8
+  tr --batch 8 --chunk 2048
+  tr --batch 8 --chunk 2048 --prefetch off
+  tr --batch 8 --chunk 1024 --grad-checkpoint --checkpoint-every 2 --memory-limit-gb 15
+  tr --batch 8 --chunk 1024 --grad-checkpoint --checkpoint-every 2 --memory-limit-gb 15 --prefetch off
+  tr --batch 8 --chunk 1024 --grad-checkpoint --memory-limit-gb 15
+  tr --batch 16 --chunk 2048
+  tr --batch 16 --chunk 1024 --grad-checkpoint --checkpoint-every 2 --memory-limit-gb 24
 fi

@@ -252,3 +252,70 @@ def test_pad_batch_rounds_the_length_and_masks_the_padding(multiple):
     assert np.array(tokens)[0, :10].tolist() == list(range(1, 11)) and not np.array(tokens)[0, 10:].any()
     assert np.array(mask).sum(axis=1).tolist() == [6, 2]  # responses only: never a padding position
     assert np.array(mask)[1].tolist() == [False, True, True] + [False] * (width - 3)
+
+
+def test_teacher_prefetch_runs_ahead_and_trains_the_same_adapter(tiny_pair, kd_config, tmp_path, monkeypatch):
+    """teacher_prefetch="on": the teacher's pass for the next micro-batch (within a step and across steps)
+    is launched on its own stream, unwaited, before this micro-batch's student step, never past the last
+    step; validation passes stay synchronous. The adapter is that of a run without prefetch, bit for bit."""
+    import conch_dna.training.kd.distiller as distiller_mod
+
+    teacher, student = tiny_pair
+    real = distiller_mod.teacher_hidden
+    log = []
+
+    def recording(body, tokens, max_tokens, wait=True):
+        on_side_stream = mx.default_stream(mx.default_device()) != base_stream
+        log.append(("teacher", wait, on_side_stream))
+        return real(body, tokens, max_tokens, wait)
+
+    base_stream = mx.default_stream(mx.default_device())
+    monkeypatch.setattr(distiller_mod, "teacher_hidden", recording)
+
+    def train(mode):
+        log.clear()
+        cfg = kd_config(iters=3, grad_accumulation=2, val_interval=10, teacher_targets="online",
+                        teacher_prefetch=mode, output_dir=str(tmp_path / mode), memory_limit_gb=3.0)
+
+        def events(name, **kw):
+            if name == "step-completed":
+                log.append((name,))
+                limits.add(mx.get_memory_limit())
+        TrueKnowledgeDistiller(str(teacher), str(student), cfg, on_event=events).distill_domain("task", PROMPTS)
+        adapter = {k: np.array(v) for k, v in mx.load(str(tmp_path / mode / "task/adapters.safetensors")).items()}
+        train_calls = [e for e in log if e[0] == "teacher" and not e[1]]
+        return adapter, [e[0] for e in log if e[0] == "step-completed" or not e[1]], train_calls
+
+    limits, before = set(), mx.get_memory_limit()
+    off, off_order, off_train = train("off")
+    assert limits == {3 * 2**30} and mx.get_memory_limit() == before  # memory_limit_gb: set while training only
+    on, on_order, on_train = train("on")
+    assert off_train == []  # without prefetch every pass is waited for
+    assert len(on_train) == 3 * 2 and all(side for _, _, side in on_train)  # 3 steps x 2 micro-batches, no more
+    # Before step 1 completes: its two micro-batches and the first of step 2 were launched.
+    assert on_order[:4] == ["teacher"] * 3 + ["step-completed"]
+    assert on_order.count("step-completed") == 3
+    assert on.keys() == off.keys()
+    for k in off:
+        assert np.array_equal(on[k], off[k]), k
+
+
+def test_prefetch_settings_and_memory_limit():
+    from conch_dna.training.kd import ConfigError, KDConfig
+    from conch_dna.training.kd.trainer import memory_limit, use_prefetch
+
+    assert not use_prefetch(KDConfig())  # auto: GPU only (this is the CPU)
+    assert use_prefetch(KDConfig(teacher_prefetch="on"))
+    assert not use_prefetch(KDConfig(teacher_prefetch="auto", on_policy_lambda=0.5))
+    with pytest.raises(ConfigError, match="teacher_prefetch = 'on' cannot be combined with on_policy_lambda"):
+        KDConfig.load(teacher_prefetch="on", on_policy_lambda=0.5)
+    with pytest.raises(ConfigError, match="memory_limit_gb"):
+        KDConfig.load(memory_limit_gb=0)
+    before = mx.get_memory_limit()
+    with pytest.raises(RuntimeError, match="inside"):
+        with memory_limit(1.5):
+            assert mx.get_memory_limit() == int(1.5 * 2**30)
+            raise RuntimeError("inside")
+    assert mx.get_memory_limit() == before
+    with memory_limit(None):
+        assert mx.get_memory_limit() == before

@@ -48,3 +48,25 @@ def test_distiller_refuses_before_training(tiny_pair, kd_config, monkeypatch):
     with pytest.raises(MemoryPreflightError, match="exceeds"):
         TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg).distill_domain("thinking", PROMPTS)
     assert not (cfg.output_dir / "thinking" / "metrics.jsonl").exists()
+
+
+def test_memory_limit_caps_the_estimate_down_to_what_the_step_holds(pair):
+    """Under memory_limit_gb MLX waits for temporaries (the teacher's pass) to be freed instead of going past
+    the limit, but what the step holds (weights, optimizer, the student's activations and loss) stays."""
+    from conch_dna.training.kd.memory import MARGIN
+
+    t, s = pair
+    # The whole batch in one teacher pass and a checkpointed student: the teacher's transient is the larger phase.
+    cfg = KDConfig(teacher_pass_tokens=1 << 20, grad_checkpoint=True, loss_chunk_size=128)
+    free = estimate_peak_bytes(s, t, cfg, 8, 256)
+    held = int(MARGIN * (free["weights"] + free["optimizer"] + free["activations"] + free["attention"] + free["loss"]))
+    assert free["teacher_forward"] > free["activations"] + free["attention"] + free["loss"]  # the case that matters
+    assert held < free["total"]
+
+    def capped(limit_bytes):
+        return estimate_peak_bytes(s, t, cfg.model_copy(update={"memory_limit_gb": limit_bytes / 2**30}), 8, 256)["total"]
+
+    assert capped(2 * free["total"]) == free["total"]  # a limit above the estimate changes nothing
+    middle = (held + free["total"]) // 2
+    assert abs(capped(middle) - middle) <= 1  # in between: the limit
+    assert capped(held // 2) == held  # below what must be held: that

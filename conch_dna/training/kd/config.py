@@ -114,6 +114,12 @@ class KDConfig(BaseSettings):
         "tokens (at least one row), each evaluated before the next: bounds its transient memory")
     compile_step: Literal["auto", "on", "off"] = Field(
         "auto", description="mx.compile the student's forward/backward + loss: auto = on a GPU, off on the CPU")
+    teacher_prefetch: Literal["auto", "on", "off"] = Field(
+        "auto", description="run the online teacher's pass for the next micro-batch on its own stream while the "
+        "student trains on this one: auto = on a GPU without on-policy sequences (whose next batch is not known)")
+    memory_limit_gb: float | None = Field(
+        None, gt=0.0, description="cap MLX's memory during training (mx.set_memory_limit): past it MLX waits for "
+        "running work to free its temporaries instead of allocating more; None = MLX's default")
     memory_preflight: bool = Field(True, description="refuse settings whose estimated peak memory does not fit")
 
     # Validation and checkpoints
@@ -159,6 +165,13 @@ class KDConfig(BaseSettings):
         if self.on_policy_lambda > 0 and self.teacher_targets != "online":
             raise ValueError("on_policy_lambda > 0 needs teacher_targets = 'online' (cached targets cannot score "
                              "sequences the student writes during training)")
+        return self
+
+    @model_validator(mode="after")
+    def _prefetch_needs_known_batches(self):
+        if self.teacher_prefetch == "on" and self.on_policy_lambda > 0:
+            raise ValueError("teacher_prefetch = 'on' cannot be combined with on_policy_lambda > 0 (the next batch "
+                             "holds sequences the student has not written yet); use 'auto' or 'off'")
         return self
 
     def lora_parameters(self) -> dict:

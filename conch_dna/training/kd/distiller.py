@@ -63,6 +63,7 @@ from conch_dna.training.kd.trainer import (
     apply_lora,
     checkpoint_dirs,
     save_adapter,
+    use_prefetch,
 )
 from conch_dna.training.kd.trainer import train_with_kd as run_training
 from conch_dna.training.kd.vocab import tokenizer_vocab_size
@@ -481,12 +482,17 @@ class TrueKnowledgeDistiller:
         teacher = self.teacher
         split_ok = parts_match(teacher)
 
+        prefetch = use_prefetch(self.config)
+
         def online(idx, split, tokens):
             # The teacher stops at its final hidden states; the loss makes logits chunk by chunk.
             with self.teacher_lock:
                 if split_ok:
                     body, head = model_parts(teacher)
-                    return TeacherStates(teacher_hidden(body, tokens, self.config.teacher_pass_tokens), head)
+                    # Prefetched (training batches): the pass is queued under the lock and runs after it is
+                    # released. Safe beside EGO: it reads the weights as they were (MLX arrays are immutable).
+                    wait = not (prefetch and split == "train")
+                    return TeacherStates(teacher_hidden(body, tokens, self.config.teacher_pass_tokens, wait), head)
                 logits = teacher_logits(teacher, tokens)
                 logits = logits[..., :vocab] if vocab is not None else logits
                 mx.eval(logits)

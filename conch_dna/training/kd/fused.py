@@ -49,11 +49,18 @@ def model_parts(model) -> tuple[Callable, Head]:
     return body, head
 
 
-def teacher_hidden(body: Callable, tokens: mx.array, max_tokens: int) -> mx.array:
+def teacher_hidden(body: Callable, tokens: mx.array, max_tokens: int, wait: bool = True) -> mx.array:
     """The teacher's final hidden states [B, L, D], made from groups of whole rows of at most `max_tokens`
     tokens (at least one row), at most two groups in flight. Rows are independent (causal attention within a
     row), so the states are those of one pass, and the forward pass's transient memory is that of two
-    groups: a whole 8 x 1024 batch through Qwen2.5-1.5B held 10 GB above the weights on an H100."""
+    groups: a whole 8 x 1024 batch through Qwen2.5-1.5B held 10 GB above the weights on an H100.
+
+    `wait=False` (teacher prefetch): one pass, launched with `mx.async_eval` and returned while it runs, so
+    the caller can queue the student's step beside it; its memory is then bounded by MLX's memory limit."""
+    if not wait:
+        h = mx.stop_gradient(body(tokens))
+        mx.async_eval(h)
+        return h
     rows = max(1, max_tokens // max(1, tokens.shape[1]))
     parts = []
     for start in range(0, tokens.shape[0], rows):

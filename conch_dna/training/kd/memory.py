@@ -12,6 +12,11 @@ before the first step and says which settings would fit. The estimate is deliber
       + attention scores where no fused attention exists (CPU): batch x heads x seq^2 x 4 bytes per block
       + the loss: fused, ~6 float32 [chunk, vocab] buffers; reference, ~6 [batch x seq, vocab] buffers
 
+With `memory_limit_gb`, MLX keeps the transients (the teacher's pass above all) under the limit by waiting for
+work in flight, so the estimate is the limit, but never less than what the step must hold (weights, optimizer
+and the student's phase). Teacher prefetch (the next pass beside the student's step) did not raise the measured
+peak (H100, batch 8: 24.91 vs 24.89 GB; 15.29 vs 15.01 GB under a 15 GB limit), so it adds nothing here.
+
 Calibrated against the H100 runs of docs/benchmarks.md (Qwen2.5 1.5B -> 0.5B, compiled step): with the
 1.25 margin, which covers allocator caching, 35.9 / 17.6 / 58.2 GB estimated vs 24.9 / 15.3 / 38.4 GB
 measured (batch 8 chunk 2048; batch 8 chunk 1024 checkpointed; batch 16 chunk 2048).
@@ -96,7 +101,10 @@ def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[
         "teacher_forward": teacher_forward_bytes(teacher, config, batch, seq, dtype_bytes) if teacher is not None else 0,
     }
     student_phase = parts["activations"] + parts["attention"] + parts["loss"]
-    parts["total"] = int(MARGIN * (parts["weights"] + parts["optimizer"] + max(parts["teacher_forward"], student_phase)))
+    fixed = parts["weights"] + parts["optimizer"]
+    parts["total"] = int(MARGIN * (fixed + max(parts["teacher_forward"], student_phase)))
+    if config.memory_limit_gb is not None:  # MLX waits instead of going past it, down to what must be held
+        parts["total"] = min(parts["total"], max(int(config.memory_limit_gb * 2**30), int(MARGIN * (fixed + student_phase))))
     return parts
 
 
