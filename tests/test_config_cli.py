@@ -24,6 +24,13 @@ def test_priority_arguments_env_file_defaults(tmp_path, monkeypatch):
     assert (c.temperature, c.alpha, c.iters, c.lora.rank, c.batch_size) == (5.0, 0.9, 7, 8, 4)
 
 
+def test_cli_flags_become_settings():
+    from conch_dna.training.kd.cli import build_parser, overrides_from_args
+
+    args = build_parser().parse_args(["--domain", "task", "--memory-limit-gb", "15", "--batch-size", "8"])
+    assert overrides_from_args(args) == {"memory_limit_gb": 15.0, "batch_size": 8}
+
+
 @pytest.mark.parametrize("field,value,allowed", [("temperature", 20.0, "less than or equal to 10"),
                                                  ("temperature", 0.1, "greater than or equal to 0.5"),
                                                  ("alpha", -0.1, "greater than or equal to 0"),

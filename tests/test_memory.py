@@ -70,3 +70,14 @@ def test_memory_limit_caps_the_estimate_down_to_what_the_step_holds(pair):
     middle = (held + free["total"]) // 2
     assert abs(capped(middle) - middle) <= 1  # in between: the limit
     assert capped(held // 2) == held  # below what must be held: that
+
+
+def test_refusal_suggests_a_memory_limit_when_the_teacher_pass_is_what_does_not_fit(pair):
+    t, s = pair
+    cfg = KDConfig(teacher_pass_tokens=1 << 20, grad_checkpoint=True, loss_chunk_size=64)
+    est = estimate_peak_bytes(s, t, cfg, 16, 128)
+    held = est["weights"] + est["optimizer"] + est["activations"] + est["attention"] + est["loss"]
+    available = int(1.25 * held / 0.8) + (1 << 20)  # room for what is held, not for the teacher's transients
+    assert est["total"] > 0.9 * available
+    with pytest.raises(MemoryPreflightError, match=r"memory_limit_gb=\d"):
+        preflight(s, t, cfg, 16, 128, available=available)

@@ -26,6 +26,7 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
     ap.add_argument("--max-seq-length", type=int)
     ap.add_argument("--max-new-tokens", type=int, help="teacher response length")
     ap.add_argument("--lora-rank", type=int)
+    ap.add_argument("--memory-limit-gb", type=float, help="cap MLX's memory while training (see memory_limit_gb)")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--teacher", help="teacher model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
     ap.add_argument("--student", help="student model folder or hub id (default: its depth-pruned copy)")
@@ -45,7 +46,7 @@ def overrides_from_args(args) -> dict:
     out = {k: v for k, v in {
         "temperature": args.temperature, "alpha": args.alpha, "divergence": args.divergence, "iters": args.iters,
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "max_seq_length": args.max_seq_length,
-        "seed": args.seed, "teacher_model_id": args.teacher, "student_model_id": args.student, "output_dir": args.output,
+        "seed": args.seed, "memory_limit_gb": args.memory_limit_gb, "teacher_model_id": args.teacher, "student_model_id": args.student, "output_dir": args.output,
     }.items() if v is not None}
     if args.lora_rank is not None:
         out["lora"] = {"rank": args.lora_rank}

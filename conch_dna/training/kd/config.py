@@ -116,7 +116,7 @@ class KDConfig(BaseSettings):
         "auto", description="mx.compile the student's forward/backward + loss: auto = on a GPU, off on the CPU")
     teacher_prefetch: Literal["auto", "on", "off"] = Field(
         "auto", description="run the online teacher's pass for the next micro-batch on its own stream while the "
-        "student trains on this one: auto = on a GPU without on-policy sequences (whose next batch is not known)")
+        "student trains on this one: auto = on, except with on-policy sequences (whose next batch is not known)")
     memory_limit_gb: float | None = Field(
         None, gt=0.0, description="cap MLX's memory during training (mx.set_memory_limit): past it MLX waits for "
         "running work to free its temporaries instead of allocating more; None = MLX's default")

@@ -120,6 +120,11 @@ def preflight(student, teacher, config, batch: int, seq: int, available: int | N
         if estimate_peak_bytes(student, teacher, config, b, seq)["total"] <= 0.9 * available:
             suggestions.append(f"batch_size={b} (with grad_accumulation={-(-batch // b)} for the same batch)")
             break
+    if config.memory_limit_gb is None:  # the teacher's transients may be what does not fit
+        limit_gb = round(0.8 * available / 2**30, 1)
+        alt = config.model_copy(update={"memory_limit_gb": limit_gb})
+        if estimate_peak_bytes(student, teacher, alt, batch, seq)["total"] <= 0.9 * available:
+            suggestions.append(f"memory_limit_gb={limit_gb}")
     if not config.grad_checkpoint:
         alt = config.model_copy(update={"grad_checkpoint": True})
         if estimate_peak_bytes(student, teacher, alt, batch, seq)["total"] <= 0.9 * available:
