@@ -505,10 +505,9 @@ def _train(model, train, val, targets_fn, config, out_dir, *, adapter_cfg, resum
         for m, (micro, examples) in enumerate(batches):
             tokens, mask = pad_batch(examples, multiple=pad_multiple)
             if prefetch:
-                targets = launched.pop((step, m), None)
-                if targets is None:
-                    with mx.stream(teacher_stream):
-                        targets = targets_fn(micro, "train", tokens)
+                if (step, m) not in launched:  # the first micro-batch of a run
+                    launch(step, m, micro, examples)
+                targets = launched.pop((step, m))
                 # The next micro-batch's teacher pass goes on its own stream now, so that it runs beside this
                 # one's student step (queued next) instead of after it.
                 if m + 1 < len(batches):
