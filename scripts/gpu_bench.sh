@@ -39,6 +39,7 @@ if [ "$part" = c ] || [ "$part" = all ]; then
   tr --batch 8 --chunk 1024 --grad-checkpoint --checkpoint-every 2 --memory-limit-gb 15
   tr --batch 8 --chunk 1024 --grad-checkpoint --checkpoint-every 2 --memory-limit-gb 15 --prefetch off
   tr --batch 8 --chunk 1024 --grad-checkpoint --memory-limit-gb 15
+  tr --batch 8 --chunk 512 --grad-checkpoint --checkpoint-every 2 --memory-limit-gb 15.5
   tr --batch 16 --chunk 2048
   tr --batch 16 --chunk 1024 --grad-checkpoint --checkpoint-every 2 --memory-limit-gb 24
 fi
