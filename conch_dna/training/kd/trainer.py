@@ -264,7 +264,8 @@ def use_compile(config: KDConfig) -> bool:
 def use_prefetch(config: KDConfig) -> bool:
     """teacher_prefetch "auto": on, except with on-policy sequences (the next batch holds answers the student
     has not written yet). The teacher's pass fills the room the student's step leaves: +14% on an H100
-    (Qwen2.5 1.5B -> 0.5B), +16% on 2 CPU cores (docs/benchmarks.md)."""
+    (Qwen2.5 1.5B -> 0.5B); on 2 CPU cores +16% for tiny models, nothing measurable for the default pair
+    (docs/benchmarks.md)."""
     return config.teacher_prefetch != "off" and config.on_policy_lambda == 0
 
 
