@@ -35,6 +35,8 @@ PRESETS = {
     "qwen2.5-1.5b->0.5b": (dict(layers=28, hidden=1536, inter=8960, heads=12, kv=2, qwen=True),
                            dict(layers=24, hidden=896, inter=4864, heads=14, kv=2, qwen=True), 151936, 8, 1024),
 }
+PEER_LORA = {  # as in peer_torch_kd.py: r=16 on q, k, v, o
+    "rank": 16, "scale": 2.0, "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM)
 
 
@@ -82,7 +84,7 @@ def run(args, impl: str) -> dict:
         mx.random.seed(0)
         teacher, student = build(t_shape, vocab, dtype), build(s_shape, vocab, dtype)
     nt, ns = n_params(teacher), n_params(student)
-    cfg = KDConfig(lora={"rank": 16, "scale": 2.0, "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]},
+    cfg = KDConfig(lora=PEER_LORA,
                    temperature=2.0, alpha=0.7, loss_chunk_size=args.chunk)
     apply_lora(student, cfg)
     if args.stock_lora:  # mlx-lm's own layer (float32 LoRA matmuls on bf16 activations), for comparison
@@ -228,7 +230,7 @@ def run_trainer(args) -> dict:
     mx.random.seed(0)
     teacher, student = build(t_shape, vocab, dtype), build(s_shape, vocab, dtype)
     iters = args.warmup + args.steps
-    cfg = KDConfig(lora={"rank": 16, "scale": 2.0, "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]},
+    cfg = KDConfig(lora=PEER_LORA,
                    temperature=2.0, alpha=0.7, loss_chunk_size=args.chunk, batch_size=batch, iters=iters,
                    learning_rate=1e-4, lr_schedule="constant", val_fraction=0.0, val_interval=10**6,
                    checkpoint_interval=10**6, grad_checkpoint=args.grad_checkpoint,

@@ -46,7 +46,8 @@ def overrides_from_args(args) -> dict:
     out = {k: v for k, v in {
         "temperature": args.temperature, "alpha": args.alpha, "divergence": args.divergence, "iters": args.iters,
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "max_seq_length": args.max_seq_length,
-        "seed": args.seed, "memory_limit_gb": args.memory_limit_gb, "teacher_model_id": args.teacher, "student_model_id": args.student, "output_dir": args.output,
+        "seed": args.seed, "memory_limit_gb": args.memory_limit_gb, "teacher_model_id": args.teacher,
+        "student_model_id": args.student, "output_dir": args.output,
     }.items() if v is not None}
     if args.lora_rank is not None:
         out["lora"] = {"rank": args.lora_rank}

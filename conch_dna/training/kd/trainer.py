@@ -457,11 +457,9 @@ def _train(model, train, val, targets_fn, config, out_dir, *, adapter_cfg, resum
     last_ckpt = checkpoint_dirs(out_dir)[-1] if checkpoint_dirs(out_dir) else None
     update = make_update(model, optimizer, config.max_grad_norm, use_compile(config))  # after a resume: see there
 
-    def micro_batches(step: int, examples: list[Example] | None = None) -> list[tuple[list[int], list[Example]]]:
-        """This process's micro-batches of `step`, none empty: (indices into train, examples) each. Data
-        parallel: this process takes positions rank, rank + size, ... of the global batch."""
-        idx = batch_order(len(train), global_batch, config.seed, step)
-        examples = examples if examples is not None else [train[i] for i in idx]
+    def micro_batches(idx: list[int], examples: list[Example]) -> list[tuple[list[int], list[Example]]]:
+        """This process's micro-batches of a step's batch (`idx` into train, and its examples), none empty:
+        (indices, examples) each. Data parallel: this process takes positions rank, rank + size, ... of it."""
         shard = list(range(dist.rank(), len(idx), dist.size()))
         per_micro = -(-len(shard) // config.grad_accumulation)
         parts = [shard[m * per_micro : (m + 1) * per_micro] for m in range(config.grad_accumulation)]
@@ -469,16 +467,16 @@ def _train(model, train, val, targets_fn, config, out_dir, *, adapter_cfg, resum
 
     prefetch = use_prefetch(config)
     teacher_stream = mx.new_stream(mx.default_device()) if prefetch else None
-    launched: dict[tuple[int, int], object] = {}  # (step, micro-batch) -> targets whose teacher pass is running
+    launched: dict[tuple[int, int], tuple] = {}  # (step, micro-batch) -> (tokens, mask, targets being computed)
     if dist.is_writer():
         log.info("training", steps=config.iters - start_step, fused_loss=fused, compiled=compiled, teacher_prefetch=prefetch,
                  grad_checkpoint=config.grad_checkpoint and f"every {config.grad_checkpoint_every}",
                  memory_limit_gb=config.memory_limit_gb)
 
     def launch(step: int, m: int, micro: list[int], examples: list[Example]) -> None:
-        tokens, _ = pad_batch(examples, multiple=pad_multiple)
+        tokens, mask = pad_batch(examples, multiple=pad_multiple)
         with mx.stream(teacher_stream):
-            launched[(step, m)] = targets_fn(micro, "train", tokens)
+            launched[(step, m)] = tokens, mask, targets_fn(micro, "train", tokens)
 
     show_bar = sys.stderr.isatty() and dist.is_writer()
     t_start = time.perf_counter()
@@ -502,20 +500,21 @@ def _train(model, train, val, targets_fn, config, out_dir, *, adapter_cfg, resum
                 written = iter(student_writes([e for e, p in zip(batch_examples, pick) if p]))
                 model.train()
                 batch_examples = [next(written) if p else e for e, p in zip(batch_examples, pick)]
-        batches = micro_batches(step, batch_examples)
+        batches = micro_batches(idx, batch_examples)
         for m, (micro, examples) in enumerate(batches):
-            tokens, mask = pad_batch(examples, multiple=pad_multiple)
             if prefetch:
                 if (step, m) not in launched:  # the first micro-batch of a run
                     launch(step, m, micro, examples)
-                targets = launched.pop((step, m))
+                tokens, mask, targets = launched.pop((step, m))
                 # The next micro-batch's teacher pass goes on its own stream now, so that it runs beside this
                 # one's student step (queued next) instead of after it.
                 if m + 1 < len(batches):
                     launch(step, m + 1, *batches[m + 1])
                 elif step + 1 < config.iters:
-                    launch(step + 1, 0, *micro_batches(step + 1)[0])
+                    next_idx = batch_order(len(train), global_batch, config.seed, step + 1)
+                    launch(step + 1, 0, *micro_batches(next_idx, [train[i] for i in next_idx])[0])
             else:
+                tokens, mask = pad_batch(examples, multiple=pad_multiple)
                 targets = targets_fn(micro, "train", tokens)
             (loss, out), grads = loss_and_grad(model, tokens, mask, targets)
             n = out["ntokens"]
