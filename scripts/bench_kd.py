@@ -102,7 +102,7 @@ def run(args, impl: str) -> dict:
 
             checkpoint_blocks(SimpleNamespace(layers=student.layers[: args.checkpoint_blocks]), 1)
         else:
-            checkpoint_blocks(student, args.checkpoint_every)
+            checkpoint_blocks(student, args.checkpoint_every, args.checkpoint_scope)
     opt = optim.AdamW(learning_rate=1e-4)
     opt.init(student.trainable_parameters())
     from conch_dna.training.kd.trainer import make_update
@@ -200,7 +200,7 @@ def run(args, impl: str) -> dict:
     peak_tf = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
     res = {
         "impl": f"mlx-{impl}", "preset": args.preset, "real": args.real, "device": device, "dtype": str(dtype),
-        "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and (args.checkpoint_blocks or f"every {args.checkpoint_every}"),
+        "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and (args.checkpoint_blocks or f"{args.checkpoint_scope} every {args.checkpoint_every}"),
         "teacher_pass_tokens": args.teacher_pass_tokens, "memory_limit_gb": args.memory_limit_gb,
         "overlap_teacher": args.overlap_teacher,
         "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch",
@@ -234,7 +234,8 @@ def run_trainer(args) -> dict:
                    temperature=2.0, alpha=0.7, loss_chunk_size=args.chunk, batch_size=batch, iters=iters,
                    learning_rate=1e-4, lr_schedule="constant", val_fraction=0.0, val_interval=10**6,
                    checkpoint_interval=10**6, grad_checkpoint=args.grad_checkpoint,
-                   grad_checkpoint_every=args.checkpoint_every, teacher_pass_tokens=args.teacher_pass_tokens,
+                   grad_checkpoint_every=args.checkpoint_every, grad_checkpoint_scope=args.checkpoint_scope,
+                   teacher_pass_tokens=args.teacher_pass_tokens,
                    compile_step=args.compile, teacher_prefetch=args.prefetch, memory_limit_gb=args.memory_limit_gb)
     n_blocks = apply_lora(student, cfg)
     rng = mx.random.randint(1, vocab, (batch * iters, seq)).tolist()
@@ -258,7 +259,7 @@ def run_trainer(args) -> dict:
     from conch_dna.training.kd.trainer import use_compile, use_prefetch
 
     return {"impl": "mlx-trainer", "preset": args.preset, "device": device, "dtype": str(dtype), "B": batch, "T": seq,
-            "chunk": args.chunk, "grad_checkpoint": args.grad_checkpoint and f"every {args.checkpoint_every}",
+            "chunk": args.chunk, "grad_checkpoint": args.grad_checkpoint and f"{args.checkpoint_scope} every {args.checkpoint_every}",
             "compiled": use_compile(cfg), "teacher_prefetch": use_prefetch(cfg), "memory_limit_gb": args.memory_limit_gb,
             "step_s": round(dt, 4), "tok_s": round(batch * seq / dt, 1), "peak_gb": round(mx.get_peak_memory() / 2**30, 2)}
 
@@ -277,6 +278,8 @@ def main() -> None:
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="mx.compile the student's step as the trainer does (auto: on a GPU)")
     ap.add_argument("--checkpoint-every", type=int, default=1, help="with --grad-checkpoint: every k-th block")
+    ap.add_argument("--checkpoint-scope", choices=["block", "mlp"], default="block",
+                    help="with --grad-checkpoint: recompute whole blocks or only their MLPs")
     ap.add_argument("--checkpoint-blocks", type=int, help="with --grad-checkpoint: only the first N blocks")
     ap.add_argument("--teacher-pass-tokens", type=int, default=4096, help="teacher forward: rows per pass")
     ap.add_argument("--compile-teacher", action="store_true", help="mx.compile the teacher's forward too")

@@ -3,7 +3,8 @@
 # ../shared/device/mlx-cuda.md, the PyTorch peer (../shared/bench/peer_torch_kd.py) copied to $PEER.
 # Every configuration runs in its own process (an out-of-memory must not end the others).
 # `bash scripts/gpu_bench.sh a` and `... b` split the session-3 table into two runs of < 10 minutes;
-# `... c` is session 4's: the trainer's own loop end to end (teacher prefetch, memory limit), with the peer.
+# `... c` is session 4's: the trainer's own loop end to end (teacher prefetch, memory limit), with the peer;
+# `... d` session 5's: checkpointing only the blocks' MLPs (grad_checkpoint_scope = "mlp").
 set -u
 OUT=${OUT:-/tmp/bench-out}; PEER=${PEER:-.carry/b/peer_torch_kd.py}; mkdir -p "$OUT"
 P='qwen2.5-1.5b->0.5b'
@@ -42,4 +43,13 @@ if [ "$part" = c ] || [ "$part" = all ]; then
   tr --batch 8 --chunk 512 --grad-checkpoint --checkpoint-every 2 --memory-limit-gb 15.5
   tr --batch 16 --chunk 2048
   tr --batch 16 --chunk 1024 --grad-checkpoint --checkpoint-every 2 --memory-limit-gb 24
+fi
+if [ "$part" = d ]; then
+  peer 8
+  tr --batch 8 --chunk 2048
+  tr --batch 8 --chunk 1024 --grad-checkpoint --checkpoint-scope mlp
+  tr --batch 8 --chunk 1024 --grad-checkpoint --checkpoint-scope mlp --memory-limit-gb 15.5
+  tr --batch 8 --chunk 2048 --grad-checkpoint --checkpoint-scope mlp --memory-limit-gb 15.5
+  tr --batch 8 --chunk 1024 --grad-checkpoint --checkpoint-scope mlp --checkpoint-every 2 --memory-limit-gb 15.5
+  tr --batch 8 --chunk 512 --grad-checkpoint --checkpoint-every 2 --memory-limit-gb 15.5
 fi

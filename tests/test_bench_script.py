@@ -24,7 +24,8 @@ def test_step_mode_times_reference_and_fused():
 
 
 def test_trainer_mode_runs_the_trainer_loop_with_prefetch():
-    (on,) = bench("--trainer", "--warmup", "2", "--steps", "1", "--prefetch", "on", "--grad-checkpoint")
+    (on,) = bench("--trainer", "--warmup", "2", "--steps", "1", "--prefetch", "on", "--grad-checkpoint",
+                  "--checkpoint-scope", "mlp")
     (off,) = bench("--trainer", "--warmup", "2", "--steps", "1", "--prefetch", "off")
     assert on["impl"] == "mlx-trainer" and on["teacher_prefetch"] is True and off["teacher_prefetch"] is False
-    assert on["grad_checkpoint"] == "every 1" and on["tok_s"] > 0 and on["peak_gb"] > 0
+    assert on["grad_checkpoint"] == "mlp every 1" and on["tok_s"] > 0 and on["peak_gb"] > 0

@@ -197,10 +197,11 @@ def test_lora_layers_compute_in_the_model_dtype(tiny_pair):
     assert set(flat) == {"lora_a", "lora_b"} and all(g.dtype == mx.float32 for g in flat.values())
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every):
-    """Gradient checkpointing (all blocks, or every other one) recomputes instead of storing: same loss and
-    gradients; only the student's own blocks change class, not a teacher of the same architecture."""
+@pytest.mark.parametrize("every,scope", [(1, "block"), (2, "block"), (1, "mlp"), (2, "mlp")])
+def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every, scope):
+    """Gradient checkpointing (all blocks, or every other one; whole blocks or their MLPs only) recomputes
+    instead of storing: same loss and gradients; only the student's own modules change class, not a
+    teacher's of the same architecture."""
     from conch_dna.training.kd.trainer import checkpoint_blocks
 
     teacher_path, student_path = tiny_pair
@@ -211,10 +212,14 @@ def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every):
         apply_lora(s, KDConfig(lora={"rank": 4}))
     plain.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, plain.trainable_parameters()))
     ckpt.update(plain.trainable_parameters())
-    n = checkpoint_blocks(ckpt, every)
+    n = checkpoint_blocks(ckpt, every, scope)
     assert n == len(range(0, len(ckpt.layers), every))
-    assert [type(b).__name__.startswith("Checkpointed") for b in ckpt.layers] == [i % every == 0 for i in range(len(ckpt.layers))]
-    assert not any(type(b).__name__.startswith("Checkpointed") for b in list(plain.layers) + list(teacher.layers))
+    picked = [b if scope == "block" else b.mlp for b in ckpt.layers]
+    assert [type(m).__name__.startswith("Checkpointed") for m in picked] == [i % every == 0 for i in range(len(ckpt.layers))]
+    others = list(plain.layers) + list(teacher.layers) + [b.mlp for b in list(plain.layers) + list(teacher.layers)]
+    if scope == "mlp":
+        others += list(ckpt.layers)  # the blocks themselves stay as they were
+    assert not any(type(m).__name__.startswith("Checkpointed") for m in others)
     tokens, mask = batch(6)
     f = lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, chunk_size=16))  # noqa: E731
     (l1, _), g1 = nn.value_and_grad(plain, f)(plain)
@@ -224,6 +229,20 @@ def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every):
     for k in g1:
         assert rel(np.array(g2[k]), np.array(g1[k])) <= TOL, k
     assert any(np.abs(np.array(g)).max() > 0 for k, g in g1.items() if "lora_a" in k)
+
+
+def test_checkpoint_scope_errors_are_specific(tiny_pair):
+    from types import SimpleNamespace
+
+    from conch_dna.training.kd.trainer import checkpoint_blocks
+
+    student, _ = load_model(tiny_pair[1])
+    with pytest.raises(ValueError, match="'block' or 'mlp', not 'attention'"):
+        checkpoint_blocks(student, 1, "attention")
+    with pytest.raises(ValueError, match="needs blocks with an `mlp` sub-module; Linear has none"):
+        checkpoint_blocks(SimpleNamespace(layers=[nn.Linear(2, 2)]), 1, "mlp")
+    with pytest.raises(ValueError, match="grad_checkpoint_scope"):
+        KDConfig(grad_checkpoint_scope="attention")
 
 
 def test_teacher_hidden_in_groups_of_rows_equals_one_pass(models):

@@ -25,6 +25,8 @@ def test_estimate_scales_with_the_settings(pair):
     assert estimate_peak_bytes(s, None, cfg, 4, 256)["weights"] < base["weights"]
     ckpt = estimate_peak_bytes(s, t, cfg.model_copy(update={"grad_checkpoint": True}), 4, 256)
     assert ckpt["activations"] < base["activations"]
+    mlp = estimate_peak_bytes(s, t, cfg.model_copy(update={"grad_checkpoint": True, "grad_checkpoint_scope": "mlp"}), 4, 256)
+    assert ckpt["activations"] < mlp["activations"] < base["activations"]  # keeps attention's, not the MLPs'
     ref = estimate_peak_bytes(s, t, cfg.model_copy(update={"loss_impl": "reference"}), 4, 4096)
     fused = estimate_peak_bytes(s, t, cfg, 4, 4096)
     assert ref["loss"] == 16 * fused["loss"]  # fused: one chunk of 1024 rows, reference: all 16384

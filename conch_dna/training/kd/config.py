@@ -109,6 +109,10 @@ class KDConfig(BaseSettings):
     grad_checkpoint_every: int = Field(
         1, ge=1, description="with grad_checkpoint, recompute every k-th block only (1 = all blocks; 2 = every "
         "other block: about half the activation memory saved, for half the recompute time)")
+    grad_checkpoint_scope: Literal["block", "mlp"] = Field(
+        "block", description="with grad_checkpoint, what a checkpointed block recomputes: block = all of it "
+        "(least memory); mlp = only its feed-forward part, most of a block's activations for the cost of its "
+        "matmuls (no attention, norms or LoRA recomputed)")
     teacher_pass_tokens: int = Field(
         4096, ge=1, description="the online teacher's forward runs on groups of whole rows of at most this many "
         "tokens (at least one row), each evaluated before the next: bounds its transient memory")

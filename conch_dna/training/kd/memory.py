@@ -8,7 +8,8 @@ before the first step and says which settings would fit. The estimate is deliber
   + the larger of the two phases of a step:
       the teacher's forward pass (transient), over two groups of rows: see `teacher_forward_bytes`
       the student's: activations kept for the backward pass, per token and block ~ (22 d + 6 i) values
-        (recomputed blocks, with gradient checkpointing: their input, plus one block's worth at a time)
+        (recomputed blocks, with gradient checkpointing: their input, plus one block's worth at a time;
+        with grad_checkpoint_scope "mlp", only the MLP's 6 i is recomputed)
       + attention scores where no fused attention exists (CPU): batch x heads x seq^2 x 4 bytes per block
       + the loss: fused, ~6 float32 [chunk, vocab] buffers; reference, ~6 [batch x seq, vocab] buffers
 
@@ -86,11 +87,19 @@ def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[
     per_block_token = (22 * s.hidden + 6 * s.intermediate) * dtype_bytes
     recomputed = len(range(0, s.layers, config.grad_checkpoint_every)) if config.grad_checkpoint else 0
     kept = s.layers - recomputed
-    # Kept blocks hold their activations; recomputed ones their input, plus one block's worth at a time.
-    activations = tokens * (kept * per_block_token + recomputed * s.hidden * dtype_bytes
-                            + (per_block_token if recomputed else 0))
+    if config.grad_checkpoint_scope == "mlp":
+        # Recomputed MLPs keep their input; the rest of their block (its 22 d) stays; one MLP's worth at a time.
+        mlp_token = 6 * s.intermediate * dtype_bytes
+        activations = tokens * (kept * per_block_token + recomputed * (per_block_token - mlp_token + s.hidden * dtype_bytes)
+                                + (mlp_token if recomputed else 0))
+        attention_blocks = s.layers
+    else:
+        # Kept blocks hold their activations; recomputed ones their input, plus one block's worth at a time.
+        activations = tokens * (kept * per_block_token + recomputed * s.hidden * dtype_bytes
+                                + (per_block_token if recomputed else 0))
+        attention_blocks = kept + (1 if recomputed else 0)
     on_cpu = mx.default_device() == mx.cpu
-    attention = batch * s.heads * seq * seq * 4 * (kept + (1 if recomputed else 0)) if on_cpu else 0
+    attention = batch * s.heads * seq * seq * 4 * attention_blocks if on_cpu else 0
     rows = min(config.loss_chunk_size, tokens) if config.loss_impl == "fused" else tokens
     parts = {
         "weights": param_bytes(student) + (param_bytes(teacher) if teacher is not None else 0),

@@ -108,15 +108,24 @@ def apply_lora(model: nn.Module, config: KDConfig) -> int:
     return num_layers
 
 
-def checkpoint_blocks(model: nn.Module, every: int = 1) -> int:
+def checkpoint_blocks(model: nn.Module, every: int = 1, scope: str = "block") -> int:
     """Gradient checkpointing: blocks 0, every, 2 * every, ... recompute their activations in the backward
-    pass (`mx.checkpoint`) instead of keeping them; returns how many. Per instance, by switching the block's
-    class: mlx-lm's `grad_checkpoint` patches the block class itself, which a teacher of the same
-    architecture (and every later model in the process) shares."""
+    pass (`mx.checkpoint`) instead of keeping them; returns how many. scope "block" recomputes the whole
+    block; "mlp" only its feed-forward part (`block.mlp`), whose [tokens, intermediate] activations are
+    most of what a block keeps, for the price of its matmuls alone (no attention, norms or LoRA recomputed).
+    Per instance, by switching the module's class: mlx-lm's `grad_checkpoint` patches the block class
+    itself, which a teacher of the same architecture (and every later model in the process) shares."""
+    if scope not in ("block", "mlp"):
+        raise ValueError(f"grad_checkpoint_scope must be 'block' or 'mlp', not {scope!r}")
     picked = model.layers[::every]
-    for block in picked:
-        if not getattr(type(block), "_conch_checkpointed", False):
-            block.__class__ = _checkpointed_class(type(block))
+    if scope == "mlp":
+        if no_mlp := [type(b).__name__ for b in picked if not isinstance(getattr(b, "mlp", None), nn.Module)]:
+            raise ValueError(f"grad_checkpoint_scope='mlp' needs blocks with an `mlp` sub-module; {no_mlp[0]} has "
+                             "none: use grad_checkpoint_scope='block'")
+        picked = [b.mlp for b in picked]
+    for module in picked:
+        if not getattr(type(module), "_conch_checkpointed", False):
+            module.__class__ = _checkpointed_class(type(module))
     return len(picked)
 
 
@@ -420,7 +429,7 @@ def _train(model, train, val, targets_fn, config, out_dir, *, adapter_cfg, resum
     if config.loss_impl == "fused" and not fused:
         log.warning("fused loss unavailable for this model (head(body(x)) != model(x)); using the reference loss")
     if config.grad_checkpoint:
-        checkpoint_blocks(model, config.grad_checkpoint_every)
+        checkpoint_blocks(model, config.grad_checkpoint_every, config.grad_checkpoint_scope)
     compiled = fused and use_compile(config)
     loss_and_grad = nn.value_and_grad(model, lambda m, *a: _loss_fn(m, *a, config, vocab, fused, compiled))
     if compiled:
@@ -469,9 +478,9 @@ def _train(model, train, val, targets_fn, config, out_dir, *, adapter_cfg, resum
     teacher_stream = mx.new_stream(mx.default_device()) if prefetch else None
     launched: dict[tuple[int, int], tuple] = {}  # (step, micro-batch) -> (tokens, mask, targets being computed)
     if dist.is_writer():
-        log.info("training", steps=config.iters - start_step, fused_loss=fused, compiled=compiled, teacher_prefetch=prefetch,
-                 grad_checkpoint=config.grad_checkpoint and f"every {config.grad_checkpoint_every}",
-                 memory_limit_gb=config.memory_limit_gb)
+        ckpt = config.grad_checkpoint and f"{config.grad_checkpoint_scope} every {config.grad_checkpoint_every}"
+        log.info("training", steps=config.iters - start_step, fused_loss=fused, compiled=compiled,
+                 teacher_prefetch=prefetch, grad_checkpoint=ckpt, memory_limit_gb=config.memory_limit_gb)
 
     def launch(step: int, m: int, micro: list[int], examples: list[Example]) -> None:
         tokens, mask = pad_batch(examples, multiple=pad_multiple)
