@@ -1,4 +1,4 @@
-"""scripts/bench_kd.py, the source of docs/benchmarks.md's figures, runs and reports what it claims to."""
+"""scripts/bench_kd.py and block_memory.py, sources of docs/benchmarks.md's figures, run and report what they claim to."""
 
 import json
 import subprocess
@@ -29,3 +29,12 @@ def test_trainer_mode_runs_the_trainer_loop_with_prefetch():
     (off,) = bench("--trainer", "--warmup", "2", "--steps", "1", "--prefetch", "off")
     assert on["impl"] == "mlx-trainer" and on["teacher_prefetch"] is True and off["teacher_prefetch"] is False
     assert on["grad_checkpoint"] == "mlp every 1" and on["tok_s"] > 0 and on["peak_gb"] > 0
+
+
+def test_block_memory_orders_the_checkpoint_scopes():
+    """scripts/block_memory.py: a block keeps less with its MLP recomputed, and least recomputed whole."""
+    run = subprocess.run([sys.executable, "scripts/block_memory.py", "--seq", "64"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    kept = {r["scope"]: r["per_block_mib"] for r in map(json.loads, (x for x in run.stdout.splitlines() if x.startswith("{")))}
+    assert kept["block"] < kept["mlp"] < kept["none"], kept
