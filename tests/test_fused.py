@@ -1,4 +1,4 @@
-"""The fused chunked loss: same values and gradients as the reference losses (<= 1e-4 relative)."""
+"""The fused chunked loss: same values and gradients as the reference losses (<= 1e-4 relative, float32)."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,7 +12,11 @@ from conch_dna.training.kd import DIVERGENCES, KDConfig, kd_objective, topk_targ
 from conch_dna.training.kd.fused import fused_objective
 from conch_dna.training.kd.trainer import apply_lora
 
-TOL = 1e-4
+# The bar is <= 1e-4 relative in float32 (models loaded as float32 here). On a GPU, MLX's CUDA backend runs
+# float32 matmuls as TF32 (10-bit mantissa): there the bar is TF32's rounding, as in test_distiller.
+ON_CPU = mx.default_device() == mx.cpu
+TOL = 1e-4 if ON_CPU else 2e-3
+F32 = mx.float32
 
 
 def rel(a, b):
@@ -25,10 +29,10 @@ def models(tiny_pair, tmp_path_factory):
     teacher, student = tiny_pair
     untied = build_tiny_model(tmp_path_factory.mktemp("untied") / "s", num_layers=2, hidden_size=32, num_heads=2,
                               num_kv_heads=1, intermediate_size=64, seed=4, tie_word_embeddings=False, tokenizer_from=teacher)
-    t, _ = load_model(teacher)
+    t, _ = load_model(teacher, F32)
     out = {}
     for name, path in (("tied", student), ("untied", untied)):
-        s, _ = load_model(path)
+        s, _ = load_model(path, F32)
         apply_lora(s, KDConfig(lora={"rank": 4}))
         # Non-zero LoRA B so that every LoRA parameter has a gradient.
         for _, m in s.named_modules():
@@ -92,7 +96,7 @@ def test_sparse_targets_match_reference(models, div):
 
 def test_quantized_teacher_matches_reference(tiny_pair, models):
     teacher_path, _ = tiny_pair
-    qt, _ = load_model(teacher_path)
+    qt, _ = load_model(teacher_path, F32)
     nn.quantize(qt, group_size=32, bits=4)
     _, students = models
     tokens, mask = batch(2)
@@ -108,10 +112,10 @@ def test_chunk_size_does_not_change_the_result(models):
     tokens, mask = batch(3)
     outs = [fused_objective(students["tied"], None, tokens, mask, teacher=teacher, chunk_size=c)["loss"].item()
             for c in (1, 7, 46, 4096)]
-    assert max(outs) - min(outs) <= 1e-5 * abs(outs[0])
+    assert max(outs) - min(outs) <= (1e-5 if ON_CPU else TOL) * abs(outs[0])
 
 
-@pytest.mark.parametrize("backend", ["numpy", "compiled-mlx"])
+@pytest.mark.parametrize("backend", ["default", "compiled-mlx"])
 def test_closed_form_paths_equal_generic_path(models, backend, monkeypatch):
     """The default objective runs a closed-form chunk (NumPy on the CPU, compiled MLX on Apple GPUs, a CUDA
     kernel on NVIDIA: tests/test_kernels.py); each must equal the autograd chunk."""
@@ -139,7 +143,7 @@ def test_closed_form_paths_equal_generic_path(models, backend, monkeypatch):
 
         (v1, g1), (v2, g2) = run(True), run(False)
         assert rel(v1.item(), v2.item()) <= TOL and rel(np.array(g1), np.array(g2)) <= TOL
-    assert bool(calls) == (backend == "numpy")
+    assert bool(calls) == (backend == "default" and ON_CPU)  # NumPy on the CPU; on a GPU the default is a kernel
 
 
 def test_compiled_step_equals_eager_and_sees_parameter_updates(models):
@@ -205,8 +209,8 @@ def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every, scope):
     from conch_dna.training.kd.trainer import checkpoint_blocks
 
     teacher_path, student_path = tiny_pair
-    teacher, _ = load_model(teacher_path)
-    plain, ckpt = load_model(student_path)[0], load_model(student_path)[0]
+    teacher, _ = load_model(teacher_path, F32)
+    plain, ckpt = load_model(student_path, F32)[0], load_model(student_path, F32)[0]
     for s in (plain, ckpt):
         mx.random.seed(3)
         apply_lora(s, KDConfig(lora={"rank": 4}))
@@ -254,4 +258,4 @@ def test_teacher_hidden_in_groups_of_rows_equals_one_pass(models):
     whole = np.array(body(tokens))
     for max_tokens in (1, 12, 30, 10_000):  # 1 row (also below one row), 1 row, 2 rows, all rows
         got = teacher_hidden(body, tokens, max_tokens)
-        assert got.shape == whole.shape and rel(np.array(got), whole) <= 1e-6, max_tokens
+        assert got.shape == whole.shape and rel(np.array(got), whole) <= (1e-6 if ON_CPU else TOL), max_tokens
