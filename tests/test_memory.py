@@ -52,18 +52,22 @@ def test_distiller_refuses_before_training(tiny_pair, kd_config, monkeypatch):
     assert not (cfg.output_dir / "thinking" / "metrics.jsonl").exists()
 
 
-def test_memory_limit_caps_the_estimate_down_to_what_the_step_holds(pair):
-    """Under memory_limit_gb MLX waits for temporaries (the teacher's pass) to be freed instead of going past
-    the limit, but what the step holds (weights, optimizer, the student's activations and loss) stays."""
-    from conch_dna.training.kd.memory import MARGIN
+@pytest.mark.parametrize("scope", ["block", "mlp"])
+def test_memory_limit_caps_the_estimate_down_to_what_the_step_holds(pair, scope):
+    """Under memory_limit_gb MLX waits for temporaries (the teacher's pass, work queued ahead) to be freed
+    instead of going past the limit, but what the step holds (weights, optimizer, the activations the
+    student's blocks keep, one loss chunk) stays."""
+    from conch_dna.training.kd.memory import MARGIN, held_student_bytes, model_shapes
 
     t, s = pair
     # The whole batch in one teacher pass and a checkpointed student: the teacher's transient is the larger phase.
-    cfg = KDConfig(teacher_pass_tokens=1 << 20, grad_checkpoint=True, loss_chunk_size=128)
+    cfg = KDConfig(teacher_pass_tokens=1 << 20, grad_checkpoint=True, grad_checkpoint_scope=scope, loss_chunk_size=128)
     free = estimate_peak_bytes(s, t, cfg, 8, 256)
-    held = int(MARGIN * (free["weights"] + free["optimizer"] + free["activations"] + free["attention"] + free["loss"]))
-    assert free["teacher_forward"] > free["activations"] + free["attention"] + free["loss"]  # the case that matters
-    assert held < free["total"]
+    kept = held_student_bytes(model_shapes(s), cfg, 8 * 256, 4, 128)
+    held = int(MARGIN * (free["weights"] + free["optimizer"] + kept + free["attention"]))
+    if scope == "block":  # the case that matters most: the teacher's transient is the larger phase
+        assert free["teacher_forward"] > free["activations"] + free["attention"] + free["loss"]
+    assert kept < free["activations"] + free["loss"] and held < free["total"]
 
     def capped(limit_bytes):
         return estimate_peak_bytes(s, t, cfg.model_copy(update={"memory_limit_gb": limit_bytes / 2**30}), 8, 256)["total"]
@@ -72,6 +76,29 @@ def test_memory_limit_caps_the_estimate_down_to_what_the_step_holds(pair):
     middle = (held + free["total"]) // 2
     assert abs(capped(middle) - middle) <= 1  # in between: the limit
     assert capped(held // 2) == held  # below what must be held: that
+    # and the limit is what lets it fit: refused without it, accepted with it, on the same device
+    available = int(middle / 0.85)
+    with pytest.raises(MemoryPreflightError):
+        preflight(s, t, cfg, 8, 256, available=available)
+    assert preflight(s, t, cfg.model_copy(update={"memory_limit_gb": middle / 2**30}), 8, 256, available=available)
+
+
+def test_held_memory_follows_the_checkpoint_scope_and_the_loss_path(pair, monkeypatch):
+    from conch_dna.training.kd import kernels
+    from conch_dna.training.kd.memory import held_student_bytes, model_shapes
+
+    _, s = pair
+    shapes = model_shapes(s)
+
+    def held(**kw):
+        return held_student_bytes(shapes, KDConfig(**kw), 4096, 2, 512)
+
+    plain, mlp = held(), held(grad_checkpoint=True, grad_checkpoint_scope="mlp")
+    block = held(grad_checkpoint=True)
+    assert block < mlp < plain
+    assert held(grad_checkpoint=True, grad_checkpoint_every=2) > block
+    monkeypatch.setattr(kernels, "available", lambda: True)  # the CUDA kernel: 3 bf16 buffers, not 6 float32
+    assert held() < plain
 
 
 def test_refusal_suggests_a_memory_limit_when_the_teacher_pass_is_what_does_not_fit(pair):

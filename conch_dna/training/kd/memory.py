@@ -15,12 +15,14 @@ before the first step and says which settings would fit. The estimate is deliber
 
 With `memory_limit_gb`, MLX keeps the transients (the teacher's pass above all) under the limit by waiting for
 work in flight, so the estimate is the limit, but never less than what the step must hold (weights, optimizer
-and the student's phase). Teacher prefetch (the next pass beside the student's step) did not raise the measured
+and what the student's step keeps: `held_student_bytes`, measured, without the allowance for queued work). Teacher prefetch (the next pass beside the student's step) did not raise the measured
 peak (H100, batch 8: 24.91 vs 24.89 GB; 15.29 vs 15.01 GB under a 15 GB limit), so it adds nothing here.
 
 Calibrated against the H100 runs of docs/benchmarks.md (Qwen2.5 1.5B -> 0.5B, compiled step): with the
 1.25 margin, which covers allocator caching, 35.9 / 17.6 / 58.2 GB estimated vs 24.9 / 15.3 / 38.4 GB
-measured (batch 8 chunk 2048; batch 8 chunk 1024 checkpointed; batch 16 chunk 2048).
+measured (batch 8 chunk 2048; batch 8 chunk 1024 checkpointed; batch 16 chunk 2048). Under a limit: 15.0 /
+12.0 / 9.0 GB estimated vs 15.07 / 11.86 / 9.25 GB measured (MLPs checkpointed, chunk 2048, limit 15; blocks
+checkpointed, chunk 1024, limits 12 and 9): the preflight's 10% headroom covers MLX's small overshoot.
 """
 
 from __future__ import annotations
@@ -113,8 +115,29 @@ def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[
     fixed = parts["weights"] + parts["optimizer"]
     parts["total"] = int(MARGIN * (fixed + max(parts["teacher_forward"], student_phase)))
     if config.memory_limit_gb is not None:  # MLX waits instead of going past it, down to what must be held
-        parts["total"] = min(parts["total"], max(int(config.memory_limit_gb * 2**30), int(MARGIN * (fixed + student_phase))))
+        held = int(MARGIN * (fixed + held_student_bytes(s, config, tokens, dtype_bytes, rows) + parts["attention"]))
+        parts["total"] = min(parts["total"], max(int(config.memory_limit_gb * 2**30), held))
     return parts
+
+
+def held_student_bytes(s: Shapes, config, tokens: int, dtype_bytes: int, rows: int) -> int:
+    """What the student's step holds however MLX schedules it (the floor under `memory_limit_gb`): the
+    activations its blocks keep and one loss chunk. Unlike the unconstrained estimate, no allowance for work
+    queued ahead. Per token and block, as `scripts/block_memory.py` measured (Qwen2.5-0.5B widths, compiled
+    step; attention scores apart): ~8 d + 3.5 i values kept by a plain block, 8 d with its MLP recomputed,
+    1.5 d recomputed whole; plus, with checkpointing, one recomputed part at a time. The loss: the CUDA kernel
+    keeps three [rows, vocab] buffers in the model's dtype (student and teacher logits, gradient), the other
+    paths ~6 float32 ones (`rows`: the loss chunk, or every token for the reference loss)."""
+    from conch_dna.training.kd import kernels
+
+    plain = 8 * s.hidden + 3.5 * s.intermediate
+    recomputed = len(range(0, s.layers, config.grad_checkpoint_every)) if config.grad_checkpoint else 0
+    kept_recomputed, transient = ((8 * s.hidden, 3.5 * s.intermediate) if config.grad_checkpoint_scope == "mlp"
+                                  else (1.5 * s.hidden, plain))
+    values = (s.layers - recomputed) * plain + recomputed * kept_recomputed + (transient if recomputed else 0)
+    fused = config.loss_impl == "fused"
+    loss_bytes_per_value = 4 * dtype_bytes if fused and kernels.available() else 24  # 3 buffers + room for the matmul
+    return int(tokens * values * dtype_bytes + rows * s.vocab * loss_bytes_per_value)
 
 
 def preflight(student, teacher, config, batch: int, seq: int, available: int | None = None) -> dict:
