@@ -42,6 +42,24 @@ def test_refuses_with_settings_that_fit(pair):
     assert preflight(s, t, cfg, 16, 512, available=need * 2)["total"] == need
 
 
+@pytest.mark.parametrize("fits", ["mlp", "block"])
+def test_refusal_suggests_the_cheaper_checkpointing_that_fits(pair, fits):
+    """Checkpointing only the MLPs is suggested when it fits (it recomputes less); else whole blocks."""
+    t, s = pair
+    cfg = KDConfig(batch_size=16, teacher_pass_tokens=512)
+
+    def need(scope):
+        return estimate_peak_bytes(s, t, cfg.model_copy(update={"grad_checkpoint": True, "grad_checkpoint_scope": scope}), 16, 512)["total"]
+
+    assert need("block") < need("mlp") < estimate_peak_bytes(s, t, cfg, 16, 512)["total"]
+    available = int(need(fits) / 0.9) + 1
+    with pytest.raises(MemoryPreflightError) as e:
+        preflight(s, t, cfg, 16, 512, available=available)
+    msg = str(e.value)
+    assert ('grad_checkpoint=true with grad_checkpoint_scope="mlp"' in msg) == (fits == "mlp")
+    assert "grad_checkpoint=true" in msg
+
+
 def test_distiller_refuses_before_training(tiny_pair, kd_config, monkeypatch):
     import conch_dna.training.kd.memory as memory
 

@@ -157,10 +157,12 @@ def preflight(student, teacher, config, batch: int, seq: int, available: int | N
         alt = config.model_copy(update={"memory_limit_gb": limit_gb})
         if estimate_peak_bytes(student, teacher, alt, batch, seq)["total"] <= 0.9 * available:
             suggestions.append(f"memory_limit_gb={limit_gb}")
-    if not config.grad_checkpoint:
-        alt = config.model_copy(update={"grad_checkpoint": True})
-        if estimate_peak_bytes(student, teacher, alt, batch, seq)["total"] <= 0.9 * available:
-            suggestions.append("grad_checkpoint=true")
+    if not config.grad_checkpoint:  # recomputing only the MLPs costs less time: suggested first when it fits
+        for scope, advice in (("mlp", 'grad_checkpoint=true with grad_checkpoint_scope="mlp"'), ("block", "grad_checkpoint=true")):
+            alt = config.model_copy(update={"grad_checkpoint": True, "grad_checkpoint_scope": scope})
+            if estimate_peak_bytes(student, teacher, alt, batch, seq)["total"] <= 0.9 * available:
+                suggestions.append(advice)
+                break
     if config.loss_impl != "fused":
         alt = config.model_copy(update={"loss_impl": "fused"})
         if estimate_peak_bytes(student, teacher, alt, batch, seq)["total"] <= 0.9 * available:
