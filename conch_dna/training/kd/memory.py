@@ -15,8 +15,9 @@ before the first step and says which settings would fit. The estimate is deliber
 
 With `memory_limit_gb`, MLX keeps the transients (the teacher's pass above all) under the limit by waiting for
 work in flight, so the estimate is the limit, but never less than what the step must hold (weights, optimizer
-and what the student's step keeps: `held_student_bytes`, measured, without the allowance for queued work). Teacher prefetch (the next pass beside the student's step) did not raise the measured
-peak (H100, batch 8: 24.91 vs 24.89 GB; 15.29 vs 15.01 GB under a 15 GB limit), so it adds nothing here.
+and what the student's step keeps: `held_student_bytes`, from measurements, without the allowance for queued
+work). Teacher prefetch (the next pass beside the student's step) did not raise the measured peak (H100,
+batch 8: 24.91 vs 24.89 GB; 15.29 vs 15.01 GB under a 15 GB limit), so it adds nothing here.
 
 Calibrated against the H100 runs of docs/benchmarks.md (Qwen2.5 1.5B -> 0.5B, compiled step): with the
 1.25 margin, which covers allocator caching, 35.9 / 17.6 / 58.2 GB estimated vs 24.9 / 15.3 / 38.4 GB
