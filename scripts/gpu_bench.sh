@@ -45,11 +45,19 @@ if [ "$part" = c ] || [ "$part" = all ]; then
   tr --batch 16 --chunk 1024 --grad-checkpoint --checkpoint-every 2 --memory-limit-gb 24
 fi
 if [ "$part" = d ]; then
-  peer 8
-  tr --batch 8 --chunk 2048
+  # The peer, the defaults and the 16 GB recipe (MLPs checkpointed + a memory limit) side by side, three
+  # times; then the single rows of the session-5 table.
+  M="--batch 8 --chunk 2048 --grad-checkpoint --checkpoint-scope mlp"
+  for i in 1 2 3; do
+    peer 8
+    tr --batch 8 --chunk 2048
+    tr $M --memory-limit-gb 15
+    tr $M --memory-limit-gb 15.5
+  done
+  tr $M
   tr --batch 8 --chunk 1024 --grad-checkpoint --checkpoint-scope mlp
-  tr --batch 8 --chunk 1024 --grad-checkpoint --checkpoint-scope mlp --memory-limit-gb 15.5
-  tr --batch 8 --chunk 2048 --grad-checkpoint --checkpoint-scope mlp --memory-limit-gb 15.5
+  tr $M --memory-limit-gb 15.5 --prefetch off
   tr --batch 8 --chunk 1024 --grad-checkpoint --checkpoint-scope mlp --checkpoint-every 2 --memory-limit-gb 15.5
-  tr --batch 8 --chunk 512 --grad-checkpoint --checkpoint-every 2 --memory-limit-gb 15.5
+  tr --batch 16 --chunk 2048 --grad-checkpoint --checkpoint-scope mlp --memory-limit-gb 24
+  python3 scripts/block_memory.py --batch 8 --dtype bfloat16 | tee "$OUT/block_memory.txt"
 fi
