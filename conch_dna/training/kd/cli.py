@@ -27,6 +27,8 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
     ap.add_argument("--max-new-tokens", type=int, help="teacher response length")
     ap.add_argument("--lora-rank", type=int)
     ap.add_argument("--memory-limit-gb", type=float, help="cap MLX's memory while training (see memory_limit_gb)")
+    ap.add_argument("--grad-checkpoint", choices=["block", "mlp"],
+                    help="recompute the student's blocks (or only their MLPs) in the backward pass: less memory")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--teacher", help="teacher model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
     ap.add_argument("--student", help="student model folder or hub id (default: its depth-pruned copy)")
@@ -49,6 +51,8 @@ def overrides_from_args(args) -> dict:
         "seed": args.seed, "memory_limit_gb": args.memory_limit_gb, "teacher_model_id": args.teacher,
         "student_model_id": args.student, "output_dir": args.output,
     }.items() if v is not None}
+    if args.grad_checkpoint is not None:
+        out.update(grad_checkpoint=True, grad_checkpoint_scope=args.grad_checkpoint)
     if args.lora_rank is not None:
         out["lora"] = {"rank": args.lora_rank}
     if args.max_new_tokens is not None:
