@@ -68,8 +68,6 @@ def run(args, impl: str) -> dict:
     from conch_dna.training.kd.losses import kd_objective
     from conch_dna.training.kd.trainer import apply_lora
 
-    if args.memory_limit_gb:  # MLX waits for the GPU to free temporaries before it goes past this
-        mx.set_memory_limit(int(args.memory_limit_gb * 2**30))
     t_shape, s_shape, vocab, batch, seq = PRESETS[args.preset]
     batch, seq = args.batch or batch, args.seq or seq
     gpu = mx.default_device() == mx.gpu
@@ -221,7 +219,13 @@ def run_trainer(args) -> dict:
 
     from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
     from conch_dna.training.kd.data import Example
-    from conch_dna.training.kd.trainer import adapter_config, apply_lora, train_with_kd
+    from conch_dna.training.kd.trainer import (
+        adapter_config,
+        apply_lora,
+        train_with_kd,
+        use_compile,
+        use_prefetch,
+    )
 
     t_shape, s_shape, vocab, batch, seq = PRESETS[args.preset]
     batch, seq = args.batch or batch, args.seq or seq
@@ -256,8 +260,6 @@ def run_trainer(args) -> dict:
                       on_event=on_event)
     dt = (times[-1] - times[args.warmup - 1]) / args.steps
     device = mx.device_info().get("device_name", str(mx.default_device()))
-    from conch_dna.training.kd.trainer import use_compile, use_prefetch
-
     return {"impl": "mlx-trainer", "preset": args.preset, "device": device, "dtype": str(dtype), "B": batch, "T": seq,
             "chunk": args.chunk, "grad_checkpoint": args.grad_checkpoint and f"{args.checkpoint_scope} every {args.checkpoint_every}",
             "compiled": use_compile(cfg), "teacher_prefetch": use_prefetch(cfg), "memory_limit_gb": args.memory_limit_gb,
@@ -290,27 +292,30 @@ def main() -> None:
     ap.add_argument("--trainer", action="store_true", help="time the trainer's loop end to end (train_with_kd)")
     ap.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto", help="with --trainer: teacher_prefetch")
     args = ap.parse_args()
-    if args.trainer:
-        if args.warmup < 2:
-            ap.error("--trainer needs --warmup >= 2 (the first step compiles)")
-        r = run_trainer(args)
+
+    def report(r: dict) -> None:
         print(json.dumps(r), flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(r) + "\n")
+
+    if args.trainer:  # train_with_kd applies the memory limit itself
+        if args.warmup < 2:
+            ap.error("--trainer needs --warmup >= 2 (the first step compiles)")
+        report(run_trainer(args))
         return
+    from conch_dna.training.kd.trainer import memory_limit
+
     impls = ["reference", "fused"] if args.impl == "both" else [args.impl]
     rows = []
     for impl in impls:
         try:
-            r = run(args, impl)
+            with memory_limit(args.memory_limit_gb):  # as the trainer sets it: for the run, then put back
+                r = run(args, impl)
         except Exception as e:  # out of memory etc.: report it as a row, keep going
             r = {"impl": f"mlx-{impl}", "preset": args.preset, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         rows.append(r)
-        print(json.dumps(r), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(r) + "\n")
+        report(r)
     print("\n| impl | B x T | tokens/s | peak GB | step s | teacher s | loss s | TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

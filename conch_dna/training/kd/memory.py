@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from conch_dna.training.kd import kernels
+
 MARGIN = 1.25
 
 
@@ -82,13 +84,18 @@ def teacher_forward_bytes(teacher, config, batch: int, seq: int, dtype_bytes: in
     return rows * seq * t.layers * (4 * t.hidden + 2 * t.intermediate) * dtype_bytes
 
 
+def recomputed_blocks(layers: int, config) -> int:
+    """How many blocks gradient checkpointing recomputes (`trainer.checkpoint_blocks`: 0, every, 2 * every...)."""
+    return len(range(0, layers, config.grad_checkpoint_every)) if config.grad_checkpoint else 0
+
+
 def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[str, int]:
     """Bytes of each part of a training step's peak; `teacher` None when it does not run during training."""
     s = model_shapes(student)
     dtype_bytes = next(p.itemsize for _, p in tree_flatten(student.parameters()))
     tokens = batch * seq
     per_block_token = (22 * s.hidden + 6 * s.intermediate) * dtype_bytes
-    recomputed = len(range(0, s.layers, config.grad_checkpoint_every)) if config.grad_checkpoint else 0
+    recomputed = recomputed_blocks(s.layers, config)
     kept = s.layers - recomputed
     if config.grad_checkpoint_scope == "mlp":
         # Recomputed MLPs keep their input; the rest of their block (its 22 d) stays; one MLP's worth at a time.
@@ -129,10 +136,8 @@ def held_student_bytes(s: Shapes, config, tokens: int, dtype_bytes: int, rows: i
     1.5 d recomputed whole; plus, with checkpointing, one recomputed part at a time. The loss: the CUDA kernel
     keeps three [rows, vocab] buffers in the model's dtype (student and teacher logits, gradient), the other
     paths ~6 float32 ones (`rows`: the loss chunk, or every token for the reference loss)."""
-    from conch_dna.training.kd import kernels
-
     plain = 8 * s.hidden + 3.5 * s.intermediate
-    recomputed = len(range(0, s.layers, config.grad_checkpoint_every)) if config.grad_checkpoint else 0
+    recomputed = recomputed_blocks(s.layers, config)
     kept_recomputed, transient = ((8 * s.hidden, 3.5 * s.intermediate) if config.grad_checkpoint_scope == "mlp"
                                   else (1.5 * s.hidden, plain))
     values = (s.layers - recomputed) * plain + recomputed * kept_recomputed + (transient if recomputed else 0)
