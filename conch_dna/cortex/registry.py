@@ -16,9 +16,10 @@ Design (MLflow-style aliases over immutable versions):
   and never see a half-registered state.
 * A manifest that cannot be read or validated raises `RegistryError` and the registry keeps the state it
   had; nothing is overwritten.
-* The optional quality gate refuses to activate a version whose validation KD loss (metrics["val_kd"]) is
-  worse than the active version's. Compare like with like: the gate trusts that both were validated on
-  comparable held-out prompts.
+* The optional quality gate refuses to activate a version that loops (its own answers to held-out prompts
+  repeat themselves more than the teacher's, `loops`) or is worse than the active version (`worse_than`:
+  held-out KL, agreement and repetition, or the validation KD loss when a version was not judged).
+  Compare like with like: the gate trusts that both were judged on the same held-out prompts.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class AdapterMismatchError(RegistryError):
 
 
 class QualityGateError(RegistryError):
-    """Promotion refused: the version's validation KD loss is worse than the active one's."""
+    """Promotion refused: the version loops or is worse than the active one (see `loops`, `worse_than`)."""
 
 
 class NeuronNotFoundError(KeyError):
@@ -103,6 +104,43 @@ class Manifest(BaseModel):
 @dataclass(frozen=True)
 class RegistryState:
     neurons: dict[str, NeuronRecord] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ quality gate
+
+# A neuron loops when its own answers repeat more 4-grams than the teacher's answers to the same held-out
+# prompts by more than this (the issue's acceptance bar; greedy 64-token answers of SmolLM2: 0.04-0.13).
+REPETITION_MARGIN = 0.05
+# Greedy answers to ~10 held-out prompts move by this much between equally good runs: smaller differences
+# are not "worse".
+TOLERANCE = {"held_out_kl": 0.02, "held_out_agreement": 0.02, "held_out_repetition": 0.02}
+
+
+def loops(metrics: dict) -> str | None:
+    """Why the neuron's own answers count as looping, or None (None also when it was not judged)."""
+    rep, teacher = metrics.get("held_out_repetition"), metrics.get("held_out_teacher_repetition")
+    if rep is None or teacher is None or rep <= teacher + REPETITION_MARGIN:
+        return None
+    return (f"loops: {rep:.2f} of the 4-grams of its held-out answers are repeats, the teacher's answers "
+            f"{teacher:.2f} (allowed: + {REPETITION_MARGIN})")
+
+
+def worse_than(new: dict, old: dict) -> str | None:
+    """What makes `new` worse than `old`: the held-out figures when both were judged (KL up, agreement down,
+    repetition up, each beyond `TOLERANCE`), else the validation KD loss."""
+    if all(k in new and k in old and new[k] is not None and old[k] is not None for k in TOLERANCE):
+        problems = []
+        if new["held_out_kl"] > old["held_out_kl"] + TOLERANCE["held_out_kl"]:
+            problems.append(f"held-out KL {new['held_out_kl']:.4f} > {old['held_out_kl']:.4f}")
+        if new["held_out_agreement"] < old["held_out_agreement"] - TOLERANCE["held_out_agreement"]:
+            problems.append(f"agreement {new['held_out_agreement']:.3f} < {old['held_out_agreement']:.3f}")
+        if new["held_out_repetition"] > old["held_out_repetition"] + TOLERANCE["held_out_repetition"]:
+            problems.append(f"repetition {new['held_out_repetition']:.3f} > {old['held_out_repetition']:.3f}")
+        return "; ".join(problems) or None
+    new_kd, old_kd = new.get("val_kd"), old.get("val_kd")
+    if new_kd is None or old_kd is None:
+        return "no held-out figures or val_kd metric to compare"
+    return f"validation KD {new_kd:.4f} > {old_kd:.4f}" if new_kd > old_kd else None
 
 
 # ------------------------------------------------------------------------------- shape validation
@@ -253,13 +291,10 @@ class NeuronRegistry:
 
     def _shapes(self):
         if self._base_shapes is None and self.base_model is not None:
-            folder = Path(self.base_model)
-            if not folder.is_dir():
-                from conch_dna.models.defaults import prepare_default_models
+            from conch_dna.models import model_path
 
-                if self.base_model == "default-student":
-                    folder = prepare_default_models()[1]
-            if folder.is_dir():
+            folder = model_path(self.base_model)
+            if folder is not None and folder.is_dir():
                 self._base_shapes = base_linear_shapes(folder)
         return self._base_shapes
 
@@ -311,14 +346,15 @@ class NeuronRegistry:
         return version
 
     def _gate_refusal(self, rec: NeuronRecord, candidate: NeuronVersion) -> str | None:
-        if not self.quality_gate or rec.active is None:
+        if not self.quality_gate:
+            return None
+        if (loop := loops(candidate.metrics)) is not None:
+            return f"version {candidate.version} {loop}"
+        if rec.active is None:
             return None
         current = next(v for v in rec.versions if v.version == rec.active)
-        new_kd, old_kd = candidate.metrics.get("val_kd"), current.metrics.get("val_kd")
-        if new_kd is None or old_kd is None:
-            return f"version {candidate.version} or the active version {current.version} has no val_kd metric"
-        if new_kd > old_kd:
-            return f"validation KD {new_kd:.4f} of version {candidate.version} is worse than {old_kd:.4f} of active version {current.version}"
+        if (worse := worse_than(candidate.metrics, current.metrics)) is not None:
+            return f"version {candidate.version} is worse than active version {current.version}: {worse}"
         return None
 
     def promote(self, neuron: str, version: int) -> NeuronVersion:

@@ -22,7 +22,7 @@ from conch_dna.models import load_model
 from conch_dna.training.kd import signals
 from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.data import chat_prompt_ids
-from conch_dna.training.kd.distiller import KDResult, TrueKnowledgeDistiller
+from conch_dna.training.kd.distiller import KDResult, TrueKnowledgeDistiller, registry_metrics
 from conch_dna.training.kd.trainer import TrainingCancelled
 
 log = structlog.get_logger(__name__)
@@ -146,9 +146,7 @@ class EGO:
             if self.registry is not None:
                 version = self.registry.register(
                     domain, result.adapter_path,
-                    metrics={"val_kd": result.final_val_kd, "val_ce": result.final_val_ce,
-                             "val_agreement": result.val_agreement, "initial_val_kd": result.initial_val_kd},
-                    teacher=cfg.teacher_model_id, student=cfg.student_model_id,
+                    metrics=registry_metrics(result), exist_ok=True, teacher=cfg.teacher_model_id, student=cfg.student_model_id,
                 )
         except Exception as e:  # cancelled late, or the registry refused the adapter: nothing registered
             cancelled = isinstance(e, TrainingCancelled)

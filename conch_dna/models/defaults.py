@@ -157,25 +157,107 @@ def prune_layers(teacher: Path, dest: Path, keep: tuple[int, ...], info: dict | 
     )
 
 
+def quantize_folder(src: Path, dest: Path, bits: int, group_size: int, info: dict | None = None) -> Path:
+    """Write an mlx-lm quantized copy of the model folder `src` (what `mlx_lm.convert -q --q-bits B
+    --q-group-size G` writes): every linear layer and the embedding in `bits`-bit affine groups of
+    `group_size`, scales and biases in float16 (what a bf16/fp16 hub checkpoint gets); norms stay float."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.utils import load_model as mlx_load_model
+    from mlx_lm.utils import quantize_model
+
+    from conch_dna.atomic import atomic_folder, sha256_file
+
+    if bits not in (2, 3, 4, 5, 6, 8) or group_size not in (32, 64, 128):
+        raise ValueError(f"quantization needs bits in {{2, 3, 4, 5, 6, 8}} and group_size in {{32, 64, 128}}, got {bits}, {group_size}")
+    model, config = mlx_load_model(src, lazy=True)
+    model.update(tree_map(lambda p: p.astype(mx.float16) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
+    model, config = quantize_model(model, config, group_size, bits)
+    assert any(isinstance(m, nn.QuantizedLinear) for m in model.modules())
+    weights = dict(tree_flatten(model.parameters()))
+    with atomic_folder(dest) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, {"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp / f).write_bytes((src / f).read_bytes())
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files, "quantized_from": str(src), "bits": bits,
+                                                "group_size": group_size, **(info or {})}, indent=2))
+    return dest
+
+
+def weight_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of a model folder's weights (its safetensors files): what serving it holds in memory."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+# Students of the default teacher, by name: (layers kept or None for all, bits or None for float, group size).
+# docs/models.md measures each (weight bytes, tokens/s, held-out quality before and after KD).
+STUDENTS = {
+    "smollm2-135m-instruct-q4": (None, 4, 32),
+    "smollm2-135m-instruct-q3": (None, 3, 32),
+    STUDENT_NAME: (STUDENT_LAYERS, None, None),
+    "smollm2-135m-instruct-pruned16-q4": (STUDENT_LAYERS, 4, 32),
+}
+DEFAULT_STUDENT = "smollm2-135m-instruct-q4"
+NAMED_MODELS = ("default-teacher", "default-student", GEMMA3_NAME, TEACHER_NAME, *STUDENTS)
+
+
+def prepare_named(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of a named offline model (`NAMED_MODELS`), prepared on first use."""
+    if name == GEMMA3_NAME:
+        return prepare_gemma3(cache_dir)
+    if name in ("default-teacher", TEACHER_NAME):
+        return prepare_default_models(cache_dir)[0]
+    if name == "default-student":
+        return prepare_default_models(cache_dir)[1]
+    return prepare_student(name, cache_dir)
+
+
+def prepare_student(name: str, cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Prepare (once) and return the folder of the teacher's student `name` (a key of `STUDENTS`): its
+    depth-pruned and/or quantized copy."""
+    if name not in STUDENTS:
+        raise ValueError(f"unknown student {name!r}; the offline students are {', '.join(STUDENTS)}")
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    teacher = prepare_teacher(cache, force)
+    layers, bits, group = STUDENTS[name]
+    folder = cache / name
+    key = {**_source_key(smollm2_gguf_path()), "layers_kept": list(layers) if layers else None, "bits": bits,
+           "group_size": group}
+    if not force and _is_prepared(folder, key):
+        return folder
+    _check_writable(cache)
+    source = teacher
+    if layers is not None and bits is not None:  # prune, then quantize the pruned copy
+        source = prepare_student(next(n for n, v in STUDENTS.items() if v == (layers, None, None)), cache, force)
+    if bits is not None:
+        quantize_folder(source, folder, bits, group)
+    else:
+        prune_layers(teacher, folder, layers)
+    _stamp(folder, key)
+    return folder
+
+
+def prepare_teacher(cache: Path, force: bool = False) -> Path:
+    gguf_path = smollm2_gguf_path()
+    teacher, key = cache / TEACHER_NAME, _source_key(gguf_path)
+    if force or not _is_prepared(teacher, key):
+        _check_writable(cache)
+        convert_gguf(gguf_path, teacher)
+        _stamp(teacher, key)
+    return teacher
+
+
 def prepare_default_models(cache_dir: str | os.PathLike | None = None, force: bool = False, verify: bool = False) -> tuple[Path, Path]:
     """Prepare (once) and return (teacher_folder, student_folder) of the default pair."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    gguf_path = smollm2_gguf_path()
-    teacher, student = cache / TEACHER_NAME, cache / STUDENT_NAME
-    teacher_key = _source_key(gguf_path)
-    student_key = {**teacher_key, "layers_kept": list(STUDENT_LAYERS)}
-    if not force and _is_prepared(teacher, teacher_key) and _is_prepared(student, student_key):
-        if verify:
-            verify_model_folder(teacher)
-            verify_model_folder(student)
-        return teacher, student
-    _check_writable(cache)
-    if force or not _is_prepared(teacher, teacher_key):
-        convert_gguf(gguf_path, teacher)
-        _stamp(teacher, teacher_key)
-    if force or not _is_prepared(student, student_key):
-        prune_layers(teacher, student, STUDENT_LAYERS)
-        _stamp(student, student_key)
+    teacher = prepare_teacher(cache, force)
+    student = prepare_student(DEFAULT_STUDENT, cache, force)
+    if verify:
+        verify_model_folder(teacher)
+        verify_model_folder(student)
     return teacher, student
 
 

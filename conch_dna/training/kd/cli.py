@@ -30,6 +30,8 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
     ap.add_argument("--grad-checkpoint", choices=["block", "mlp"],
                     help="recompute the student's blocks (or only their MLPs) in the backward pass: less memory")
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--text", help="corpus KD: a text file or folder the teacher scores (dense targets, no generation)")
+    ap.add_argument("--text-share", type=float, help="with --text: share of training sequences from the corpus (1 = corpus only)")
     ap.add_argument("--teacher", help="teacher model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
     ap.add_argument("--student", help="student model folder or hub id (default: its depth-pruned copy)")
     ap.add_argument("--output", help="output directory (default models/distilled_neurons/adapters_kd)")
@@ -49,7 +51,7 @@ def overrides_from_args(args) -> dict:
         "temperature": args.temperature, "alpha": args.alpha, "divergence": args.divergence, "iters": args.iters,
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "max_seq_length": args.max_seq_length,
         "seed": args.seed, "memory_limit_gb": args.memory_limit_gb, "teacher_model_id": args.teacher,
-        "student_model_id": args.student, "output_dir": args.output,
+        "student_model_id": args.student, "output_dir": args.output, "text": args.text, "text_share": args.text_share,
     }.items() if v is not None}
     if args.grad_checkpoint is not None:
         out.update(grad_checkpoint=True, grad_checkpoint_scope=args.grad_checkpoint)
@@ -96,24 +98,53 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for name, r in results.items():
-        v = registered.get(name)
+        v, active = registered.get(name, (None, False))
+        held = {k: round(x, 4) for k, x in (r.held_out or {}).items() if isinstance(x, float)}
+        share = (r.cost or {}).get("share_of_teacher_bf16")
+        print(summary(name, r, v, active), file=sys.stderr)
         print(json.dumps({"domain": name, "adapter": r.adapter_path, "final_train_loss": round(r.final_train_loss, 4),
                           "initial_val_kd": r.initial_val_kd, "final_val_kd": r.final_val_kd, "final_val_ce": r.final_val_ce,
-                          "val_agreement": r.val_agreement, "training_seconds": round(r.training_seconds, 1),
-                          "registered_version": v.version if v else None}))
+                          "val_agreement": r.val_agreement, "held_out": held or None,
+                          "share_of_teacher_bf16": round(share, 4) if share is not None else None,
+                          "training_seconds": round(r.training_seconds, 1),
+                          "registered_version": v.version if v else None, "active": active}))
     return 0
 
 
-def register_results(registry_dir: str, config, results: dict) -> dict:
-    """Register each trained adapter as the next version of its neuron in the CORTEX registry."""
-    from conch_dna.cortex import NeuronRegistry
+def summary(name: str, r, version, active: bool) -> str:
+    """What a person reads at the end of a run: how the neuron answers held-out prompts, beside the teacher."""
+    lines = [f"neuron {name!r}: adapter {r.adapter_path}"]
+    if h := r.held_out:
+        lines += [f"  held-out prompts: {h['prompts']} (its own greedy answers, {r.config['eval_max_new_tokens']} tokens)",
+                  f"  KL(teacher||neuron) {h['kl']:.3f}   top-1 agreement {h['agreement']:.3f}",
+                  f"  repeated 4-grams {h['repetition']:.3f} (teacher {h['teacher_repetition']:.3f})   "
+                  f"teacher NLL of its answers {h['teacher_nll']:.3f}   ends with EOS {h['eos_rate']:.2f} "
+                  f"(teacher {h['teacher_eos_rate']:.2f})"]
+        for ex in h.get("examples", [])[:1]:
+            lines += [f"  e.g. {ex['prompt']}", f"    neuron:  {ex['neuron'][:160]!r}", f"    teacher: {ex['teacher'][:160]!r}"]
+    if (c := r.cost) and c.get("share_of_teacher_bf16") is not None:
+        lines.append(f"  weights {(c['student_weight_bytes'] + c['adapter_bytes']) / 1e6:.1f} MB (base + adapter) = "
+                     f"{c['share_of_teacher_bf16']:.0%} of the teacher's bf16 {c['teacher_bf16_bytes'] / 1e6:.1f} MB")
+    if version is not None:
+        lines.append(f"  registered as version {version.version}, " + ("active" if active else "NOT active (quality gate: see the log)"))
+    return "\n".join(lines)
 
-    registry = NeuronRegistry(registry_dir, base_model=config.student_model_id)
+
+def register_results(registry_dir: str, config, results: dict) -> dict:
+    """Register each trained adapter as the next version of its neuron in the CORTEX registry, behind the
+    quality gate; {name: (version, whether it is active)}."""
+    from conch_dna.cortex import NeuronRegistry
+    from conch_dna.training.kd.distiller import registry_metrics
+
+    registry = NeuronRegistry(registry_dir, base_model=config.student_model_id, quality_gate=True)
     # exist_ok: re-running a finished run with --resume (e.g. after a kill while registering) is idempotent.
-    return {name: registry.register(name, r.adapter_path, teacher=r.teacher_model_id, student=r.student_model_id, exist_ok=True,
-                                    metrics={"val_kd": r.final_val_kd, "val_ce": r.final_val_ce, "val_agreement": r.val_agreement,
-                                             "initial_val_kd": r.initial_val_kd})
-            for name, r in results.items()}
+    out = {}
+    for name, r in results.items():
+        v = registry.register(name, r.adapter_path, teacher=r.teacher_model_id, student=r.student_model_id,
+                              exist_ok=True, metrics=registry_metrics(r))
+        active = registry.active(name)
+        out[name] = (v, active is not None and active.version == v.version)
+    return out
 
 
 def list_neurons(registry_dir: str) -> int:

@@ -87,6 +87,18 @@ class KDConfig(BaseSettings):
                               "on tokens without a counterpart in the other vocabulary")
     uld_top_k: int = Field(64, ge=1, le=4096, description="largest unmapped probabilities compared by ULD")
 
+    # Corpus KD: the teacher scores real text (no generation) besides, or instead of, its domain answers.
+    text: Path | None = Field(None, description="a text file or a folder of text files for corpus KD; None = off")
+    text_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="with text: share of training sequences taken from the corpus (the rest "
+        "are the domain's teacher answers); 1 = corpus only, no teacher generation")
+    text_max_tokens: int | None = Field(None, ge=2, description="read at most this many corpus tokens")
+    text_val_windows: int = Field(8, ge=0, le=100000, description="corpus windows held out for validation")
+
+    # Held-out evaluation: the neuron's own greedy answers to the domain's `held_out` prompts
+    eval_max_new_tokens: int = Field(64, ge=0, le=4096, description="answer length on held-out prompts; 0 = "
+                                     "skip the held-out evaluation")
+
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
@@ -169,6 +181,13 @@ class KDConfig(BaseSettings):
         if self.on_policy_lambda > 0 and self.teacher_targets != "online":
             raise ValueError("on_policy_lambda > 0 needs teacher_targets = 'online' (cached targets cannot score "
                              "sequences the student writes during training)")
+        return self
+
+    @model_validator(mode="after")
+    def _text_needs_online(self):
+        if self.text is not None and self.teacher_targets != "online":
+            raise ValueError("text (corpus KD) needs teacher_targets = 'online': the teacher scores each corpus "
+                             "window as it is trained on")
         return self
 
     @model_validator(mode="after")

@@ -63,6 +63,20 @@ def load_domains(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
     return domains
 
 
+def load_held_out(domain: str, path: str | os.PathLike | None = None) -> list[str]:
+    """The domain's `held_out` prompts (never trained on; they judge the neuron's own answers), or []."""
+    path = Path(path) if path else domains_file()
+    with open(path, "rb") as f:
+        table = tomllib.load(f).get(domain)
+    held = table.get("held_out", []) if isinstance(table, dict) else []
+    if not isinstance(held, list) or not all(isinstance(p, str) and p.strip() for p in held):
+        raise DataError(f"domain [{domain}] in {path}: `held_out` must be a list of non-empty strings")
+    trained = set(load_domains(path).get(domain, []))
+    if leaked := [p for p in held if p.strip() in trained]:
+        raise DataError(f"domain [{domain}] in {path}: held-out prompt {leaked[0]!r} is also a training prompt")
+    return [p.strip() for p in held]
+
+
 def load_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a file: JSONL (objects with "prompt", or JSON strings) or plain text, one per line."""
     path = Path(path)

@@ -50,10 +50,12 @@ from conch_dna.training.kd.data import (
     fingerprint_tokenizer,
     generate_examples,
     load_domains,
+    load_held_out,
     pad_sparse,
     split_examples,
     teacher_logits,
 )
+from conch_dna.training.kd.evaluate import answer, eos_id, generation_metrics, repeated_ngram_share
 from conch_dna.training.kd.fused import TeacherStates, model_parts, parts_match, teacher_hidden
 from conch_dna.training.kd.memory import preflight
 from conch_dna.training.kd.trainer import (
@@ -127,6 +129,10 @@ class KDResult(BaseModel):
     best_val_loss: float | None = None
     val_agreement: float | None = None
     initial_val_kd: float | None = None
+    # The neuron judged on held-out prompts (`evaluate.generation_metrics`, beside the teacher's own figures)
+    held_out: dict | None = None
+    # What serving it costs beside the teacher: weight bytes (see `TrueKnowledgeDistiller.cost`)
+    cost: dict | None = None
     # Set when teacher and student tokenizers differ: vocabulary mapping, alignment and coverage figures.
     cross_tokenizer: dict | None = None
     adapter_path: str
@@ -136,6 +142,15 @@ class KDResult(BaseModel):
     generation: dict
     config: dict
     timestamp: str
+
+
+def registry_metrics(result: KDResult) -> dict:
+    """The figures a registered version carries (the CORTEX quality gate reads them): validation losses and
+    the held-out judgement, flattened as `held_out_<figure>`, and the cost."""
+    held = {f"held_out_{k}": v for k, v in (result.held_out or {}).items() if isinstance(v, int | float)}
+    share = (result.cost or {}).get("share_of_teacher_bf16")
+    return {"val_kd": result.final_val_kd, "val_ce": result.final_val_ce, "val_agreement": result.val_agreement,
+            "initial_val_kd": result.initial_val_kd, **held, "share_of_teacher_bf16": share}
 
 
 def _finite_or_none(x):
@@ -243,18 +258,21 @@ class TrueKnowledgeDistiller:
     # ------------------------------------------------------------------------------------ training
 
     def distill_domain(self, domain: str, prompts: list[str] | None = None, *, resume: bool = False,
-                       should_stop: Callable[[], bool] | None = None) -> KDResult:
-        """Generate teacher data for `domain`, train its LoRA adapter with KD, save it; return the result."""
+                       should_stop: Callable[[], bool] | None = None, held_out: list[str] | None = None) -> KDResult:
+        """Generate teacher data for `domain`, train its LoRA adapter with KD, save it, judge it on the
+        held-out prompts (the domain's `held_out` list unless given); return the result."""
         cfg = self.config
-        if prompts is None:
-            domains = load_domains()
+        domains = load_domains()
+        if prompts is None and cfg.text_share < 1:
             if domain not in domains:
                 raise DataError(f"unknown domain {domain!r}: known domains are {', '.join(domains)}; "
                                 "pass prompts (or --prompts FILE) for a custom domain")
             prompts = domains[domain]
-        prompts = [p for p in (s.strip() for s in prompts) if p]
-        if not prompts:
+        prompts = [p for p in (s.strip() for s in prompts or []) if p]
+        if not prompts and (cfg.text is None or cfg.text_share < 1):
             raise DataError(f"domain {domain!r}: the prompt list is empty")
+        if held_out is None:
+            held_out = load_held_out(domain) if domain in domains else []
         out_dir = Path(cfg.output_dir) / domain
         _check_writable(out_dir)
         run_id = uuid.uuid4().hex[:12]
@@ -263,11 +281,15 @@ class TrueKnowledgeDistiller:
             self._emit(signals.distillation_started, domain=domain, run_id=run_id,
                        config=cfg.model_dump(mode="json"), prompts=len(prompts))
         with self._failure_signal(domain, run_id, out_dir), output_lock(out_dir):
-            cache, gen_stats = self.generate_training_data(prompts, domain)
+            if prompts:
+                cache, gen_stats = self.generate_training_data(prompts, domain)
+            else:  # corpus only: nothing for the teacher to write
+                cache, gen_stats = TeacherCache([], [], {}), {"samples": 0, "seconds": 0.0, "tokens": 0}
             self._emit(signals.teacher_data_ready, domain=domain, run_id=run_id, samples=len(cache.examples),
                        tokens=sum(len(e.tokens) for e in cache.examples), seconds=float(gen_stats.get("seconds", 0.0)),
                        cached=bool(gen_stats.get("cached", False)))
-            return self._train(cache, domain, run_id, resume=resume, should_stop=should_stop, generation_stats=gen_stats)
+            return self._train(cache, domain, run_id, resume=resume, should_stop=should_stop, generation_stats=gen_stats,
+                               held_out=held_out)
 
     def train_with_kd(self, train_data: TeacherCache, domain: str, *, resume: bool = False,
                       should_stop: Callable[[], bool] | None = None) -> KDResult:
@@ -279,7 +301,8 @@ class TrueKnowledgeDistiller:
             return self._train(train_data, domain, run_id, resume=resume, should_stop=should_stop)
 
     def _train(self, cache: TeacherCache, domain: str, run_id: str, *, resume: bool = False,
-               should_stop: Callable[[], bool] | None = None, generation_stats: dict | None = None) -> KDResult:
+               should_stop: Callable[[], bool] | None = None, generation_stats: dict | None = None,
+               held_out: list[str] | None = None) -> KDResult:
         cfg = self.config
         gen_stats = generation_stats or {}
         out_dir = Path(cfg.output_dir) / domain
@@ -295,12 +318,18 @@ class TrueKnowledgeDistiller:
         train_idx, val_idx = split_examples(indices, cfg.val_fraction, cfg.seed)
         train = [examples[i] for i in train_idx]
         val = [examples[i] for i in val_idx]
+        longest = max((len(e.tokens) for e in train + val), default=0)
+        if cfg.text is not None:
+            if cross:
+                raise CrossTokenizerError("corpus KD (text) is not supported across tokenizers yet: the teacher "
+                                          "would score another tokenization of each window; unset text")
+            train, val = self._with_corpus(train, val, student_tok)
+            longest = max(longest, cfg.max_seq_length)
         # LoRA's A matrices are random: seed them, so that a run is reproducible whether or not this process
         # generated the teacher data (which also draws random numbers), and data-parallel ranks start equal.
         mx.random.seed(cfg.seed)
         num_layers = apply_lora(student, cfg)
         if cfg.memory_preflight:
-            longest = max(len(e.tokens) for e in train + val)
             running_teacher = self.teacher if cfg.teacher_targets == "online" else None
             # Across tokenizers the student's full logits exist (the reference loss): estimate that.
             est = preflight(student, running_teacher, cfg.model_copy(update={"loss_impl": "reference"}) if cross else cfg,
@@ -321,6 +350,9 @@ class TrueKnowledgeDistiller:
         adapter = out_dir / "adapters.safetensors"
         if dist.is_writer():
             save_adapter(student, out_dir, acfg)
+        quality = None
+        if held_out and cfg.eval_max_new_tokens > 0 and not cross and dist.is_writer():
+            quality = self.judge(student, held_out, vocab)
         final, best = summary["final"], summary["best"]
         result = KDResult(
             domain=domain, run_id=run_id, teacher_model_id=cfg.teacher_model_id, student_model_id=cfg.student_model_id,
@@ -331,6 +363,7 @@ class TrueKnowledgeDistiller:
             best_val_kd=_finite_or_none(best.get("val_kd")), best_val_ce=_finite_or_none(best.get("val_ce")),
             best_val_loss=_finite_or_none(best.get("val_loss")), val_agreement=final.get("val_agreement"),
             initial_val_kd=_finite_or_none(best.get("initial_val_kd")),
+            held_out=quality, cost=self.cost(adapter),
             cross_tokenizer={**cross["figures"], **{k: final[k] for k in ("val_coverage",) if k in final}} if cross else None,
             adapter_path=str(adapter.parent), iterations=cfg.iters, tokens_processed=summary["tokens"],
             training_seconds=summary["train_seconds"], generation=gen_stats, config=cfg.model_dump(mode="json"),
@@ -340,7 +373,8 @@ class TrueKnowledgeDistiller:
             atomic_write(out_dir / "result.json", lambda p: p.write_text(result.model_dump_json(indent=2)))
         dist.barrier()
         log.info("domain completed", domain=domain, adapter=result.adapter_path, val_kd=result.final_val_kd,
-                 val_agreement=result.val_agreement, seconds=round(result.training_seconds, 1))
+                 val_agreement=result.val_agreement, seconds=round(result.training_seconds, 1),
+                 **{f"held_out_{k}": round(v, 4) for k, v in (quality or {}).items() if isinstance(v, float)})
         if signals.has_receivers(signals.domain_completed) or self._on_event:
             self._emit(signals.domain_completed, domain=domain, run_id=run_id, result=result.model_dump(mode="json"),
                        adapter_path=result.adapter_path)
@@ -418,7 +452,63 @@ class TrueKnowledgeDistiller:
                        error_type=type(e).__name__, cancelled=isinstance(e, TrainingCancelled), last_checkpoint=last)
             raise
 
+    # ------------------------------------------------------------------------------------- judging
+
+    def judge(self, student, held_out: list[str], vocab: int | None = None) -> dict:
+        """The student's figures on held-out prompts (`generation_metrics`) with the teacher's own beside them
+        (`teacher_repetition`, `teacher_eos_rate`: what the student's are compared with), and a few answers."""
+        g = self.config.generation
+        n = self.config.eval_max_new_tokens
+        t0 = time.perf_counter()
+        with self.teacher_lock:
+            teacher_answers = answer(self.teacher, self.teacher_tokenizer, held_out, n, g.system_prompt)
+            student.eval()
+            figures = generation_metrics(student, self.teacher, self.teacher_tokenizer, held_out,
+                                         teacher_answers=teacher_answers, max_new_tokens=n,
+                                         system_prompt=g.system_prompt, vocab=vocab)
+        eos = eos_id(self.teacher_tokenizer)
+        responses = [list(e.tokens[e.prompt_len :]) for e in teacher_answers]
+        figures["teacher_repetition"] = repeated_ngram_share(responses)
+        figures["teacher_eos_rate"] = sum(bool(r) and r[-1] == eos for r in responses) / len(responses)
+        figures["examples"] = [{"prompt": p, "neuron": a, "teacher": self.teacher_tokenizer.decode(
+            [t for t in r if t != eos])} for p, a, r in list(zip(held_out, figures.pop("answers"), responses))[:3]]
+        figures["seconds"] = time.perf_counter() - t0
+        return figures
+
+    def cost(self, adapter: Path) -> dict:
+        """Weight bytes of the neuron (its base student's files + its adapter) beside the teacher's in bf16."""
+        from mlx.utils import tree_flatten
+
+        from conch_dna.models import model_path
+        from conch_dna.models.defaults import weight_bytes
+
+        teacher_bf16 = sum(2 * p.size if mx.issubdtype(p.dtype, mx.floating) else p.nbytes
+                           for _, p in tree_flatten(self.teacher.parameters()))
+        folder = model_path(self.config.student_model_id)
+        base = weight_bytes(folder) if folder is not None else None
+        adapter_bytes = adapter.stat().st_size if adapter.is_file() else 0
+        share = (base + adapter_bytes) / teacher_bf16 if base is not None else None
+        return {"student_weight_bytes": base, "adapter_bytes": adapter_bytes, "teacher_bf16_bytes": teacher_bf16,
+                "share_of_teacher_bf16": share}
+
     # ------------------------------------------------------------------------------------- helpers
+
+    def _with_corpus(self, train: list[Example], val: list[Example], tokenizer):
+        """The domain's examples with corpus windows (`corpus.py`): mixed at `text_share`, or alone."""
+        from conch_dna.training.kd.corpus import Mixed, corpus_files, corpus_key, corpus_windows, tokenize_corpus
+
+        cfg = self.config
+        folder = Path(cfg.output_dir) / "corpus_cache"
+        key = corpus_key(fingerprint_tokenizer(tokenizer), corpus_files(cfg.text), cfg.text_max_tokens)
+        tokens = tokenize_corpus(tokenizer, cfg.text, folder / key, max_tokens=cfg.text_max_tokens,
+                                 eos=eos_id(tokenizer))
+        text_train, text_val = corpus_windows(tokens, cfg.max_seq_length, cfg.text_val_windows)
+        log.info("text corpus ready", source=str(cfg.text), train_windows=len(text_train), val_windows=len(text_val),
+                 window=cfg.max_seq_length)
+        if cfg.text_share >= 1 or not train:
+            return text_train, list(val) + list(text_val)
+        return Mixed(text_train, train, 1 - cfg.text_share), list(val) + list(text_val)
+
 
     def _shared_vocab(self, student, student_tok, relation: dict) -> int | None:
         """Same tokenizer: the width to cut logits to when the student's embeddings are padded wider."""
@@ -500,4 +590,4 @@ class TrueKnowledgeDistiller:
         return online
 
 
-__all__ = ["Example", "KDResult", "OutputDirError", "TrueKnowledgeDistiller"]
+__all__ = ["Example", "KDResult", "OutputDirError", "TrueKnowledgeDistiller", "registry_metrics"]

@@ -6,6 +6,9 @@ of a text), computed from exact dense logits in float32:
 * `compare_to_teacher`: per-token KL(teacher || student) at T = 1, teacher-student top-1 agreement, and the
   student's perplexity on the (teacher's) responses.
 * `text_perplexity`: perplexity on real human text (a file or a string), in non-overlapping windows.
+* `generation_metrics`: what a user of a neuron sees on held-out prompts: the model's own greedy answers
+  (repeated 4-grams, the teacher's NLL of them, the share that end with EOS) beside KL and agreement on the
+  teacher's answers. The distiller reports it for every neuron and the CORTEX quality gate judges by it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from conch_dna.training.kd.data import Example, pad_batch
+from conch_dna.training.kd.data import Example, chat_prompt_ids, pad_batch
 from conch_dna.training.kd.losses import next_token_view, token_cross_entropy, token_divergence
 
 
@@ -60,3 +63,90 @@ def text_perplexity(model, tokenizer, text: str | os.PathLike, max_tokens: int =
         total += ce.item()
         n += chunk.shape[1] - 1
     return {"ppl": math.exp(total / n), "tokens": n}
+
+
+# ------------------------------------------------------------------------ what a user of the neuron sees
+
+
+def repeated_ngram_share(answers: list[list[int]], n: int = 4) -> float:
+    """Share of the answers' token n-grams that already occurred earlier in the same answer, pooled over
+    answers. 0 for text that never repeats itself; a model stuck in a loop ("The hash-table is a
+    hash-table." five times) scores close to 1."""
+    repeats = total = 0
+    for ids in answers:
+        seen: set[tuple[int, ...]] = set()
+        for i in range(len(ids) - n + 1):
+            gram = tuple(ids[i : i + n])
+            repeats += gram in seen
+            seen.add(gram)
+            total += 1
+    return repeats / total if total else 0.0
+
+
+def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, system_prompt: str | None = None,
+           batch_size: int = 8) -> list[Example]:
+    """`model`'s own greedy answers to `prompts` (chat template), as examples; an answer that stopped on EOS
+    ends with the EOS token, so `ended` can tell it from one cut at `max_new_tokens`."""
+    from mlx_lm.generate import batch_generate
+
+    eos = eos_id(tokenizer)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids = [chat_prompt_ids(tokenizer, p, system_prompt) for p in chunk]
+        gen = batch_generate(model, tokenizer, ids, max_tokens=max_new_tokens, return_token_ids=True)
+        for p, prompt_ids, resp in zip(chunk, ids, gen.token_ids):
+            resp = list(resp) + ([eos] if eos is not None and len(resp) < max_new_tokens else [])
+            out.append(Example(tuple(prompt_ids + resp), len(prompt_ids), p))
+    return out
+
+
+def eos_id(tokenizer) -> int | None:
+    """The EOS id appended to answers that stopped (the smallest of the tokenizer's EOS ids)."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    return sorted(ids)[0] if ids else None
+
+
+def response_nll(model, examples: list[Example], batch_size: int = 4, vocab: int | None = None) -> float:
+    """`model`'s mean per-token negative log-likelihood of the examples' responses: the teacher scoring the
+    student's own answers says how likely the teacher finds what the student writes."""
+    total = n = 0.0
+    for start in range(0, len(examples), batch_size):
+        tokens, mask = pad_batch(examples[start : start + batch_size])
+        logits = model(tokens)
+        logits = logits[..., :vocab] if vocab is not None else logits
+        s, targets, m = next_token_view(logits, tokens, mask)
+        mf = m.astype(mx.float32)
+        parts = [(token_cross_entropy(s, targets) * mf).sum(), mf.sum()]
+        mx.eval(parts)
+        total, n = total + parts[0].item(), n + parts[1].item()
+    return total / max(n, 1.0)
+
+
+def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher_answers: list[Example] | None = None,
+                       max_new_tokens: int = 64, system_prompt: str | None = None, vocab: int | None = None) -> dict:
+    """What a user sees of `model` on held-out `prompts`, beside the teacher (same tokenizer):
+
+    * on the teacher's greedy answers: `kl` (KL(teacher || model), T = 1) and top-1 `agreement`;
+    * on the model's own greedy answers: `repetition` (`repeated_ngram_share`, 4-grams), `teacher_nll`
+      (the teacher's mean per-token NLL of them) and `eos_rate` (share that stop by themselves within
+      `max_new_tokens`).
+
+    Pass `teacher_answers` (from `answer(teacher, ...)`) when scoring several models on the same prompts.
+    Returns the figures and the model's `answers` (text)."""
+    if not prompts:
+        raise ValueError("generation_metrics needs at least one held-out prompt")
+    if teacher_answers is None:
+        teacher_answers = answer(teacher, tokenizer, prompts, max_new_tokens, system_prompt)
+    on_teacher = compare_to_teacher(model, teacher, teacher_answers, vocab=vocab)
+    own = answer(model, tokenizer, prompts, max_new_tokens, system_prompt)
+    responses = [list(e.tokens[e.prompt_len :]) for e in own]
+    eos = eos_id(tokenizer)
+    return {
+        "kl": on_teacher["kl"], "agreement": on_teacher["agreement"],
+        "repetition": repeated_ngram_share(responses),
+        "teacher_nll": response_nll(teacher, own, vocab=vocab),
+        "eos_rate": sum(bool(r) and r[-1] == eos for r in responses) / len(responses),
+        "prompts": len(prompts),
+        "answers": [tokenizer.decode([t for t in r if t != eos]) for r in responses],
+    }
