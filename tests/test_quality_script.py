@@ -3,25 +3,31 @@
 import importlib.util
 import json
 
+import pytest
+
 from conch_dna.training.kd.evaluate import compare_to_teacher, text_perplexity
 
 
-def test_benchmark_neurons_tiny(tiny_pair, tmp_path, monkeypatch, capsys):
+def test_benchmark_neurons_tiny(tiny_pair, tmp_path):
     spec = importlib.util.spec_from_file_location("bench_neurons", "scripts/benchmark_neurons.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    text = tmp_path / "text.txt"
-    text.write_text("Knowledge distillation trains a small student to match a large teacher. " * 20)
-    rc = mod.main(["--teacher", str(tiny_pair[0]), "--student", str(tiny_pair[1]), "--seeds", "0", "1", "--iters", "2",
-                   "--methods", "untrained", "sft", "kd", "on_policy", "--max-new-tokens", "8", "--max-seq-length", "160",
-                   "--text", str(text), "--text-tokens", "64", "--work", str(tmp_path / "work"),
-                   "--out", str(tmp_path / "quality.md")])
+    rc = mod.main(["--teacher", str(tiny_pair[0]), "--students", str(tiny_pair[1]), "--seeds", "0", "1", "--iters", "2",
+                   "--methods", "untrained", "sft", "kd", "on_policy", "fast", "--set", "fast", "learning_rate=1e-3",
+                   "temperature=1", "--max-new-tokens", "8", "--max-seq-length", "160", "--eval-tokens", "8",
+                   "--work", str(tmp_path / "work"), "--out", str(tmp_path / "quality.md")])
     assert rc == 0
     report = (tmp_path / "quality.md").read_text()
-    for method in ("teacher", "untrained", "sft", "kd", "on_policy"):
+    for method in ("untrained", "sft", "kd", "on_policy", "fast"):
         assert f"| {method} |" in report
-    data = json.loads((tmp_path / "quality.json").read_text())["results"]["thinking"]
-    assert len(data["kd"]) == 2 and data["teacher"][0]["kl"] == 0.0 and data["teacher"][0]["agreement"] == 1.0
+    data = json.loads((tmp_path / "quality.json").read_text())
+    runs = data["domains"]["thinking"][str(tiny_pair[1])]
+    assert len(runs["kd"]) == 2 and len(runs["untrained"]) == 1
+    assert {"kl", "agreement", "repetition", "teacher_nll", "eos_rate"} <= set(runs["kd"][0])
+    assert data["methods"]["fast"] == {"learning_rate": 1e-3, "temperature": 1}
+    assert data["cost"][str(tiny_pair[1])]["weight_bytes"] > 0 and data["cost"]["teacher"]["tokens_per_second"] > 0
+    with pytest.raises(SystemExit):
+        mod.main(["--methods", "nonsense"])
 
 
 def test_evaluation_functions_are_consistent(tiny_pair):

@@ -13,9 +13,14 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def compute_dtype():
-    """float32 on CPU (bf16 matmuls are slow there), bfloat16 on a GPU."""
+    """float32 on CPU (bf16 matmuls are slow there), bfloat16 on a GPU; `CONCH_DTYPE` (float32, bfloat16,
+    float16) overrides, e.g. to reproduce CPU figures on a GPU."""
     import mlx.core as mx
 
+    if name := os.environ.get("CONCH_DTYPE"):
+        if name not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"CONCH_DTYPE={name!r}: use float32, bfloat16 or float16")
+        return getattr(mx, name)
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 

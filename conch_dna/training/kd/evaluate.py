@@ -150,3 +150,16 @@ def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher
         "prompts": len(prompts),
         "answers": [tokenizer.decode([t for t in r if t != eos]) for r in responses],
     }
+
+
+def generation_speed(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> float:
+    """Single-stream greedy generation tokens/s on one chat prompt (after a warm-up): what serving costs."""
+    from mlx_lm import stream_generate
+
+    ids = chat_prompt_ids(tokenizer, prompt)
+    for _ in stream_generate(model, tokenizer, ids, max_tokens=4):
+        pass
+    last = None
+    for last in stream_generate(model, tokenizer, ids, max_tokens=max_new_tokens):
+        pass
+    return float(last.generation_tps) if last is not None else 0.0

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""What a long corpus-KD run makes of a student: held-out quality against training tokens, as a curve.
+
+    python scripts/corpus_kd_curve.py --student smollm2-135m-instruct-pruned16 \\
+        --text /usr/share/doc/python3.11/html/_sources --tokens 20000000 --points 8 --out docs/corpus_kd
+
+The teacher scores the corpus (dense targets, no generation: `KDConfig.text`, `text_share = 1`); the run
+checkpoints `--points` times, and each checkpoint is judged on the held-out prompts of `--domain`
+(`evaluate.generation_metrics`: KL and agreement on the teacher's greedy answers, repetition and teacher NLL of
+its own) and on held-out corpus windows (validation KD at T = 1 and agreement). Writes <out>.json and, with
+matplotlib, <out>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import conch_dna  # noqa: E402,F401
+
+
+def main(argv=None) -> int:
+    from mlx_lm.tuner.utils import load_adapters
+
+    from conch_dna.log_setup import configure_logging
+    from conch_dna.models import load_model
+    from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
+    from conch_dna.training.kd.data import load_held_out
+    from conch_dna.training.kd.evaluate import answer, generation_metrics
+    from conch_dna.training.kd.trainer import checkpoint_dirs
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="default-teacher")
+    ap.add_argument("--student", default="smollm2-135m-instruct-pruned16")
+    ap.add_argument("--text", required=True, help="text file or folder (the corpus)")
+    ap.add_argument("--tokens", type=int, default=20_000_000, help="training tokens in all")
+    ap.add_argument("--points", type=int, default=8, help="checkpoints judged along the way")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-seq-length", type=int, default=512)
+    ap.add_argument("--learning-rate", type=float, default=5e-4)
+    ap.add_argument("--lora-rank", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--domain", default="thinking", help="whose held-out prompts judge each checkpoint")
+    ap.add_argument("--eval-tokens", type=int, default=64)
+    ap.add_argument("--work", default="models/corpus_kd")
+    ap.add_argument("--out", default="docs/corpus_kd")
+    args = ap.parse_args(argv)
+    configure_logging(json_lines=True)
+    iters = max(args.points, args.tokens // (args.batch_size * args.max_seq_length))
+    every = max(1, iters // args.points)
+    cfg = KDConfig(teacher_model_id=args.teacher, student_model_id=args.student, text=args.text, text_share=1.0,
+                   text_val_windows=32, iters=iters, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
+                   learning_rate=args.learning_rate, temperature=args.temperature, alpha=args.alpha,
+                   warmup_steps=min(100, iters // 10), val_interval=every, checkpoint_interval=every,
+                   keep_checkpoints=args.points + 1, output_dir=args.work, eval_max_new_tokens=0,
+                   lora={"rank": args.lora_rank})
+    teacher, tok = load_model(args.teacher)
+    d = TrueKnowledgeDistiller(config=cfg, teacher=teacher, teacher_tokenizer=tok)
+    t0 = time.perf_counter()
+    r = d.distill_domain("corpus", [], held_out=[])
+    train_seconds = time.perf_counter() - t0
+    out_dir = Path(r.adapter_path)
+    val = {row["step"]: row for row in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
+           if row["type"] == "val"}
+    held = load_held_out(args.domain)
+    t_answers = answer(teacher, tok, held, args.eval_tokens)
+    curve = []
+    student, _ = load_model(args.student)
+    g = generation_metrics(student, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=args.eval_tokens)
+    curve.append({"step": 0, "tokens": 0, **{k: v for k, v in g.items() if k != "answers"}, "answer": g["answers"][0],
+                  "val_kd": val[0]["val_kd"], "val_agreement": val[0]["val_agreement"]})
+    for ckpt in checkpoint_dirs(out_dir):
+        step = json.loads((ckpt / "state.json").read_text())["step"]
+        student, _ = load_model(args.student)
+        load_adapters(student, str(ckpt))
+        student.eval()
+        g = generation_metrics(student, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=args.eval_tokens)
+        curve.append({"step": step, "tokens": step * args.batch_size * (args.max_seq_length - 1),
+                      **{k: v for k, v in g.items() if k != "answers"}, "answer": g["answers"][0],
+                      "val_kd": val.get(step, {}).get("val_kd"), "val_agreement": val.get(step, {}).get("val_agreement")})
+        print(json.dumps({k: v for k, v in curve[-1].items() if k != "answer"}), flush=True)
+    from conch_dna.training.kd.evaluate import repeated_ngram_share
+
+    teacher_rep = repeated_ngram_share([list(e.tokens[e.prompt_len :]) for e in t_answers])
+    result = {"args": vars(args), "iters": iters, "train_seconds": train_seconds, "tokens_per_second":
+              r.tokens_processed / r.training_seconds, "teacher_repetition": teacher_rep, "curve": curve}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2))
+    plot(result, Path(args.out).with_suffix(".png"))
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    c = result["curve"]
+    x = [p["tokens"] / 1e6 for p in c]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(x, [p["kl"] for p in c], marker="o", label="held-out prompts")
+    axes[0].plot(x, [p["val_kd"] for p in c], marker="s", label="held-out corpus windows (val KD)")
+    axes[0].set_title("KL(teacher‖student)")
+    axes[1].plot(x, [p["agreement"] for p in c], marker="o", label="held-out prompts")
+    axes[1].plot(x, [p["val_agreement"] for p in c], marker="s", label="held-out corpus windows")
+    axes[1].set_title("top-1 agreement")
+    axes[2].plot(x, [p["repetition"] for p in c], marker="o", label="student")
+    axes[2].axhline(result["teacher_repetition"], color="#c44e52", linestyle="--", label="teacher")
+    axes[2].set_title("repeated 4-grams in its own answers")
+    for ax in axes:
+        ax.set_xlabel("training tokens (millions)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
