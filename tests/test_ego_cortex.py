@@ -128,3 +128,14 @@ def test_failure_registers_nothing(world):
     # a new request after a finished run starts a new run
     again = ego.self_distill("memory", PROMPTS)
     assert again is not handle and again.wait(120) and again.status == "succeeded"
+
+
+def test_self_distill_twice_on_the_same_data_returns_the_same_version(world):
+    """As the CLI does: re-registering the same adapter (same sha256) is a no-op, not a failure (issue 19.8)."""
+    ego, _, registry = world
+    first = ego.self_distill("thinking", PROMPTS)
+    assert first.wait(120) and first.status == "succeeded", first.error
+    again = ego.self_distill("thinking", PROMPTS)
+    assert again.wait(120) and again.status == "succeeded", again.error
+    assert again.version == first.version and len(registry.versions("thinking")) == 1
+    assert first.result.held_out is not None and "repetition" in first.result.held_out  # judged like the CLI's

@@ -41,3 +41,23 @@ def test_evaluation_functions_are_consistent(tiny_pair):
     other = compare_to_teacher(s, t, ex)
     assert same["kl"] == 0.0 and same["agreement"] == 1.0 and other["kl"] > 0
     assert text_perplexity(t, tok, "the quick brown fox jumps over the lazy dog")["ppl"] > 1
+
+
+def test_evaluate_neuron_script(tiny_pair, tmp_path, capsys):
+    from conch_dna.cortex import NeuronRegistry
+    from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
+    from tests.conftest import PROMPTS
+
+    cfg = KDConfig(iters=2, batch_size=2, val_interval=2, checkpoint_interval=2, max_seq_length=64,
+                   output_dir=str(tmp_path / "out"), generation={"max_new_tokens": 8}, eval_max_new_tokens=0)
+    r = TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg).distill_domain("thinking", PROMPTS[:4])
+    NeuronRegistry(tmp_path / "reg", base_model=str(tiny_pair[1])).register("thinking", r.adapter_path)
+    spec = importlib.util.spec_from_file_location("evaluate_neuron", "scripts/evaluate_neuron.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    capsys.readouterr()
+    assert mod.main(["--teacher", str(tiny_pair[0]), "--student", str(tiny_pair[1]), "--registry", str(tmp_path / "reg"),
+                     "--max-new-tokens", "8", "--answers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| teacher | 0.000 | 1.000 |" in out and "| untrained student |" in out and "| neuron v1 (active) |" in out
+    assert out.count("- **") == 3  # one answer of each model, side by side

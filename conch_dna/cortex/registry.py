@@ -305,8 +305,9 @@ class NeuronRegistry:
 
         An adapter already registered for this neuron (same sha256) is an error, or, with `exist_ok`, returns
         that version unchanged (what a resumed run that was killed after registering needs)."""
-        if not neuron or "/" in neuron or neuron.startswith("."):
-            raise ValueError(f"invalid neuron name {neuron!r}")
+        from conch_dna.training.kd.data import check_name
+
+        check_name(neuron, "neuron")
         adapter_dir = Path(adapter_dir)
         check_adapter(adapter_dir, self._shapes())
         digest = sha256_file(adapter_dir / "adapters.safetensors")

@@ -73,12 +73,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
     if not args.domain and not args.all:
         print("error: give --domain NAME or --all (or --list)", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.all and args.prompts:
+        print("error: --prompts applies to one --domain; --all distils every domain of config/domains.toml with its "
+              "own prompts", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from conch_dna.training.kd import bad_input_errors
     from conch_dna.training.kd.config import KDConfig
     from conch_dna.training.kd.data import DataError, load_domains, load_prompts
     from conch_dna.training.kd.distiller import TrueKnowledgeDistiller
 
     try:
+        from conch_dna.training.kd.data import check_name
+
+        if args.domain:
+            check_name(args.domain)
         config = KDConfig.load(args.config, **_merge_nested(args))
         distiller = TrueKnowledgeDistiller(config=config)
         if args.all:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import tomllib
 from contextlib import nullcontext
@@ -78,12 +79,19 @@ def load_held_out(domain: str, path: str | os.PathLike | None = None) -> list[st
 
 
 def load_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a file: JSONL (objects with "prompt", or JSON strings) or plain text, one per line."""
+    """Prompts from a file: JSONL (objects with "prompt", or JSON strings) or plain text, one per line.
+
+    JSONL when the suffix is .jsonl/.json, or when every line parses as JSON; otherwise each line is a prompt
+    (so a plain prompt that happens to start with a quote stays a prompt)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"prompt file {path} is a folder; give a file with one prompt per line (or JSONL)")
     try:
         raw = path.read_bytes()
     except FileNotFoundError as e:
         raise DataError(f"prompt file {path} not found") from e
+    except OSError as e:
+        raise DataError(f"prompt file {path} cannot be read ({e.strerror})") from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -91,20 +99,36 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise DataError(f"prompt file {path} has no prompts; write one prompt per line (or JSONL with a \"prompt\" field)")
-    is_jsonl = path.suffix in (".jsonl", ".json") or lines[0].lstrip().startswith(("{", '"'))
-    if not is_jsonl:
-        return [ln.strip() for ln in lines]
-    prompts = []
+    by_suffix = path.suffix in (".jsonl", ".json")
+    parsed = []
     for i, ln in enumerate(lines, 1):
         try:
-            obj = json.loads(ln)
+            parsed.append(json.loads(ln))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e.msg}); JSONL needs one JSON object per line") from e
+            if by_suffix:
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg}); a {path.suffix} file is read as JSONL, one "
+                                "JSON object per line (rename it .txt for one plain prompt per line)") from e
+            return [ln.strip() for ln in lines]  # not every line is JSON: plain text
+    prompts = []
+    for i, obj in enumerate(parsed, 1):
         p = obj.get("prompt") if isinstance(obj, dict) else obj
         if not isinstance(p, str) or not p.strip():
-            raise DataError(f"{path}:{i}: expected a non-empty string or an object with a \"prompt\" string")
+            raise DataError(f"{path}:{i}: read as JSONL (every line is JSON), but this line is not a non-empty string "
+                            "or an object with a \"prompt\" string")
         prompts.append(p.strip())
     return prompts
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(name: str, what: str = "domain") -> str:
+    """A domain or neuron name, checked once before anything is written: it becomes a folder name under
+    --output and the registry, so it may not hold a path separator or start with a dot (`../escaped`)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise DataError(f"invalid {what} name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a "
+                        "letter or digit (it names a folder)")
+    return name
 
 
 # ----------------------------------------------------------------------------------------- examples

@@ -44,6 +44,7 @@ from conch_dna.training.kd.data import (
     Example,
     TeacherCache,
     cache_key,
+    check_name,
     compute_sparse_targets,
     continue_prompts,
     fingerprint_model,
@@ -262,6 +263,7 @@ class TrueKnowledgeDistiller:
         """Generate teacher data for `domain`, train its LoRA adapter with KD, save it, judge it on the
         held-out prompts (the domain's `held_out` list unless given); return the result."""
         cfg = self.config
+        check_name(domain)
         domains = load_domains()
         if prompts is None and cfg.text_share < 1:
             if domain not in domains:
