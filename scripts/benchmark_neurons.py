@@ -57,7 +57,12 @@ def main(argv=None) -> int:
     from conch_dna.models.defaults import weight_bytes
     from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller, load_domains
     from conch_dna.training.kd.data import load_held_out
-    from conch_dna.training.kd.evaluate import answer, generation_metrics, generation_speed, repeated_ngram_share
+    from conch_dna.training.kd.evaluate import (
+        answer,
+        generation_metrics,
+        generation_speed,
+        repeated_ngram_share,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--domains", nargs="+", default=["thinking"])

@@ -497,7 +497,13 @@ class TrueKnowledgeDistiller:
 
     def _with_corpus(self, train: list[Example], val: list[Example], tokenizer):
         """The domain's examples with corpus windows (`corpus.py`): mixed at `text_share`, or alone."""
-        from conch_dna.training.kd.corpus import Mixed, corpus_files, corpus_key, corpus_windows, tokenize_corpus
+        from conch_dna.training.kd.corpus import (
+            Mixed,
+            corpus_files,
+            corpus_key,
+            corpus_windows,
+            tokenize_corpus,
+        )
 
         cfg = self.config
         folder = Path(cfg.output_dir) / "corpus_cache"

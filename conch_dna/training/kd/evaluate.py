@@ -159,7 +159,5 @@ def generation_speed(model, tokenizer, prompt: str, max_new_tokens: int = 64) ->
     ids = chat_prompt_ids(tokenizer, prompt)
     for _ in stream_generate(model, tokenizer, ids, max_tokens=4):
         pass
-    last = None
-    for last in stream_generate(model, tokenizer, ids, max_tokens=max_new_tokens):
-        pass
-    return float(last.generation_tps) if last is not None else 0.0
+    responses = list(stream_generate(model, tokenizer, ids, max_tokens=max_new_tokens))
+    return float(responses[-1].generation_tps) if responses else 0.0
