@@ -12,7 +12,15 @@ import pytest
 import regex
 
 from conch_dna.models import load_model
-from conch_dna.models.defaults import STUDENT_LAYERS, prepare_default_models, smollm2_gguf_path
+from conch_dna.models.defaults import (
+    DEFAULT_STUDENT,
+    STUDENT_LAYERS,
+    STUDENT_NAME,
+    prepare_default_models,
+    prepare_student,
+    smollm2_gguf_path,
+    weight_bytes,
+)
 from conch_dna.models.gguf_convert import GGUFError, convert_gguf, read_metadata, verify_model_folder
 
 TRICKY_TEXTS = [
@@ -132,17 +140,32 @@ def test_short_chat_generation_is_coherent(teacher):
 
 
 @pytest.mark.real_model
-def test_student_is_a_depth_pruned_teacher(default_pair):
+def test_default_student_is_the_4bit_teacher_and_pruned_is_by_name(default_pair):
     t_dir, s_dir = default_pair
     t_cfg = json.loads((t_dir / "config.json").read_text())
     s_cfg = json.loads((s_dir / "config.json").read_text())
-    assert t_cfg["num_hidden_layers"] == 30 and s_cfg["num_hidden_layers"] == len(STUDENT_LAYERS) == 16
+    assert s_dir.name == DEFAULT_STUDENT and s_cfg["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
+    assert s_cfg["num_hidden_layers"] == t_cfg["num_hidden_layers"] == 30
+    assert weight_bytes(s_dir) < 0.32 * weight_bytes(t_dir) / 2  # < 32% of the teacher in bf16 (float32 on disk)
     assert (t_dir / "tokenizer.json").read_bytes() == (s_dir / "tokenizer.json").read_bytes()
-    student, _ = load_model(s_dir)
+    p_dir = prepare_student(STUDENT_NAME, os.environ.get("CONCH_CACHE_DIR"))
+    assert json.loads((p_dir / "config.json").read_text())["num_hidden_layers"] == len(STUDENT_LAYERS) == 16
+    student, _ = load_model(p_dir)
     teacher, _ = load_model(t_dir)
     # Kept layers are the teacher's, renumbered.
     for new, old in enumerate(STUDENT_LAYERS):
         assert np.array_equal(np.array(student.model.layers[new].mlp.down_proj.weight), np.array(teacher.model.layers[old].mlp.down_proj.weight))
+    # The 4-bit copy, dequantized on the CPU, computes what its quantized layers compute.
+    import mlx.core as mx
+    from mlx_lm import load as mlx_load
+
+    from conch_dna.models import cast_floating
+
+    quantized, _ = mlx_load(str(s_dir))
+    cast_floating(quantized, mx.float32)
+    ours, _ = load_model(s_dir)
+    x = mx.array([[1, 504, 2821, 28, 5248, 314, 4917]])
+    assert float(mx.abs(quantized(x) - ours(x)).max()) < 1e-3
 
 
 @pytest.mark.real_model

@@ -464,10 +464,10 @@ class TrueKnowledgeDistiller:
         t0 = time.perf_counter()
         with self.teacher_lock:
             teacher_answers = answer(self.teacher, self.teacher_tokenizer, held_out, n, g.system_prompt)
-            student.eval()
-            figures = generation_metrics(student, self.teacher, self.teacher_tokenizer, held_out,
-                                         teacher_answers=teacher_answers, max_new_tokens=n,
-                                         system_prompt=g.system_prompt, vocab=vocab)
+        student.eval()
+        figures = generation_metrics(student, self.teacher, self.teacher_tokenizer, held_out,
+                                     teacher_answers=teacher_answers, max_new_tokens=n,
+                                     system_prompt=g.system_prompt, vocab=vocab, teacher_lock=self.teacher_lock)
         eos = eos_id(self.teacher_tokenizer)
         responses = [list(e.tokens[e.prompt_len :]) for e in teacher_answers]
         figures["teacher_repetition"] = repeated_ngram_share(responses)

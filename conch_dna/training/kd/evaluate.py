@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import mlx.core as mx
@@ -124,7 +125,8 @@ def response_nll(model, examples: list[Example], batch_size: int = 4, vocab: int
 
 
 def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher_answers: list[Example] | None = None,
-                       max_new_tokens: int = 64, system_prompt: str | None = None, vocab: int | None = None) -> dict:
+                       max_new_tokens: int = 64, system_prompt: str | None = None, vocab: int | None = None,
+                       teacher_lock=None) -> dict:
     """What a user sees of `model` on held-out `prompts`, beside the teacher (same tokenizer):
 
     * on the teacher's greedy answers: `kl` (KL(teacher || model), T = 1) and top-1 `agreement`;
@@ -133,19 +135,23 @@ def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher
       `max_new_tokens`).
 
     Pass `teacher_answers` (from `answer(teacher, ...)`) when scoring several models on the same prompts.
+    `teacher_lock` is held around the teacher's passes only (a live EGO keeps answering while the model writes).
     Returns the figures and the model's `answers` (text)."""
     if not prompts:
         raise ValueError("generation_metrics needs at least one held-out prompt")
-    if teacher_answers is None:
-        teacher_answers = answer(teacher, tokenizer, prompts, max_new_tokens, system_prompt)
-    on_teacher = compare_to_teacher(model, teacher, teacher_answers, vocab=vocab)
+    with teacher_lock or nullcontext():
+        if teacher_answers is None:
+            teacher_answers = answer(teacher, tokenizer, prompts, max_new_tokens, system_prompt)
+        on_teacher = compare_to_teacher(model, teacher, teacher_answers, vocab=vocab)
     own = answer(model, tokenizer, prompts, max_new_tokens, system_prompt)
     responses = [list(e.tokens[e.prompt_len :]) for e in own]
     eos = eos_id(tokenizer)
+    with teacher_lock or nullcontext():
+        nll = response_nll(teacher, own, vocab=vocab)
     return {
         "kl": on_teacher["kl"], "agreement": on_teacher["agreement"],
         "repetition": repeated_ngram_share(responses),
-        "teacher_nll": response_nll(teacher, own, vocab=vocab),
+        "teacher_nll": nll,
         "eos_rate": sum(bool(r) and r[-1] == eos for r in responses) / len(responses),
         "prompts": len(prompts),
         "answers": [tokenizer.decode([t for t in r if t != eos]) for r in responses],
