@@ -109,6 +109,15 @@ def test_quantized_student_trains_and_loads_in_stock_mlx_lm(tiny_pair, tmp_path)
     load_adapters(ours, r.adapter_path)
     x = mx.array([[5, 17, 33, 60, 2, 9]])
     assert float(mx.abs(model(x).astype(mx.float32) - ours(x)).max()) < 1e-3
+    # adapter_config.json names a model stock mlx-lm can load: its generate command runs as written
+    import subprocess
+    import sys
+
+    named = json.loads((Path(r.adapter_path) / "adapter_config.json").read_text())["model"]
+    assert named == str(q.resolve())
+    out = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", named, "--adapter-path", r.adapter_path,
+                          "--prompt", "hello", "--max-tokens", "4"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
 
 
 def test_tokenize_corpus_streams_and_caches(tiny_pair, tmp_path, monkeypatch):

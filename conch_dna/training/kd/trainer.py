@@ -144,12 +144,16 @@ def _checkpointed_class(cls: type) -> type:
 
 
 def adapter_config(config: KDConfig, num_layers: int, extra: dict | None = None) -> dict:
-    """mlx-lm's adapter_config.json (read by mlx_lm.load/generate/fuse), plus our provenance."""
+    """mlx-lm's adapter_config.json (read by mlx_lm.load/generate/fuse), plus our provenance. "model" is what
+    stock mlx-lm can load: the student's folder for a local or offline model, else its hub id."""
+    from conch_dna.models import model_path
+
+    folder = model_path(config.student_model_id)
     return {
         "fine_tune_type": "lora",
         "num_layers": num_layers,
         "lora_parameters": config.lora_parameters(),
-        "model": config.student_model_id,
+        "model": str(folder.resolve()) if folder is not None else config.student_model_id,
         "conch_kd": {
             "teacher": config.teacher_model_id,
             "temperature": config.temperature,
