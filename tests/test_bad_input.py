@@ -52,3 +52,65 @@ def test_plain_prompts_starting_with_a_quote(tmp_path):
     bad.write_text('{"prompt": "a"}\nnot json\n')
     with pytest.raises(DataError, match=r"p.jsonl:2: not valid JSON.*rename it .txt"):
         load_prompts(bad)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--iters", "9223372036854775808"], "iters = 9223372036854775808: Input should be less than or equal to 1000000000"),
+    (["--memory-limit-gb", "inf"], "memory_limit_gb = inf"),
+])
+def test_out_of_range_numbers_exit_2(flags, message, tmp_path):
+    r = cli("--domain", "thinking", "--output", str(tmp_path / "out"), *flags)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_utf8_config_exits_2(tmp_path):
+    f = tmp_path / "kd.toml"
+    f.write_bytes(b"iters = 3\n# \xff\xfe\n")
+    r = cli("--domain", "thinking", "--config", str(f))
+    assert r.returncode == 2 and "is not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_list_with_an_active_version_that_does_not_exist(tmp_path):
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    (reg / "registry.json").write_text('{"format": 1, "neurons": {"thinking": {"versions": [], "active": 3, "history": [3]}}}')
+    r = cli("--list", "--registry", str(reg))
+    assert r.returncode == 2 and "names version(s) [3] as active" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_errors_exit_2_and_keep_the_adapter(tiny_pair, tmp_path):
+    from tests.conftest import PROMPTS, cli_config
+
+    teacher, student = tiny_pair
+    cfg = tmp_path / "kd.toml"
+    cfg.write_text(cli_config(batch_size=2, iters=2, gen_batch=4))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:4]))
+    base = ["--domain", "thinking", "--prompts", str(prompts), "--teacher", str(teacher), "--student", str(student),
+            "--config", str(cfg), "--output", str(tmp_path / "out"), "--no-register"]
+    assert cli(*base).returncode == 0
+    adapter = tmp_path / "out" / "thinking" / "adapters.safetensors"
+    good = adapter.read_bytes()
+    r = cli(*base, "--resume", "--iters", "1")
+    assert r.returncode == 2 and "past iters=1" in r.stderr and "Traceback" not in r.stderr
+    ckpt = sorted((tmp_path / "out" / "thinking").glob("checkpoint_*"))[-1]
+    opt = ckpt / "optimizer.safetensors"
+    opt.write_bytes(opt.read_bytes()[:100])  # truncated
+    r = cli(*base, "--resume", "--iters", "4")
+    assert r.returncode == 2 and "is unreadable" in r.stderr and "Traceback" not in r.stderr
+    assert adapter.read_bytes() == good  # the finished adapter was never replaced
+
+
+def test_registry_crash_leftovers_are_removed_on_the_next_register(tiny_pair, tmp_path):
+    from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
+    from tests.conftest import PROMPTS
+
+    cfg = KDConfig(iters=2, batch_size=2, val_interval=2, checkpoint_interval=2, max_seq_length=64,
+                   output_dir=str(tmp_path / "out"), generation={"max_new_tokens": 8}, eval_max_new_tokens=0)
+    r = TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg).distill_domain("thinking", PROMPTS[:4])
+    leftover = tmp_path / "reg" / "thinking" / ".v0001.tmp-dead"
+    leftover.mkdir(parents=True)
+    (leftover / "adapters.safetensors").write_bytes(b"x" * 1000)
+    v = NeuronRegistry(tmp_path / "reg", base_model=str(tiny_pair[1])).register("thinking", r.adapter_path)
+    assert v.version == 1 and not leftover.exists()

@@ -262,12 +262,20 @@ class NeuronRegistry:
         if not path.exists():
             return Manifest(base_model=self.base_model)
         try:
-            return Manifest.model_validate(json.loads(path.read_text()))
+            manifest = Manifest.model_validate(json.loads(path.read_text()))
         except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as e:
             raise RegistryError(
                 f"registry manifest {path} is corrupt or was edited into an invalid form ({str(e).splitlines()[0]}). "
                 "The registry kept its previous state; restore the file from a backup or fix it by hand."
             ) from e
+        for name, rec in manifest.neurons.items():
+            known = {v.version for v in rec.versions}
+            if missing := sorted({*([rec.active] if rec.active is not None else []), *rec.history} - known):
+                raise RegistryError(
+                    f"registry manifest {path}: neuron {name!r} names version(s) {missing} as active or in its history, "
+                    f"but only has versions {sorted(known)}. The registry kept its previous state; fix `active` and "
+                    "`history` in the file (or restore it from a backup).")
+        return manifest
 
     # ----------------------------------------------------------------------------------- writing
 
@@ -320,6 +328,11 @@ class NeuronRegistry:
                     raise DuplicateAdapterError(f"this adapter is already version {v.version} of neuron {neuron!r} (sha256 {digest[:12]}...)")
             store = self.root / neuron
             store.mkdir(parents=True, exist_ok=True)
+            # Copies are made under the registry's lock: a temporary folder seen here was left by a writer
+            # that died (a kill while registering), never one in progress.
+            for stale in [*store.glob(".v[0-9]*.tmp-*"), *store.glob(".v[0-9]*.old-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
+                log.info("removed a registry leftover", path=str(stale))
             taken = [v.version for v in rec.versions] + [int(p.name[1:]) for p in store.glob("v[0-9]*") if p.name[1:].isdigit()]
             number = max(taken, default=0) + 1
             dest = store / f"v{number:04d}"

@@ -52,9 +52,10 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
     from conch_dna.models import ModelNotFoundError
     from conch_dna.models.gguf_convert import GGUFError
     from conch_dna.training.kd.memory import MemoryPreflightError
+    from conch_dna.training.kd.trainer import CheckpointError
 
     return (ConfigError, DataError, OutputDirError, VocabMismatchError, ModelNotFoundError, GGUFError,
-            TrainingDivergedError, ValidationError, RegistryError, MemoryPreflightError)
+            TrainingDivergedError, ValidationError, RegistryError, MemoryPreflightError, CheckpointError)
 
 
 __all__ = [

@@ -110,7 +110,7 @@ class KDConfig(BaseSettings):
     max_grad_norm: float = Field(1.0, ge=0.0, description="clip the global gradient norm; 0 = off")
     batch_size: int = Field(4, ge=1, le=4096)
     grad_accumulation: int = Field(1, ge=1, le=1024)
-    iters: int = Field(100, ge=1)
+    iters: int = Field(100, ge=1, le=1_000_000_000)
     max_seq_length: int = Field(512, ge=8, le=131072)
 
     # Memory and speed
@@ -134,7 +134,7 @@ class KDConfig(BaseSettings):
         "auto", description="run the online teacher's pass for the next micro-batch on its own stream while the "
         "student trains on this one: auto = on, except with on-policy sequences (whose next batch is not known)")
     memory_limit_gb: float | None = Field(
-        None, gt=0.0, description="cap MLX's memory during training (mx.set_memory_limit): past it MLX waits for "
+        None, gt=0.0, le=1e6, allow_inf_nan=False, description="cap MLX's memory during training (mx.set_memory_limit): past it MLX waits for "
         "running work to free its temporaries instead of allocating more; None = MLX's default")
     memory_preflight: bool = Field(True, description="refuse settings whose estimated peak memory does not fit")
 
@@ -214,6 +214,8 @@ def _resolve_config_file() -> Path | None:
                 tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}. Fix the syntax or pass another --config.") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
         except OSError as e:
             raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from e
     return path

@@ -58,6 +58,10 @@ class TrainingDivergedError(RuntimeError):
         )
 
 
+class CheckpointError(RuntimeError, ValueError):
+    """A checkpoint to resume from is unreadable or does not fit this run; the message says what to do."""
+
+
 class TrainingCancelled(RuntimeError):
     """`should_stop()` returned true; the run stopped at a step boundary."""
 
@@ -225,7 +229,7 @@ def load_checkpoint(model, optimizer, ckpt: Path) -> dict:
         adapters = mx.load(str(ckpt / "adapters.safetensors"))
         opt_state = mx.load(str(ckpt / "optimizer.safetensors"))
     except Exception as e:
-        raise RuntimeError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from an earlier one") from e
+        raise CheckpointError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from an earlier one") from e
     model.load_weights(list(adapters.items()), strict=False)
     optimizer.state = tree_unflatten(list(opt_state.items()))
     return state
@@ -451,7 +455,8 @@ def _train(model, train, val, targets_fn, config, out_dir, *, adapter_cfg, resum
         last = state.get("last", {})
         log.info("resumed", checkpoint=str(ckpts[-1]), step=start_step)
         if start_step > config.iters:
-            raise ValueError(f"the checkpoint in {out_dir} is at step {start_step}, past iters={config.iters}; raise iters or start afresh")
+            raise CheckpointError(f"the checkpoint in {out_dir} is at step {start_step}, past iters={config.iters}; "
+                                  "raise --iters, or start afresh without --resume")
     if dist.is_writer():
         _truncate_metrics(metrics_path, start_step)
 
