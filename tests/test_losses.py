@@ -392,9 +392,9 @@ def test_sparse_tail_below_float32_resolution_keeps_reverse_kl_finite():
 def test_the_seeds_functions_are_importable_from_true_kd():
     """The seed's module `conch_dna.training.true_kd` keeps the seed's functions (issue 20)."""
     from conch_dna.training import true_kd
-    from conch_dna.training.kd import losses, vocab
+    from conch_dna.training.kd import cross_vocab, losses
 
     assert true_kd.compute_kd_loss is losses.compute_kd_loss and true_kd.compute_ce_loss is losses.compute_ce_loss
-    assert true_kd.align_vocab_sizes is vocab.align_vocab_sizes
+    assert true_kd.align_vocab_sizes is cross_vocab.align_vocab_sizes
     t = mx.array([[[1.0, 2.0, 0.5]]])
     assert float(true_kd.compute_kd_loss(t, t, 2.0)) == pytest.approx(0.0, abs=1e-6)

@@ -1,4 +1,4 @@
-"""align_vocab_sizes: padded vocabularies of one tokenizer are aligned; different tokenizers are refused."""
+"""align_vocab_sizes (cross_vocab.py): padded vocabularies of one tokenizer are aligned; different tokenizers are refused."""
 
 import mlx.core as mx
 import numpy as np

@@ -4,8 +4,8 @@ import sys
 
 from conch_dna.training.kd import DOMAIN_PROMPTS, KDConfig, KDResult, TrueKnowledgeDistiller
 from conch_dna.training.kd.cli import main
+from conch_dna.training.kd.cross_vocab import align_vocab_sizes
 from conch_dna.training.kd.losses import compute_ce_loss, compute_kd_loss
-from conch_dna.training.kd.vocab import align_vocab_sizes
 
 __all__ = ["DOMAIN_PROMPTS", "KDConfig", "KDResult", "TrueKnowledgeDistiller", "align_vocab_sizes", "compute_ce_loss",
            "compute_kd_loss", "main"]

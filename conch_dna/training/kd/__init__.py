@@ -7,7 +7,12 @@ registry. `TrueKnowledgeDistiller` (`distiller`) runs that flow per domain.
 from collections.abc import Mapping
 
 from conch_dna.training.kd.config import ConfigError, KDConfig
-from conch_dna.training.kd.cross_vocab import CrossTokenizerError, build_vocab_map, compare_tokenizers
+from conch_dna.training.kd.cross_vocab import (
+    CrossTokenizerError,
+    align_vocab_sizes,
+    build_vocab_map,
+    compare_tokenizers,
+)
 from conch_dna.training.kd.data import DataError, load_domains, load_prompts
 from conch_dna.training.kd.distiller import KDResult, OutputDirError, TrueKnowledgeDistiller
 from conch_dna.training.kd.losses import (
@@ -22,7 +27,7 @@ from conch_dna.training.kd.losses import (
     topk_targets,
 )
 from conch_dna.training.kd.trainer import TrainingCancelled, TrainingDivergedError
-from conch_dna.training.kd.vocab import VocabMismatchError, align_vocab_sizes, check_same_tokenizer
+from conch_dna.training.kd.vocab import VocabMismatchError, check_same_tokenizer
 
 
 class _DomainPrompts(Mapping):
