@@ -114,3 +114,20 @@ def test_registry_crash_leftovers_are_removed_on_the_next_register(tiny_pair, tm
     (leftover / "adapters.safetensors").write_bytes(b"x" * 1000)
     v = NeuronRegistry(tmp_path / "reg", base_model=str(tiny_pair[1])).register("thinking", r.adapter_path)
     assert v.version == 1 and not leftover.exists()
+
+
+def test_a_student_without_tokenizer_files_is_refused_before_any_work(tiny_pair, tmp_path):
+    import shutil
+
+    teacher, student = tiny_pair
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copyfile(student / f, bare / f)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\nthree\n")
+    out = tmp_path / "out"
+    r = cli("--domain", "thinking", "--prompts", str(prompts), "--teacher", str(teacher), "--student", str(bare),
+            "--output", str(out), "--registry", str(tmp_path / "reg"))
+    assert r.returncode == 2 and "missing tokenizer.json or tokenizer.model" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (out / "teacher_cache").exists() and not (tmp_path / "reg").exists()

@@ -264,5 +264,5 @@ def test_missing_model_path_is_clear(tmp_path):
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         load_model(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFoundError, match="no config.json"):
+    with pytest.raises(ModelNotFoundError, match="missing config.json"):
         load_model(tmp_path / "empty")

@@ -44,6 +44,27 @@ def model_path(path_or_id: str | os.PathLike) -> Path | None:
     return path if path.exists() else None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_model_folder(path_or_id: str | os.PathLike) -> Path | None:
+    """Refuse a local model folder that cannot work, before any expensive step: it needs config.json,
+    safetensors weights and a tokenizer (mlx-lm would otherwise build a 5-token stand-in and train on
+    `<unk>`). Returns the folder, or None for a hub id (checked when it is loaded)."""
+    path = model_path(path_or_id)
+    if path is None:
+        return None
+    missing = [f for f in ("config.json",) if not (path / f).is_file()]
+    if not any(path.glob("*.safetensors")):
+        missing.append("*.safetensors (the weights)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES) + " (the tokenizer)")
+    if missing:
+        raise ModelNotFoundError(f"{path} is not a complete mlx-lm model folder: missing {', '.join(missing)}. "
+                                 "Give a folder made by mlx_lm.convert or `python -m conch_dna.models`.")
+    return path
+
+
 def load_model(path_or_id: str | os.PathLike, dtype=None):
     """Load an mlx-lm model and tokenizer from a local folder or a hub id; compute in `compute_dtype()`.
 
@@ -53,10 +74,8 @@ def load_model(path_or_id: str | os.PathLike, dtype=None):
     from mlx_lm import load
 
     name = str(path_or_id)
-    path = model_path(name)
+    path = check_model_folder(name)
     if path is not None:
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is not an mlx-lm model folder (no config.json); give a folder made by mlx_lm.convert or `python -m conch_dna.models`")
         name = str(path)
     elif name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelNotFoundError(f"model path {name!r} does not exist; give an mlx-lm model folder or a hub id like 'mlx-community/Qwen2.5-0.5B-Instruct-4bit'")
@@ -96,4 +115,4 @@ def dequantize_on_cpu(model) -> bool:
     return True
 
 
-__all__ = ["GGUFError", "ModelNotFoundError", "cast_floating", "compute_dtype", "dequantize_on_cpu", "convert_gguf", "load_model", "verify_model_folder"]
+__all__ = ["GGUFError", "ModelNotFoundError", "cast_floating", "check_model_folder", "compute_dtype", "dequantize_on_cpu", "convert_gguf", "load_model", "verify_model_folder"]

@@ -264,6 +264,11 @@ class TrueKnowledgeDistiller:
         held-out prompts (the domain's `held_out` list unless given); return the result."""
         cfg = self.config
         check_name(domain)
+        from conch_dna.models import check_model_folder
+
+        check_model_folder(cfg.student_model_id)  # before the teacher writes anything
+        if self._teacher is None:
+            check_model_folder(cfg.teacher_model_id)
         domains = load_domains()
         if prompts is None and cfg.text_share < 1:
             if domain not in domains:
