@@ -3,8 +3,9 @@
 EGO owns one loaded model + tokenizer. `chat` answers prompts; `self_distill(domain)` distils EGO into a
 CORTEX neuron in a background thread and returns a `DistillationHandle` at once. The model is shared by
 the two threads through one re-entrant lock, held for one generation (chat) or one teacher batch
-(distillation) at a time: EGO keeps answering while it distils, at worst waiting for one batch. In the
-default cached mode the teacher is only needed to write the data; training then uses the student alone.
+(distillation) at a time: EGO keeps answering while it distils, at worst waiting for one batch. With the
+default online targets the teacher also scores every training batch (one forward pass under the lock per
+micro-batch); with cached targets it is only needed to write the data.
 
 On success the adapter is registered in the CORTEX registry (and served by the next CORTEX request); on
 failure or cancel nothing is registered and `distillation_failed` is signalled.

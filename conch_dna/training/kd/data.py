@@ -1,9 +1,10 @@
 """Teacher data: domain prompts -> teacher responses -> token examples -> cached top-k soft targets.
 
 Data flows one way: `load_prompts` / `DOMAIN_PROMPTS` give prompts; `generate_examples` has the teacher
-answer them through the chat template (batched); `build_teacher_cache` runs the teacher once over every
-example and stores its top-k logits, ids and row log-sum-exp in safetensors shards; the trainer reads
-batches from `iterate_batches` and targets from the cache (or from the live teacher, online).
+answer them through the chat template (batched); with cached targets, `compute_sparse_targets` runs the
+teacher once over every example and `TeacherCache` stores its top-k logits, ids and row log-sum-exp in
+safetensors shards; the trainer picks batches with `batch_order` / `pad_batch` and gets targets from the
+cache or, by default (online), from the live teacher.
 """
 
 from __future__ import annotations

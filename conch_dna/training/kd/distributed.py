@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 import mlx.core as mx
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_unflatten
 
 _solo = threading.local()
 
@@ -58,15 +58,27 @@ def is_writer() -> bool:
 
 
 def all_sum_tree(tree):
+    """The tree's arrays summed over the processes, in one collective: the leaves are flattened into one
+    buffer and split back (as mlx-lm's `average_gradients` does), not one `all_sum` per leaf."""
     if size() == 1:
         return tree
-    return tree_map(lambda x: mx.distributed.all_sum(x), tree)
+    leaves = tree_flatten(tree)
+    if not leaves:
+        return tree
+    flat = mx.concatenate([v.reshape(-1).astype(mx.float32) for _, v in leaves])
+    summed = mx.distributed.all_sum(flat)
+    out, start = [], 0
+    for k, v in leaves:
+        out.append((k, summed[start : start + v.size].reshape(v.shape).astype(v.dtype)))
+        start += v.size
+    return tree_unflatten(out)
 
 
-def all_sum_float(x: float) -> float:
+def all_sum_floats(values: list[float]) -> list[float]:
+    """Floats summed over the processes, in one collective."""
     if size() == 1:
-        return x
-    return mx.distributed.all_sum(mx.array(x, dtype=mx.float32)).item()
+        return list(values)
+    return mx.distributed.all_sum(mx.array(values, dtype=mx.float32)).tolist()
 
 
 def barrier() -> None:

@@ -542,10 +542,10 @@ def _train(model, train, val, targets_fn, config, out_dir, *, adapter_cfg, resum
             for k in sums:
                 sums[k] += out[k].item() * nv
             n_step += nv
-        if dist.size() > 1:  # one all-reduce per step: gradient sums, then the scalar sums
+        if dist.size() > 1:  # two collectives per step: the flattened gradient sums, then the scalar sums
             grads_sum = dist.all_sum_tree(grads_sum)
-            n_step = dist.all_sum_float(n_step)
-            sums = {k: dist.all_sum_float(v) for k, v in sums.items()}
+            n_step, *totals = dist.all_sum_floats([n_step, *sums.values()])
+            sums = dict(zip(sums, totals))
         if n_step == 0:
             raise ValueError(f"step {step + 1}: the batch has no response tokens to learn from (empty responses?)")
         loss_value = sums["loss"] / n_step
