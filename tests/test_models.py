@@ -266,3 +266,17 @@ def test_missing_model_path_is_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="missing config.json"):
         load_model(tmp_path / "empty")
+
+
+def test_conch_dtype_overrides_the_compute_dtype(monkeypatch):
+    import mlx.core as mx
+
+    from conch_dna.models import compute_dtype
+
+    monkeypatch.setenv("CONCH_DTYPE", "bfloat16")
+    assert compute_dtype() == mx.bfloat16
+    monkeypatch.setenv("CONCH_DTYPE", "int8")
+    with pytest.raises(ValueError, match="CONCH_DTYPE='int8'"):
+        compute_dtype()
+    monkeypatch.delenv("CONCH_DTYPE")
+    assert compute_dtype() == (mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16)
