@@ -132,10 +132,15 @@ def test_failure_registers_nothing(world):
 
 def test_self_distill_twice_on_the_same_data_returns_the_same_version(world):
     """As the CLI does: re-registering the same adapter (same sha256) is a no-op, not a failure (issue 19.8)."""
-    ego, _, registry = world
+    ego, cortex, registry = world
     first = ego.self_distill("thinking", PROMPTS)
     assert first.wait(120) and first.status == "succeeded", first.error
     again = ego.self_distill("thinking", PROMPTS)
     assert again.wait(120) and again.status == "succeeded", again.error
     assert again.version == first.version and len(registry.versions("thinking")) == 1
     assert first.result.held_out is not None and "repetition" in first.result.held_out  # judged like the CLI's
+    from conch_dna.training.kd.trainer import _lora_classes
+
+    cortex.generate("thinking", "hello", max_tokens=2)
+    lora = [type(m) for m in cortex.model.modules() if isinstance(m, _lora_classes()[0])]
+    assert lora and set(lora) == {_lora_classes()[1]}  # CORTEX serves with the trainer's LoRA class (issue 20)

@@ -62,6 +62,8 @@ class Cortex:
         """Put `v`'s LoRA weights on the base model (called with the lock held)."""
         from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
 
+        from conch_dna.training.kd.trainer import use_our_lora
+
         if self._attached == v:
             return
         config, weights = self._load_version(v)
@@ -69,6 +71,7 @@ class Cortex:
         if layout != self._lora_layout:
             remove_lora_layers(self.model)
             linear_to_lora_layers(self.model, config["num_layers"], config["lora_parameters"])
+            use_our_lora(self.model)  # the trainer's LoRA class: serving computes what training did
             self._lora_layout = layout
         self.model.load_weights(weights, strict=False)
         mx.eval(self.model.parameters())

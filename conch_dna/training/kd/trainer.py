@@ -105,11 +105,17 @@ def apply_lora(model: nn.Module, config: KDConfig) -> int:
         raise ValueError(f"LoRA keys {missing} are not modules of this model's blocks; available: {sorted(k for k in block_modules if k)}")
     model.freeze()
     linear_to_lora_layers(model, num_layers, config.lora_parameters())
+    use_our_lora(model)
+    return num_layers
+
+
+def use_our_lora(model: nn.Module) -> None:
+    """Switch mlx-lm's LoRA layers in `model` to ours (same fields and adapter file, computing in the input's
+    dtype), so that serving (CORTEX) computes exactly what training did."""
     theirs, ours = _lora_classes()
     for module in model.modules():
         if type(module) is theirs:  # same fields, only __call__ differs: switch the class in place
             module.__class__ = ours
-    return num_layers
 
 
 def checkpoint_blocks(model: nn.Module, every: int = 1, scope: str = "block") -> int:
