@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
         return EXIT_BAD_INPUT
     from conch_dna.training.kd import bad_input_errors
     from conch_dna.training.kd.config import KDConfig
-    from conch_dna.training.kd.data import DataError, load_domains, load_prompts
+    from conch_dna.training.kd.data import load_prompts
     from conch_dna.training.kd.distiller import TrueKnowledgeDistiller
 
     try:
@@ -93,9 +93,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
             results = distiller.distill_all(resume=args.resume, spread=args.spread_domains)
         else:
             prompts = load_prompts(args.prompts) if args.prompts else None
-            if prompts is None and args.domain not in load_domains():
-                raise DataError(f"unknown domain {args.domain!r}: known domains are {', '.join(load_domains())}; "
-                                "pass --prompts FILE for a custom domain")
             results = {args.domain: distiller.distill_domain(args.domain, prompts, resume=args.resume)}
         from conch_dna.training.kd import distributed as dist
 

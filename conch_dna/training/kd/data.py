@@ -148,6 +148,12 @@ class Example:
         return len(self.tokens) - self.prompt_len
 
 
+def eos_id(tokenizer) -> int | None:
+    """The EOS id appended to answers that stopped by themselves (the smallest of the tokenizer's EOS ids)."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    return sorted(ids)[0] if ids else None
+
+
 def chat_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": prompt}]
     if getattr(tokenizer, "chat_template", None):
@@ -176,7 +182,7 @@ def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length:
                 f"prompt of {len(ids)} tokens does not fit max_seq_length={max_seq_length} with room for an answer: "
                 f"{p[:60]!r}... Shorten it or raise max_seq_length."
             )
-    eos = sorted(tokenizer.eos_token_ids)[0] if tokenizer.eos_token_ids else None
+    eos = eos_id(tokenizer)
     mx.random.seed(seed)
     sampler = make_sampler(temp=gen.temperature, top_p=gen.top_p if gen.temperature > 0 else 0.0)
     examples, n_gen = [], 0
@@ -211,7 +217,7 @@ def continue_prompts(model, tokenizer, examples: list[Example], max_new_tokens: 
     prompts = [list(e.tokens[: e.prompt_len]) for e in examples]
     budgets = [max(1, min(max_new_tokens, max_seq_length - len(p))) for p in prompts]
     sampler = make_sampler(temp=temperature, top_p=top_p if temperature > 0 else 0.0)
-    eos = sorted(tokenizer.eos_token_ids)[0] if tokenizer.eos_token_ids else None
+    eos = eos_id(tokenizer)
     with lock or nullcontext():
         out = batch_generate(model, tokenizer, prompts, max_tokens=budgets, sampler=sampler, return_token_ids=True)
     new = []

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from conch_dna.training.kd.data import Example, chat_prompt_ids, pad_batch
+from conch_dna.training.kd.data import Example, chat_prompt_ids, eos_id, pad_batch
 from conch_dna.training.kd.losses import next_token_view, token_cross_entropy, token_divergence
 
 
@@ -100,12 +100,6 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, syste
             resp = list(resp) + ([eos] if eos is not None and len(resp) < max_new_tokens else [])
             out.append(Example(tuple(prompt_ids + resp), len(prompt_ids), p))
     return out
-
-
-def eos_id(tokenizer) -> int | None:
-    """The EOS id appended to answers that stopped (the smallest of the tokenizer's EOS ids)."""
-    ids = getattr(tokenizer, "eos_token_ids", None)
-    return sorted(ids)[0] if ids else None
 
 
 def response_nll(model, examples: list[Example], batch_size: int = 4, vocab: int | None = None) -> float:
