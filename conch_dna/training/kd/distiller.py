@@ -298,15 +298,6 @@ class TrueKnowledgeDistiller:
             return self._train(cache, domain, run_id, resume=resume, should_stop=should_stop, generation_stats=gen_stats,
                                held_out=held_out)
 
-    def train_with_kd(self, train_data: TeacherCache, domain: str, *, resume: bool = False,
-                      should_stop: Callable[[], bool] | None = None) -> KDResult:
-        """Train `domain`'s LoRA adapter on teacher data from `generate_training_data`; save it; return the result."""
-        run_id = uuid.uuid4().hex[:12]
-        out_dir = Path(self.config.output_dir) / domain
-        _check_writable(out_dir)
-        with self._failure_signal(domain, run_id, out_dir), output_lock(out_dir):
-            return self._train(train_data, domain, run_id, resume=resume, should_stop=should_stop)
-
     def _train(self, cache: TeacherCache, domain: str, run_id: str, *, resume: bool = False,
                should_stop: Callable[[], bool] | None = None, generation_stats: dict | None = None,
                held_out: list[str] | None = None) -> KDResult:
