@@ -53,15 +53,15 @@ def main(argv=None) -> int:
     from mlx_lm.tuner.utils import load_adapters
 
     from conch_dna.log_setup import configure_logging
-    from conch_dna.models import load_model, model_path
+    from conch_dna.models import bf16_bytes, load_model, model_path
     from conch_dna.models.defaults import weight_bytes
     from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller, load_domains
     from conch_dna.training.kd.data import load_held_out
     from conch_dna.training.kd.evaluate import (
         answer,
+        answer_figures,
         generation_metrics,
         generation_speed,
-        repeated_ngram_share,
     )
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,9 +95,7 @@ def main(argv=None) -> int:
         s, _ = load_model(student)
         folder = model_path(student)
         if teacher_bf16 is None:
-            from mlx.utils import tree_flatten
-
-            teacher_bf16 = sum(2 * p.size for _, p in tree_flatten(teacher.parameters()))
+            teacher_bf16 = bf16_bytes(teacher)
             results["cost"]["teacher"] = {"weight_bytes_bf16": teacher_bf16,
                                           "tokens_per_second": generation_speed(teacher, tok, speed_prompt)}
         results["cost"][student] = {"weight_bytes": weight_bytes(folder) if folder else None,
@@ -106,10 +104,7 @@ def main(argv=None) -> int:
     for domain in args.domains:
         held = load_held_out(domain)
         t_answers = answer(teacher, tok, held, args.eval_tokens)
-        eos = sorted(tok.eos_token_ids)[0]
-        t_resp = [list(e.tokens[e.prompt_len :]) for e in t_answers]
-        rows = results["domains"].setdefault(domain, {"teacher": {
-            "repetition": repeated_ngram_share(t_resp), "eos_rate": sum(r[-1] == eos for r in t_resp) / len(t_resp)}})
+        rows = results["domains"].setdefault(domain, {"teacher": answer_figures(t_answers, tok)})
         for student in args.students:
             per = rows.setdefault(student, {})
             for method in args.methods:

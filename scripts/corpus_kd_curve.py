@@ -85,9 +85,9 @@ def main(argv=None) -> int:
                       **{k: v for k, v in g.items() if k != "answers"}, "answer": g["answers"][0],
                       "val_kd": val.get(step, {}).get("val_kd"), "val_agreement": val.get(step, {}).get("val_agreement")})
         print(json.dumps({k: v for k, v in curve[-1].items() if k != "answer"}), flush=True)
-    from conch_dna.training.kd.evaluate import repeated_ngram_share
+    from conch_dna.training.kd.evaluate import answer_figures
 
-    teacher_rep = repeated_ngram_share([list(e.tokens[e.prompt_len :]) for e in t_answers])
+    teacher_rep = answer_figures(t_answers, tok)["repetition"]
     result = {"args": vars(args), "iters": iters, "train_seconds": train_seconds, "tokens_per_second":
               r.tokens_processed / r.training_seconds, "teacher_repetition": teacher_rep, "curve": curve}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,11 @@ import conch_dna  # noqa: E402,F401
 
 
 def main(argv=None) -> int:
-    from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import load_adapters
 
     from conch_dna.cortex import NeuronRegistry
     from conch_dna.log_setup import configure_logging
-    from conch_dna.models import load_model, model_path
+    from conch_dna.models import bf16_bytes, load_model, model_path
     from conch_dna.models.defaults import weight_bytes
     from conch_dna.training.kd.data import load_held_out, load_prompts
     from conch_dna.training.kd.evaluate import answer, generation_metrics
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
             adapters.append((f"v{v.version}{mark}", Path(v.path)))
     teacher, tok = load_model(args.teacher)
     t_answers = answer(teacher, tok, prompts, args.max_new_tokens)
-    teacher_bf16 = sum(2 * p.size for _, p in tree_flatten(teacher.parameters()))
+    teacher_bf16 = bf16_bytes(teacher)
     base = model_path(args.student)
     base_bytes = weight_bytes(base) if base else None
     rows = [("teacher", teacher, teacher_bf16)]

@@ -32,6 +32,15 @@ def cast_floating(model, dtype) -> None:
     model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
 
 
+def bf16_bytes(model) -> int:
+    """Weight bytes of a loaded model were its floating-point parameters bf16 (packed integers as they are):
+    the teacher's size that a neuron's cost is compared with."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return sum(2 * p.size if mx.issubdtype(p.dtype, mx.floating) else p.nbytes for _, p in tree_flatten(model.parameters()))
+
+
 def model_path(path_or_id: str | os.PathLike) -> Path | None:
     """The local folder a model id names (an offline default, prepared on first use, or an existing path);
     None for a hub id."""
@@ -86,16 +95,12 @@ def load_model(path_or_id: str | os.PathLike, dtype=None):
             raise
         raise ModelNotFoundError(f"could not load {name!r}: not a local folder, and downloading it failed ({type(e).__name__}: {e}). Offline? Pass a local model folder.") from e
     cast_floating(model, dtype or compute_dtype())
-    if mx_cpu():
+    import mlx.core as mx
+
+    if mx.default_device() == mx.cpu:
         dequantize_on_cpu(model)
     model.eval()
     return model, tokenizer
-
-
-def mx_cpu() -> bool:
-    import mlx.core as mx
-
-    return mx.default_device() == mx.cpu
 
 
 def dequantize_on_cpu(model) -> bool:
@@ -115,4 +120,4 @@ def dequantize_on_cpu(model) -> bool:
     return True
 
 
-__all__ = ["GGUFError", "ModelNotFoundError", "cast_floating", "check_model_folder", "compute_dtype", "dequantize_on_cpu", "convert_gguf", "load_model", "verify_model_folder"]
+__all__ = ["GGUFError", "ModelNotFoundError", "bf16_bytes", "cast_floating", "check_model_folder", "compute_dtype", "dequantize_on_cpu", "convert_gguf", "load_model", "verify_model_folder"]

@@ -1,7 +1,7 @@
 """Corpus KD: the teacher scores real text (dense targets, no generation), as Minitron and DistillKit heal
 pruned or quantized students.
 
-    tokens = tokenize_corpus(tokenizer, "docs/", cache_folder)       # once; cached by content
+    tokens = tokenize_corpus(tokenizer, "docs/", cache_root)         # once; cached by content
     train, val = corpus_windows(tokens, window=512, val_windows=8)  # read-only Sequences of Examples
 
 `tokenize_corpus` streams a text file or a folder of them through the tokenizer in chunks of about 1 MB and
@@ -78,17 +78,16 @@ def corpus_key(tokenizer_fingerprint: str, files: list[Path], max_tokens: int | 
     return h.hexdigest()[:24]
 
 
-def tokenize_corpus(tokenizer, source: str | os.PathLike, folder: str | os.PathLike, *,
+def tokenize_corpus(tokenizer, source: str | os.PathLike, cache: str | os.PathLike, *,
                     max_tokens: int | None = None, eos: int | None = None) -> Path:
-    """Token ids of the corpus `source` in `folder`/tokens.u32 (uint32), written once; returns its path.
-
-    Reuses the file when `folder`/meta.json says it is complete. Stops after `max_tokens` tokens if given."""
+    """Token ids of the corpus `source` in `cache`/<corpus_key>/tokens.u32 (uint32), written once; returns
+    its path. Reuses the file when its meta.json says it is complete. Stops after `max_tokens` tokens if given."""
     from conch_dna.training.kd.data import fingerprint_tokenizer
 
-    folder = Path(folder)
     files = corpus_files(source)
-    meta_path, out = folder / "meta.json", folder / TOKENS_FILE
     key = corpus_key(fingerprint_tokenizer(tokenizer), files, max_tokens)
+    folder = Path(cache) / key
+    meta_path, out = folder / "meta.json", folder / TOKENS_FILE
     if meta_path.is_file() and out.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key and out.stat().st_size == 4 * meta.get("tokens", -1):

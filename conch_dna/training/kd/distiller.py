@@ -56,7 +56,13 @@ from conch_dna.training.kd.data import (
     split_examples,
     teacher_logits,
 )
-from conch_dna.training.kd.evaluate import answer, eos_id, generation_metrics, repeated_ngram_share
+from conch_dna.training.kd.evaluate import (
+    answer,
+    answer_figures,
+    decoded_responses,
+    eos_id,
+    generation_metrics,
+)
 from conch_dna.training.kd.fused import TeacherStates, model_parts, parts_match, teacher_hidden
 from conch_dna.training.kd.memory import preflight
 from conch_dna.training.kd.trainer import (
@@ -464,24 +470,19 @@ class TrueKnowledgeDistiller:
         figures = generation_metrics(student, self.teacher, self.teacher_tokenizer, held_out,
                                      teacher_answers=teacher_answers, max_new_tokens=n,
                                      system_prompt=g.system_prompt, vocab=vocab, teacher_lock=self.teacher_lock)
-        eos = eos_id(self.teacher_tokenizer)
-        responses = [list(e.tokens[e.prompt_len :]) for e in teacher_answers]
-        figures["teacher_repetition"] = repeated_ngram_share(responses)
-        figures["teacher_eos_rate"] = sum(bool(r) and r[-1] == eos for r in responses) / len(responses)
-        figures["examples"] = [{"prompt": p, "neuron": a, "teacher": self.teacher_tokenizer.decode(
-            [t for t in r if t != eos])} for p, a, r in list(zip(held_out, figures.pop("answers"), responses))[:3]]
+        figures.update({f"teacher_{k}": v for k, v in answer_figures(teacher_answers, self.teacher_tokenizer).items()})
+        teacher_text = decoded_responses(teacher_answers, self.teacher_tokenizer)
+        figures["examples"] = [{"prompt": p, "neuron": a, "teacher": t}
+                               for p, a, t in list(zip(held_out, figures.pop("answers"), teacher_text))[:3]]
         figures["seconds"] = time.perf_counter() - t0
         return figures
 
     def cost(self, adapter: Path) -> dict:
         """Weight bytes of the neuron (its base student's files + its adapter) beside the teacher's in bf16."""
-        from mlx.utils import tree_flatten
-
-        from conch_dna.models import model_path
+        from conch_dna.models import bf16_bytes, model_path
         from conch_dna.models.defaults import weight_bytes
 
-        teacher_bf16 = sum(2 * p.size if mx.issubdtype(p.dtype, mx.floating) else p.nbytes
-                           for _, p in tree_flatten(self.teacher.parameters()))
+        teacher_bf16 = bf16_bytes(self.teacher)
         folder = model_path(self.config.student_model_id)
         base = weight_bytes(folder) if folder is not None else None
         adapter_bytes = adapter.stat().st_size if adapter.is_file() else 0
@@ -493,19 +494,11 @@ class TrueKnowledgeDistiller:
 
     def _with_corpus(self, train: list[Example], val: list[Example], tokenizer):
         """The domain's examples with corpus windows (`corpus.py`): mixed at `text_share`, or alone."""
-        from conch_dna.training.kd.corpus import (
-            Mixed,
-            corpus_files,
-            corpus_key,
-            corpus_windows,
-            tokenize_corpus,
-        )
+        from conch_dna.training.kd.corpus import Mixed, corpus_windows, tokenize_corpus
 
         cfg = self.config
-        folder = Path(cfg.output_dir) / "corpus_cache"
-        key = corpus_key(fingerprint_tokenizer(tokenizer), corpus_files(cfg.text), cfg.text_max_tokens)
-        tokens = tokenize_corpus(tokenizer, cfg.text, folder / key, max_tokens=cfg.text_max_tokens,
-                                 eos=eos_id(tokenizer))
+        tokens = tokenize_corpus(tokenizer, cfg.text, Path(cfg.output_dir) / "corpus_cache",
+                                 max_tokens=cfg.text_max_tokens, eos=eos_id(tokenizer))
         text_train, text_val = corpus_windows(tokens, cfg.max_seq_length, cfg.text_val_windows)
         log.info("text corpus ready", source=str(cfg.text), train_windows=len(text_train), val_windows=len(text_val),
                  window=cfg.max_seq_length)

@@ -102,6 +102,20 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, syste
     return out
 
 
+def answer_figures(answers: list[Example], tokenizer) -> dict:
+    """What can be read off answers alone: `repetition` (`repeated_ngram_share` of the responses) and
+    `eos_rate` (the share that stopped by themselves, i.e. end with EOS)."""
+    eos = eos_id(tokenizer)
+    responses = [list(e.tokens[e.prompt_len :]) for e in answers]
+    return {"repetition": repeated_ngram_share(responses),
+            "eos_rate": sum(bool(r) and r[-1] == eos for r in responses) / max(len(responses), 1)}
+
+
+def decoded_responses(answers: list[Example], tokenizer) -> list[str]:
+    eos = eos_id(tokenizer)
+    return [tokenizer.decode([t for t in e.tokens[e.prompt_len :] if t != eos]) for e in answers]
+
+
 def response_nll(model, examples: list[Example], batch_size: int = 4, vocab: int | None = None) -> float:
     """`model`'s mean per-token negative log-likelihood of the examples' responses: the teacher scoring the
     student's own answers says how likely the teacher finds what the student writes."""
@@ -138,17 +152,13 @@ def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher
             teacher_answers = answer(teacher, tokenizer, prompts, max_new_tokens, system_prompt)
         on_teacher = compare_to_teacher(model, teacher, teacher_answers, vocab=vocab)
     own = answer(model, tokenizer, prompts, max_new_tokens, system_prompt)
-    responses = [list(e.tokens[e.prompt_len :]) for e in own]
-    eos = eos_id(tokenizer)
     with teacher_lock or nullcontext():
         nll = response_nll(teacher, own, vocab=vocab)
     return {
-        "kl": on_teacher["kl"], "agreement": on_teacher["agreement"],
-        "repetition": repeated_ngram_share(responses),
+        "kl": on_teacher["kl"], "agreement": on_teacher["agreement"], **answer_figures(own, tokenizer),
         "teacher_nll": nll,
-        "eos_rate": sum(bool(r) and r[-1] == eos for r in responses) / len(responses),
         "prompts": len(prompts),
-        "answers": [tokenizer.decode([t for t in r if t != eos]) for r in responses],
+        "answers": decoded_responses(own, tokenizer),
     }
 
 
