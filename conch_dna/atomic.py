@@ -8,6 +8,7 @@ readers never pick them up, and a failed write removes its temporary.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -15,6 +16,28 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, quota, read-only file system); nothing was replaced."""
+
+
+# errno values that mean "this storage cannot take the write", not "the program is wrong"
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
+
+
+def _write_failure(e: BaseException, dest: Path) -> WriteError | None:
+    """A clear `WriteError` for a write the storage refused, or None for any other exception. MLX's writers
+    raise RuntimeError("[write] Unable to write N bytes to file.") on a full disk."""
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+        reason = e.strerror or str(e)
+    elif isinstance(e, RuntimeError) and "Unable to write" in str(e):
+        reason = f"No space left on device? ({e})"
+    else:
+        return None
+    return WriteError(errno.ENOSPC if "space" in reason.lower() else (getattr(e, "errno", None) or errno.EIO),
+                      f"could not write {dest}: {reason}. Nothing was replaced (the previous version, if any, is "
+                      "intact); free some space or choose another folder, then run again (--resume continues)")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -41,8 +64,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         tmp.chmod(0o644)
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if (failure := _write_failure(e, path)) is not None:
+            raise failure from e
         raise
 
 
@@ -66,8 +91,10 @@ def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (failure := _write_failure(e, dest)) is not None:
+            raise failure from e
         raise
 
 

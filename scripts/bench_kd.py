@@ -217,8 +217,10 @@ def run_trainer(args) -> dict:
     compiled step, teacher prefetch and memory limit as a user's run has them; tokens/s between step events."""
     import tempfile
 
-    from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
+    from conch_dna.training.kd import KDConfig
     from conch_dna.training.kd.data import Example
+    from conch_dna.training.kd.report import Step
+    from conch_dna.training.kd.targets import online_targets
     from conch_dna.training.kd.trainer import (
         adapter_config,
         apply_lora,
@@ -244,12 +246,11 @@ def run_trainer(args) -> dict:
     n_blocks = apply_lora(student, cfg)
     rng = mx.random.randint(1, vocab, (batch * iters, seq)).tolist()
     train = [Example(tuple(row), 1) for row in rng]  # the loss on every position after the first
-    distiller = TrueKnowledgeDistiller(config=cfg, teacher=teacher, teacher_tokenizer=object())
-    targets_fn = distiller._targets_fn(None, list(range(len(train))), [], None)  # the distiller's online targets
+    targets_fn = online_targets(teacher, cfg, prefetch=use_prefetch(cfg))  # the distiller's online targets
     times = []
 
-    def on_event(name, **kw):
-        if name == "step":
+    def on_event(event):
+        if isinstance(event, Step):
             mx.synchronize()
             times.append(time.perf_counter())
             if len(times) == args.warmup:
@@ -257,7 +258,7 @@ def run_trainer(args) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         train_with_kd(student, train, [], targets_fn, cfg, Path(out), adapter_cfg=adapter_config(cfg, n_blocks),
-                      on_event=on_event)
+                      reporter=on_event)
     dt = (times[-1] - times[args.warmup - 1]) / args.steps
     device = mx.device_info().get("device_name", str(mx.default_device()))
     return {"impl": "mlx-trainer", "preset": args.preset, "device": device, "dtype": str(dtype), "B": batch, "T": seq,

@@ -34,10 +34,11 @@ METHODS = {"sft": dict(alpha=0.0), "kd": dict(alpha=0.7, temperature=2.0), "kd_t
 def measure(distiller, student, s_tok, held_cache, batch_size: int) -> dict:
     """Held-out figures of `student` against the teacher's answers (T = 1, both loss parts reported)."""
     from conch_dna.training.kd.cross_vocab import compare_tokenizers
+    from conch_dna.training.kd.targets import cross_targets
     from conch_dna.training.kd.trainer import evaluate
 
     examples, cross = distiller._cross_setup(held_cache, student, s_tok, compare_tokenizers(distiller.teacher_tokenizer, s_tok))
-    fn = distiller._cross_targets_fn([], examples, cross["vmap"])
+    fn = cross_targets(distiller.teacher, distiller.config, [], examples, cross["vmap"])
     cfg = distiller.config.model_copy(update={"temperature": 1.0, "alpha": 0.5, "uld_weight": 0.0})
     v = evaluate(student, examples, fn, cfg, batch_size)
     chars = sum(len(s_tok.decode(list(e.tokens[e.prompt_len:]))) for e in examples)

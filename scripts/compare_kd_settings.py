@@ -51,6 +51,7 @@ def main(argv=None) -> int:
             # Re-evaluate every cell at T=1, alpha=0.5 so the columns compare like with like.
             from conch_dna.models import load_model
             from conch_dna.training.kd.data import TeacherCache, split_examples
+            from conch_dna.training.kd.targets import teacher_targets
             from conch_dna.training.kd.trainer import apply_lora
 
             cache = TeacherCache.load(Path(cfg.output_dir) / "teacher_cache" / r.generation.get("cache_key", ""))
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
             apply_lora(student, cfg)
             student.load_weights(str(Path(r.adapter_path) / "adapters.safetensors"), strict=False)
             val = [cache.examples[i] for i in val_idx]
-            targets = d._targets_fn(cache, [], val_idx, None)
+            targets = teacher_targets(d.teacher, cfg, cache, [], val_idx)
             yard = cfg.model_copy(update={"temperature": 1.0, "alpha": 0.5})
             m = evaluate(student, val, targets, yard, cfg.batch_size)
             rows.append({"temperature": T, "alpha": alpha, "val_kd_T1": m["val_kd"], "val_ce": m["val_ce"],

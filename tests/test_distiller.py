@@ -8,7 +8,7 @@ import pytest
 from mlx_lm import load as mlx_load
 
 from conch_dna.models import load_model
-from conch_dna.training.kd import DOMAIN_PROMPTS, DataError, KDResult, OutputDirError, TrueKnowledgeDistiller
+from conch_dna.training.kd import DOMAIN_PROMPTS, DataError, KDResult, OutputDirError, TrueKnowledgeDistiller, signals
 from conch_dna.training.kd.data import TeacherCache
 from tests.conftest import PROMPTS
 
@@ -118,9 +118,12 @@ def test_resume_continues_from_checkpoint_exactly(tiny_pair, kd_config, tmp_path
     TrueKnowledgeDistiller(str(teacher), str(student), full).distill_domain("task", PROMPTS)
     part = full.model_copy(update={"output_dir": tmp_path / "part"})
     steps = []
-    d = TrueKnowledgeDistiller(str(teacher), str(student), part, on_event=lambda name, **kw: steps.append(kw.get("step")) if name == "step-completed" else None)
-    with pytest.raises(TrainingCancelled):
+    d = TrueKnowledgeDistiller(str(teacher), str(student), part)
+    with signals.step_completed.connected_to(lambda sender, **kw: steps.append(kw["step"]), sender=d), \
+            pytest.raises(TrainingCancelled):
         d.distill_domain("task", PROMPTS, should_stop=lambda: len(steps) >= 3)
+    # The stop saved a checkpoint at the step reached: the resume starts there.
+    assert (tmp_path / "part/task/checkpoint_000003/state.json").is_file()
     assert not (tmp_path / "part/task/adapters.safetensors").exists()
     TrueKnowledgeDistiller(str(teacher), str(student), part).distill_domain("task", PROMPTS, resume=True)
     a = mx.load(str(tmp_path / "full/task/adapters.safetensors"))
@@ -266,10 +269,10 @@ def test_teacher_prefetch_runs_ahead_and_trains_the_same_adapter(tiny_pair, kd_c
     """teacher_prefetch="on": the teacher's pass for the next micro-batch (within a step and across steps)
     is launched on its own stream, unwaited, before this micro-batch's student step, never past the last
     step; validation passes stay synchronous. The adapter is that of a run without prefetch, bit for bit."""
-    import conch_dna.training.kd.distiller as distiller_mod
+    import conch_dna.training.kd.targets as targets_mod
 
     teacher, student = tiny_pair
-    real = distiller_mod.teacher_hidden
+    real = targets_mod.teacher_hidden
     log = []
 
     def recording(body, tokens, max_tokens, wait=True):
@@ -278,18 +281,18 @@ def test_teacher_prefetch_runs_ahead_and_trains_the_same_adapter(tiny_pair, kd_c
         return real(body, tokens, max_tokens, wait)
 
     base_stream = mx.default_stream(mx.default_device())
-    monkeypatch.setattr(distiller_mod, "teacher_hidden", recording)
+    monkeypatch.setattr(targets_mod, "teacher_hidden", recording)
 
     def train(mode):
         log.clear()
         cfg = kd_config(iters=3, grad_accumulation=2, val_interval=10, teacher_targets="online",
                         teacher_prefetch=mode, output_dir=str(tmp_path / mode), memory_limit_gb=3.0)
 
-        def events(name, **kw):
-            if name == "step-completed":
-                log.append((name,))
-                limits.add(mx.get_memory_limit())
-        TrueKnowledgeDistiller(str(teacher), str(student), cfg, on_event=events).distill_domain("task", PROMPTS)
+        def on_step(sender, **kw):
+            log.append(("step-completed",))
+            limits.add(mx.get_memory_limit())
+        with signals.step_completed.connected_to(on_step):
+            TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("task", PROMPTS)
         adapter = {k: np.array(v) for k, v in mx.load(str(tmp_path / mode / "task/adapters.safetensors")).items()}
         train_calls = [e for e in log if e[0] == "teacher" and not e[1]]
         return adapter, [e[0] for e in log if e[0] == "step-completed" or not e[1]], train_calls

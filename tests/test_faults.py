@@ -136,12 +136,12 @@ def test_corrupt_checkpoint_is_refused_clearly(tiny_pair, kd_config):
 
 
 def test_nan_teacher_stops_with_a_clear_error(tiny_pair, kd_config, monkeypatch):
-    from conch_dna.training.kd import TrainingDivergedError, TrueKnowledgeDistiller, distiller
+    from conch_dna.training.kd import TrainingDivergedError, TrueKnowledgeDistiller, targets
 
-    monkeypatch.setattr(distiller, "teacher_logits", lambda model, tokens: model(tokens) * float("nan"))
+    monkeypatch.setattr(targets, "teacher_logits", lambda model, tokens: model(tokens) * float("nan"))
     cfg = kd_config(teacher_targets="online", loss_impl="reference")
     d = TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg)
-    monkeypatch.setattr(distiller, "parts_match", lambda m: False)  # force the logits path
+    monkeypatch.setattr(targets, "parts_match", lambda m: False)  # force the logits path
     with pytest.raises(TrainingDivergedError, match="step 1"):
         d.distill_domain("thinking", PROMPTS)
     assert not (cfg.output_dir / "thinking" / "adapters.safetensors").exists()

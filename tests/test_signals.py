@@ -33,7 +33,7 @@ def test_successful_run_order_and_payloads(tiny_pair, kd_config):
     with stack:
         result = d.distill_domain("thinking", PROMPTS)
     seq = names(events)
-    assert seq == ["distillation-started", "teacher-data-ready", "validation-completed",
+    assert seq == ["distillation-started", "teacher-progress", "teacher-progress", "teacher-data-ready", "validation-completed",
                    "step-completed", "step-completed", "validation-completed", "checkpoint-saved",
                    "step-completed", "step-completed", "validation-completed", "checkpoint-saved", "domain-completed"]
     assert all(sender is d for _, sender, _ in events)
@@ -41,13 +41,15 @@ def test_successful_run_order_and_payloads(tiny_pair, kd_config):
     assert run_ids == {result.run_id}
     started = events[0][2]
     assert started["domain"] == "thinking" and started["config"]["iters"] == 4 and started["prompts"] == len(PROMPTS)
-    ready = events[1][2]
+    progress = [events[1][2], events[2][2]]  # 8 prompts answered in batches of 4
+    assert [(p["done"], p["total"]) for p in progress] == [(4, len(PROMPTS)), (8, len(PROMPTS))]
+    ready = events[3][2]
     assert ready["samples"] == len(PROMPTS) and ready["tokens"] > 0 and ready["seconds"] >= 0 and ready["cached"] is False
     steps = [kw for n, _, kw in events if n == "step-completed"]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     for s in steps:
-        assert set(s) >= {"step", "iters", "kd", "ce", "total", "lr", "tokens_per_second", "peak_memory_gb"}
-        assert s["total"] == pytest.approx(cfg.alpha * s["kd"] + (1 - cfg.alpha) * s["ce"], rel=1e-5)
+        assert set(s) >= {"step", "iters", "kd", "ce", "loss", "lr", "grad_norm", "tokens_per_second", "peak_memory_gb"}
+        assert s["loss"] == pytest.approx(cfg.alpha * s["kd"] + (1 - cfg.alpha) * s["ce"], rel=1e-5)
     vals = [kw for n, _, kw in events if n == "validation-completed"]
     assert [v["step"] for v in vals] == [0, 2, 4] and all(0 <= v["val_agreement"] <= 1 for v in vals)
     ckpts = [kw for n, _, kw in events if n == "checkpoint-saved"]

@@ -60,11 +60,12 @@ class DistillationHandle:
         """Block until the run ends or `timeout` seconds pass; True if it ended."""
         return self._done.wait(timeout)
 
-    def _on_event(self, name: str, **kw) -> None:
-        if name == signals.step_completed.name:
-            self.progress = {"step": kw["step"], "iters": kw["iters"], "kd": kw["kd"], "ce": kw["ce"], "loss": kw["total"]}
-        elif name == signals.validation_completed.name:
-            self.progress = {**self.progress, "val_kd": kw["val_kd"], "val_agreement": kw["val_agreement"]}
+    def _on_step(self, sender, **kw) -> None:  # receivers of the run's distiller's signals
+        self.progress = {**self.progress, "step": kw["step"], "iters": kw["iters"], "kd": kw["kd"], "ce": kw["ce"],
+                         "loss": kw["loss"]}
+
+    def _on_validation(self, sender, **kw) -> None:
+        self.progress = {**self.progress, "val_kd": kw["val_kd"], "val_agreement": kw["val_agreement"]}
 
     def _finish(self, status: Status, **kw) -> None:
         for k, v in kw.items():
@@ -131,8 +132,11 @@ class EGO:
         t0 = time.perf_counter()
         try:
             distiller = TrueKnowledgeDistiller(config=cfg, teacher=self.model, teacher_tokenizer=self.tokenizer,
-                                               teacher_lock=self.lock, on_event=handle._on_event)
-            result = distiller.distill_domain(domain, prompts, should_stop=handle._cancel.is_set)
+                                               teacher_lock=self.lock)
+            # The handle's progress comes from this run's signals (sender: its distiller), like any receiver's.
+            with signals.step_completed.connected_to(handle._on_step, sender=distiller), \
+                    signals.validation_completed.connected_to(handle._on_validation, sender=distiller):
+                result = distiller.distill_domain(domain, prompts, should_stop=handle._cancel.is_set)
         except TrainingCancelled as e:  # the distiller signalled distillation_failed(cancelled=True)
             handle._finish("cancelled", error=e)
             return
@@ -150,9 +154,9 @@ class EGO:
                     metrics=registry_metrics(result), exist_ok=True, teacher=cfg.teacher_model_id, student=cfg.student_model_id,
                 )
         except Exception as e:  # cancelled late, or the registry refused the adapter: nothing registered
+            # The distillation itself completed (domain_completed was sent); not registering it is the handle's
+            # news (status, error) and the log's, not a second end signal.
             cancelled = isinstance(e, TrainingCancelled)
-            signals.send(signals.distillation_failed, distiller, domain=domain, run_id=result.run_id, error=str(e),
-                         error_type=type(e).__name__, cancelled=cancelled, last_checkpoint=None)
             log.error("self-distillation not registered", domain=domain, error=str(e))
             handle._finish("cancelled" if cancelled else "failed", error=e, result=result)
             return

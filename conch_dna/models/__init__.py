@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -72,6 +73,20 @@ def check_model_folder(path_or_id: str | os.PathLike) -> Path | None:
         raise ModelNotFoundError(f"{path} is not a complete mlx-lm model folder: missing {', '.join(missing)}. "
                                  "Give a folder made by mlx_lm.convert or `python -m conch_dna.models`.")
     return path
+
+
+def context_length(path_or_id: str | os.PathLike) -> int | None:
+    """The longest sequence a local model folder was built for (config.json's `max_position_embeddings`,
+    or its text model's), or None when unknown (a hub id, no such field)."""
+    path = model_path(path_or_id)
+    if path is None or not (path / "config.json").is_file():
+        return None
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    return int(value) if isinstance(value, int | float) and value > 0 else None
 
 
 def load_model(path_or_id: str | os.PathLike, dtype=None):

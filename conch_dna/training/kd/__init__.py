@@ -53,6 +53,7 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean "the user's input is wrong" (the CLI exits 2 with the message)."""
     from pydantic import ValidationError
 
+    from conch_dna.atomic import WriteError
     from conch_dna.cortex.registry import RegistryError
     from conch_dna.models import ModelNotFoundError
     from conch_dna.models.gguf_convert import GGUFError
@@ -60,7 +61,7 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
     from conch_dna.training.kd.trainer import CheckpointError
 
     return (ConfigError, DataError, OutputDirError, VocabMismatchError, ModelNotFoundError, GGUFError,
-            TrainingDivergedError, ValidationError, RegistryError, MemoryPreflightError, CheckpointError)
+            TrainingDivergedError, ValidationError, RegistryError, MemoryPreflightError, CheckpointError, WriteError)
 
 
 __all__ = [

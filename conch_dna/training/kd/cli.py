@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 EXIT_BAD_INPUT = 2
 
@@ -77,31 +80,40 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
         print("error: --prompts applies to one --domain; --all distils every domain of config/domains.toml with its "
               "own prompts", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from conch_dna.training.kd import bad_input_errors
+    from conch_dna.progress import ProgressBar
+    from conch_dna.training.kd import TrainingCancelled, bad_input_errors
+    from conch_dna.training.kd import distributed as dist
     from conch_dna.training.kd.config import KDConfig
-    from conch_dna.training.kd.data import load_prompts
+    from conch_dna.training.kd.data import check_name, load_prompts
     from conch_dna.training.kd.distiller import TrueKnowledgeDistiller
 
+    stop = StopRequest()
     try:
-        from conch_dna.training.kd.data import check_name
-
-        if args.domain:
-            check_name(args.domain)
-        config = KDConfig.load(args.config, **_merge_nested(args))
-        distiller = TrueKnowledgeDistiller(config=config)
-        if args.all:
-            results = distiller.distill_all(resume=args.resume, spread=args.spread_domains)
-        else:
+        with stop.installed():
+            # Every input is checked before the first expensive step (the teacher's answers).
+            if args.domain:
+                check_name(args.domain)
+            config = KDConfig.load(args.config, **_merge_nested(args))
             prompts = load_prompts(args.prompts) if args.prompts else None
-            results = {args.domain: distiller.distill_domain(args.domain, prompts, resume=args.resume)}
-        from conch_dna.training.kd import distributed as dist
-
-        registered = {} if args.no_register or not dist.is_writer() else register_results(args.registry, config, results)
-        if not dist.is_writer():
-            return 0  # rank 0 reports for a data-parallel run
+            distiller = TrueKnowledgeDistiller(config=config)
+            distiller.check_models()
+            registry = None if args.no_register or not dist.is_writer() else open_registry(args.registry, config)
+            with ProgressBar():
+                if args.all:
+                    results = distiller.distill_all(resume=args.resume, spread=args.spread_domains, should_stop=stop)
+                else:
+                    results = {args.domain: distiller.distill_domain(args.domain, prompts, resume=args.resume,
+                                                                     should_stop=stop)}
+            registered = register_results(registry, results) if registry is not None else {}
+            if not dist.is_writer():
+                return 0  # rank 0 reports for a data-parallel run
     except bad_input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (TrainingCancelled, KeyboardInterrupt) as e:
+        print(f"stopped by {stop.name}: {e or 'interrupted'}. Run the same command with --resume to continue.",
+              file=sys.stderr)
+        return 128 + stop.signum
     for name, r in results.items():
         v, active = registered.get(name, (None, False))
         held = {k: round(x, 4) for k, x in (r.held_out or {}).items() if isinstance(x, float)}
@@ -135,13 +147,55 @@ def summary(name: str, r, version, active: bool) -> str:
     return "\n".join(lines)
 
 
-def register_results(registry_dir: str, config, results: dict) -> dict:
+class StopRequest:
+    """SIGINT / SIGTERM ask for a clean stop: the run stops at the next step (or batch of teacher answers),
+    saving a checkpoint to resume from, and the CLI exits 128 + the signal (130, 143). A second signal
+    stops at once (KeyboardInterrupt). Called as `should_stop()`."""
+
+    def __init__(self):
+        self.signum, self._requested = signal.SIGINT, False
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def __call__(self) -> bool:
+        return self._requested
+
+    @contextmanager
+    def installed(self):
+        self._requested = False
+        if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self._requested:
+            raise KeyboardInterrupt
+        self._requested, self.signum = True, signum
+        print(f"\n{signal.Signals(signum).name}: stopping at the next step and saving a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr)
+
+
+def open_registry(registry_dir: str, config):
+    """The CORTEX registry the run will register into, opened (and its manifest validated) before any work."""
+    from conch_dna.cortex import NeuronRegistry
+
+    return NeuronRegistry(registry_dir, base_model=config.student_model_id, quality_gate=True)
+
+
+def register_results(registry, results: dict) -> dict:
     """Register each trained adapter as the next version of its neuron in the CORTEX registry, behind the
     quality gate; {name: (version, whether it is active)}."""
-    from conch_dna.cortex import NeuronRegistry
     from conch_dna.training.kd.distiller import registry_metrics
 
-    registry = NeuronRegistry(registry_dir, base_model=config.student_model_id, quality_gate=True)
+    registry.reload()  # another process may have registered while this one trained
     # exist_ok: re-running a finished run with --resume (e.g. after a kill while registering) is idempotent.
     out = {}
     for name, r in results.items():

@@ -163,12 +163,14 @@ def chat_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) ->
 
 
 def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length: int, seed: int = 0,
-                      lock=None) -> tuple[list[Example], dict]:
+                      lock=None, on_batch=None) -> tuple[list[Example], dict]:
     """The teacher answers each prompt (batched sampling); returns examples and throughput figures.
 
     A prompt that leaves no room for a response within `max_seq_length` is an error naming it.
     Responses that end with EOS keep the EOS token, so students learn to stop. `lock` (if given) is held
     around each batch only, so that other users of a shared live model (EGO answering) are not starved.
+    `on_batch(done)` (if given) is called after each batch with the number of prompts answered so far; an
+    exception it raises (a cancel) stops the generation.
     """
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
@@ -201,6 +203,8 @@ def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length:
             if not resp:
                 continue
             examples.append(Example(tuple(ids + resp)[:max_seq_length], len(ids), text))
+        if on_batch is not None:
+            on_batch(min(start + gen.batch_size, len(prompt_ids)))
     seconds = time.perf_counter() - t0
     stats = {"samples": len(examples), "generated_tokens": n_gen, "seconds": seconds,
              "tokens_per_second": n_gen / seconds if seconds > 0 else 0.0,

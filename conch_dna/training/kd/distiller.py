@@ -31,12 +31,10 @@ from conch_dna.training.kd import distributed as dist
 from conch_dna.training.kd import signals
 from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.cross_vocab import (
-    CrossTargets,
     CrossTokenizerError,
     build_vocab_map,
     compare_tokenizers,
     cross_examples,
-    pad_pairs,
     vmap_arrays,
 )
 from conch_dna.training.kd.data import (
@@ -52,9 +50,7 @@ from conch_dna.training.kd.data import (
     generate_examples,
     load_domains,
     load_held_out,
-    pad_sparse,
     split_examples,
-    teacher_logits,
 )
 from conch_dna.training.kd.evaluate import (
     answer,
@@ -63,13 +59,15 @@ from conch_dna.training.kd.evaluate import (
     eos_id,
     generation_metrics,
 )
-from conch_dna.training.kd.fused import TeacherStates, model_parts, parts_match, teacher_hidden
 from conch_dna.training.kd.memory import preflight
+from conch_dna.training.kd.report import Reporter
+from conch_dna.training.kd.targets import cross_targets, teacher_targets
 from conch_dna.training.kd.trainer import (
     TrainingCancelled,
     TrainingDivergedError,
     adapter_config,
     apply_lora,
+    check_resumable,
     checkpoint_dirs,
     save_adapter,
     use_prefetch,
@@ -185,7 +183,6 @@ class TrueKnowledgeDistiller:
         teacher=None,
         teacher_tokenizer=None,
         teacher_lock: threading.Lock | threading.RLock | None = None,
-        on_event: Callable[..., None] | None = None,
     ):
         config = config or KDConfig.load()
         updates = {k: v for k, v in (("teacher_model_id", teacher_model_id), ("student_model_id", student_model_id)) if v}
@@ -195,9 +192,6 @@ class TrueKnowledgeDistiller:
         self._teacher, self._teacher_tokenizer = teacher, teacher_tokenizer
         # A live teacher may be shared with other threads (EGO answering prompts): hold this lock around it.
         self.teacher_lock = teacher_lock or threading.Lock()
-        # A direct progress callback, on_event(signal_name, **payload), besides the blinker signals (EGO's
-        # handles use it for their progress). Its exceptions are isolated like a signal receiver's.
-        self._on_event = on_event
 
     # ------------------------------------------------------------------------------------- models
 
@@ -212,13 +206,29 @@ class TrueKnowledgeDistiller:
         _ = self.teacher
         return self._teacher_tokenizer
 
+    def check_models(self) -> None:
+        """Refuse, before any work, model folders that cannot work (`check_model_folder`) and a
+        max_seq_length longer than the teacher's or the student's context."""
+        from conch_dna.models import check_model_folder, context_length
+
+        cfg = self.config
+        check_model_folder(cfg.student_model_id)
+        if self._teacher is None:
+            check_model_folder(cfg.teacher_model_id)
+        for role, model_id in (("student", cfg.student_model_id), ("teacher", cfg.teacher_model_id)):
+            if (context := context_length(model_id)) is not None and cfg.max_seq_length > context:
+                raise DataError(f"max_seq_length={cfg.max_seq_length} is longer than the {role}'s context ({context} "
+                                f"tokens, max_position_embeddings of {model_id}); lower --max-seq-length to at most {context}")
+
     def load_student(self):
         return load_model(self.config.student_model_id)
 
     # --------------------------------------------------------------------------------- teacher data
 
-    def generate_training_data(self, prompts: list[str], domain: str) -> tuple[TeacherCache, dict]:
-        """Teacher responses and top-k soft targets for `prompts`, from the cache when inputs are unchanged."""
+    def generate_training_data(self, prompts: list[str], domain: str, report: Reporter | None = None,
+                               should_stop: Callable[[], bool] | None = None) -> tuple[TeacherCache, dict]:
+        """Teacher responses and top-k soft targets for `prompts`, from the cache when inputs are unchanged.
+        `report` gets `teacher_progress` after each batch; `should_stop()` cancels between batches."""
         cfg = self.config
         if not prompts:
             raise DataError(f"no prompts for domain {domain!r}: pass at least one prompt")
@@ -238,8 +248,15 @@ class TrueKnowledgeDistiller:
             dist.barrier()
             log.info("teacher cache hit", domain=domain, folder=str(folder), samples=len(cache.examples))
             return cache, {**cache.meta.get("generation_stats", {}), "cached": True, "cache_key": key}
+        def on_batch(done: int) -> None:
+            if report is not None:
+                report.signal(signals.teacher_progress, done=done, total=len(prompts))
+            if should_stop is not None and should_stop():
+                raise TrainingCancelled(f"cancelled during teacher generation ({done} of {len(prompts)} prompts "
+                                        "answered); nothing was cached, a new run starts it again")
+
         examples, stats = generate_examples(self.teacher, self.teacher_tokenizer, prompts, cfg.generation,
-                                            cfg.max_seq_length, cfg.seed, lock=self.teacher_lock)
+                                            cfg.max_seq_length, cfg.seed, lock=self.teacher_lock, on_batch=on_batch)
         if not examples:
             raise DataError(f"the teacher produced no responses for domain {domain!r}")
         targets = []
@@ -270,11 +287,7 @@ class TrueKnowledgeDistiller:
         held-out prompts (the domain's `held_out` list unless given); return the result."""
         cfg = self.config
         check_name(domain)
-        from conch_dna.models import check_model_folder
-
-        check_model_folder(cfg.student_model_id)  # before the teacher writes anything
-        if self._teacher is None:
-            check_model_folder(cfg.teacher_model_id)
+        self.check_models()  # before the teacher writes anything
         domains = load_domains()
         if prompts is None and cfg.text_share < 1:
             if domain not in domains:
@@ -288,28 +301,30 @@ class TrueKnowledgeDistiller:
             held_out = load_held_out(domain) if domain in domains else []
         out_dir = Path(cfg.output_dir) / domain
         _check_writable(out_dir)
+        if resume:  # a checkpoint this run cannot continue is refused before the teacher works
+            check_resumable(out_dir, adapter_config(cfg, 0))
         run_id = uuid.uuid4().hex[:12]
+        report = self._reporter(domain, run_id, out_dir)
         log.info("distillation started", domain=domain, run_id=run_id, prompts=len(prompts))
-        if signals.has_receivers(signals.distillation_started) or self._on_event:
-            self._emit(signals.distillation_started, domain=domain, run_id=run_id,
-                       config=cfg.model_dump(mode="json"), prompts=len(prompts))
-        with self._failure_signal(domain, run_id, out_dir), output_lock(out_dir):
+        if report.wants(signals.distillation_started):
+            report.signal(signals.distillation_started, config=cfg.model_dump(mode="json"), prompts=len(prompts))
+        with self._failure_signal(report, out_dir), output_lock(out_dir):
             if prompts:
-                cache, gen_stats = self.generate_training_data(prompts, domain)
+                cache, gen_stats = self.generate_training_data(prompts, domain, report, should_stop)
             else:  # corpus only: nothing for the teacher to write
                 cache, gen_stats = TeacherCache([], [], {}), {"samples": 0, "seconds": 0.0, "tokens": 0}
-            self._emit(signals.teacher_data_ready, domain=domain, run_id=run_id, samples=len(cache.examples),
-                       tokens=sum(len(e.tokens) for e in cache.examples), seconds=float(gen_stats.get("seconds", 0.0)),
-                       cached=bool(gen_stats.get("cached", False)))
-            return self._train(cache, domain, run_id, resume=resume, should_stop=should_stop, generation_stats=gen_stats,
+            report.signal(signals.teacher_data_ready, samples=len(cache.examples),
+                          tokens=sum(len(e.tokens) for e in cache.examples), seconds=float(gen_stats.get("seconds", 0.0)),
+                          cached=bool(gen_stats.get("cached", False)))
+            return self._train(cache, domain, report, resume=resume, should_stop=should_stop, generation_stats=gen_stats,
                                held_out=held_out)
 
-    def _train(self, cache: TeacherCache, domain: str, run_id: str, *, resume: bool = False,
+    def _train(self, cache: TeacherCache, domain: str, report: Reporter, *, resume: bool = False,
                should_stop: Callable[[], bool] | None = None, generation_stats: dict | None = None,
                held_out: list[str] | None = None) -> KDResult:
         cfg = self.config
         gen_stats = generation_stats or {}
-        out_dir = Path(cfg.output_dir) / domain
+        out_dir, run_id = Path(cfg.output_dir) / domain, report.context["run_id"]
         student, student_tok = self.load_student()
         examples, cross = cache.examples, None
         relation = compare_tokenizers(self.teacher_tokenizer, student_tok)
@@ -341,15 +356,17 @@ class TrueKnowledgeDistiller:
             log.info("memory preflight", estimate_gb=round(est["total"] / 2**30, 2), batch=cfg.batch_size, seq=longest)
         acfg = adapter_config(cfg, num_layers, {"domain": domain, "run_id": run_id})
         if cross:
-            targets_fn = self._cross_targets_fn(train, val, cross["vmap"])
+            targets_fn = cross_targets(self.teacher, cfg, train, val, cross["vmap"], lock=self.teacher_lock)
         else:
-            targets_fn = self._targets_fn(cache, train_idx, val_idx, vocab)
+            targets_fn = teacher_targets(self.teacher, cfg, cache, train_idx, val_idx, vocab, lock=self.teacher_lock,
+                                         prefetch=use_prefetch(cfg))
+
         def student_writes(examples):
             g = cfg.generation
             return continue_prompts(student, student_tok, examples, g.max_new_tokens, g.temperature, g.top_p, cfg.max_seq_length)
 
         summary = run_training(student, train, val, targets_fn, cfg, out_dir, adapter_cfg=acfg, resume=resume,
-                               vocab=vocab, on_event=self._trainer_events(domain, run_id), should_stop=should_stop,
+                               vocab=vocab, reporter=report, should_stop=should_stop,
                                student_writes=student_writes if cfg.on_policy_lambda > 0 else None)
         adapter = out_dir / "adapters.safetensors"
         if dist.is_writer():
@@ -379,13 +396,12 @@ class TrueKnowledgeDistiller:
         log.info("domain completed", domain=domain, adapter=result.adapter_path, val_kd=result.final_val_kd,
                  val_agreement=result.val_agreement, seconds=round(result.training_seconds, 1),
                  **{f"held_out_{k}": round(v, 4) for k, v in (quality or {}).items() if isinstance(v, float)})
-        if signals.has_receivers(signals.domain_completed) or self._on_event:
-            self._emit(signals.domain_completed, domain=domain, run_id=run_id, result=result.model_dump(mode="json"),
-                       adapter_path=result.adapter_path)
+        if report.wants(signals.domain_completed):
+            report.signal(signals.domain_completed, result=result.model_dump(mode="json"), adapter_path=result.adapter_path)
         return result
 
     def distill_all(self, domains: dict[str, list[str]] | None = None, *, resume: bool = False,
-                    spread: bool = False) -> dict[str, KDResult]:
+                    spread: bool = False, should_stop: Callable[[], bool] | None = None) -> dict[str, KDResult]:
         """Distil every domain (default: all of DOMAIN_PROMPTS) and write <output>/kd_summary.json.
 
         Launched on several processes, each batch is split over them (data parallel); with `spread`, whole
@@ -398,12 +414,13 @@ class TrueKnowledgeDistiller:
             names = list(domains)
             with dist.solo():
                 for name in names[dist.group().rank() :: n_proc]:
-                    self.distill_domain(name, domains[name], resume=resume)
+                    self.distill_domain(name, domains[name], resume=resume, should_stop=should_stop)
             dist.world_barrier()
             out = Path(self.config.output_dir)
             results = {name: KDResult.model_validate_json((out / name / "result.json").read_text()) for name in names}
         else:
-            results = {name: self.distill_domain(name, prompts, resume=resume) for name, prompts in domains.items()}
+            results = {name: self.distill_domain(name, prompts, resume=resume, should_stop=should_stop)
+                       for name, prompts in domains.items()}
         summary = {name: r.model_dump(mode="json") for name, r in results.items()}
         out = Path(self.config.output_dir)
         if dist.is_writer():
@@ -412,35 +429,16 @@ class TrueKnowledgeDistiller:
 
     # ------------------------------------------------------------------------------------- signals
 
-    def _emit(self, signal, **payload) -> None:
+    def _reporter(self, domain: str, run_id: str, out_dir: Path) -> Reporter:
+        """This run's one reporting path (metrics.jsonl, log, signals); a silent one on data-parallel helpers."""
+        metrics = out_dir / "metrics.jsonl" if dist.is_writer() else None
+        report = Reporter(metrics, self, log_every=self.config.iters // 10, domain=domain, run_id=run_id)
         if not dist.is_writer():  # one process speaks for a data-parallel run
-            return
-        signals.send(signal, self, **payload)
-        if self._on_event is not None:
-            try:
-                self._on_event(signal.name, **payload)
-            except Exception:
-                log.exception("on_event callback failed", signal=signal.name)
-
-    def _trainer_events(self, domain: str, run_id: str):
-        """Turn the trainer's plain events into signals (payloads are floats and ints: cheap)."""
-        iters = self.config.iters
-
-        def on_event(name: str, **kw) -> None:
-            if name == "step":
-                self._emit(signals.step_completed, domain=domain, run_id=run_id, step=kw["step"], iters=iters,
-                           kd=kw["kd"], ce=kw["ce"], total=kw["loss"], lr=kw["lr"],
-                           tokens_per_second=kw["tokens_per_second"], peak_memory_gb=kw["peak_memory_gb"],
-                           tokens=kw["tokens"])
-            elif name == "validation":
-                self._emit(signals.validation_completed, domain=domain, run_id=run_id, **kw)
-            elif name == "checkpoint":
-                self._emit(signals.checkpoint_saved, domain=domain, run_id=run_id, **kw)
-
-        return on_event
+            report.signal = lambda signal, **payload: None
+        return report
 
     @contextmanager
-    def _failure_signal(self, domain: str, run_id: str, out_dir: Path):
+    def _failure_signal(self, report: Reporter, out_dir: Path):
         """Signal `distillation_failed` (with the checkpoint to resume from) for any exception, then re-raise."""
         try:
             yield
@@ -450,10 +448,10 @@ class TrueKnowledgeDistiller:
             else:
                 ckpts = checkpoint_dirs(out_dir) if out_dir.is_dir() else []
                 last = str(ckpts[-1]) if ckpts else None
-            log.error("distillation failed", domain=domain, run_id=run_id, error=str(e), error_type=type(e).__name__,
+            log.error("distillation failed", **report.context, error=str(e), error_type=type(e).__name__,
                       last_checkpoint=last)
-            self._emit(signals.distillation_failed, domain=domain, run_id=run_id, error=str(e),
-                       error_type=type(e).__name__, cancelled=isinstance(e, TrainingCancelled), last_checkpoint=last)
+            report.signal(signals.distillation_failed, error=str(e), error_type=type(e).__name__,
+                          cancelled=isinstance(e, (TrainingCancelled, KeyboardInterrupt)), last_checkpoint=last)
             raise
 
     # ------------------------------------------------------------------------------------- judging
@@ -534,57 +532,6 @@ class TrueKnowledgeDistiller:
                    "method": "mapped"}
         log.info("tokenizers differ: exact-match vocabulary mapping + ULD on the rest", **figures)
         return examples, {"vmap": vmap_arrays(vmap), "figures": figures}
-
-    def _cross_targets_fn(self, train: list, val: list, vmap: dict):
-        """Teacher logits at the aligned positions of each batch (the teacher runs on its own tokenization)."""
-        from conch_dna.training.kd.data import pad_batch
-
-        teacher = self.teacher
-        split_ok = parts_match(teacher)
-        by_split = {"train": train, "val": val}
-
-        def targets(idx, split, tokens):
-            batch = [by_split[split][i] for i in idx]
-            t_tokens, _ = pad_batch([e.teacher for e in batch])
-            t_pos, s_pos, valid = pad_pairs(batch)
-            with self.teacher_lock:
-                if split_ok:  # only the aligned rows go through the output layer
-                    body, head = model_parts(teacher)
-                    hidden = teacher_hidden(body, t_tokens, self.config.teacher_pass_tokens)
-                    rows = head(mx.take_along_axis(hidden, t_pos[..., None], axis=1))
-                else:
-                    rows = mx.take_along_axis(teacher(t_tokens), t_pos[..., None], axis=1)
-                rows = mx.stop_gradient(rows.astype(mx.float32))
-                mx.eval(rows)
-            return CrossTargets(rows, s_pos, valid, vmap)
-        return targets
-
-    def _targets_fn(self, cache: TeacherCache, train_idx: list[int], val_idx: list[int], vocab: int | None):
-        split_index = {"train": train_idx, "val": val_idx}
-        if self.config.teacher_targets == "cache":
-            def from_cache(idx, split, tokens):
-                return pad_sparse([cache.targets[split_index[split][i]] for i in idx], tokens.shape[1])
-            return from_cache
-
-        teacher = self.teacher
-        split_ok = parts_match(teacher)
-
-        prefetch = use_prefetch(self.config)
-
-        def online(idx, split, tokens):
-            # The teacher stops at its final hidden states; the loss makes logits chunk by chunk.
-            with self.teacher_lock:
-                if split_ok:
-                    body, head = model_parts(teacher)
-                    # Prefetched (training batches): the pass is queued under the lock and runs after it is
-                    # released. Safe beside EGO: it reads the weights as they were (MLX arrays are immutable).
-                    wait = not (prefetch and split == "train")
-                    return TeacherStates(teacher_hidden(body, tokens, self.config.teacher_pass_tokens, wait), head)
-                logits = teacher_logits(teacher, tokens)
-                logits = logits[..., :vocab] if vocab is not None else logits
-                mx.eval(logits)
-            return mx.stop_gradient(logits)
-        return online
 
 
 __all__ = ["Example", "KDResult", "OutputDirError", "TrueKnowledgeDistiller", "registry_metrics"]

@@ -20,10 +20,12 @@ receiver names) and carries on with the others and with the run. This differs fr
 `Signal.send`, which stops at the first exception: a progress bar or a dashboard bug should never cost
 hours of training. Payloads are built only when a signal has receivers (`has_receivers`).
 
-Every run emits, in order: distillation_started, teacher_data_ready, then per step step_completed,
-with validation_completed (step 0 = the untrained student, then every val_interval) and checkpoint_saved
-interleaved, and finally exactly one of domain_completed or distillation_failed; adapter_registered
-follows domain_completed when the adapter is registered in CORTEX.
+Every run emits, in order: distillation_started, teacher_progress per batch of prompts the teacher answers,
+teacher_data_ready, then per step step_completed, with validation_completed (step 0 = the untrained
+student, then every val_interval) and checkpoint_saved interleaved, and finally exactly one of
+domain_completed or distillation_failed; adapter_registered follows domain_completed when the adapter is
+registered in CORTEX. The distiller sends them all through its run's `report.Reporter`, the same path that
+writes metrics.jsonl and the log.
 """
 
 from __future__ import annotations
@@ -44,10 +46,15 @@ The teacher's responses and soft targets exist (generated now, or read from the 
 kwargs: domain, run_id, samples (int), tokens (int: prompt + response tokens), seconds (float: generation
 time), cached (bool).""")
 
+teacher_progress = _signals.signal("teacher-progress", doc="""\
+The teacher answered another batch of the domain's prompts (not sent when its answers come from the cache).
+kwargs: domain, run_id, done (int: prompts answered so far), total (int: prompts).""")
+
 step_completed = _signals.signal("step-completed", doc="""\
-One optimizer step finished.
-kwargs: domain, run_id, step (int, 1-based), iters (int), kd (float), ce (float), total (float), lr (float),
-tokens_per_second (float), peak_memory_gb (float), tokens (int: seen so far).""")
+One optimizer step finished (the fields of `report.Step`, the same names as in metrics.jsonl).
+kwargs: domain, run_id, step (int, 1-based), iters (int), loss (float: alpha * kd + (1 - alpha) * ce),
+kd (float), ce (float), lr (float), grad_norm (float: before clipping), tokens_per_second (float),
+peak_memory_gb (float), tokens (int: response tokens seen so far).""")
 
 validation_completed = _signals.signal("validation-completed", doc="""\
 Validation on held-out prompts finished (step 0 is the untrained student).
@@ -72,7 +79,7 @@ The CORTEX registry recorded a new neuron version. Sender: the NeuronRegistry.
 kwargs: neuron (str), version (int), path (str), sha256 (str), active (bool: whether it is now the active
 version; false when the quality gate refused it or activation was not asked for).""")
 
-ALL_SIGNALS = (distillation_started, teacher_data_ready, step_completed, validation_completed, checkpoint_saved,
+ALL_SIGNALS = (distillation_started, teacher_progress, teacher_data_ready, step_completed, validation_completed, checkpoint_saved,
                domain_completed, distillation_failed, adapter_registered)
 
 

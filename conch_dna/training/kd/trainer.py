@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -37,13 +37,12 @@ from conch_dna.training.kd.cross_vocab import CrossTargets, cross_agreement, cro
 from conch_dna.training.kd.data import Example, batch_order, pad_batch
 from conch_dna.training.kd.fused import TeacherStates, fused_objective, parts_match
 from conch_dna.training.kd.losses import SparseTargets, kd_objective, next_token_view
+from conch_dna.training.kd.report import Checkpoint, Event, Reporter, Step, Validation, quiet
 
 log = structlog.get_logger(__name__)
 
 # targets_fn(indices into the data split, "train" | "val", padded tokens [B, L]) -> dense logits or SparseTargets
 TargetsFn = Callable[[list[int], str, mx.array], "mx.array | SparseTargets"]
-# on_event(name, **payload): progress for the distiller (which turns them into signals) and tests
-EventFn = Callable[..., None]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -226,7 +225,10 @@ def save_checkpoint(model, optimizer, out_dir: Path, step: int, state: dict, con
     return final
 
 
-def load_checkpoint(model, optimizer, ckpt: Path) -> dict:
+def load_checkpoint(model, optimizer, ckpt: Path, adapter_cfg: dict | None = None) -> dict:
+    """Load `ckpt`'s adapter and optimizer state into `model` and `optimizer`; its state.json. Refused
+    (`CheckpointError`, nothing loaded) when it is unreadable, or when it holds another adapter than this
+    run trains: other LoRA settings, layers or student (`adapter_cfg`), other parameter names or shapes."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
         for name, digest in state.get("sha256", {}).items():
@@ -234,11 +236,53 @@ def load_checkpoint(model, optimizer, ckpt: Path) -> dict:
                 raise ValueError(f"{name} does not match the sha256 recorded when it was saved")
         adapters = mx.load(str(ckpt / "adapters.safetensors"))
         opt_state = mx.load(str(ckpt / "optimizer.safetensors"))
+        saved_cfg = json.loads((ckpt / "adapter_config.json").read_text())
     except Exception as e:
         raise CheckpointError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from an earlier one") from e
+    _refuse_other_adapter(ckpt, checkpoint_differences(saved_cfg, adapter_cfg or saved_cfg, adapters, model))
     model.load_weights(list(adapters.items()), strict=False)
     optimizer.state = tree_unflatten(list(opt_state.items()))
     return state
+
+
+def check_resumable(out_dir: Path, run_cfg: dict) -> None:
+    """Before any work: the latest checkpoint in `out_dir` (if any) was made with this run's LoRA settings
+    and student, else `CheckpointError` (the arrays themselves are compared when it is loaded)."""
+    ckpts = checkpoint_dirs(out_dir) if out_dir.is_dir() else []
+    if not ckpts:
+        return
+    try:
+        saved = json.loads((ckpts[-1] / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpts[-1]} is unreadable ({e}); delete it to resume from an earlier one") from e
+    _refuse_other_adapter(ckpts[-1], checkpoint_differences(saved, run_cfg, keys=("fine_tune_type", "lora_parameters", "model")))
+
+
+def _refuse_other_adapter(ckpt: Path, differences: list[str]) -> None:
+    if differences:
+        raise CheckpointError(f"checkpoint {ckpt} holds another adapter than this run trains ({'; '.join(differences)}): "
+                              "resume with the settings it was made with, or start afresh without --resume "
+                              "(or with another --output)")
+
+
+def checkpoint_differences(saved_cfg: dict, run_cfg: dict, adapters: dict | None = None, model: nn.Module | None = None,
+                           keys=("fine_tune_type", "num_layers", "lora_parameters", "model")) -> list[str]:
+    """What a checkpoint holds that this run would not: LoRA settings, adapted layers, the student (`keys` of
+    the two adapter configs), and the names and shapes of the adapter's arrays (given `adapters`, `model`)."""
+    out = [f"{key}: checkpoint {saved_cfg.get(key)!r}, this run {run_cfg.get(key)!r}"
+           for key in keys if saved_cfg.get(key) != run_cfg.get(key)]
+    if adapters is None or model is None:
+        return out
+    mine = dict(tree_flatten(model.trainable_parameters()))
+    if missing := sorted(set(mine) - set(adapters)):
+        out.append(f"{len(missing)} LoRA arrays missing from it (e.g. {missing[0]})")
+    if extra := sorted(set(adapters) - set(mine)):
+        out.append(f"{len(extra)} arrays this model does not have (e.g. {extra[0]})")
+    if shapes := [k for k in sorted(set(mine) & set(adapters)) if tuple(mine[k].shape) != tuple(adapters[k].shape)]:
+        k = shapes[0]
+        out.append(f"{len(shapes)} arrays of other shapes (e.g. {k}: checkpoint {tuple(adapters[k].shape)}, "
+                   f"this run {tuple(mine[k].shape)})")
+    return out
 
 
 # ------------------------------------------------------------------------------------------- steps
@@ -401,6 +445,20 @@ def evaluate(model, examples: list[Example], targets_fn: TargetsFn, cfg: KDConfi
 # -------------------------------------------------------------------------------------------- loop
 
 
+@dataclass
+class RunState:
+    """What the loop carries from step to step (and a checkpoint restores): the step reached, the best
+    losses, the tokens seen, the last step's figures and the newest checkpoint."""
+
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"train_loss": math.inf, "val_loss": math.inf, "val_kd": math.inf,
+                                                "val_ce": math.inf})
+    tokens: int = 0
+    last: dict = field(default_factory=dict)
+    last_checkpoint: Path | None = None
+    train_seconds: float = 0.0
+
+
 def train_with_kd(
     model: nn.Module,
     train: list[Example],
@@ -412,33 +470,71 @@ def train_with_kd(
     adapter_cfg: dict,
     resume: bool = False,
     vocab: int | None = None,
-    on_event: EventFn | None = None,
+    reporter: Callable[[Event], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     student_writes: Callable[[list[Example]], list[Example]] | None = None,
 ) -> dict:
     """Train the (already LoRA-wrapped) `model`; returns a summary of losses, tokens and time.
 
-    Events (for signals and tests): "step" every step, "validation", "checkpoint". Raises
-    `TrainingDivergedError` on a non-finite loss and `TrainingCancelled` when `should_stop()` is true.
-
-    With teacher prefetch (`use_prefetch`), `targets_fn` is called for the next training micro-batch inside
-    `mx.stream(<teacher stream>)` before this one's student step is queued; it may return targets still being
-    computed (`mx.async_eval`), and the trainer waits for them when it evaluates the step.
+    Stages, top to bottom: build the step, start or resume, validate the untrained student, then per step
+    (its batch, its micro-batches' teacher targets and gradients, reduced across processes), update, report,
+    validate and save. `reporter` gets the typed events (`report.Step`, `Validation`, `Checkpoint`); the
+    default writes metrics.jsonl in `out_dir` and logs. Raises `TrainingDivergedError` on a non-finite loss
+    and `TrainingCancelled` when `should_stop()` is true (after saving a checkpoint at the step reached).
     """
-    with memory_limit(config.memory_limit_gb):
-        return _train(model, train, val, targets_fn, config, out_dir, adapter_cfg=adapter_cfg, resume=resume,
-                      vocab=vocab, on_event=on_event, should_stop=should_stop, student_writes=student_writes)
-
-
-def _train(model, train, val, targets_fn, config, out_dir, *, adapter_cfg, resume, vocab, on_event, should_stop,
-           student_writes) -> dict:
+    global_batch = config.batch_size * config.grad_accumulation
     if not train:
         raise ValueError("no training examples: give more prompts or lower val_fraction")
-    emit = on_event or (lambda name, **kw: None)
+    if global_batch < dist.size():
+        raise ValueError(f"batch_size x grad_accumulation = {global_batch} is smaller than the {dist.size()} processes; "
+                         "every process needs at least one example per step")
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / "metrics.jsonl"
-    optimizer = build_optimizer(config)
-    optimizer.init(model.trainable_parameters())
+    report = (reporter or Reporter(out_dir / "metrics.jsonl", log_every=config.iters // 10)) if dist.is_writer() else quiet
+    with memory_limit(config.memory_limit_gb):
+        loss_and_grad, pad_multiple = build_step(model, config, vocab)
+        optimizer = build_optimizer(config)
+        optimizer.init(model.trainable_parameters())
+        run = start_or_resume(model, optimizer, out_dir, config, adapter_cfg, resume, report)
+        if run.step == 0 and val:
+            validate(model, val, targets_fn, config, vocab, run, report, step=0)
+        update = make_update(model, optimizer, config.max_grad_norm, use_compile(config))  # after a resume: see there
+        pipeline = TargetsPipeline(train, targets_fn, config, pad_multiple)
+        start_step, t_start = run.step, time.perf_counter()
+        for step in range(run.step, config.iters):
+            if should_stop is not None and should_stop():
+                save(model, optimizer, out_dir, config, adapter_cfg, run, report, force=True)
+                raise TrainingCancelled(f"cancelled before step {step + 1}; resume from {run.last_checkpoint}")
+            t0 = time.perf_counter()
+            mx.random.seed(_seed_for(config.seed, step))
+            examples = pipeline.examples(step)
+            if config.on_policy_lambda > 0 and student_writes is not None:
+                examples = on_policy(model, examples, config, step, student_writes)
+            grads_sum, sums = micro_batch_steps(model, loss_and_grad, pipeline.batches(step, examples))
+            loss_value = sums["loss"] / sums["n"]
+            if not math.isfinite(loss_value):
+                raise TrainingDivergedError(step + 1, run.last_checkpoint, loss_value)
+            fault_point("step")
+            grad_norm = update(grads_sum, mx.array(1.0 / sums["n"], dtype=mx.float32))
+            mx.eval(grad_norm, model.trainable_parameters(), optimizer.state)
+            dt = time.perf_counter() - t0
+            run.step, run.tokens, run.train_seconds = step + 1, run.tokens + int(sums["n"]), run.train_seconds + dt
+            event = Step(step=run.step, iters=config.iters, loss=loss_value, kd=sums["kd"] / sums["n"],
+                         ce=sums["ce"] / sums["n"], lr=optimizer.learning_rate.item(), grad_norm=grad_norm.item(),
+                         tokens_per_second=sums["n"] / dt, peak_memory_gb=mx.get_peak_memory() / 1e9, tokens=run.tokens)
+            run.last, run.best["train_loss"] = asdict(event), min(run.best["train_loss"], loss_value)
+            report(event)
+            if val and (run.step % config.val_interval == 0 or run.step == config.iters):
+                run.last.update(validate(model, val, targets_fn, config, vocab, run, report, step=run.step))
+            save(model, optimizer, out_dir, config, adapter_cfg, run, report)
+    return {"final": run.last, "best": run.best, "tokens": run.tokens, "train_seconds": run.train_seconds,
+            "wall_seconds": time.perf_counter() - t_start, "start_step": start_step,
+            "last_checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None}
+
+
+def build_step(model: nn.Module, config: KDConfig, vocab: int | None) -> tuple[Callable, int]:
+    """loss_and_grad(model, tokens, mask, targets) -> ((loss, parts), grads), and the multiple that batches
+    are padded to: fused loss when the model splits into body and head, gradient checkpointing, compiled on
+    GPUs (few distinct shapes, few compilations)."""
     fused = config.loss_impl == "fused" and parts_match(model)
     if config.loss_impl == "fused" and not fused:
         log.warning("fused loss unavailable for this model (head(body(x)) != model(x)); using the reference loss")
@@ -448,155 +544,148 @@ def _train(model, train, val, targets_fn, config, out_dir, *, adapter_cfg, resum
     loss_and_grad = nn.value_and_grad(model, lambda m, *a: _loss_fn(m, *a, config, vocab, fused, compiled))
     if compiled:
         loss_and_grad = compile_loss_and_grad(model, loss_and_grad)
-    pad_multiple = 32 if compiled else 1  # few distinct shapes, few compilations
-
-    start_step, best = 0, {"train_loss": math.inf, "val_loss": math.inf, "val_kd": math.inf, "val_ce": math.inf}
-    tokens_seen = 0
-    for stale in out_dir.glob(".checkpoint_*.tmp-*") if dist.is_writer() else ():  # left by a crash while saving
-        shutil.rmtree(stale, ignore_errors=True)
-    last = {}
-    if resume and (ckpts := checkpoint_dirs(out_dir)):
-        state = load_checkpoint(model, optimizer, ckpts[-1])
-        start_step, best, tokens_seen = state["step"], state.get("best", best), state.get("tokens", 0)
-        last = state.get("last", {})
-        log.info("resumed", checkpoint=str(ckpts[-1]), step=start_step)
-        if start_step > config.iters:
-            raise CheckpointError(f"the checkpoint in {out_dir} is at step {start_step}, past iters={config.iters}; "
-                                  "raise --iters, or start afresh without --resume")
-    if dist.is_writer():
-        _truncate_metrics(metrics_path, start_step)
-
-    if start_step == 0 and val:
-        # The untrained student's figures: the baseline every later validation is compared with.
-        v0 = evaluate(model, val, targets_fn, config, config.batch_size, vocab)
-        best["initial_val_kd"], best["initial_val_loss"] = v0["val_kd"], v0["val_loss"]
-    if start_step == 0 and val and dist.is_writer():
-        _append_metrics(metrics_path, {"type": "val", "step": 0, **v0})
-        log.info("validation", step=0, **{k: round(x, 5) if isinstance(x, float) else x for k, x in v0.items()})
-        emit("validation", step=0, **v0)
-    global_batch = config.batch_size * config.grad_accumulation
-    if global_batch < dist.size():
-        raise ValueError(f"batch_size x grad_accumulation = {global_batch} is smaller than the {dist.size()} processes; "
-                         "every process needs at least one example per step")
-    last_ckpt = checkpoint_dirs(out_dir)[-1] if checkpoint_dirs(out_dir) else None
-    update = make_update(model, optimizer, config.max_grad_norm, use_compile(config))  # after a resume: see there
-
-    def micro_batches(idx: list[int], examples: list[Example]) -> list[tuple[list[int], list[Example]]]:
-        """This process's micro-batches of a step's batch (`idx` into train, and its examples), none empty:
-        (indices, examples) each. Data parallel: this process takes positions rank, rank + size, ... of it."""
-        shard = list(range(dist.rank(), len(idx), dist.size()))
-        per_micro = -(-len(shard) // config.grad_accumulation)
-        parts = [shard[m * per_micro : (m + 1) * per_micro] for m in range(config.grad_accumulation)]
-        return [([idx[p] for p in part], [examples[p] for p in part]) for part in parts if part]
-
-    prefetch = use_prefetch(config)
-    teacher_stream = mx.new_stream(mx.default_device()) if prefetch else None
-    launched: dict[tuple[int, int], tuple] = {}  # (step, micro-batch) -> (tokens, mask, targets being computed)
     if dist.is_writer():
         ckpt = config.grad_checkpoint and f"{config.grad_checkpoint_scope} every {config.grad_checkpoint_every}"
-        log.info("training", steps=config.iters - start_step, fused_loss=fused, compiled=compiled,
-                 teacher_prefetch=prefetch, grad_checkpoint=ckpt, memory_limit_gb=config.memory_limit_gb)
+        log.info("training", steps=config.iters, fused_loss=fused, compiled=compiled, teacher_prefetch=use_prefetch(config),
+                 grad_checkpoint=ckpt, memory_limit_gb=config.memory_limit_gb)
+    return loss_and_grad, 32 if compiled else 1
 
-    def launch(step: int, m: int, micro: list[int], examples: list[Example]) -> None:
-        tokens, mask = pad_batch(examples, multiple=pad_multiple)
-        with mx.stream(teacher_stream):
-            launched[(step, m)] = tokens, mask, targets_fn(micro, "train", tokens)
 
-    show_bar = sys.stderr.isatty() and dist.is_writer()
-    t_start = time.perf_counter()
-    train_seconds = 0.0
-    for step in range(start_step, config.iters):
-        if should_stop is not None and should_stop():
-            raise TrainingCancelled(f"cancelled before step {step + 1}")
-        t0 = time.perf_counter()
-        mx.random.seed(_seed_for(config.seed, step))
-        idx = batch_order(len(train), global_batch, config.seed, step)
-        grads_sum, sums, n_step = None, {"loss": 0.0, "kd": 0.0, "ce": 0.0}, 0.0
-        batch_examples = [train[i] for i in idx]
-        if config.on_policy_lambda > 0 and student_writes is not None:
-            # On-policy share: the current student answers these prompts; the teacher scores its tokens.
-            pick = np.random.default_rng([config.seed, step, 7]).random(len(idx)) < config.on_policy_lambda
-            mine = np.zeros(len(idx), bool)
-            mine[dist.rank() :: dist.size()] = True
-            pick &= mine  # each process writes the answers of its own shard only
-            if pick.any():
-                model.eval()
-                written = iter(student_writes([e for e, p in zip(batch_examples, pick) if p]))
-                model.train()
-                batch_examples = [next(written) if p else e for e, p in zip(batch_examples, pick)]
-        batches = micro_batches(idx, batch_examples)
-        for m, (micro, examples) in enumerate(batches):
-            if prefetch:
-                if (step, m) not in launched:  # the first micro-batch of a run
-                    launch(step, m, micro, examples)
-                tokens, mask, targets = launched.pop((step, m))
-                # The next micro-batch's teacher pass goes on its own stream now, so that it runs beside this
-                # one's student step (queued next) instead of after it.
-                if m + 1 < len(batches):
-                    launch(step, m + 1, *batches[m + 1])
-                elif step + 1 < config.iters:
-                    next_idx = batch_order(len(train), global_batch, config.seed, step + 1)
-                    launch(step + 1, 0, *micro_batches(next_idx, [train[i] for i in next_idx])[0])
-            else:
-                tokens, mask = pad_batch(examples, multiple=pad_multiple)
-                targets = targets_fn(micro, "train", tokens)
-            (loss, out), grads = loss_and_grad(model, tokens, mask, targets)
-            n = out["ntokens"]
-            grads_sum = accumulate(grads_sum, grads, n)
-            mx.eval(grads_sum, out)
-            nv = n.item()
-            for k in sums:
-                sums[k] += out[k].item() * nv
-            n_step += nv
-        if dist.size() > 1:  # two collectives per step: the flattened gradient sums, then the scalar sums
-            grads_sum = dist.all_sum_tree(grads_sum)
-            n_step, *totals = dist.all_sum_floats([n_step, *sums.values()])
-            sums = dict(zip(sums, totals))
-        if n_step == 0:
-            raise ValueError(f"step {step + 1}: the batch has no response tokens to learn from (empty responses?)")
-        loss_value = sums["loss"] / n_step
-        if not math.isfinite(loss_value):
-            raise TrainingDivergedError(step + 1, last_ckpt, loss_value)
-        fault_point("step")
-        grad_norm = update(grads_sum, mx.array(1.0 / n_step, dtype=mx.float32))
-        mx.eval(grad_norm, model.trainable_parameters(), optimizer.state)
-        lr = optimizer.learning_rate.item()  # after update: the rate this step used
-        dt = time.perf_counter() - t0
-        train_seconds += dt
-        tokens_seen += int(n_step)
-        s = step + 1
-        last = {"step": s, "loss": loss_value, "kd": sums["kd"] / n_step, "ce": sums["ce"] / n_step, "lr": lr,
-                "tokens_per_second": n_step / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9, "tokens": tokens_seen,
-                "grad_norm": grad_norm.item()}
-        best["train_loss"] = min(best["train_loss"], loss_value)
-        if dist.is_writer():
-            _append_metrics(metrics_path, {"type": "train", **last})
-            emit("step", **last)
-        if show_bar:
-            print(f"\r[{s}/{config.iters}] loss {loss_value:.4f} kd {last['kd']:.4f} ce {last['ce']:.4f} "
-                  f"{last['tokens_per_second']:.0f} tok/s", end="" if s < config.iters else "\n", file=sys.stderr, flush=True)
-        if s % config.val_interval == 0 or s == config.iters:
-            if val:
-                v = evaluate(model, val, targets_fn, config, config.batch_size, vocab)
-                for k in ("val_loss", "val_kd", "val_ce"):
-                    best[k] = min(best[k], v[k])
-                last.update(v)
-                if dist.is_writer():
-                    _append_metrics(metrics_path, {"type": "val", "step": s, **v})
-                    log.info("validation", **{"step": s, **{k: round(x, 5) if isinstance(x, float) else x for k, x in v.items()}})
-                    emit("validation", step=s, **v)
-        if s % config.checkpoint_interval == 0 or s == config.iters:
-            if dist.is_writer():
-                last_ckpt = save_checkpoint(model, optimizer, out_dir, s, {"best": best, "tokens": tokens_seen, "last": last},
-                                            adapter_cfg, config.keep_checkpoints)
-                emit("checkpoint", step=s, path=str(last_ckpt))
-            dist.barrier()
-        if (s % max(1, config.iters // 10) == 0 or s == config.iters) and dist.is_writer():
-            log.info("step", step=s, loss=round(loss_value, 5), kd=round(last["kd"], 5), ce=round(last["ce"], 5),
-                     lr=lr, tokens_per_second=round(last["tokens_per_second"], 1))
-    return {"final": last, "best": best, "tokens": tokens_seen, "train_seconds": train_seconds,
-            "wall_seconds": time.perf_counter() - t_start, "start_step": start_step,
-            "last_checkpoint": str(last_ckpt) if last_ckpt else None}
+def start_or_resume(model, optimizer, out_dir: Path, config: KDConfig, adapter_cfg: dict, resume: bool,
+                    report) -> RunState:
+    """A fresh state, or the latest checkpoint's (adapter and optimizer loaded into `model`/`optimizer`)."""
+    if dist.is_writer():
+        for stale in out_dir.glob(".checkpoint_*.tmp-*"):  # left by a crash while saving
+            shutil.rmtree(stale, ignore_errors=True)
+    ckpts = checkpoint_dirs(out_dir)
+    run = RunState(last_checkpoint=ckpts[-1] if ckpts else None)
+    if resume and ckpts:
+        state = load_checkpoint(model, optimizer, ckpts[-1], adapter_cfg)
+        if state["step"] > config.iters:
+            raise CheckpointError(f"the checkpoint in {out_dir} is at step {state['step']}, past iters={config.iters}; "
+                                  "raise --iters, or start afresh without --resume")
+        run.step, run.tokens, run.last = state["step"], state.get("tokens", 0), state.get("last", {})
+        run.best = state.get("best", run.best)
+        log.info("resumed", checkpoint=str(ckpts[-1]), step=run.step)
+    if isinstance(report, Reporter):
+        report.resumed(run.step)
+    return run
+
+
+def validate(model, val, targets_fn, config: KDConfig, vocab, run: RunState, report, step: int) -> dict:
+    """Validation figures at `step`; step 0 (the untrained student) is the baseline, later ones count for
+    the best losses."""
+    figures = evaluate(model, val, targets_fn, config, config.batch_size, vocab)
+    if step == 0:
+        run.best["initial_val_kd"], run.best["initial_val_loss"] = figures["val_kd"], figures["val_loss"]
+    else:
+        for k in ("val_loss", "val_kd", "val_ce"):
+            run.best[k] = min(run.best[k], figures[k])
+    report(Validation(step, figures))
+    return figures
+
+
+def save(model, optimizer, out_dir: Path, config: KDConfig, adapter_cfg: dict, run: RunState, report,
+         force: bool = False) -> None:
+    """A checkpoint every `checkpoint_interval` steps, at the end, and (`force`) when stopping early; rank 0
+    writes it, every process waits for it."""
+    due = run.step % config.checkpoint_interval == 0 or run.step == config.iters
+    done = run.last_checkpoint is not None and run.last_checkpoint.name == f"checkpoint_{run.step:06d}"
+    if not (due or force) or done or run.step == 0:
+        return
+    if dist.is_writer():
+        run.last_checkpoint = save_checkpoint(model, optimizer, out_dir, run.step,
+                                              {"best": run.best, "tokens": run.tokens, "last": run.last},
+                                              adapter_cfg, config.keep_checkpoints)
+        report(Checkpoint(run.step, str(run.last_checkpoint)))
+    dist.barrier()
+
+
+def on_policy(model, examples: list[Example], config: KDConfig, step: int, student_writes) -> list[Example]:
+    """The on-policy share of a step's batch: the current student answers these prompts, and the teacher
+    scores its tokens. Each process writes the answers of its own shard only."""
+    pick = np.random.default_rng([config.seed, step, 7]).random(len(examples)) < config.on_policy_lambda
+    mine = np.zeros(len(examples), bool)
+    mine[dist.rank() :: dist.size()] = True
+    pick &= mine
+    if not pick.any():
+        return examples
+    model.eval()
+    written = iter(student_writes([e for e, p in zip(examples, pick) if p]))
+    model.train()
+    return [next(written) if p else e for e, p in zip(examples, pick)]
+
+
+class TargetsPipeline:
+    """A step's micro-batches with their teacher targets. With teacher prefetch (`use_prefetch`), the next
+    micro-batch's teacher pass is launched on its own stream before this micro-batch's student step is
+    queued, so that the two run side by side (never past the last step)."""
+
+    def __init__(self, train: list[Example], targets_fn: TargetsFn, config: KDConfig, pad_multiple: int):
+        self.train, self.targets_fn, self.config, self.pad_multiple = train, targets_fn, config, pad_multiple
+        self.global_batch = config.batch_size * config.grad_accumulation
+        self.prefetch = use_prefetch(config)
+        self.stream = mx.new_stream(mx.default_device()) if self.prefetch else None
+        self.launched: dict[tuple[int, int], tuple] = {}  # (step, micro-batch) -> (tokens, mask, targets)
+
+    def examples(self, step: int) -> list[Example]:
+        """Global batch `step`, a function of (seed, step) alone (`data.batch_order`)."""
+        return [self.train[i] for i in self._order(step)]
+
+    def plan(self, step: int, examples: list[Example]) -> list[tuple[list[int], list[Example]]]:
+        """This process's micro-batches of the step's batch, none empty: (indices into train, examples) each.
+        Data parallel: this process takes positions rank, rank + size, ... of the batch."""
+        idx, micro = self._order(step), self.config.grad_accumulation
+        shard = list(range(dist.rank(), len(idx), dist.size()))
+        per_micro = -(-len(shard) // micro)
+        parts = [shard[m * per_micro : (m + 1) * per_micro] for m in range(micro)]
+        return [([idx[p] for p in part], [examples[p] for p in part]) for part in parts if part]
+
+    def batches(self, step: int, examples: list[Example]):
+        """(tokens, mask, targets) of each micro-batch of the step, in order."""
+        plan = self.plan(step, examples)
+        for m, (micro, part) in enumerate(plan):
+            if not self.prefetch:
+                tokens, mask = pad_batch(part, multiple=self.pad_multiple)
+                yield tokens, mask, self.targets_fn(micro, "train", tokens)
+                continue
+            if (step, m) not in self.launched:  # the first micro-batch of a run
+                self._launch(step, m, micro, part)
+            current = self.launched.pop((step, m))
+            if m + 1 < len(plan):
+                self._launch(step, m + 1, *plan[m + 1])
+            elif step + 1 < self.config.iters:
+                self._launch(step + 1, 0, *self.plan(step + 1, self.examples(step + 1))[0])
+            yield current
+
+    def _order(self, step: int) -> list[int]:
+        return batch_order(len(self.train), self.global_batch, self.config.seed, step)
+
+    def _launch(self, step: int, m: int, micro: list[int], examples: list[Example]) -> None:
+        tokens, mask = pad_batch(examples, multiple=self.pad_multiple)
+        with mx.stream(self.stream):
+            self.launched[(step, m)] = tokens, mask, self.targets_fn(micro, "train", tokens)
+
+
+def micro_batch_steps(model, loss_and_grad, batches) -> tuple[dict, dict]:
+    """Gradients and loss sums of a step's micro-batches, token-weighted, summed across processes (two
+    collectives: the flattened gradient sums, then the scalar sums). Sums: loss, kd, ce and n (tokens)."""
+    grads_sum, sums = None, {"loss": 0.0, "kd": 0.0, "ce": 0.0, "n": 0.0}
+    for tokens, mask, targets in batches:
+        (_, out), grads = loss_and_grad(model, tokens, mask, targets)
+        n = out["ntokens"]
+        grads_sum = accumulate(grads_sum, grads, n)
+        mx.eval(grads_sum, out)
+        nv = n.item()
+        for k in ("loss", "kd", "ce"):
+            sums[k] += out[k].item() * nv
+        sums["n"] += nv
+    if dist.size() > 1:
+        grads_sum = dist.all_sum_tree(grads_sum)
+        sums = dict(zip(sums, dist.all_sum_floats(list(sums.values()))))
+    if sums["n"] == 0:
+        raise ValueError("a batch has no response tokens to learn from (empty responses?)")
+    return grads_sum, sums
 
 
 def accumulate(grads_sum, grads, n):
@@ -626,26 +715,6 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: flo
         return update
     state = [model.state, optimizer.state]
     return mx.compile(update, inputs=state, outputs=state)
-
-
-def _append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the loss curve consistent after a resume: drop rows logged after the resumed step."""
-    if not path.exists():
-        return
-    rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = []
-    for ln in rows:
-        try:
-            if json.loads(ln).get("step", 0) <= step:
-                kept.append(ln)
-        except json.JSONDecodeError:
-            continue
-    atomic_write(path, lambda p: p.write_text("".join(k + "\n" for k in kept)))
 
 
 __all__ = [

@@ -1,0 +1,96 @@
+"""The teacher's targets for the trainer: `targets_fn(indices, split, tokens)` for each batch.
+
+Three sources, each a plain function of what it needs (no distiller): the teacher run online on every batch
+(the default: its final hidden states, turned into logits chunk by chunk by the fused loss), top-k logits
+cached on disk, and, for a teacher with another tokenizer, its logits at the positions aligned with the
+student's tokenization.
+
+    targets_fn = online_targets(teacher, config, vocab=None, lock=teacher_lock)
+    targets = targets_fn([0, 1, 2], "train", padded_tokens)
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import nullcontext
+
+import mlx.core as mx
+
+from conch_dna.training.kd.config import KDConfig
+from conch_dna.training.kd.cross_vocab import CrossTargets, pad_pairs
+from conch_dna.training.kd.data import Example, TeacherCache, pad_batch, pad_sparse, teacher_logits
+from conch_dna.training.kd.fused import TeacherStates, model_parts, parts_match, teacher_hidden
+
+
+def online_targets(teacher, config: KDConfig, vocab: int | None = None, lock: threading.Lock | None = None,
+                   prefetch: bool = False):
+    """The teacher scores each batch as it comes. When its body and head split (`parts_match`) it stops at its
+    final hidden states (`TeacherStates`) and the loss makes logits chunk by chunk; otherwise full logits,
+    cut to the shared vocabulary `vocab`. `lock` is held around the teacher (a live EGO model is shared).
+    With `prefetch`, training batches are queued without waiting (the trainer evaluates them later)."""
+    split_ok = parts_match(teacher)
+    lock = lock or nullcontext()
+
+    def online(idx, split, tokens):
+        with lock:
+            if split_ok:
+                body, head = model_parts(teacher)
+                # Prefetched (training batches): the pass is queued under the lock and runs after it is
+                # released. Safe beside EGO: it reads the weights as they were (MLX arrays are immutable).
+                wait = not (prefetch and split == "train")
+                return TeacherStates(teacher_hidden(body, tokens, config.teacher_pass_tokens, wait), head)
+            logits = teacher_logits(teacher, tokens)
+            logits = logits[..., :vocab] if vocab is not None else logits
+            mx.eval(logits)
+        return mx.stop_gradient(logits)
+
+    return online
+
+
+def cached_targets(cache: TeacherCache, train_idx: list[int], val_idx: list[int]):
+    """Top-k logits written once with the teacher's answers (`teacher_targets = "cache"`); `train_idx` and
+    `val_idx` map the trainer's split positions to the cache's examples."""
+    split_index = {"train": train_idx, "val": val_idx}
+
+    def from_cache(idx, split, tokens):
+        return pad_sparse([cache.targets[split_index[split][i]] for i in idx], tokens.shape[1])
+
+    return from_cache
+
+
+def teacher_targets(teacher, config: KDConfig, cache: TeacherCache | None, train_idx: list[int], val_idx: list[int],
+                    vocab: int | None = None, lock: threading.Lock | None = None, prefetch: bool = False):
+    """The targets `config.teacher_targets` asks for, teacher and student sharing a tokenizer: `cached_targets`
+    ("cache") or `online_targets` ("online")."""
+    if config.teacher_targets == "cache":
+        return cached_targets(cache, train_idx, val_idx)
+    return online_targets(teacher, config, vocab, lock=lock, prefetch=prefetch)
+
+
+def cross_targets(teacher, config: KDConfig, train: list[Example], val: list[Example], vmap: dict,
+                  lock: threading.Lock | None = None):
+    """Different tokenizers: the teacher runs on its own tokenization of each example (`Example.teacher`) and
+    only its rows at the aligned positions go through its output layer."""
+    split_ok = parts_match(teacher)
+    by_split = {"train": train, "val": val}
+    lock = lock or nullcontext()
+
+    def targets(idx, split, tokens):
+        batch = [by_split[split][i] for i in idx]
+        t_tokens, _ = pad_batch([e.teacher for e in batch])
+        t_pos, s_pos, valid = pad_pairs(batch)
+        with lock:
+            if split_ok:
+                body, head = model_parts(teacher)
+                hidden = teacher_hidden(body, t_tokens, config.teacher_pass_tokens)
+                rows = head(mx.take_along_axis(hidden, t_pos[..., None], axis=1))
+            else:
+                rows = mx.take_along_axis(teacher(t_tokens), t_pos[..., None], axis=1)
+            rows = mx.stop_gradient(rows.astype(mx.float32))
+            mx.eval(rows)
+        return CrossTargets(rows, s_pos, valid, vmap)
+
+    return targets
+
+
+__all__ = ["cached_targets", "cross_targets", "online_targets", "teacher_targets"]
