@@ -131,3 +131,81 @@ def test_a_student_without_tokenizer_files_is_refused_before_any_work(tiny_pair,
             "--output", str(out), "--registry", str(tmp_path / "reg"))
     assert r.returncode == 2 and "missing tokenizer.json or tokenizer.model" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (out / "teacher_cache").exists() and not (tmp_path / "reg").exists()
+
+
+def _tiny_cli_run(tiny_pair, tmp_path, iters=2):
+    from tests.conftest import PROMPTS, cli_config
+
+    teacher, student = tiny_pair
+    cfg = tmp_path / "kd.toml"
+    cfg.write_text(cli_config(batch_size=2, iters=iters, gen_batch=4))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:4]))
+    return ["--domain", "thinking", "--prompts", str(prompts), "--teacher", str(teacher), "--student", str(student),
+            "--config", str(cfg), "--output", str(tmp_path / "out")]
+
+
+def test_resume_with_another_lora_rank_is_refused_and_keeps_the_adapter(tiny_pair, tmp_path):
+    """Issue 19 item 2: `--resume --lora-rank 8` on a rank-16 run lists what differs, exits 2 before the
+    teacher works, and never replaces the finished adapter."""
+    base = [*_tiny_cli_run(tiny_pair, tmp_path), "--no-register"]
+    assert cli(*base, "--lora-rank", "16").returncode == 0
+    adapter = tmp_path / "out" / "thinking" / "adapters.safetensors"
+    good = adapter.read_bytes()
+    r = cli(*base, "--resume", "--lora-rank", "8", "--iters", "4")
+    assert r.returncode == 2 and "holds another adapter than this run trains" in r.stderr, r.stderr
+    assert "'rank': 16" in r.stderr and "'rank': 8" in r.stderr and "Traceback" not in r.stderr
+    assert adapter.read_bytes() == good
+    assert cli(*base, "--resume", "--lora-rank", "16", "--iters", "3").returncode == 0  # the same settings resume
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_when_loaded(tiny_pair, kd_config):
+    """The arrays are compared too (a checkpoint whose config was edited, or another model's): names and
+    shapes, listed; nothing is loaded."""
+    import json
+
+    from conch_dna.training.kd import TrueKnowledgeDistiller
+    from conch_dna.training.kd.trainer import CheckpointError
+    from tests.conftest import PROMPTS
+
+    cfg = kd_config(iters=2, checkpoint_interval=2)
+    TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg).distill_domain("task", PROMPTS)
+    ckpt = cfg.output_dir / "task" / "checkpoint_000002"
+    other = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"rank": 4}), "iters": 4})
+    saved = json.loads((ckpt / "adapter_config.json").read_text())
+    saved["lora_parameters"]["rank"] = 4  # the config says rank 4, the arrays are rank 16
+    (ckpt / "adapter_config.json").write_text(json.dumps(saved))
+    state = json.loads((ckpt / "state.json").read_text())
+    state["sha256"].pop("adapter_config.json")
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"arrays of other shapes \(e.g. .*lora_a: checkpoint \(\d+, \d+\), this run \(\d+, 4\)"):
+        TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), other).distill_domain("task", PROMPTS, resume=True)
+
+
+@pytest.mark.parametrize("make", ["file", "corrupt"])
+def test_a_bad_registry_is_refused_before_the_teacher_works(tiny_pair, tmp_path, make):
+    """Issue 19 item 9: a --registry that is a file, or a corrupt manifest, exits 2 before any teacher answer."""
+    reg = tmp_path / "reg"
+    if make == "file":
+        reg.write_text("not a folder")
+    else:
+        reg.mkdir()
+        (reg / "registry.json").write_text("{ not json")
+    r = cli(*_tiny_cli_run(tiny_pair, tmp_path), "--registry", str(reg))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert ("registry folder" in r.stderr) if make == "file" else ("is corrupt" in r.stderr)
+    assert not (tmp_path / "out" / "teacher_cache").exists()
+
+
+def test_max_seq_length_beyond_the_context_is_refused(tiny_pair, tmp_path):
+    r = cli(*_tiny_cli_run(tiny_pair, tmp_path), "--max-seq-length", "4096", "--no-register")
+    assert r.returncode == 2 and "longer than the student's context (2048 tokens" in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "teacher_cache").exists()
+
+
+def test_a_prompt_longer_than_max_seq_length_is_refused_before_generation(tiny_pair, tmp_path):
+    args = _tiny_cli_run(tiny_pair, tmp_path)
+    (tmp_path / "p.txt").write_text("short prompt\n" + "word " * 400 + "\n")
+    r = cli(*args, "--no-register")
+    assert r.returncode == 2 and "does not fit max_seq_length=64" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "teacher_cache").exists()

@@ -8,7 +8,14 @@ import pytest
 from mlx_lm import load as mlx_load
 
 from conch_dna.models import load_model
-from conch_dna.training.kd import DOMAIN_PROMPTS, DataError, KDResult, OutputDirError, TrueKnowledgeDistiller, signals
+from conch_dna.training.kd import (
+    DOMAIN_PROMPTS,
+    DataError,
+    KDResult,
+    OutputDirError,
+    TrueKnowledgeDistiller,
+    signals,
+)
 from conch_dna.training.kd.data import TeacherCache
 from tests.conftest import PROMPTS
 

@@ -175,3 +175,72 @@ def test_bit_flip_in_a_checkpoint_is_detected(tiny_pair, kd_config):
     with pytest.raises(RuntimeError, match="sha256"):
         TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg.model_copy(update={"iters": 4})).distill_domain(
             "thinking", PROMPTS, resume=True)
+
+
+@pytest.mark.parametrize(("fault", "code"), [("generation:1:SIGTERM", 143), ("step:3:SIGINT", 130),
+                                             ("step:2:SIGTERM", 143)])
+def test_sigterm_and_sigint_stop_cleanly_and_resume_equals_uninterrupted(tiny_pair, tmp_path, fault, code):
+    """A SIGTERM / SIGINT during teacher generation or training stops at the next batch or step: exit 128 +
+    the signal, a message, a checkpoint at the step reached (training), nothing registered; --resume then
+    finishes with the adapter of an uninterrupted run, bit for bit."""
+    rc, _, err = cli(tiny_pair, tmp_path, tmp_path / "ref", tmp_path / "ref_reg")
+    assert rc == 0, err[-2000:]
+    reference = mx.load(str(tmp_path / "ref/thinking/adapters.safetensors"))
+    out_dir, reg = tmp_path / "run", tmp_path / "reg"
+    rc, _, err = cli(tiny_pair, tmp_path, out_dir, reg, fault=fault)
+    assert rc == code, err[-2000:]
+    assert "Traceback" not in err and "stopping at the next step" in err and "--resume" in err
+    assert not (out_dir / "thinking/adapters.safetensors").exists() and not (reg / "registry.json").exists()
+    if fault.startswith("step"):
+        step = int(fault.split(":")[1])  # the signal lands inside step n; the stop comes before step n + 1
+        assert (out_dir / f"thinking/checkpoint_{step:06d}/state.json").is_file()
+    else:
+        assert not list(out_dir.glob("thinking/checkpoint_*")) and not list(out_dir.glob("teacher_cache/*/meta.json"))
+    rc, _, err = cli(tiny_pair, tmp_path, out_dir, reg)
+    assert rc == 0, err[-2000:]
+    resumed = mx.load(str(out_dir / "thinking/adapters.safetensors"))
+    for k in reference:
+        assert np.array_equal(np.array(reference[k]), np.array(resumed[k])), k
+    registry_is_sane(reg)
+
+
+def test_storage_errors_become_a_clear_write_error(tmp_path, monkeypatch):
+    """MLX's own message for a full disk ("[write] Unable to write ...") and ENOSPC both become `WriteError`
+    (exit 2 in the CLI) naming the file; the previous file stays and no temporary is left."""
+    from conch_dna.atomic import WriteError, atomic_folder, atomic_write
+
+    target = tmp_path / "a.safetensors"
+    mx.save_safetensors(str(target), {"a": mx.ones((4,))})
+    before = target.read_bytes()
+
+    def mlx_full(path, *a, **k):
+        raise RuntimeError("[write] Unable to write 3934560 bytes to file.")
+
+    with pytest.raises(WriteError, match="could not write .*a.safetensors.*Nothing was replaced"):
+        atomic_write(target, lambda p: mlx_full(p))
+    with pytest.raises(WriteError, match="No space left"):
+        with atomic_folder(tmp_path / "ckpt"):
+            raise OSError(28, "No space left on device")
+    with pytest.raises(ValueError):  # other errors pass through unchanged
+        atomic_write(target, lambda p: (_ for _ in ()).throw(ValueError("a bug")))
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_a_really_full_disk_keeps_the_previous_file(tmp_path):
+    """On a real 64 KiB tmpfs (needs root and mount; skipped elsewhere): MLX cannot write a 4 MB adapter
+    there; the write stops with `WriteError` and the file it would have replaced is unchanged."""
+    from conch_dna.atomic import WriteError, atomic_write
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        target = small / "adapters.safetensors"
+        mx.save_safetensors(str(target), {"a": mx.ones((16,))})
+        before = target.read_bytes()
+        with pytest.raises(WriteError, match="could not write"):
+            atomic_write(target, lambda p: mx.save_safetensors(str(p), {"a": mx.ones((1000, 1000))}))
+        assert target.read_bytes() == before and [p.name for p in small.iterdir()] == ["adapters.safetensors"]
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
