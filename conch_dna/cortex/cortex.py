@@ -1,9 +1,12 @@
 """CORTEX: one base student in memory, any neuron served by attaching that neuron's active adapter.
 
-`generate(domain, prompt)` reads the registry's active version once, at the start of the request, then
-attaches that version's LoRA weights to the shared base model (switching adapters never reloads the base)
-and answers. Requests are serialised on the base model by a lock, so a request in flight finishes on the
-version it started with; a version registered meanwhile is used by the next request, with no restart.
+`generate(domain, prompt)` first notices a registry manifest changed by any process (`registry.refresh`:
+one stat per request, no polling thread), reads the active version once, then attaches that version's LoRA
+weights to the shared base model (switching adapters never reloads the base) and answers. Requests are
+serialised on the base model by a lock, so a request in flight finishes on the version it started with; a
+version registered, promoted or rolled back meanwhile, here or in another process, is used by the next
+request, with no restart. Versions are complete before the manifest names them (the registry copies the
+adapter first), so a request never sees a half-registered version.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class Cortex:
 
         from conch_dna.training.kd.data import chat_prompt_ids
 
+        self.registry.refresh()  # another process may have registered, promoted or rolled back
         version = self.registry.active(domain)  # fixed for this request
         if version is None:
             raise NeuronNotFoundError(f"neuron {domain!r} has no active version; distil it first (known: {', '.join(self.registry.neurons()) or 'none'})")

@@ -219,6 +219,7 @@ class NeuronRegistry:
         self.quality_gate = quality_gate
         self._write_lock = threading.Lock()
         self._state = RegistryState()
+        self._seen: tuple | None = None  # the manifest's (inode, mtime, size) when this process last read it
         self._base_shapes: dict | None = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -255,7 +256,29 @@ class NeuronRegistry:
 
     def reload(self) -> None:
         """Read the manifest (e.g. after another process registered); on error keep the current state."""
+        seen = self._manifest_stamp()
         self._state = RegistryState(dict(self._read_manifest().neurons))
+        self._seen = seen
+
+    def refresh(self) -> bool:
+        """Reload if another process changed the manifest since it was last read; True if it did. Cheap enough
+        for every request: one stat (every write replaces the file, so its inode and mtime change). A manifest
+        that cannot be read keeps the current state (logged), so a server goes on serving."""
+        if self._manifest_stamp() == self._seen:
+            return False
+        try:
+            self.reload()
+        except RegistryError as e:
+            log.warning("registry manifest changed but cannot be read; serving the previous state", error=str(e))
+            return False
+        return True
+
+    def _manifest_stamp(self) -> tuple | None:
+        try:
+            st = (self.root / MANIFEST).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _read_manifest(self) -> Manifest:
         path = self.root / MANIFEST
@@ -291,6 +314,7 @@ class NeuronRegistry:
                 new = Manifest(base_model=manifest.base_model or self.base_model, neurons=neurons)
                 self._write_manifest(new)
                 self._state = RegistryState(dict(new.neurons))  # swap: readers see old or new, never half
+                self._seen = self._manifest_stamp()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 

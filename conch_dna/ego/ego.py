@@ -7,22 +7,37 @@ the two threads through one re-entrant lock, held for one generation (chat) or o
 default online targets the teacher also scores every training batch (one forward pass under the lock per
 micro-batch); with cached targets it is only needed to write the data.
 
-On success the adapter is registered in the CORTEX registry (and served by the next CORTEX request); on
-failure or cancel nothing is registered and `distillation_failed` is signalled.
+With an experience store (`experience.py`), `chat(prompt, domain=...)` records every answer EGO serves,
+and `self_distill(domain)` learns from exactly those: the domain's stored experience (deduplicated, a fixed
+held-out split) mixed with its built-in prompts, reusing the stored answers as teacher responses when this
+same model wrote them. `distill_when(domain, every=N)` starts that in the background whenever N new
+experiences have arrived (one run per domain at a time, debounced).
+
+On success the adapter is registered in the CORTEX registry (and served by the next CORTEX request of any
+process); on failure or cancel nothing is registered and `distillation_failed` is signalled.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import time
 from typing import Literal
 
 import structlog
 
+from conch_dna.ego.experience import ExperienceStore, training_data
 from conch_dna.models import load_model
 from conch_dna.training.kd import signals
 from conch_dna.training.kd.config import KDConfig
-from conch_dna.training.kd.data import chat_prompt_ids
+from conch_dna.training.kd.data import (
+    chat_prompt_ids,
+    check_name,
+    fingerprint_model,
+    load_domains,
+    load_held_out,
+)
 from conch_dna.training.kd.distiller import KDResult, TrueKnowledgeDistiller, registry_metrics
 from conch_dna.training.kd.trainer import TrainingCancelled
 
@@ -79,17 +94,22 @@ class DistillationHandle:
 
 class EGO:
     def __init__(self, model_id: str = "default-teacher", *, model=None, tokenizer=None, cortex=None,
-                 registry=None, config: KDConfig | None = None):
+                 registry=None, config: KDConfig | None = None, experience: ExperienceStore | str | None = None):
+        """`experience`: an `ExperienceStore` (or its database path) where `chat` records what EGO answers
+        and from which `self_distill` learns."""
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer (a live model), or neither")
         self.model_id = model_id
         self._model, self._tokenizer = model, tokenizer
+        self._fingerprint: str | None = None
         self.cortex = cortex
         self.registry = registry if registry is not None else (cortex.registry if cortex is not None else None)
         self.config = config
+        self.experience = ExperienceStore(experience) if isinstance(experience, str | os.PathLike) else experience
         self.lock = threading.RLock()  # serialises use of the model between EGO's threads
         self._runs: dict[str, DistillationHandle] = {}
         self._runs_lock = threading.Lock()
+        self._triggers: dict[str, dict] = {}  # domain -> {"every", "min_interval_s", "after" (last id used), "started"}
 
     @property
     def model(self):
@@ -103,18 +123,63 @@ class EGO:
         _ = self.model
         return self._tokenizer
 
-    def chat(self, prompt: str, max_tokens: int = 256, system_prompt: str | None = None) -> str:
-        """EGO's own (greedy) answer to `prompt`."""
-        from mlx_lm import generate
+    @property
+    def fingerprint(self) -> str:
+        """The model's content fingerprint (recorded with every answer: answers of this same model are reused
+        as teacher responses, no regeneration)."""
+        with self.lock:
+            if self._fingerprint is None:
+                self._fingerprint = fingerprint_model(self.model)
+            return self._fingerprint
+
+    def chat(self, prompt: str, max_tokens: int = 256, system_prompt: str | None = None, domain: str | None = None) -> str:
+        """EGO's own (greedy) answer to `prompt`. With an experience store it is recorded (under `domain`, or
+        untagged for `experience.tag` later), and may start a self-distillation (`distill_when`)."""
+        from mlx_lm import stream_generate
 
         with self.lock:
             ids = chat_prompt_ids(self.tokenizer, prompt, system_prompt)
-            return generate(self.model, self.tokenizer, ids, max_tokens=max_tokens)
+            out = list(stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens))
+        text = "".join(r.text for r in out)
+        if self.experience is not None:
+            # Every token it produced, EOS included when it stopped (students learn to stop).
+            self.experience.record(domain, prompt, text, model=self.fingerprint, answer_ids=[r.token for r in out])
+            if domain in self._triggers:
+                self._maybe_distill(domain)
+        return text
+
+    def distill_when(self, domain: str, every: int, min_interval_s: float = 60.0) -> None:
+        """Self-distil `domain` in the background whenever `every` new experiences of it have arrived since
+        the last run, at most one run at a time per domain and one start per `min_interval_s` seconds."""
+        if self.experience is None:
+            raise ValueError("distill_when needs an experience store: EGO(..., experience=path)")
+        if every < 1 or min_interval_s < 0:
+            raise ValueError(f"every must be >= 1 and min_interval_s >= 0 (got {every}, {min_interval_s})")
+        check_name(domain)
+        self._triggers[domain] = {"every": every, "min_interval_s": min_interval_s, "after": 0, "started": -math.inf}
+
+    def _maybe_distill(self, domain: str) -> DistillationHandle | None:
+        t = self._triggers[domain]
+        with self._runs_lock:
+            running = self._runs.get(domain)
+            if running is not None and not running.done:
+                return None
+            if time.monotonic() - t["started"] < t["min_interval_s"]:
+                return None
+        if self.experience.count(domain, after=t["after"]) < t["every"]:
+            return None
+        t["started"] = time.monotonic()
+        t["after"] = max((e.id for e in self.experience.records(domain, after=t["after"])), default=t["after"])
+        log.info("experience trigger: self-distilling", domain=domain, every=t["every"])
+        return self.self_distill(domain)
 
     def self_distill(self, domain: str, prompts: list[str] | None = None, config: KDConfig | None = None) -> DistillationHandle:
         """Distil EGO into `domain`'s neuron in the background; returns at once.
 
-        One run per domain at a time: asking again while a run for `domain` is active returns its handle.
+        The data: `prompts` if given, else the domain's prompts (config/domains.toml) when it has some, plus,
+        with an experience store, the domain's stored experience (deduplicated; its answers reused when this
+        model wrote them). The neuron is judged on the domain's held-out prompts plus the experience's fixed
+        held-out split. One run per domain at a time: asking again while one is active returns its handle.
         """
         with self._runs_lock:
             running = self._runs.get(domain)
@@ -123,11 +188,22 @@ class EGO:
             handle = DistillationHandle(domain)
             self._runs[domain] = handle
         cfg = (config or self.config or KDConfig.load()).model_copy(update={"teacher_model_id": self.model_id})
-        thread = threading.Thread(target=self._run, args=(handle, domain, prompts, cfg), name=f"self-distill-{domain}", daemon=True)
+        data = self._training_data(domain, prompts)
+        thread = threading.Thread(target=self._run, args=(handle, domain, data, cfg), name=f"self-distill-{domain}", daemon=True)
         thread.start()
         return handle
 
-    def _run(self, handle: DistillationHandle, domain: str, prompts, cfg: KDConfig) -> None:
+    def _training_data(self, domain: str, prompts: list[str] | None) -> dict:
+        """prompts (to answer), answered (prompt, answer ids: this model's stored answers), held_out."""
+        domains = load_domains()
+        data = {"prompts": list(domains.get(domain, [])) if prompts is None else list(prompts), "answered": [],
+                "held_out": load_held_out(domain) if domain in domains else []}
+        if self.experience is not None:
+            exp = training_data(self.experience, domain, self.fingerprint)
+            data = {k: data[k] + exp[k] for k in data}
+        return data
+
+    def _run(self, handle: DistillationHandle, domain: str, data: dict, cfg: KDConfig) -> None:
         handle.status = "running"
         t0 = time.perf_counter()
         try:
@@ -136,7 +212,8 @@ class EGO:
             # The handle's progress comes from this run's signals (sender: its distiller), like any receiver's.
             with signals.step_completed.connected_to(handle._on_step, sender=distiller), \
                     signals.validation_completed.connected_to(handle._on_validation, sender=distiller):
-                result = distiller.distill_domain(domain, prompts, should_stop=handle._cancel.is_set)
+                result = distiller.distill_domain(domain, data["prompts"], answered=data["answered"],
+                                                  held_out=data["held_out"], should_stop=handle._cancel.is_set)
         except TrainingCancelled as e:  # the distiller signalled distillation_failed(cancelled=True)
             handle._finish("cancelled", error=e)
             return

@@ -33,6 +33,10 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
     ap.add_argument("--grad-checkpoint", choices=["block", "mlp"],
                     help="recompute the student's blocks (or only their MLPs) in the backward pass: less memory")
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--from-experience", metavar="DB",
+                    help="with --domain: also learn from EGO's experience database (conch_dna.ego.ExperienceStore)")
+    ap.add_argument("--on-policy", type=float, metavar="LAMBDA",
+                    help="share of training answers the student writes itself, scored by the teacher (on_policy_lambda)")
     ap.add_argument("--text", help="corpus KD: a text file or folder the teacher scores (dense targets, no generation)")
     ap.add_argument("--text-share", type=float, help="with --text: share of training sequences from the corpus (1 = corpus only)")
     ap.add_argument("--teacher", help="teacher model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
@@ -55,6 +59,7 @@ def overrides_from_args(args) -> dict:
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "max_seq_length": args.max_seq_length,
         "seed": args.seed, "memory_limit_gb": args.memory_limit_gb, "teacher_model_id": args.teacher,
         "student_model_id": args.student, "output_dir": args.output, "text": args.text, "text_share": args.text_share,
+        "on_policy_lambda": args.on_policy,
     }.items() if v is not None}
     if args.grad_checkpoint is not None:
         out.update(grad_checkpoint=True, grad_checkpoint_scope=args.grad_checkpoint)
@@ -75,6 +80,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
         return list_neurons(args.registry)
     if not args.domain and not args.all:
         print("error: give --domain NAME or --all (or --list)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.all and args.from_experience:
+        print("error: --from-experience applies to one --domain (its experience); give --domain NAME", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.all and args.prompts:
         print("error: --prompts applies to one --domain; --all distils every domain of config/domains.toml with its "
@@ -102,8 +110,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
                 if args.all:
                     results = distiller.distill_all(resume=args.resume, spread=args.spread_domains, should_stop=stop)
                 else:
-                    results = {args.domain: distiller.distill_domain(args.domain, prompts, resume=args.resume,
-                                                                     should_stop=stop)}
+                    data = experience_data(args.from_experience, args.domain, prompts, distiller) \
+                        if args.from_experience else {"prompts": prompts}
+                    results = {args.domain: distiller.distill_domain(args.domain, resume=args.resume, should_stop=stop,
+                                                                     **data)}
             registered = register_results(registry, results) if registry is not None else {}
             if not dist.is_writer():
                 return 0  # rank 0 reports for a data-parallel run
@@ -181,6 +191,29 @@ class StopRequest:
         self._requested, self.signum = True, signum
         print(f"\n{signal.Signals(signum).name}: stopping at the next step and saving a checkpoint "
               "(send it again to stop at once)", file=sys.stderr)
+
+
+def experience_data(db: str, domain: str, prompts: list[str] | None, distiller) -> dict:
+    """distill_domain's data from EGO's experience database: the domain's prompts (or --prompts) plus its
+    stored experience; answers the teacher itself wrote are reused (same fingerprint)."""
+    from pathlib import Path
+
+    from conch_dna.ego.experience import ExperienceStore, ExperienceStoreError, training_data
+    from conch_dna.training.kd.data import DataError, fingerprint_model, load_domains, load_held_out
+
+    if not Path(db).is_file():
+        raise DataError(f"experience database {db} does not exist; give the path EGO(..., experience=...) writes")
+    try:
+        exp = training_data(ExperienceStore(db), domain, fingerprint_model(distiller.teacher))
+    except ExperienceStoreError as e:
+        raise DataError(str(e)) from e
+    domains = load_domains()
+    if not exp["answered"] and not exp["prompts"]:
+        raise DataError(f"{db} holds no experience for domain {domain!r} (known there: "
+                        f"{', '.join(ExperienceStore(db).domains()) or 'none'})")
+    base = list(domains.get(domain, [])) if prompts is None else prompts
+    return {"prompts": base + exp["prompts"], "answered": exp["answered"],
+            "held_out": (load_held_out(domain) if domain in domains else []) + exp["held_out"]}
 
 
 def open_registry(registry_dir: str, config):

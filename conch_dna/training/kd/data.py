@@ -212,6 +212,18 @@ def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length:
     return examples, stats
 
 
+def answered_examples(tokenizer, answered: list[tuple[str, list[int]]], system_prompt: str | None,
+                      max_seq_length: int) -> list[Example]:
+    """Examples from answers the teacher already wrote (EGO's experience: prompt, answer token ids), cut to
+    `max_seq_length`; prompts that leave no room for an answer are skipped."""
+    out = []
+    for prompt, ids in answered:
+        prompt_ids = chat_prompt_ids(tokenizer, prompt, system_prompt)
+        if len(prompt_ids) < max_seq_length - 1 and ids:
+            out.append(Example(tuple(prompt_ids + list(ids))[:max_seq_length], len(prompt_ids), prompt))
+    return out
+
+
 def continue_prompts(model, tokenizer, examples: list[Example], max_new_tokens: int, temperature: float,
                      top_p: float, max_seq_length: int, lock=None) -> list[Example]:
     """New examples: the same prompts, answered by `model` (on-policy data: the student writes)."""

@@ -41,6 +41,7 @@ from conch_dna.training.kd.data import (
     DataError,
     Example,
     TeacherCache,
+    answered_examples,
     cache_key,
     check_name,
     compute_sparse_targets,
@@ -226,17 +227,21 @@ class TrueKnowledgeDistiller:
     # --------------------------------------------------------------------------------- teacher data
 
     def generate_training_data(self, prompts: list[str], domain: str, report: Reporter | None = None,
-                               should_stop: Callable[[], bool] | None = None) -> tuple[TeacherCache, dict]:
+                               should_stop: Callable[[], bool] | None = None,
+                               answered: list[tuple[str, list[int]]] | None = None) -> tuple[TeacherCache, dict]:
         """Teacher responses and top-k soft targets for `prompts`, from the cache when inputs are unchanged.
+        `answered`: (prompt, answer token ids) the teacher already wrote (EGO's experience), used as they are.
         `report` gets `teacher_progress` after each batch; `should_stop()` cancels between batches."""
         cfg = self.config
-        if not prompts:
+        answered = [(p, list(ids)) for p, ids in answered or []]
+        if not prompts and not answered:
             raise DataError(f"no prompts for domain {domain!r}: pass at least one prompt")
         with self.teacher_lock:
             key = cache_key(
                 teacher=fingerprint_model(self.teacher), tokenizer=fingerprint_tokenizer(self.teacher_tokenizer),
                 prompts=prompts, generation=cfg.generation.model_dump(), max_seq_length=cfg.max_seq_length,
                 targets=cfg.top_k if cfg.teacher_targets == "cache" else None, seed=cfg.seed,
+                **({"answered": answered} if answered else {}),
             )
         folder = Path(cfg.output_dir) / "teacher_cache" / key
         if not dist.is_writer():  # rank 0 writes the teacher data once; the other processes read it
@@ -256,7 +261,11 @@ class TrueKnowledgeDistiller:
                                         "answered); nothing was cached, a new run starts it again")
 
         examples, stats = generate_examples(self.teacher, self.teacher_tokenizer, prompts, cfg.generation,
-                                            cfg.max_seq_length, cfg.seed, lock=self.teacher_lock, on_batch=on_batch)
+                                            cfg.max_seq_length, cfg.seed, lock=self.teacher_lock,
+                                            on_batch=on_batch) if prompts else ([], {"seconds": 0.0, "tokens_per_second": 0.0})
+        if answered:  # EGO's own earlier answers: no regeneration
+            examples += answered_examples(self.teacher_tokenizer, answered, cfg.generation.system_prompt, cfg.max_seq_length)
+            stats.update(samples=len(examples), answered=len(answered), tokens=sum(len(e.tokens) for e in examples))
         if not examples:
             raise DataError(f"the teacher produced no responses for domain {domain!r}")
         targets = []
@@ -282,20 +291,22 @@ class TrueKnowledgeDistiller:
     # ------------------------------------------------------------------------------------ training
 
     def distill_domain(self, domain: str, prompts: list[str] | None = None, *, resume: bool = False,
-                       should_stop: Callable[[], bool] | None = None, held_out: list[str] | None = None) -> KDResult:
+                       should_stop: Callable[[], bool] | None = None, held_out: list[str] | None = None,
+                       answered: list[tuple[str, list[int]]] | None = None) -> KDResult:
         """Generate teacher data for `domain`, train its LoRA adapter with KD, save it, judge it on the
-        held-out prompts (the domain's `held_out` list unless given); return the result."""
+        held-out prompts (the domain's `held_out` list unless given); return the result. `answered`: (prompt,
+        answer token ids) pairs the teacher already wrote (EGO's experience), trained on beside `prompts`."""
         cfg = self.config
         check_name(domain)
         self.check_models()  # before the teacher writes anything
         domains = load_domains()
-        if prompts is None and cfg.text_share < 1:
+        if prompts is None and cfg.text_share < 1 and not answered:
             if domain not in domains:
                 raise DataError(f"unknown domain {domain!r}: known domains are {', '.join(domains)}; "
                                 "pass prompts (or --prompts FILE) for a custom domain")
             prompts = domains[domain]
         prompts = [p for p in (s.strip() for s in prompts or []) if p]
-        if not prompts and (cfg.text is None or cfg.text_share < 1):
+        if not prompts and not answered and (cfg.text is None or cfg.text_share < 1):
             raise DataError(f"domain {domain!r}: the prompt list is empty")
         if held_out is None:
             held_out = load_held_out(domain) if domain in domains else []
@@ -309,8 +320,8 @@ class TrueKnowledgeDistiller:
         if report.wants(signals.distillation_started):
             report.signal(signals.distillation_started, config=cfg.model_dump(mode="json"), prompts=len(prompts))
         with self._failure_signal(report, out_dir), output_lock(out_dir):
-            if prompts:
-                cache, gen_stats = self.generate_training_data(prompts, domain, report, should_stop)
+            if prompts or answered:
+                cache, gen_stats = self.generate_training_data(prompts, domain, report, should_stop, answered)
             else:  # corpus only: nothing for the teacher to write
                 cache, gen_stats = TeacherCache([], [], {}), {"samples": 0, "seconds": 0.0, "tokens": 0}
             report.signal(signals.teacher_data_ready, samples=len(cache.examples),

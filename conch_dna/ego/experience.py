@@ -1,0 +1,200 @@
+"""EGO's experience: what it answered, per domain, in SQLite, for the neurons to learn from.
+
+    store = ExperienceStore("models/experience.db")
+    store.record("thinking", "Is 221 prime?", "No: 221 = 13 x 17.", model="<fingerprint>", answer_ids=[...])
+    train, held_out = store.split("thinking")       # deduplicated by prompt; the held-out split never moves
+
+Why SQLite (stdlib): one file, transactions, and several threads and processes writing at once. The
+database runs in WAL mode (readers never block the writer) with a busy timeout, each write is one
+transaction, so a kill -9 loses at most the record in flight and never corrupts the file. Each thread gets
+its own connection (sqlite3 connections are not shared across threads). The schema is versioned with
+`PRAGMA user_version`: an older file is migrated, a newer or foreign file is refused with a clear message.
+`retention` bounds the store: past it, the oldest records of a domain are dropped on write.
+
+The held-out split is a function of the prompt's text alone (a hash), so it stays fixed between runs and
+versions of a neuron are judged on the same prompts however much experience arrives later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+# domain: NULL until tagged; answer_ids: JSON list of the answer's token ids (reused as teacher responses);
+# model: fingerprint of the model that answered; created: unix time.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS experience (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    domain      TEXT,
+    prompt      TEXT NOT NULL,
+    answer      TEXT NOT NULL,
+    answer_ids  TEXT,
+    model       TEXT NOT NULL,
+    created     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS experience_domain ON experience (domain, id);
+"""
+
+
+class ExperienceStoreError(RuntimeError):
+    """The database cannot be used (corrupt, not ours, made by a newer version); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Experience:
+    id: int
+    domain: str | None
+    prompt: str
+    answer: str
+    answer_ids: tuple[int, ...] | None
+    model: str
+    created: float
+
+
+def held_out(prompt: str, share: float) -> bool:
+    """Whether `prompt` belongs to the held-out split: a hash of its text, the same in every run."""
+    digest = hashlib.sha256(prompt.strip().encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+class ExperienceStore:
+    def __init__(self, path: str | os.PathLike, retention: int | None = 100_000, timeout: float = 30.0):
+        """`retention`: the most records kept per domain (None: no bound); `timeout`: seconds a writer waits
+        for another's transaction."""
+        if retention is not None and retention < 1:
+            raise ValueError(f"retention must be at least 1 record (or None for no bound), not {retention}")
+        self.path, self.retention, self.timeout = Path(path), retention, timeout
+        self._local = threading.local()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExperienceStoreError(f"cannot create the folder of {self.path} ({e.strerror}); choose another path") from e
+        self._migrate()
+
+    # ------------------------------------------------------------------------------------ connection
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)  # explicit transactions
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash loses at most the last commits, never the file
+            self._local.db = db
+        return db
+
+    def _migrate(self) -> None:
+        try:
+            db = self._db()
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise ExperienceStoreError(f"{self.path} is not an experience database or is corrupt ({e}); move it "
+                                       "away (a new one is created) or pass another path") from e
+        if version > SCHEMA_VERSION:
+            raise ExperienceStoreError(f"{self.path} was written by a newer conch_dna (schema {version}; this one reads "
+                                       f"up to {SCHEMA_VERSION}); upgrade conch_dna or use another database")
+        if version == 0 and tables - {"sqlite_sequence"}:
+            raise ExperienceStoreError(f"{self.path} is an SQLite database of something else (tables: "
+                                       f"{', '.join(sorted(tables))}); pass another path")
+        if version < SCHEMA_VERSION:
+            with self._transaction() as db:  # another process may have migrated meanwhile: IF NOT EXISTS
+                for statement in filter(str.strip, SCHEMA.split(";")):  # version 0 -> 1; later versions add steps
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    class _Tx:
+        def __init__(self, db):
+            self.db = db
+
+        def __enter__(self):
+            self.db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock between writers
+            return self.db
+
+        def __exit__(self, kind, *rest):
+            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+    def _transaction(self) -> _Tx:
+        return self._Tx(self._db())
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their thread's store is collected)."""
+        if (db := getattr(self._local, "db", None)) is not None:
+            db.close()
+            self._local.db = None
+
+    # ---------------------------------------------------------------------------------------- write
+
+    def record(self, domain: str | None, prompt: str, answer: str, *, model: str,
+               answer_ids: list[int] | None = None) -> int:
+        """Store one answer EGO served; returns its id. One transaction: all of it or nothing."""
+        if domain is not None:
+            from conch_dna.training.kd.data import check_name
+
+            check_name(domain)
+        with self._transaction() as db:
+            cur = db.execute("INSERT INTO experience (domain, prompt, answer, answer_ids, model, created) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
+                             (domain, prompt, answer, json.dumps(list(answer_ids)) if answer_ids is not None else None,
+                              model, time.time()))
+            if self.retention is not None and domain is not None:
+                db.execute("DELETE FROM experience WHERE domain = ? AND id <= (SELECT id FROM experience WHERE "
+                           "domain = ? ORDER BY id DESC LIMIT 1 OFFSET ?)", (domain, domain, self.retention))
+            return cur.lastrowid
+
+    def tag(self, ids: list[int], domain: str) -> int:
+        """Put records (e.g. answers served before anyone knew their domain) into `domain`; returns how many."""
+        from conch_dna.training.kd.data import check_name
+
+        check_name(domain)
+        with self._transaction() as db:
+            return db.executemany("UPDATE experience SET domain = ? WHERE id = ?", [(domain, i) for i in ids]).rowcount
+
+    # ----------------------------------------------------------------------------------------- read
+
+    def records(self, domain: str, after: int = 0) -> list[Experience]:
+        rows = self._db().execute("SELECT id, domain, prompt, answer, answer_ids, model, created FROM experience "
+                                  "WHERE domain = ? AND id > ? ORDER BY id", (domain, after)).fetchall()
+        return [Experience(i, d, p, a, tuple(json.loads(ids)) if ids else None, m, c) for i, d, p, a, ids, m, c in rows]
+
+    def count(self, domain: str, after: int = 0) -> int:
+        return self._db().execute("SELECT COUNT(*) FROM experience WHERE domain = ? AND id > ?", (domain, after)).fetchone()[0]
+
+    def domains(self) -> list[str]:
+        return [r[0] for r in self._db().execute("SELECT DISTINCT domain FROM experience WHERE domain IS NOT NULL ORDER BY domain")]
+
+    def split(self, domain: str, held_out_share: float = 0.2) -> tuple[list[Experience], list[Experience]]:
+        """(train, held_out): the domain's records deduplicated by prompt (the newest answer of each), split
+        by a hash of the prompt (`held_out`), so the held-out prompts never move between runs."""
+        newest: dict[str, Experience] = {}
+        for e in self.records(domain):
+            newest[e.prompt.strip()] = e
+        train = [e for p, e in newest.items() if not held_out(p, held_out_share)]
+        held = [e for p, e in newest.items() if held_out(p, held_out_share)]
+        return train, held
+
+
+# Held-out experience prompts a neuron is judged on (the oldest of the fixed split): a set that stops moving
+# once this many exist, so that later versions are compared on the same prompts.
+HELD_OUT_EXPERIENCES = 10
+
+
+def training_data(store: ExperienceStore, domain: str, fingerprint: str) -> dict:
+    """What a domain's experience gives a distillation run: `answered` (prompt, answer token ids) written by
+    the model with this `fingerprint` (reused, no regeneration), `prompts` answered by another model (the
+    teacher answers them again), and `held_out` prompts (the oldest of the fixed held-out split)."""
+    train, held = store.split(domain)
+    mine = [e for e in train if e.model == fingerprint and e.answer_ids]
+    mine_ids = {e.id for e in mine}
+    return {"answered": [(e.prompt, list(e.answer_ids)) for e in mine],
+            "prompts": [e.prompt for e in train if e.id not in mine_ids],
+            "held_out": [e.prompt for e in held[:HELD_OUT_EXPERIENCES]]}
+
+
+__all__ = ["Experience", "ExperienceStore", "ExperienceStoreError", "SCHEMA_VERSION", "held_out", "training_data"]
