@@ -41,7 +41,7 @@ class ProgressBar:
         )
         self.tasks: dict[tuple[str, str], TaskID] = {}  # (run_id, phase) -> task
         self._receivers = [
-            (signals.teacher_progress, self.on_teacher_progress), (signals.teacher_data_ready, self.on_teacher_ready),
+            (signals.distillation_started, self.on_started), (signals.teacher_progress, self.on_teacher_progress), (signals.teacher_data_ready, self.on_teacher_ready),
             (signals.step_completed, self.on_step), (signals.domain_completed, self.on_done),
             (signals.distillation_failed, self.on_failed),
         ]
@@ -66,6 +66,9 @@ class ProgressBar:
         if key not in self.tasks:
             self.tasks[key] = self.progress.add_task(f"{label} {kw['domain']}", total=total, info="")
         return self.tasks[key]
+
+    def on_started(self, sender, **kw) -> None:  # the teacher starts answering now: its clock starts here
+        self._task(kw, "teacher", kw["prompts"] or None, "teacher answers")
 
     def on_teacher_progress(self, sender, **kw) -> None:
         task = self._task(kw, "teacher", kw["total"], "teacher answers")

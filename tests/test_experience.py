@@ -187,3 +187,29 @@ def test_distill_when_n_new_experiences_arrive(tiny_pair, tmp_path):
     ego._triggers["errands"]["started"] = time.monotonic()
     ego.chat("one more", max_tokens=6, domain="errands")
     assert ego._runs["errands"] is second  # debounced: not within min_interval_s of the last start
+
+
+def test_cli_from_experience(tiny_pair, tmp_path):
+    """`--from-experience DB`: the domain's stored answers are trained on as they are; a missing or corrupt
+    database, a domain without experience and `--all` with it exit 2 before any work."""
+    from tests.conftest import PROMPTS, cli_config
+
+    teacher, student = tiny_pair
+    ego = EGO(str(teacher), experience=tmp_path / "exp.db")
+    for p in PROMPTS:
+        ego.chat(p, max_tokens=8, domain="errands")
+    (tmp_path / "kd.toml").write_text(cli_config(batch_size=2, iters=2, gen_batch=4))
+    base = [sys.executable, "scripts/distill_neurons.py", "--teacher", str(teacher), "--student", str(student),
+            "--config", str(tmp_path / "kd.toml"), "--output", str(tmp_path / "out"), "--no-register", "--log-json"]
+    run = subprocess.run([*base, "--domain", "errands", "--from-experience", str(tmp_path / "exp.db")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "out/errands/result.json").read_text())
+    assert result["generation"]["answered"] == sum(not held_out(p, 0.2) for p in PROMPTS)
+    (tmp_path / "bad.db").write_bytes(b"garbage" * 100)
+    for args, message in [(["--domain", "errands", "--from-experience", str(tmp_path / "none.db")], "does not exist"),
+                          (["--domain", "errands", "--from-experience", str(tmp_path / "bad.db")], "is corrupt"),
+                          (["--domain", "nothing", "--from-experience", str(tmp_path / "exp.db")], "holds no experience"),
+                          (["--all", "--from-experience", str(tmp_path / "exp.db")], "applies to one --domain")]:
+        r = subprocess.run([*base, *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
