@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Literal
 
+import mlx.core as mx
 import structlog
 
 from conch_dna.ego.experience import ExperienceStore, training_data
@@ -58,6 +59,7 @@ class DistillationHandle:
         self.error: BaseException | None = None
         self._cancel = threading.Event()
         self._done = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def cancel(self) -> None:
         """Ask the run to stop at the next step boundary (nothing is registered)."""
@@ -72,8 +74,13 @@ class DistillationHandle:
         return self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the run ends or `timeout` seconds pass; True if it ended."""
-        return self._done.wait(timeout)
+        """Block until the run ends or `timeout` seconds pass; True if it ended. "Ended" means its thread is
+        gone too (nothing of it is still running MLX work when a program exits after `wait`)."""
+        if not self._done.wait(timeout):
+            return False
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        return True
 
     def _on_step(self, sender, **kw) -> None:  # receivers of the run's distiller's signals
         self.progress = {**self.progress, "step": kw["step"], "iters": kw["iters"], "kd": kw["kd"], "ce": kw["ce"],
@@ -86,7 +93,6 @@ class DistillationHandle:
         for k, v in kw.items():
             setattr(self, k, v)
         self.status = status
-        self._done.set()
 
     def __repr__(self) -> str:
         return f"<DistillationHandle {self.domain} {self.status} {self.progress}>"
@@ -189,8 +195,9 @@ class EGO:
             self._runs[domain] = handle
         cfg = (config or self.config or KDConfig.load()).model_copy(update={"teacher_model_id": self.model_id})
         data = self._training_data(domain, prompts)
-        thread = threading.Thread(target=self._run, args=(handle, domain, data, cfg), name=f"self-distill-{domain}", daemon=True)
-        thread.start()
+        handle._thread = threading.Thread(target=self._run, args=(handle, domain, data, cfg), name=f"self-distill-{domain}",
+                                          daemon=True)
+        handle._thread.start()
         return handle
 
     def _training_data(self, domain: str, prompts: list[str] | None) -> dict:
@@ -205,6 +212,19 @@ class EGO:
 
     def _run(self, handle: DistillationHandle, domain: str, data: dict, cfg: KDConfig) -> None:
         handle.status = "running"
+        try:
+            self._distill(handle, domain, data, cfg)
+        except BaseException as e:  # a bug: still end the handle, never leave a waiter hanging
+            handle._finish("failed", error=e)
+            raise
+        finally:
+            # MLX keeps per-thread streams (the teacher prefetch's among them); destroyed here, in their thread,
+            # not at interpreter exit, where that can abort the process (ml-explore/mlx#3126).
+            mx.synchronize()
+            mx.clear_streams()
+            handle._done.set()  # last: wait() returns once nothing of the run is left to do
+
+    def _distill(self, handle: DistillationHandle, domain: str, data: dict, cfg: KDConfig) -> None:
         t0 = time.perf_counter()
         try:
             distiller = TrueKnowledgeDistiller(config=cfg, teacher=self.model, teacher_tokenizer=self.tokenizer,

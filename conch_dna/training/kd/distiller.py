@@ -442,11 +442,9 @@ class TrueKnowledgeDistiller:
 
     def _reporter(self, domain: str, run_id: str, out_dir: Path) -> Reporter:
         """This run's one reporting path (metrics.jsonl, log, signals); a silent one on data-parallel helpers."""
-        metrics = out_dir / "metrics.jsonl" if dist.is_writer() else None
-        report = Reporter(metrics, self, log_every=self.config.iters // 10, domain=domain, run_id=run_id)
-        if not dist.is_writer():  # one process speaks for a data-parallel run
-            report.signal = lambda signal, **payload: None
-        return report
+        writer = dist.is_writer()  # one process speaks for a data-parallel run
+        return Reporter(out_dir / "metrics.jsonl" if writer else None, self, log_every=self.config.iters // 10,
+                        enabled=writer, domain=domain, run_id=run_id)
 
     @contextmanager
     def _failure_signal(self, report: Reporter, out_dir: Path):

@@ -60,15 +60,18 @@ Event = Step | Validation | Checkpoint
 
 class Reporter:
     """One run's reporting path: metrics.jsonl + log + signals. `context` (domain, run_id) goes into every
-    signal; `sender` is the signals' sender (the distiller; None for a bare trainer run)."""
+    signal; `sender` is the signals' sender (the distiller; None for a bare trainer run). A reporter that is
+    not `enabled` (a data-parallel helper process) reports nothing."""
 
-    def __init__(self, metrics_path: Path | None, sender=None, log_every: int = 1, **context):
+    def __init__(self, metrics_path: Path | None, sender=None, log_every: int = 1, enabled: bool = True, **context):
         self.metrics_path, self.sender, self.context = metrics_path, sender, context
-        self.log_every = max(1, log_every)
+        self.log_every, self.enabled = max(1, log_every), enabled
 
     # ------------------------------------------------------------------------------ trainer events
 
     def __call__(self, event: Event) -> None:
+        if not self.enabled:
+            return
         if isinstance(event, Step):
             row = asdict(event)
             self._append({"type": "train", **row})
@@ -105,7 +108,8 @@ class Reporter:
     def signal(self, signal: Signal, **payload) -> None:
         """Send `signal` with this run's context; the payload is built by the caller only when someone listens
         (see `wants`)."""
-        signals.send(signal, self.sender, **self.context, **payload)
+        if self.enabled:
+            signals.send(signal, self.sender, **self.context, **payload)
 
     @staticmethod
     def wants(signal: Signal) -> bool:
