@@ -28,7 +28,7 @@ from typing import Literal
 import mlx.core as mx
 import structlog
 
-from conch_dna.ego.experience import ExperienceStore, training_data
+from conch_dna.ego.experience import ExperienceStore, distillation_data
 from conch_dna.models import load_model
 from conch_dna.training.kd import signals
 from conch_dna.training.kd.config import KDConfig
@@ -36,8 +36,6 @@ from conch_dna.training.kd.data import (
     chat_prompt_ids,
     check_name,
     fingerprint_model,
-    load_domains,
-    load_held_out,
 )
 from conch_dna.training.kd.distiller import KDResult, TrueKnowledgeDistiller, registry_metrics
 from conch_dna.training.kd.trainer import TrainingCancelled
@@ -202,13 +200,8 @@ class EGO:
 
     def _training_data(self, domain: str, prompts: list[str] | None) -> dict:
         """prompts (to answer), answered (prompt, answer ids: this model's stored answers), held_out."""
-        domains = load_domains()
-        data = {"prompts": list(domains.get(domain, [])) if prompts is None else list(prompts), "answered": [],
-                "held_out": load_held_out(domain) if domain in domains else []}
-        if self.experience is not None:
-            exp = training_data(self.experience, domain, self.fingerprint)
-            data = {k: data[k] + exp[k] for k in data}
-        return data
+        fingerprint = self.fingerprint if self.experience is not None else None
+        return distillation_data(self.experience, domain, fingerprint, prompts)
 
     def _run(self, handle: DistillationHandle, domain: str, data: dict, cfg: KDConfig) -> None:
         handle.status = "running"

@@ -23,6 +23,7 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,19 +110,16 @@ class ExperienceStore:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
-    class _Tx:
-        def __init__(self, db):
-            self.db = db
-
-        def __enter__(self):
-            self.db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock between writers
-            return self.db
-
-        def __exit__(self, kind, *rest):
-            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
-
-    def _transaction(self) -> _Tx:
-        return self._Tx(self._db())
+    @contextmanager
+    def _transaction(self):
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock between writers
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def close(self) -> None:
         """Close this thread's connection (others close when their thread's store is collected)."""
@@ -197,4 +195,21 @@ def training_data(store: ExperienceStore, domain: str, fingerprint: str) -> dict
             "held_out": [e.prompt for e in held[:HELD_OUT_EXPERIENCES]]}
 
 
-__all__ = ["Experience", "ExperienceStore", "ExperienceStoreError", "SCHEMA_VERSION", "held_out", "training_data"]
+def distillation_data(store: ExperienceStore | None, domain: str, fingerprint: str | None,
+                      prompts: list[str] | None = None) -> dict:
+    """`distill_domain`'s data for `domain`: `prompts` (default: the domain's own, config/domains.toml), its
+    held-out prompts, plus, with a `store`, its experience (`training_data`): what EGO and the CLI's
+    `--from-experience` both train on."""
+    from conch_dna.training.kd.data import load_domains, load_held_out
+
+    domains = load_domains()
+    data = {"prompts": list(domains.get(domain, [])) if prompts is None else list(prompts), "answered": [],
+            "held_out": load_held_out(domain) if domain in domains else []}
+    if store is not None:
+        exp = training_data(store, domain, fingerprint)
+        data = {k: data[k] + exp[k] for k in data}
+    return data
+
+
+__all__ = ["Experience", "ExperienceStore", "ExperienceStoreError", "SCHEMA_VERSION", "distillation_data", "held_out",
+           "training_data"]

@@ -198,22 +198,18 @@ def experience_data(db: str, domain: str, prompts: list[str] | None, distiller) 
     stored experience; answers the teacher itself wrote are reused (same fingerprint)."""
     from pathlib import Path
 
-    from conch_dna.ego.experience import ExperienceStore, ExperienceStoreError, training_data
-    from conch_dna.training.kd.data import DataError, fingerprint_model, load_domains, load_held_out
+    from conch_dna.ego.experience import ExperienceStore, ExperienceStoreError, distillation_data
+    from conch_dna.training.kd.data import DataError, fingerprint_model
 
     if not Path(db).is_file():
         raise DataError(f"experience database {db} does not exist; give the path EGO(..., experience=...) writes")
     try:
-        exp = training_data(ExperienceStore(db), domain, fingerprint_model(distiller.teacher))
+        store = ExperienceStore(db)
     except ExperienceStoreError as e:
         raise DataError(str(e)) from e
-    domains = load_domains()
-    if not exp["answered"] and not exp["prompts"]:
-        raise DataError(f"{db} holds no experience for domain {domain!r} (known there: "
-                        f"{', '.join(ExperienceStore(db).domains()) or 'none'})")
-    base = list(domains.get(domain, [])) if prompts is None else prompts
-    return {"prompts": base + exp["prompts"], "answered": exp["answered"],
-            "held_out": (load_held_out(domain) if domain in domains else []) + exp["held_out"]}
+    if not store.count(domain):
+        raise DataError(f"{db} holds no experience for domain {domain!r} (known there: {', '.join(store.domains()) or 'none'})")
+    return distillation_data(store, domain, fingerprint_model(distiller.teacher), prompts)
 
 
 def open_registry(registry_dir: str, config):
