@@ -16,7 +16,7 @@ from conch_dna.training.kd import (
     TrueKnowledgeDistiller,
     signals,
 )
-from conch_dna.training.kd.data import TeacherCache
+from conch_dna.training.kd.data import Example, TeacherCache
 from tests.conftest import PROMPTS
 
 
@@ -293,7 +293,8 @@ def test_teacher_prefetch_runs_ahead_and_trains_the_same_adapter(tiny_pair, kd_c
     def train(mode):
         log.clear()
         cfg = kd_config(iters=3, grad_accumulation=2, val_interval=10, teacher_targets="online",
-                        teacher_prefetch=mode, output_dir=str(tmp_path / mode), memory_limit_gb=3.0)
+                        teacher_prefetch=mode, output_dir=str(tmp_path / mode), memory_limit_gb=3.0,
+                        teacher_states_memory_gb=0)  # every step runs the teacher
 
         def on_step(sender, **kw):
             log.append(("step-completed",))
@@ -337,3 +338,49 @@ def test_prefetch_settings_and_memory_limit():
     assert mx.get_memory_limit() == before
     with memory_limit(None):
         assert mx.get_memory_limit() == before
+
+
+def test_kept_teacher_states_run_the_teacher_once_per_example(tiny_pair, kd_config, tmp_path, monkeypatch):
+    """Online targets over several epochs: each fixed example's teacher states are computed once (alone, at its
+    own length) and kept; the adapter equals that of a run whose teacher runs every step (to float rounding:
+    other batch shapes). Off with 0 GB, with on-policy sequences, and when the states would not fit."""
+    import conch_dna.training.kd.targets as targets_mod
+
+    teacher, student = tiny_pair
+    real, calls = targets_mod.teacher_hidden, []
+
+    def counting(body, tokens, max_tokens, wait=True):
+        calls.append(tokens.shape)
+        return real(body, tokens, max_tokens, wait)
+
+    monkeypatch.setattr(targets_mod, "teacher_hidden", counting)
+
+    def train(name, **kw):
+        calls.clear()
+        cfg = kd_config(iters=9, batch_size=2, val_interval=3, output_dir=str(tmp_path / name), **kw)
+        r = TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("task", PROMPTS)
+        adapter = {k: np.array(v) for k, v in mx.load(str(tmp_path / name / "task/adapters.safetensors")).items()}
+        return r, adapter, list(calls)
+
+    r_kept, kept, kept_calls = train("kept")
+    r_every, every, every_calls = train("every", teacher_states_memory_gb=0)
+    n_examples = r_kept.num_train_samples + r_kept.num_val_samples
+    assert 9 * 2 >= 2 * r_kept.num_train_samples  # 9 steps of 2: at least two epochs
+    assert len(kept_calls) == n_examples and all(shape[0] == 1 for shape in kept_calls)  # once each, alone
+    assert sum(shape[0] for shape in every_calls) > 2 * n_examples  # rows the teacher ran
+    for k in every:
+        np.testing.assert_allclose(kept[k], every[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert r_kept.final_val_kd == pytest.approx(r_every.final_val_kd, rel=1e-4)
+    _, _, tiny_budget = train("tiny-budget", teacher_states_memory_gb=1e-9)
+    assert sum(shape[0] for shape in tiny_budget) > 2 * n_examples
+
+
+def test_kept_states_are_not_used_for_on_policy_sequences(tiny_pair, kd_config):
+    from conch_dna.training.kd.targets import kept_states, teacher_targets
+
+    teacher, _ = tiny_pair
+    model, _ = load_model(str(teacher))
+    examples = {"train": [Example((1, 2, 3), 1)], "val": []}
+    assert teacher_targets(model, kd_config(), None, [0], [], examples=examples).__name__ == kept_states(None, {}).__name__
+    assert teacher_targets(model, kd_config(on_policy_lambda=0.5), None, [0], [], examples=examples).__name__ == "online"
+    assert teacher_targets(model, kd_config(), None, [0], [], examples=None).__name__ == "online"

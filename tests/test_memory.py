@@ -128,3 +128,47 @@ def test_refusal_suggests_a_memory_limit_when_the_teacher_pass_is_what_does_not_
     assert est["total"] > 0.9 * available
     with pytest.raises(MemoryPreflightError, match=r"memory_limit_gb=\d"):
         preflight(s, t, cfg, 16, 128, available=available)
+
+
+def test_a_budget_gets_the_fastest_setting_that_fits(pair):
+    """settings_for_budget walks SETTINGS_FASTEST_FIRST: no recompute while it fits, then the MLPs, then whole
+    blocks, then a memory limit, then smaller micro-batches with the same optimizer batch; too small: refused."""
+    from conch_dna.training.kd.memory import SETTINGS_FASTEST_FIRST, settings_for_budget
+
+    t, s = pair
+    cfg = KDConfig(batch_size=16, teacher_pass_tokens=512)
+    gb = 2**30
+
+    def need(update, batch=16):
+        return estimate_peak_bytes(s, t, cfg.model_copy(update=update), batch, 512)["total"]
+
+    plain, mlp, block = SETTINGS_FASTEST_FIRST[0], SETTINGS_FASTEST_FIRST[1], SETTINGS_FASTEST_FIRST[3]
+    assert settings_for_budget(s, t, cfg, 512, need(plain) / gb) == {**plain, "batch_size": 16, "grad_accumulation": 1,
+                                                                      "memory_limit_gb": None}
+    between = (need(mlp) + need(plain)) / 2 / gb  # the MLPs' recompute fits, no recompute does not
+    assert settings_for_budget(s, t, cfg, 512, between)["grad_checkpoint_scope"] == "mlp"
+    assert settings_for_budget(s, t, cfg, 512, need(block) / gb)["grad_checkpoint_scope"] == "block"
+    # Below whole blocks' estimate: a memory limit (when what the step holds fits) or smaller micro-batches.
+    tight = settings_for_budget(s, t, cfg, 512, need(block) / gb * 0.9)
+    assert tight["memory_limit_gb"] is not None or tight["batch_size"] < 16
+    assert tight["batch_size"] * tight["grad_accumulation"] == 16
+    chosen = cfg.model_copy(update=tight)
+    assert estimate_peak_bytes(s, t, chosen, tight["batch_size"], 512)["total"] <= need(block) * 0.9
+    with pytest.raises(MemoryPreflightError, match="no setting fits a memory budget of 0.001 GB"):
+        settings_for_budget(s, t, cfg, 512, 0.001)
+
+
+def test_distiller_applies_the_budget(tiny_pair, kd_config):
+    """memory_budget_gb replaces the memory settings before training (the result records them); a budget that
+    nothing fits is refused before the first step, with no adapter written."""
+    from conch_dna.training.kd.memory import SETTINGS_FASTEST_FIRST
+
+    teacher, student = tiny_pair
+    cfg = kd_config(iters=2, batch_size=4, memory_budget_gb=1.0, grad_checkpoint=True, loss_chunk_size=64)
+    r = TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("task", PROMPTS)
+    assert {k: r.config[k] for k in SETTINGS_FASTEST_FIRST[0]} == SETTINGS_FASTEST_FIRST[0]  # plenty: no recompute
+    assert (r.config["batch_size"], r.config["grad_accumulation"], r.config["memory_limit_gb"]) == (4, 1, None)
+    small = cfg.model_copy(update={"memory_budget_gb": 1e-4, "output_dir": cfg.output_dir / "small"})
+    with pytest.raises(MemoryPreflightError, match="no setting fits a memory budget"):
+        TrueKnowledgeDistiller(str(teacher), str(student), small).distill_domain("task", PROMPTS)
+    assert not (cfg.output_dir / "small/task/adapters.safetensors").exists()

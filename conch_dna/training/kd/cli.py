@@ -30,6 +30,9 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
     ap.add_argument("--max-new-tokens", type=int, help="teacher response length")
     ap.add_argument("--lora-rank", type=int)
     ap.add_argument("--memory-limit-gb", type=float, help="cap MLX's memory while training (see memory_limit_gb)")
+    ap.add_argument("--memory-budget-gb", type=float,
+                    help="fit training into this many GB: the fastest checkpointing, loss chunk, memory limit and "
+                    "micro-batch that fit are chosen (see memory_budget_gb)")
     ap.add_argument("--grad-checkpoint", choices=["block", "mlp"],
                     help="recompute the student's blocks (or only their MLPs) in the backward pass: less memory")
     ap.add_argument("--seed", type=int)
@@ -57,7 +60,8 @@ def overrides_from_args(args) -> dict:
     out = {k: v for k, v in {
         "temperature": args.temperature, "alpha": args.alpha, "divergence": args.divergence, "iters": args.iters,
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "max_seq_length": args.max_seq_length,
-        "seed": args.seed, "memory_limit_gb": args.memory_limit_gb, "teacher_model_id": args.teacher,
+        "seed": args.seed, "memory_limit_gb": args.memory_limit_gb,
+        "memory_budget_gb": args.memory_budget_gb, "teacher_model_id": args.teacher,
         "student_model_id": args.student, "output_dir": args.output, "text": args.text, "text_share": args.text_share,
         "on_policy_lambda": args.on_policy,
     }.items() if v is not None}

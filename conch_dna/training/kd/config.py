@@ -139,6 +139,14 @@ class KDConfig(BaseSettings):
     memory_limit_gb: float | None = Field(
         None, gt=0.0, le=1e6, allow_inf_nan=False, description="cap MLX's memory during training (mx.set_memory_limit): past it MLX waits for "
         "running work to free its temporaries instead of allocating more; None = MLX's default")
+    teacher_states_memory_gb: float = Field(
+        1.0, ge=0.0, le=1e6, allow_inf_nan=False, description="online targets: keep the teacher's final hidden "
+        "states of the fixed training and validation examples in memory when they fit in this many GB, so that "
+        "only the first epoch runs the teacher (exact; not with on-policy sequences or a text corpus); 0 = off")
+    memory_budget_gb: float | None = Field(
+        None, gt=0.0, le=1e6, allow_inf_nan=False, description="fit the training step into this many GB: the "
+        "fastest checkpointing, loss chunk, memory limit and micro-batch whose estimated peak fits are chosen "
+        "(they replace those settings; the batch the optimizer sees stays); None = the settings as given")
     memory_preflight: bool = Field(True, description="refuse settings whose estimated peak memory does not fit")
 
     # Validation and checkpoints

@@ -60,7 +60,7 @@ from conch_dna.training.kd.evaluate import (
     eos_id,
     generation_metrics,
 )
-from conch_dna.training.kd.memory import preflight
+from conch_dna.training.kd.memory import preflight, settings_for_budget
 from conch_dna.training.kd.report import Reporter
 from conch_dna.training.kd.targets import cross_targets, teacher_targets
 from conch_dna.training.kd.trainer import (
@@ -359,8 +359,12 @@ class TrueKnowledgeDistiller:
         # generated the teacher data (which also draws random numbers), and data-parallel ranks start equal.
         mx.random.seed(cfg.seed)
         num_layers = apply_lora(student, cfg)
+        running_teacher = self.teacher if cfg.teacher_targets == "online" else None
+        if cfg.memory_budget_gb is not None:
+            update = settings_for_budget(student, running_teacher, cfg, longest, cfg.memory_budget_gb)
+            log.info("memory budget", budget_gb=cfg.memory_budget_gb, **update)
+            cfg = cfg.model_copy(update=update)
         if cfg.memory_preflight:
-            running_teacher = self.teacher if cfg.teacher_targets == "online" else None
             # Across tokenizers the student's full logits exist (the reference loss): estimate that.
             est = preflight(student, running_teacher, cfg.model_copy(update={"loss_impl": "reference"}) if cross else cfg,
                             cfg.batch_size, longest)
@@ -369,8 +373,9 @@ class TrueKnowledgeDistiller:
         if cross:
             targets_fn = cross_targets(self.teacher, cfg, train, val, cross["vmap"], lock=self.teacher_lock)
         else:
+            fixed = None if cfg.text is not None else {"train": train, "val": val}  # a corpus streams
             targets_fn = teacher_targets(self.teacher, cfg, cache, train_idx, val_idx, vocab, lock=self.teacher_lock,
-                                         prefetch=use_prefetch(cfg))
+                                         prefetch=use_prefetch(cfg), examples=fixed)
 
         def student_writes(examples):
             g = cfg.generation

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 
 from conch_dna.training.kd import kernels
 from conch_dna.training.kd.losses import (
@@ -306,12 +307,22 @@ def fused_objective(
     if teacher_targets is None:
         t_body, t_head = model_parts(teacher)
         teacher_targets = TeacherStates(mx.stop_gradient(t_body(tokens)), t_head)
+    # Only the scored rows go through the output heads: prompts and padding are about half of a chat batch,
+    # and the heads are most of the loss's cost. Not when compiled: the row count would change the shapes.
+    rows = None if compiled else scored_rows(mask)
+    pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+    h, targets, mask = pick(h.reshape(B * L1, D)), pick(targets), pick(mask)
     if isinstance(teacher_targets, TeacherStates):
-        h_t = teacher_targets.hidden[:, :-1]
-        return fused_kd_loss(h.reshape(B * L1, D), head, h_t.reshape(B * L1, -1), targets, mask,
-                             teacher_head=_cut(teacher_targets.head, vocab), **kw)
-    t = SparseTargets(*(x[:, :-1].reshape(B * L1, *x.shape[2:]) for x in teacher_targets))
-    return fused_kd_loss(h.reshape(B * L1, D), head, t, targets, mask, **kw)
+        h_t = pick(teacher_targets.hidden[:, :-1].reshape(B * L1, -1))
+        return fused_kd_loss(h, head, h_t, targets, mask, teacher_head=_cut(teacher_targets.head, vocab), **kw)
+    t = SparseTargets(*(pick(x[:, :-1].reshape(B * L1, *x.shape[2:])) for x in teacher_targets))
+    return fused_kd_loss(h, head, t, targets, mask, **kw)
+
+
+def scored_rows(mask: mx.array) -> mx.array | None:
+    """Indices of the true entries of a flat mask, or None when all (or none) are true."""
+    keep = np.flatnonzero(np.array(mask))
+    return mx.array(keep.astype(np.int32)) if 0 < keep.size < mask.size else None
 
 
 def _cut(head: Head, vocab: int | None) -> Head:

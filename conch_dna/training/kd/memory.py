@@ -19,6 +19,9 @@ and what the student's step keeps: `held_student_bytes`, from measurements, with
 work). Teacher prefetch (the next pass beside the student's step) did not raise the measured peak (H100,
 batch 8: 24.91 vs 24.89 GB; 15.29 vs 15.01 GB under a 15 GB limit), so it adds nothing here.
 
+`settings_for_budget` turns the estimate around: for a memory budget (`memory_budget_gb`, `--memory-budget-gb`)
+it picks the fastest checkpointing, loss chunk, memory limit and micro-batch whose estimate fits.
+
 Calibrated against the H100 runs of docs/benchmarks.md (Qwen2.5 1.5B -> 0.5B, compiled step): with the
 1.25 margin, which covers allocator caching, 35.9 / 17.6 / 58.2 GB estimated vs 24.9 / 15.3 / 38.4 GB
 measured (batch 8 chunk 2048; batch 8 chunk 1024 checkpointed; batch 16 chunk 2048). Under a limit: 15.0 /
@@ -144,6 +147,43 @@ def held_student_bytes(s: Shapes, config, tokens: int, dtype_bytes: int, rows: i
     fused = config.loss_impl == "fused"
     loss_bytes_per_value = 4 * dtype_bytes if fused and kernels.available() else 24  # 3 buffers + room for the matmul
     return int(tokens * values * dtype_bytes + rows * s.vocab * loss_bytes_per_value)
+
+
+# Memory settings from fastest to slowest, as measured through the trainer on an H100 and an H200
+# (docs/benchmarks.md, Qwen2.5 1.5B -> 0.5B shapes): no recompute; only the MLPs recomputed (what a block keeps
+# is mostly its MLP's); whole blocks recomputed; with smaller loss chunks last (more, smaller matmuls).
+SETTINGS_FASTEST_FIRST = (
+    {"grad_checkpoint": False, "loss_chunk_size": 2048},
+    {"grad_checkpoint": True, "grad_checkpoint_scope": "mlp", "loss_chunk_size": 2048},
+    {"grad_checkpoint": True, "grad_checkpoint_scope": "mlp", "loss_chunk_size": 1024},
+    {"grad_checkpoint": True, "grad_checkpoint_scope": "block", "loss_chunk_size": 1024},
+    {"grad_checkpoint": True, "grad_checkpoint_scope": "block", "loss_chunk_size": 512},
+)
+LIMIT_SHARE = 0.95  # memory_limit_gb = 95% of the budget: MLX overshot its limit by at most 0.5% (15.07 / 15 GB)
+
+
+def settings_for_budget(student, teacher, config, seq: int, budget_gb: float) -> dict:
+    """The fastest memory settings whose estimated peak fits `budget_gb`, as a `KDConfig` update.
+
+    In order: each of `SETTINGS_FASTEST_FIRST` without a memory limit (its whole estimate fits); then each with
+    `memory_limit_gb` at 95% of the budget (what the step must hold fits under it: MLX waits for work in
+    flight instead of allocating past it); then the same with smaller micro-batches (divisors of the batch, with `grad_accumulation` raised:
+    the optimizer sees the same batch). Raises `MemoryPreflightError` when nothing fits."""
+    budget = budget_gb * 2**30
+    global_batch = config.batch_size * config.grad_accumulation
+    for micro in [m for m in range(config.batch_size, 0, -1) if global_batch % m == 0]:
+        base = {"batch_size": micro, "grad_accumulation": global_batch // micro}
+        for limited in (False, True):
+            for settings in SETTINGS_FASTEST_FIRST:
+                update = {**base, **settings, "memory_limit_gb": round(LIMIT_SHARE * budget_gb, 2) if limited else None}
+                alt = config.model_copy(update=update)
+                if estimate_peak_bytes(student, teacher, alt, micro, seq)["total"] <= (LIMIT_SHARE if limited else 1) * budget:
+                    return update
+    weights = param_bytes(student) + (param_bytes(teacher) if teacher is not None else 0)
+    raise MemoryPreflightError(
+        f"no setting fits a memory budget of {budget_gb:g} GB for sequences of {seq} tokens: even one sequence with "
+        f"whole blocks recomputed is estimated above it (the weights alone are {weights / 2**30:.1f} GB). Raise the "
+        "budget, shorten max_seq_length, or use smaller models.")
 
 
 def preflight(student, teacher, config, batch: int, seq: int, available: int | None = None) -> dict:

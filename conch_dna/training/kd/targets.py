@@ -3,7 +3,8 @@
 Three sources, each a plain function of what it needs (no distiller): the teacher run online on every batch
 (the default: its final hidden states, turned into logits chunk by chunk by the fused loss), top-k logits
 cached on disk, and, for a teacher with another tokenizer, its logits at the positions aligned with the
-student's tokenization.
+student's tokenization. `kept_states` wraps the online source: a fixed example's states are computed once
+and kept in memory, so that later epochs skip the teacher's forward pass (still exact, dense targets).
 
     targets_fn = online_targets(teacher, config, vocab=None, lock=teacher_lock)
     targets = targets_fn([0, 1, 2], "train", padded_tokens)
@@ -12,6 +13,7 @@ student's tokenization.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import mlx.core as mx
@@ -47,6 +49,42 @@ def online_targets(teacher, config: KDConfig, vocab: int | None = None, lock: th
     return online
 
 
+def kept_states(online, examples: dict[str, Sequence[Example]]):
+    """`online` (whose targets are `TeacherStates`), computed once per example and kept: the teacher is frozen,
+    so its states for a fixed example never change, and a multi-epoch run (the main command trains 5 epochs
+    of 24 answers) would otherwise repeat its forward pass every epoch (a quarter of a CPU step).
+
+    Each example is run alone at its own length, so its states do not depend on which batch first needed it
+    (a resumed run gets the same bits as an uninterrupted one). Batches are rebuilt by padding the kept rows
+    with zeros: padded positions are masked out of the loss. Not for sequences that change between steps
+    (on-policy answers): `examples[split][i]` must be what index i of that split always means."""
+    kept: dict[tuple[str, int], mx.array] = {}
+    head = None
+
+    def targets(idx, split, tokens):
+        nonlocal head
+        rows = []
+        for i in idx:
+            if (split, i) not in kept:
+                states = online([i], split, mx.array([examples[split][i].tokens]))
+                head = states.head
+                kept[(split, i)] = states.hidden[0]
+                mx.eval(kept[(split, i)])
+            rows.append(kept[(split, i)])
+        width = tokens.shape[1]
+        rows = [r[:width] if r.shape[0] >= width else mx.pad(r, [(0, width - r.shape[0]), (0, 0)]) for r in rows]
+        return TeacherStates(mx.stack(rows), head)
+
+    return targets
+
+
+def kept_states_bytes(teacher, examples: dict[str, Sequence[Example]]) -> int:
+    """What `kept_states` would hold once every example has been seen: tokens x hidden width x dtype bytes."""
+    body, _ = model_parts(teacher)
+    probe = body(mx.array([[1]]))
+    return sum(len(e.tokens) for part in examples.values() for e in part) * probe.shape[-1] * probe.dtype.size
+
+
 def cached_targets(cache: TeacherCache, train_idx: list[int], val_idx: list[int]):
     """Top-k logits written once with the teacher's answers (`teacher_targets = "cache"`); `train_idx` and
     `val_idx` map the trainer's split positions to the cache's examples."""
@@ -59,12 +97,19 @@ def cached_targets(cache: TeacherCache, train_idx: list[int], val_idx: list[int]
 
 
 def teacher_targets(teacher, config: KDConfig, cache: TeacherCache | None, train_idx: list[int], val_idx: list[int],
-                    vocab: int | None = None, lock: threading.Lock | None = None, prefetch: bool = False):
+                    vocab: int | None = None, lock: threading.Lock | None = None, prefetch: bool = False,
+                    examples: dict[str, Sequence[Example]] | None = None):
     """The targets `config.teacher_targets` asks for, teacher and student sharing a tokenizer: `cached_targets`
-    ("cache") or `online_targets` ("online")."""
+    ("cache") or `online_targets` ("online"); online states are kept (`kept_states`) when `examples` (the
+    fixed "train" and "val" lists) are given, no sequence is written during training, the teacher's output
+    splits into hidden states and a head, and their states fit `config.teacher_states_memory_gb`."""
     if config.teacher_targets == "cache":
         return cached_targets(cache, train_idx, val_idx)
-    return online_targets(teacher, config, vocab, lock=lock, prefetch=prefetch)
+    online = online_targets(teacher, config, vocab, lock=lock, prefetch=prefetch)
+    if (examples is None or config.on_policy_lambda > 0 or not parts_match(teacher)
+            or kept_states_bytes(teacher, examples) > config.teacher_states_memory_gb * 2**30):
+        return online
+    return kept_states(online, examples)
 
 
 def cross_targets(teacher, config: KDConfig, train: list[Example], val: list[Example], vmap: dict,
@@ -93,4 +138,4 @@ def cross_targets(teacher, config: KDConfig, train: list[Example], val: list[Exa
     return targets
 
 
-__all__ = ["cached_targets", "cross_targets", "online_targets", "teacher_targets"]
+__all__ = ["cached_targets", "cross_targets", "kept_states", "kept_states_bytes", "online_targets", "teacher_targets"]
