@@ -4,6 +4,8 @@
     python scripts/bench_kd.py --preset tiny                      # CPU, reference and fused side by side
     python scripts/bench_kd.py --preset qwen2.5-1.5b->0.5b --batch 8 --impl fused    # on the GPU machine
     python scripts/bench_kd.py --preset smollm2 --real            # the real default pair (+ cache, generation)
+    python scripts/bench_kd.py --preset qwen2.5-1.5b->0.5b --frontier --peer-liger PEER.py --out F.jsonl --plot F.png
+                                                                  # best tokens/s per memory budget, ours and peers
 
 Prints one JSON line per run (tokens/s, peak memory, step-time split, model FLOP utilisation) and a table.
 Random weights of the preset's shapes unless --real. Shapes of `qwen2.5-1.5b->0.5b` match
@@ -40,7 +42,7 @@ PEER_LORA = {  # as in peer_torch_kd.py: r=16 on q, k, v, o
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM)
 
 
-def build(shape: dict, vocab: int, dtype):
+def build(shape: dict, vocab: int, dtype, materialize: bool = True):
     from mlx_lm.models import llama, qwen2
 
     cfg = dict(hidden_size=shape["hidden"], num_hidden_layers=shape["layers"], intermediate_size=shape["inter"],
@@ -52,7 +54,8 @@ def build(shape: dict, vocab: int, dtype):
     else:
         model = llama.Model(llama.ModelArgs.from_dict({**cfg, "model_type": "llama"}))
     model.set_dtype(dtype)
-    mx.eval(model.parameters())
+    if materialize:  # unevaluated, a model's shapes and byte counts are known without allocating its weights
+        mx.eval(model.parameters())
     return model
 
 
@@ -236,7 +239,8 @@ def run_trainer(args) -> dict:
     mx.random.seed(0)
     teacher, student = build(t_shape, vocab, dtype), build(s_shape, vocab, dtype)
     iters = args.warmup + args.steps
-    cfg = KDConfig(lora=PEER_LORA,
+    accumulation = args.grad_accumulation
+    cfg = KDConfig(lora=PEER_LORA, grad_accumulation=accumulation,
                    temperature=2.0, alpha=0.7, loss_chunk_size=args.chunk, batch_size=batch, iters=iters,
                    learning_rate=1e-4, lr_schedule="constant", val_fraction=0.0, val_interval=10**6,
                    checkpoint_interval=10**6, grad_checkpoint=args.grad_checkpoint,
@@ -244,7 +248,12 @@ def run_trainer(args) -> dict:
                    teacher_pass_tokens=args.teacher_pass_tokens,
                    compile_step=args.compile, teacher_prefetch=args.prefetch, memory_limit_gb=args.memory_limit_gb)
     n_blocks = apply_lora(student, cfg)
-    rng = mx.random.randint(1, vocab, (batch * iters, seq)).tolist()
+    if args.memory_budget_gb is not None:  # as the distiller does with memory_budget_gb
+        from conch_dna.training.kd.memory import settings_for_budget
+
+        cfg = cfg.model_copy(update=settings_for_budget(student, teacher, cfg, seq, args.memory_budget_gb))
+        batch, accumulation = cfg.batch_size, cfg.grad_accumulation
+    rng = mx.random.randint(1, vocab, (batch * accumulation * iters, seq)).tolist()
     train = [Example(tuple(row), 1) for row in rng]  # the loss on every position after the first
     targets_fn = online_targets(teacher, cfg, prefetch=use_prefetch(cfg))  # the distiller's online targets
     times = []
@@ -261,10 +270,132 @@ def run_trainer(args) -> dict:
                       reporter=on_event)
     dt = (times[-1] - times[args.warmup - 1]) / args.steps
     device = mx.device_info().get("device_name", str(mx.default_device()))
-    return {"impl": "mlx-trainer", "preset": args.preset, "device": device, "dtype": str(dtype), "B": batch, "T": seq,
-            "chunk": args.chunk, "grad_checkpoint": args.grad_checkpoint and f"{args.checkpoint_scope} every {args.checkpoint_every}",
-            "compiled": use_compile(cfg), "teacher_prefetch": use_prefetch(cfg), "memory_limit_gb": args.memory_limit_gb,
-            "step_s": round(dt, 4), "tok_s": round(batch * seq / dt, 1), "peak_gb": round(mx.get_peak_memory() / 2**30, 2)}
+    return {"impl": "mlx-trainer", "preset": args.preset, "device": device, "dtype": str(dtype),
+            "B": batch * accumulation, "micro_batch": batch, "T": seq, "chunk": cfg.loss_chunk_size,
+            "grad_checkpoint": cfg.grad_checkpoint and f"{cfg.grad_checkpoint_scope} every {cfg.grad_checkpoint_every}",
+            "compiled": use_compile(cfg), "teacher_prefetch": use_prefetch(cfg), "memory_limit_gb": cfg.memory_limit_gb,
+            "memory_budget_gb": args.memory_budget_gb,
+            "step_s": round(dt, 4), "tok_s": round(batch * accumulation * seq / dt, 1),
+            "peak_gb": round(mx.get_peak_memory() / 2**30, 2)}
+
+
+def frontier_settings(args) -> list[dict]:
+    """Our settings to run: for each batch of --frontier-batches and each budget, what `settings_for_budget`
+    chooses (the same rule as the distiller's memory_budget_gb), each distinct one once."""
+    from conch_dna.training.kd import KDConfig
+    from conch_dna.training.kd.memory import MemoryPreflightError, settings_for_budget
+    from conch_dna.training.kd.trainer import apply_lora
+
+    t_shape, s_shape, vocab, _, seq = PRESETS[args.preset]
+    dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    teacher, student = build(t_shape, vocab, dtype, materialize=False), build(s_shape, vocab, dtype, materialize=False)
+    apply_lora(student, KDConfig(lora=PEER_LORA))
+    chosen = []
+    for batch in args.frontier_batches:
+        for budget in args.budgets:
+            cfg = KDConfig(lora=PEER_LORA, batch_size=batch, temperature=2.0, alpha=0.7)
+            try:
+                s = {"batch": batch, **settings_for_budget(student, teacher, cfg, args.seq or seq, budget)}
+            except MemoryPreflightError:
+                continue
+            if s not in chosen:
+                chosen.append(s)
+    return chosen
+
+
+def child(cmd: list[str], label: str, timeout: float) -> dict:
+    """Run one benchmark process; its last JSON line, or an error row (an out-of-memory ends only that run)."""
+    import subprocess
+
+    print(f"== {label}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        rows = [line for line in p.stdout.splitlines() if line.startswith("{")]
+        row = json.loads(rows[-1]) if rows else {"error": (p.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    except subprocess.TimeoutExpired:
+        row = {"error": f"timed out after {timeout:.0f} s"}
+    return {"label": label, **row}
+
+
+def run_frontier(args, report) -> list[dict]:
+    """Ours and the peers, side by side, --repeats times (interleaved, so a slow patch of the machine hits all)."""
+    me = [sys.executable, str(Path(__file__).resolve()), "--preset", args.preset, "--trainer", "--warmup", "2",
+          "--steps", str(args.steps)] + (["--seq", str(args.seq)] if args.seq else [])
+    runs = []
+    ours = frontier_settings(args)
+    for r in range(args.repeats):
+        for s in ours:
+            cmd = me + ["--batch", str(s["batch_size"]), "--grad-accumulation", str(s["grad_accumulation"]),
+                        "--chunk", str(s["loss_chunk_size"])]
+            if s["grad_checkpoint"]:
+                cmd += ["--grad-checkpoint", "--checkpoint-scope", s["grad_checkpoint_scope"]]
+            if s["memory_limit_gb"] is not None:
+                cmd += ["--memory-limit-gb", str(s["memory_limit_gb"])]
+            label = (f"conch_dna B{s['batch']}" + (f" (micro {s['batch_size']})" if s["grad_accumulation"] > 1 else "")
+                     + (f" ckpt {s['grad_checkpoint_scope']}" if s["grad_checkpoint"] else "") + f" chunk {s['loss_chunk_size']}"
+                     + (f" limit {s['memory_limit_gb']}" if s["memory_limit_gb"] is not None else ""))
+            runs.append(report({"who": "conch_dna", "repeat": r, **child(cmd, label, args.run_timeout)}))
+        for peer, path, variants in (("liger", args.peer_liger, [(b, c) for b in args.peer_batches for c in (False, True)]),
+                                     ("torch", args.peer_torch, [(b, False) for b in args.peer_torch_batches])):
+            if not path:
+                continue
+            for batch, ckpt in variants:
+                cmd = [sys.executable, path, str(batch)] + (["ckpt"] if ckpt else [])
+                label = f"{peer} B{batch}" + (" ckpt" if ckpt else "")
+                runs.append(report({"who": peer, "repeat": r, **child(cmd, label, args.run_timeout)}))
+    return runs
+
+
+def summarise_frontier(runs: list[dict], budgets: list[float], plot: str | None = None) -> str:
+    """Per budget and implementation: the best median tokens/s of a setting whose every run stayed within it."""
+    import statistics
+
+    by_setting: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        if "tok_s" in r:
+            by_setting.setdefault((r["who"], r["label"]), []).append(r)
+    whos = sorted({who for who, _ in by_setting}, key=lambda w: (w != "conch_dna", w))
+    table = {}
+    for budget in budgets:
+        for who in whos:
+            fits = [(statistics.median(x["tok_s"] for x in rs), label, rs) for (w, label), rs in by_setting.items()
+                    if w == who and max(x["peak_gb"] for x in rs) <= budget]
+            table[(budget, who)] = max(fits, key=lambda f: f[0]) if fits else None
+    lines = ["| budget | " + " | ".join(f"{w}: best tokens/s (runs), setting, peak GB" for w in whos)
+             + " | conch_dna / best peer |", "|---" * (len(whos) + 2) + "|"]
+    for budget in budgets:
+        cells = []
+        for who in whos:
+            best = table[(budget, who)]
+            cells.append("none fits" if best is None else
+                         f"**{best[0] / 1e3:.1f}k** ({', '.join('%.1fk' % (x['tok_s'] / 1e3) for x in best[2])}), {best[1]}, "
+                         f"{max(x['peak_gb'] for x in best[2]):.1f}")
+        ours = table.get((budget, "conch_dna"))
+        peers = [table[(budget, w)][0] for w in whos if w != "conch_dna" and table[(budget, w)]]
+        ratio = f"{ours[0] / max(peers):.2f}x" if ours and peers else "-"
+        lines.append(f"| {budget:g} GB | " + " | ".join(cells) + f" | {ratio} |")
+    if plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("(no matplotlib: the plot was not drawn)", file=sys.stderr)
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            for who in whos:
+                pts = sorted((x["peak_gb"], x["tok_s"] / 1e3) for (w, _), rs in by_setting.items() if w == who for x in rs)
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, alpha=0.5)
+                ys = [table[(b, who)][0] / 1e3 if table[(b, who)] else None for b in budgets]
+                ax.step([0] + list(budgets), [0] + [y or 0 for y in ys], where="post", label=f"{who}: best within budget")
+            ax.set_xlabel("peak memory / budget (GB)")
+            ax.set_ylabel("tokens/s (thousands)")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(plot, dpi=120)
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -292,6 +423,22 @@ def main() -> None:
     ap.add_argument("--out", help="append the JSON lines to this file")
     ap.add_argument("--trainer", action="store_true", help="time the trainer's loop end to end (train_with_kd)")
     ap.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto", help="with --trainer: teacher_prefetch")
+    ap.add_argument("--grad-accumulation", type=int, default=1, help="with --trainer: micro-batches per step")
+    ap.add_argument("--memory-budget-gb", type=float,
+                    help="with --trainer: the settings memory_budget_gb would choose (they replace the flags)")
+    ap.add_argument("--frontier", action="store_true",
+                    help="best tokens/s within each of --budgets, ours (--frontier-batches) and the peers', in fresh processes")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[8, 16, 25, 40])
+    ap.add_argument("--frontier-batches", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--peer-liger", help="path of ../shared/bench/peer_liger_kd.py (on the machine)")
+    ap.add_argument("--peer-batches", type=int, nargs="+", default=[8, 16, 32], help="Liger peer: batches (each with and without checkpointing)")
+    ap.add_argument("--peer-torch", help="path of ../shared/bench/peer_torch_kd.py")
+    ap.add_argument("--peer-torch-batches", type=int, nargs="+", default=[8])
+    ap.add_argument("--repeats", type=int, default=1, help="--frontier: runs of each setting")
+    ap.add_argument("--run-timeout", type=float, default=240, help="--frontier: seconds per run")
+    ap.add_argument("--dry-run", action="store_true", help="--frontier: print our settings per budget and stop")
+    ap.add_argument("--summarise", metavar="JSONL", help="--frontier's table (and --plot) from its --out file")
+    ap.add_argument("--plot", help="--frontier / --summarise: draw the frontier into this PNG")
     args = ap.parse_args()
 
     def report(r: dict) -> None:
@@ -300,6 +447,18 @@ def main() -> None:
             with open(args.out, "a") as f:
                 f.write(json.dumps(r) + "\n")
 
+    if args.summarise:
+        runs = [json.loads(line) for line in Path(args.summarise).read_text().splitlines() if line.strip()]
+        print(summarise_frontier(runs, args.budgets, args.plot))
+        return
+    if args.frontier:
+        if args.dry_run:
+            for s in frontier_settings(args):
+                print(json.dumps(s))
+            return
+        runs = run_frontier(args, lambda r: (report(r), r)[1])
+        print(summarise_frontier(runs, args.budgets, args.plot))
+        return
     if args.trainer:  # train_with_kd applies the memory limit itself
         if args.warmup < 2:
             ap.error("--trainer needs --warmup >= 2 (the first step compiles)")

@@ -61,3 +61,10 @@ if [ "$part" = d ]; then
   tr --batch 16 --chunk 2048 --grad-checkpoint --checkpoint-scope mlp --memory-limit-gb 24
   python3 scripts/block_memory.py --batch 8 --dtype bfloat16 | tee "$OUT/block_memory.txt"
 fi
+if [ "$part" = frontier ]; then
+  # Session 8 (issue 22): the best tokens/s within 8, 16, 25 and 40 GB, ours (settings_for_budget's choice for
+  # batches 8 and 16) and the Liger peer's (batches 8, 16, 32, each with and without checkpointing).
+  python3 scripts/bench_kd.py --preset "$P" --frontier --frontier-batches 8 16 --peer-liger "${LIGER:-.carry/b/peer_liger_kd.py}" \
+    --peer-batches 8 16 32 --steps 8 --repeats "${REPEATS:-1}" --run-timeout 150 \
+    --out "$OUT/frontier.jsonl" --plot "$OUT/frontier.png" 2> "$OUT/frontier.err"
+fi

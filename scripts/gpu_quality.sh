@@ -2,7 +2,7 @@
 # Session 6 on the GPU machine (one H200): the neuron-quality sweep at the README main command's budget and
 # the long corpus-KD curve of the 16-layer pruned student. MLX staged in /tmp/site (../shared/device/mlx-cuda.md);
 # the SmolLM2 GGUF at $GGUF; the corpus (python3.11-doc's reST sources) at $TEXT. Results under $OUT.
-#   bash scripts/gpu_quality.sh prepare | sweep | candidates | curve
+#   bash scripts/gpu_quality.sh prepare | sweep | methods | loops | candidates | curve
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CONCH_CACHE_DIR=${CONCH_CACHE_DIR:-/tmp/cache}
 OUT=${OUT:-/tmp/out}
@@ -24,6 +24,14 @@ case "$1" in
     CONCH_KD_COMPILE_STEP=off python3 scripts/benchmark_neurons.py --students default-student --seeds 0 1 \
       --methods untrained kd sft on_policy reverse_kl jsd --work /tmp/work --out "$OUT/methods.md" 2>"$OUT/methods.log" \
       > "$OUT/methods.out" ;;
+  loops)  # session 8: what closes >= 60% of the KL gap without loops: T 1, pure KD, reverse KL, JSD, 60 steps, on-policy
+    CONCH_KD_COMPILE_STEP=off python3 scripts/benchmark_neurons.py --students default-student --seeds 0 1 \
+      --methods untrained a07_t1 a1_t1 rkl_a07 jsd_a07 a07_it60 a1_t1_it60 onp_a1_t1 \
+      --set a07_t1 alpha=0.7 temperature=1 --set a1_t1 alpha=1 temperature=1 \
+      --set rkl_a07 alpha=0.7 divergence=reverse_kl --set jsd_a07 alpha=0.7 divergence=jsd \
+      --set a07_it60 alpha=0.7 iters=60 --set a1_t1_it60 alpha=1 temperature=1 iters=60 \
+      --set onp_a1_t1 alpha=1 temperature=1 on_policy_lambda=0.5 \
+      --work /tmp/work --out "$OUT/loops.md" 2>"$OUT/loops.log" | grep -v '"event"' ;;
   candidates)  # the other offline students, before and after KD
     CONCH_KD_COMPILE_STEP=off python3 scripts/benchmark_neurons.py --seeds 0 1 \
       --students smollm2-135m-instruct-q3 smollm2-135m-instruct-pruned16 smollm2-135m-instruct-pruned16-q4 \

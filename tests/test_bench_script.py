@@ -38,3 +38,37 @@ def test_block_memory_orders_the_checkpoint_scopes():
     assert run.returncode == 0, run.stderr[-2000:]
     kept = {r["scope"]: r["per_block_mib"] for r in map(json.loads, (x for x in run.stdout.splitlines() if x.startswith("{")))}
     assert kept["block"] < kept["mlp"] < kept["none"], kept
+
+
+FAKE_PEER = """import json, sys
+b = int(sys.argv[1]); ckpt = "ckpt" in sys.argv[2:]
+print("warming up")
+print(json.dumps({"impl": "fake", "B": b, "T": 64, "tok_s": 1000.0 * b, "peak_gb": (0.01 if ckpt else 0.5) * b}))
+"""
+
+
+def test_frontier_runs_ours_and_a_peer_and_keeps_to_each_budget(tmp_path):
+    """--frontier: our settings chosen per budget by settings_for_budget, the peer's batches with and without
+    checkpointing, every run in its own process; per budget, only runs whose peak stayed within it count."""
+    peer = tmp_path / "peer.py"
+    peer.write_text(FAKE_PEER)
+    out = tmp_path / "frontier.jsonl"
+    run = subprocess.run([sys.executable, "scripts/bench_kd.py", "--preset", "tiny", "--seq", "64", "--frontier",
+                          "--budgets", "0.05", "1000", "--frontier-batches", "2", "--steps", "1", "--peer-liger", str(peer),
+                          "--peer-batches", "2", "4", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ours = [r for r in rows if r["who"] == "conch_dna"]
+    liger = [r for r in rows if r["who"] == "liger"]
+    assert ours and all(r["tok_s"] > 0 and r["peak_gb"] > 0 and r["B"] == 2 for r in ours), ours
+    assert sorted(r["label"] for r in liger) == ["liger B2", "liger B2 ckpt", "liger B4", "liger B4 ckpt"]
+    table = {line.split("|")[1].strip(): line for line in run.stdout.splitlines() if line.startswith("| ") and "GB |" in line}
+    # 0.05 GB: of the peer's runs only the checkpointed ones fit (0.02, 0.04 GB); the best is B4 at 4000 tokens/s.
+    assert "**4.0k** (4.0k), liger B4 ckpt, 0.0" in table["0.05 GB"]
+    # 1000 GB: everything fits; the peer's best is still 4000 tokens/s, and the ratio is ours over it.
+    best_ours = max(r["tok_s"] for r in ours)
+    assert f"{best_ours / 4000:.2f}x" in table["1000 GB"]
+    # The table can be rebuilt from the JSON lines alone.
+    again = subprocess.run([sys.executable, "scripts/bench_kd.py", "--summarise", str(out), "--budgets", "0.05", "1000"],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 0 and table["1000 GB"] in again.stdout
