@@ -240,7 +240,8 @@ def run_trainer(args) -> dict:
     teacher, student = build(t_shape, vocab, dtype), build(s_shape, vocab, dtype)
     iters = args.warmup + args.steps
     accumulation = args.grad_accumulation
-    cfg = KDConfig(lora=PEER_LORA, grad_accumulation=accumulation,
+    cfg = KDConfig(lora=PEER_LORA, grad_accumulation=accumulation,  # ids, not the offline defaults: random weights
+                   teacher_model_id=f"random-{args.preset}-teacher", student_model_id=f"random-{args.preset}-student",
                    temperature=2.0, alpha=0.7, loss_chunk_size=args.chunk, batch_size=batch, iters=iters,
                    learning_rate=1e-4, lr_schedule="constant", val_fraction=0.0, val_interval=10**6,
                    checkpoint_interval=10**6, grad_checkpoint=args.grad_checkpoint,
