@@ -385,12 +385,13 @@ def summarise_frontier(runs: list[dict], budgets: list[float], plot: str | None 
             print("(no matplotlib: the plot was not drawn)", file=sys.stderr)
         else:
             fig, ax = plt.subplots(figsize=(7, 4))
-            for who in whos:
+            for i, who in enumerate(whos):
+                color = f"C{i}"
                 pts = sorted((x["peak_gb"], x["tok_s"] / 1e3) for (w, _), rs in by_setting.items() if w == who for x in rs)
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, alpha=0.5)
-                ys = [table[(b, who)][0] / 1e3 if table[(b, who)] else None for b in budgets]
-                ax.step([0] + list(budgets), [0] + [y or 0 for y in ys], where="post", label=f"{who}: best within budget")
-            ax.set_xlabel("peak memory / budget (GB)")
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, alpha=0.4, color=color, label=f"{who}: each run")
+                best = [(b, table[(b, who)][0] / 1e3) for b in budgets if table[(b, who)]]
+                ax.plot([b for b, _ in best], [y for _, y in best], "o-", color=color, label=f"{who}: best within the budget")
+            ax.set_xlabel("peak GPU memory of a run / memory budget (GB)")
             ax.set_ylabel("tokens/s (thousands)")
             ax.legend()
             ax.grid(alpha=0.3)
