@@ -51,8 +51,8 @@ def online_targets(teacher, config: KDConfig, vocab: int | None = None, lock: th
 
 def kept_states(online, examples: dict[str, Sequence[Example]]):
     """`online` (whose targets are `TeacherStates`), computed once per example and kept: the teacher is frozen,
-    so its states for a fixed example never change, and a multi-epoch run (the main command trains 5 epochs
-    of 24 answers) would otherwise repeat its forward pass every epoch (a quarter of a CPU step).
+    so its states for a fixed example never change, and a multi-epoch run (the main command's 30 steps of 4
+    go over its 19 training answers 6 times) would otherwise repeat its forward pass every epoch (a quarter of a CPU step).
 
     Each example is run alone at its own length, so its states do not depend on which batch first needed it
     (a resumed run gets the same bits as an uninterrupted one). Batches are rebuilt by padding the kept rows
