@@ -324,6 +324,9 @@ def run_frontier(args, report) -> list[dict]:
           "--steps", str(args.steps)] + (["--seq", str(args.seq)] if args.seq else [])
     runs = []
     ours = frontier_settings(args)
+    # One unrecorded run first: in session 8 the first run on a freshly started H200 ran past its 100 s limit
+    # while the nine after it took ~28 s each (first use of the machine's CUDA kernels and caches, we think).
+    child(me + ["--batch", str(args.frontier_batches[0]), "--steps", "1"], "warm-up (not recorded)", args.run_timeout)
     for r in range(args.repeats):
         for s in ours:
             cmd = me + ["--batch", str(s["batch_size"]), "--grad-accumulation", str(s["grad_accumulation"]),
