@@ -29,6 +29,10 @@ def test_cli_flags_become_settings():
 
     args = build_parser().parse_args(["--domain", "task", "--memory-limit-gb", "15", "--batch-size", "8"])
     assert overrides_from_args(args) == {"memory_limit_gb": 15.0, "batch_size": 8}
+    args = build_parser().parse_args(["--domain", "task", "--memory-budget-gb", "16"])
+    assert KDConfig.load(**overrides_from_args(args)).memory_budget_gb == 16.0
+    with pytest.raises(ConfigError, match="memory_budget_gb"):
+        KDConfig.load(memory_budget_gb=-1)
     args = build_parser().parse_args(["--domain", "task", "--grad-checkpoint", "mlp"])
     cfg = KDConfig.load(**overrides_from_args(args))
     assert cfg.grad_checkpoint and cfg.grad_checkpoint_scope == "mlp" and cfg.grad_checkpoint_every == 1

@@ -78,11 +78,14 @@ def kept_states(online, examples: dict[str, Sequence[Example]]):
     return targets
 
 
-def kept_states_bytes(teacher, examples: dict[str, Sequence[Example]]) -> int:
-    """What `kept_states` would hold once every example has been seen: tokens x hidden width x dtype bytes."""
-    body, _ = model_parts(teacher)
-    probe = body(mx.array([[1]]))
-    return sum(len(e.tokens) for part in examples.values() for e in part) * probe.shape[-1] * probe.dtype.size
+def kept_states_bytes(teacher, examples: dict[str, Sequence[Example]]) -> int | None:
+    """What `kept_states` would hold once every example has been seen, at most: tokens x hidden width x 4
+    bytes (read from the model's arguments, not by running it: a live teacher may be busy). None when the
+    model does not say its width."""
+    width = getattr(getattr(teacher, "args", None), "hidden_size", None)
+    if not isinstance(width, int):
+        return None
+    return sum(len(e.tokens) for part in examples.values() for e in part) * width * 4
 
 
 def cached_targets(cache: TeacherCache, train_idx: list[int], val_idx: list[int]):
@@ -106,8 +109,10 @@ def teacher_targets(teacher, config: KDConfig, cache: TeacherCache | None, train
     if config.teacher_targets == "cache":
         return cached_targets(cache, train_idx, val_idx)
     online = online_targets(teacher, config, vocab, lock=lock, prefetch=prefetch)
-    if (examples is None or config.on_policy_lambda > 0 or not parts_match(teacher)
-            or kept_states_bytes(teacher, examples) > config.teacher_states_memory_gb * 2**30):
+    if examples is None or config.on_policy_lambda > 0 or not parts_match(teacher):
+        return online
+    size = kept_states_bytes(teacher, examples)
+    if size is None or size > config.teacher_states_memory_gb * 2**30:
         return online
     return kept_states(online, examples)
 
