@@ -5,13 +5,14 @@
         --methods untrained sft kd --seeds 0 1 2 --out docs/quality.md
 
 Every method trains on the same teacher answers to the domain's training prompts with the same budget (the
-README main command's: 30 steps x batch 4, LoRA rank 16 on attention + MLP, answers of up to 96 tokens,
+README main command's: 15 steps x batch 4, LoRA rank 16 on attention + MLP, answers of up to 96 tokens,
 sequences of 256). Each neuron is then judged on the domain's `held_out` prompts (config/domains.toml,
 never trained on) by `evaluate.generation_metrics`: KL(teacher || neuron) and top-1 agreement on the
 teacher's greedy answers; on its own greedy answers, repeated 4-grams, the teacher's NLL and the share that
 end with EOS. "KL gap closed" is (untrained - neuron) / untrained. Cost: weight bytes of the base (+ adapter)
 against the teacher's in bf16, and single-stream generation tokens/s on this machine.
-`--set name key=value ...` adds a method (e.g. `--set lr1e3 learning_rate=1e-3 temperature=1`).
+`--set name key=value ...` adds a method (e.g. `--set lr1e3 learning_rate=1e-3 temperature=1`). Method
+`untrained` is the student as it is; `start` is its adapter's residual start (lora.init) before any step.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
                     help="define a method: its name, then KDConfig overrides")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--max-new-tokens", type=int, default=96, help="teacher answers to train on")
     ap.add_argument("--max-seq-length", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=64, help="answer length on held-out prompts")
@@ -83,9 +84,9 @@ def main(argv=None) -> int:
     methods = dict(METHODS)
     for spec in args.set:
         methods[spec[0]] = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in spec[1:])}
-    unknown = [m for m in args.methods if m != "untrained" and m not in methods]
+    unknown = [m for m in args.methods if m not in ("untrained", "start") and m not in methods]
     if unknown:
-        ap.error(f"unknown methods {unknown}: known are untrained, {', '.join(methods)} (or define one with --set)")
+        ap.error(f"unknown methods {unknown}: known are untrained, start, {', '.join(methods)} (or define one with --set)")
 
     teacher, tok = load_model(args.teacher)
     results: dict = {"cost": {}, "domains": {}}
@@ -108,10 +109,14 @@ def main(argv=None) -> int:
         for student in args.students:
             per = rows.setdefault(student, {})
             for method in args.methods:
-                if method == "untrained":
+                if method in ("untrained", "start"):
                     s, _ = load_model(student)
+                    if method == "start":  # the adapter's residual start (lora.init), before any step
+                        start_only(s, teacher, tok, domain, args)
                     g = generation_metrics(s, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=args.eval_tokens)
-                    per["untrained"] = [{k: g[k] for k in FIGURES} | {"answer": g["answers"][0]}]
+                    per[method] = [{k: g[k] for k in FIGURES} | {"answer": g["answers"][0]}]
+                    print(json.dumps({"domain": domain, "student": student, "method": method,
+                                      **{k: round(g[k], 4) for k in FIGURES}}), flush=True)
                     continue
                 for seed in args.seeds:
                     cfg = KDConfig(**{"iters": args.iters, "max_seq_length": args.max_seq_length, "seed": seed,
@@ -143,6 +148,23 @@ def main(argv=None) -> int:
         Path(args.out).write_text(report)
         Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2))
     return 0
+
+
+def start_only(student, teacher, tok, domain: str, args) -> dict:
+    """Put `student` where training would start with lora.init = "residual": LoRA calibrated on the same
+    teacher answers (seed 0's training split) as the trained methods, no step taken."""
+    from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller, load_domains
+    from conch_dna.training.kd.data import split_examples
+    from conch_dna.training.kd.lora_init import CALIBRATION_EXAMPLES, residual_start
+    from conch_dna.training.kd.trainer import apply_lora
+
+    cfg = KDConfig(max_seq_length=args.max_seq_length, seed=0, output_dir=args.work, teacher_model_id=args.teacher,
+                   generation={"max_new_tokens": args.max_new_tokens})
+    cache, _ = TrueKnowledgeDistiller(config=cfg, teacher=teacher, teacher_tokenizer=tok).generate_training_data(
+        load_domains()[domain], domain)
+    train, _ = split_examples(cache.examples, cfg.val_fraction, cfg.seed)
+    apply_lora(student, cfg)
+    return residual_start(student, teacher, train[:CALIBRATION_EXAMPLES], strict=True)
 
 
 def render(results: dict, args) -> str:

@@ -2,7 +2,7 @@
 # Session 6 on the GPU machine (one H200): the neuron-quality sweep at the README main command's budget and
 # the long corpus-KD curve of the 16-layer pruned student. MLX staged in /tmp/site (../shared/device/mlx-cuda.md);
 # the SmolLM2 GGUF at $GGUF; the corpus (python3.11-doc's reST sources) at $TEXT. Results under $OUT.
-#   bash scripts/gpu_quality.sh prepare | sweep | methods | loops | candidates | curve
+#   bash scripts/gpu_quality.sh prepare | sweep | methods | loops | residual | candidates | curve
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CONCH_CACHE_DIR=${CONCH_CACHE_DIR:-/tmp/cache}
 OUT=${OUT:-/tmp/out}
@@ -32,6 +32,12 @@ case "$1" in
       --set a07_it60 alpha=0.7 iters=60 \
       --set onp_a1_t1 alpha=1 temperature=1 on_policy_lambda=0.5 \
       --work /tmp/work --out "$OUT/loops.md" 2>"$OUT/loops.log" | grep -v '"event"' ;;
+  residual)  # session 9: the adapter's residual start (lora.init), then KD against SFT, alpha and learning rate
+    CONCH_KD_COMPILE_STEP=off python3 scripts/benchmark_neurons.py --students default-student --seeds ${SEEDS:-0 1 2} \
+      --methods ${METHODS:-untrained start kd sft a07 a1 zero_kd} \
+      --set a07 alpha=0.7 --set a1 alpha=1 --set zero_kd 'lora={"init": "zero"}' --set a1_lr5e5 alpha=1 learning_rate=5e-5 \
+      --set a07_lr5e5 alpha=0.7 learning_rate=5e-5 --set onp_a07 alpha=0.7 on_policy_lambda=0.5 \
+      --work /tmp/work --out "$OUT/residual.md" 2>"$OUT/residual.log" | grep -v '"event"' ;;
   candidates)  # the other offline students, before and after KD
     CONCH_KD_COMPILE_STEP=off python3 scripts/benchmark_neurons.py --seeds 0 1 \
       --students smollm2-135m-instruct-q3 smollm2-135m-instruct-pruned16 smollm2-135m-instruct-pruned16-q4 \

@@ -29,6 +29,9 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
     ap.add_argument("--max-seq-length", type=int)
     ap.add_argument("--max-new-tokens", type=int, help="teacher response length")
     ap.add_argument("--lora-rank", type=int)
+    ap.add_argument("--lora-init", choices=["auto", "residual", "zero"],
+                    help="start the adapter as the correction of the student's difference from the teacher "
+                    "(residual; auto: when the student is a same-shaped copy) or as a no-op (zero)")
     ap.add_argument("--memory-limit-gb", type=float, help="cap MLX's memory while training (see memory_limit_gb)")
     ap.add_argument("--memory-budget-gb", type=float,
                     help="fit training into this many GB: the fastest checkpointing, loss chunk, memory limit and "
@@ -43,7 +46,7 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
     ap.add_argument("--text", help="corpus KD: a text file or folder the teacher scores (dense targets, no generation)")
     ap.add_argument("--text-share", type=float, help="with --text: share of training sequences from the corpus (1 = corpus only)")
     ap.add_argument("--teacher", help="teacher model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
-    ap.add_argument("--student", help="student model folder or hub id (default: its depth-pruned copy)")
+    ap.add_argument("--student", help="student model folder or hub id (default: its 4-bit copy)")
     ap.add_argument("--output", help="output directory (default models/distilled_neurons/adapters_kd)")
     ap.add_argument("--config", help="TOML config file (default config/kd.toml if present)")
     ap.add_argument("--resume", action="store_true", help="resume each domain from its latest checkpoint")
@@ -67,8 +70,9 @@ def overrides_from_args(args) -> dict:
     }.items() if v is not None}
     if args.grad_checkpoint is not None:
         out.update(grad_checkpoint=True, grad_checkpoint_scope=args.grad_checkpoint)
-    if args.lora_rank is not None:
-        out["lora"] = {"rank": args.lora_rank}
+    lora = {k: v for k, v in (("rank", args.lora_rank), ("init", args.lora_init)) if v is not None}
+    if lora:
+        out["lora"] = lora
     if args.max_new_tokens is not None:
         out["generation"] = {"max_new_tokens": args.max_new_tokens}
     return out

@@ -30,6 +30,12 @@ LORA_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
 _config_file: ContextVar[Path | None] = ContextVar("kd_config_file", default=None)
 
 
+# The learning rate when none is given, by the adapter's start: one that starts from the teacher's residual
+# is already close, and larger steps undo the start (docs/quality.md, alpha 1, 3 seeds: held-out KL 0.107 at
+# 2e-4, 0.070 at 5e-5, from 0.087 at the start); from a zero start 2e-4 was the best of 2e-4, 5e-4 and 1e-3.
+LEARNING_RATE = {"residual": 5e-5, "zero": 2e-4}
+
+
 class ConfigError(ValueError):
     """A configuration file or value is invalid; the message names the source, key and what to do."""
 
@@ -43,6 +49,10 @@ class LoRAConfig(BaseModel):
     num_layers: int = Field(-1, ge=-1, description="adapt the last N transformer blocks; -1 = all (auto-detected)")
     keys: list[str] = Field(default_factory=lambda: list(LORA_KEYS), min_length=1,
                             description="module paths inside a block that get LoRA (attention and MLP by default)")
+    # "residual": start each adapter as the calibrated rank-r correction of the student's difference from the
+    # teacher (lora_init.py; the default 4-bit student's held-out KL 0.255 -> 0.081 before training);
+    # "zero": mlx-lm's start (B = 0, a no-op); "auto": residual when the student is a same-shaped copy.
+    init: Literal["auto", "residual", "zero"] = Field("auto", description="how the adapter starts")
 
 
 class GenerationConfig(BaseModel):
@@ -69,10 +79,10 @@ class KDConfig(BaseSettings):
 
     # The objective: alpha * T^2 * divergence(teacher_T, student_T) + (1 - alpha) * CE
     temperature: float = Field(2.0, ge=0.5, le=10.0)
-    # 0.3: on the main command's data and budget (docs/quality.md) the only KD mix whose neuron's own answers
-    # repeat no more than the teacher's + 0.05 (0.080; alpha 0.5: 0.129, 0.7: 0.111, one seed each), at a
-    # held-out KL of 0.21 (0.7: 0.14)
-    alpha: float = Field(0.3, ge=0.0, le=1.0)
+    # 0.7: from the default student's residual start (lora.init), the lowest repetition of the neuron's own
+    # answers at nearly the lowest held-out KL (docs/quality.md, 3 seeds: KL 0.078, repetition 0.061; alpha 1:
+    # 0.073, 0.098; 0.3: 0.177, 0.084). From a zero start alpha 0.3 loops least (0.080 against 0.111).
+    alpha: float = Field(0.7, ge=0.0, le=1.0)
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
 
@@ -106,7 +116,8 @@ class KDConfig(BaseSettings):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
     # Optimisation
-    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    # None: LEARNING_RATE[start], by how the adapter starts (lora.init; `learning_rate_for`)
+    learning_rate: float | None = Field(None, gt=0.0, le=1.0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
@@ -207,6 +218,12 @@ class KDConfig(BaseSettings):
             raise ValueError("teacher_prefetch = 'on' cannot be combined with on_policy_lambda > 0 (the next batch "
                              "holds sequences the student has not written yet); use 'auto' or 'off'")
         return self
+
+    def learning_rate_for(self, residual_start: bool) -> float:
+        """`learning_rate`, or when unset the default for how the adapter starts (LEARNING_RATE)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return LEARNING_RATE["residual" if residual_start else "zero"]
 
     def lora_parameters(self) -> dict:
         """The `lora_parameters` dict of mlx-lm's adapter_config.json."""

@@ -29,7 +29,7 @@ from conch_dna.atomic import atomic_write, check_writable
 from conch_dna.models import load_model
 from conch_dna.training.kd import distributed as dist
 from conch_dna.training.kd import signals
-from conch_dna.training.kd.config import KDConfig
+from conch_dna.training.kd.config import ConfigError, KDConfig
 from conch_dna.training.kd.cross_vocab import (
     CrossTokenizerError,
     build_vocab_map,
@@ -60,6 +60,7 @@ from conch_dna.training.kd.evaluate import (
     eos_id,
     generation_metrics,
 )
+from conch_dna.training.kd.lora_init import CALIBRATION_EXAMPLES, matching_layers, residual_start
 from conch_dna.training.kd.memory import preflight, settings_for_budget
 from conch_dna.training.kd.report import Reporter
 from conch_dna.training.kd.targets import cross_targets, teacher_targets
@@ -77,6 +78,10 @@ from conch_dna.training.kd.trainer import train_with_kd as run_training
 from conch_dna.training.kd.vocab import tokenizer_vocab_size
 
 log = structlog.get_logger(__name__)
+
+
+# config.json fields that make two models' layers the same shapes (lora.init = "residual")
+SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
 
 class OutputDirError(OSError):
@@ -135,6 +140,8 @@ class KDResult(BaseModel):
     best_val_loss: float | None = None
     val_agreement: float | None = None
     initial_val_kd: float | None = None
+    # How the adapter started (lora.init): layers set from the teacher's residual, calibration tokens, seconds
+    lora_start: dict | None = None
     # The neuron judged on held-out prompts (`evaluate.generation_metrics`, beside the teacher's own figures)
     held_out: dict | None = None
     # What serving it costs beside the teacher: weight bytes (see `TrueKnowledgeDistiller.cost`)
@@ -216,10 +223,54 @@ class TrueKnowledgeDistiller:
         check_model_folder(cfg.student_model_id)
         if self._teacher is None:
             check_model_folder(cfg.teacher_model_id)
+        if cfg.lora.init == "residual":
+            self._check_same_shape()
         for role, model_id in (("student", cfg.student_model_id), ("teacher", cfg.teacher_model_id)):
             if (context := context_length(model_id)) is not None and cfg.max_seq_length > context:
                 raise DataError(f"max_seq_length={cfg.max_seq_length} is longer than the {role}'s context ({context} "
                                 f"tokens, max_position_embeddings of {model_id}); lower --max-seq-length to at most {context}")
+
+    def _check_same_shape(self) -> None:
+        """lora.init = "residual" needs a student of the teacher's shape: compare their config.json (or the live
+        teacher's arguments) before any work; the layer-by-layer check follows when both are loaded."""
+        from conch_dna.models import model_path
+
+        def shape(model_id, live=None):
+            if live is not None and hasattr(live, "args"):
+                cfg = vars(live.args)
+            elif (folder := model_path(model_id)) is not None and (folder / "config.json").is_file():
+                cfg = json.loads((folder / "config.json").read_text())
+            else:
+                return None
+            return {k: cfg.get(k) for k in SHAPE_KEYS}
+
+        s, t = shape(self.config.student_model_id), shape(self.config.teacher_model_id, self._teacher)
+        if s is not None and t is not None and s != t:
+            diff = ", ".join(f"{k} {s[k]} (student) vs {t[k]} (teacher)" for k in SHAPE_KEYS if s[k] != t[k])
+            raise ConfigError(f"lora.init = 'residual' needs a student of the teacher's shape (e.g. its quantized copy): "
+                              f"{diff}; use --lora-init zero or auto")
+
+    def _start_lora(self, student, train, out_dir: Path, resume: bool) -> dict | None:
+        """`lora.init`: start the adapter from the teacher's residual (lora_init.py), calibrated on the first
+        training examples. None for a zero start; {"skipped": why} when the student is no same-shaped copy
+        ("auto"); {"from_checkpoint": True} when a checkpoint will replace the weights anyway."""
+        init = self.config.lora.init
+        if init == "zero":
+            return None
+        with self.teacher_lock:
+            why = matching_layers(student, self.teacher)[1]
+        if why is not None:
+            if init == "residual":
+                raise ConfigError(f"lora.init = 'residual' needs a student that differs from the teacher only in its "
+                                  f"weights: {why}; use --lora-init zero or auto")
+            return {"skipped": why}
+        if resume and checkpoint_dirs(out_dir):
+            return {"from_checkpoint": True}
+        calibration = [train[i] for i in range(min(len(train), CALIBRATION_EXAMPLES))]
+        t0 = time.perf_counter()
+        with self.teacher_lock:
+            start = residual_start(student, self.teacher, calibration)
+        return {**start, "seconds": time.perf_counter() - t0}
 
     def load_student(self):
         return load_model(self.config.student_model_id)
@@ -359,6 +410,9 @@ class TrueKnowledgeDistiller:
         # generated the teacher data (which also draws random numbers), and data-parallel ranks start equal.
         mx.random.seed(cfg.seed)
         num_layers = apply_lora(student, cfg)
+        lora_start = self._start_lora(student, train, out_dir, resume)
+        if cfg.learning_rate is None:  # settled by the start, and recorded so that a resumed run uses the same
+            cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate_for(bool(lora_start) and "skipped" not in lora_start)})
         running_teacher = self.teacher if cfg.teacher_targets == "online" else None
         if cfg.memory_budget_gb is not None:
             update = settings_for_budget(student, running_teacher, cfg, longest, cfg.memory_budget_gb)
@@ -399,7 +453,7 @@ class TrueKnowledgeDistiller:
             final_val_kd=final.get("val_kd"), final_val_ce=final.get("val_ce"), final_val_loss=final.get("val_loss"),
             best_val_kd=_finite_or_none(best.get("val_kd")), best_val_ce=_finite_or_none(best.get("val_ce")),
             best_val_loss=_finite_or_none(best.get("val_loss")), val_agreement=final.get("val_agreement"),
-            initial_val_kd=_finite_or_none(best.get("initial_val_kd")),
+            initial_val_kd=_finite_or_none(best.get("initial_val_kd")), lora_start=lora_start,
             held_out=quality, cost=self.cost(adapter),
             cross_tokenizer={**cross["figures"], **{k: final[k] for k in ("val_coverage",) if k in final}} if cross else None,
             adapter_path=str(adapter.parent), iterations=cfg.iters, tokens_processed=summary["tokens"],

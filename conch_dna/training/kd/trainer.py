@@ -189,7 +189,8 @@ def save_adapter(model: nn.Module, folder: Path, config_dict: dict) -> Path:
 
 
 def build_optimizer(config: KDConfig) -> optim.Optimizer:
-    lr, steps, warm = config.learning_rate, config.iters, min(config.warmup_steps, config.iters)
+    # The distiller settles an unset learning rate by the adapter's start; called directly it is a zero start.
+    lr, steps, warm = config.learning_rate_for(False), config.iters, min(config.warmup_steps, config.iters)
     main = steps - warm
     if config.lr_schedule == "cosine":
         schedule = optim.cosine_decay(lr, max(main, 1), lr * 0.1)
