@@ -160,3 +160,18 @@ def test_cli_refuses_a_residual_start_on_another_shape_before_any_work(tiny_pair
     assert out.returncode == 2, out.stderr
     assert "num_hidden_layers 2 (student) vs 4 (teacher)" in out.stderr and "--lora-init zero" in out.stderr
     assert not (tmp_path / "out" / "teacher_cache").exists()  # refused before the teacher wrote anything
+
+
+def test_benchmark_neurons_start_row(tiny_pair, noisy_student, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_neurons", "scripts/benchmark_neurons.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(["--teacher", str(tiny_pair[0]), "--students", str(noisy_student), "--seeds", "0",
+                   "--methods", "untrained", "start", "--max-new-tokens", "8", "--max-seq-length", "160",
+                   "--eval-tokens", "8", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "q.md")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "q.json").read_text())["domains"]["thinking"][str(noisy_student)]
+    assert rows["start"][0]["kl"] < 0.5 * rows["untrained"][0]["kl"]
+    assert "| start |" in (tmp_path / "q.md").read_text()

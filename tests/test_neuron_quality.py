@@ -91,8 +91,9 @@ def test_quantized_student_trains_and_loads_in_stock_mlx_lm(tiny_pair, tmp_path)
     cfg = json.loads((q / "config.json").read_text())
     assert cfg["quantization"] == {"group_size": 32, "bits": 2, "mode": "affine"}
     assert weight_bytes(q) < 0.2 * weight_bytes(teacher_dir)  # float32 teacher; 3 bits per weight
+    # A zero start: KD repairs the 2-bit copy itself (the residual start is tested in test_lora_init.py)
     config = KDConfig(iters=3, batch_size=2, val_interval=3, checkpoint_interval=3, max_seq_length=48, learning_rate=5e-3,
-                      alpha=1.0, output_dir=str(tmp_path / "out"), eval_max_new_tokens=8,
+                      alpha=1.0, output_dir=str(tmp_path / "out"), eval_max_new_tokens=8, lora={"init": "zero"},
                       generation={"max_new_tokens": 8, "temperature": 0.0})
     d = TrueKnowledgeDistiller(str(teacher_dir), str(q), config)
     r = d.distill_domain("thinking", PROMPTS[:6], held_out=PROMPTS[6:8])
