@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 
 from conch_dna.models import load_model
@@ -17,7 +18,7 @@ from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
 from conch_dna.training.kd.config import LEARNING_RATE, ConfigError
 from conch_dna.training.kd.data import Example
 from conch_dna.training.kd.evaluate import compare_to_teacher
-from conch_dna.training.kd.lora_init import input_covariances, residual_factors, residual_start
+from conch_dna.training.kd.lora_init import input_covariances, residual_factors, residual_start, top_singular
 from conch_dna.training.kd.trainer import apply_lora
 from tests.conftest import PROMPTS, cli_config
 
@@ -100,6 +101,17 @@ def test_residual_factors_are_the_best_weighted_rank_r_correction():
     plain_u, plain_s, plain_vt = mx.linalg.svd(R.T, stream=mx.cpu)
     plain = (plain_u[:, :3] * plain_s[:3]) @ plain_vt[:3]
     assert err(2.0 * A3 @ B3) < err(plain) < err(mx.zeros_like(R.T))  # weighting by the inputs pays
+
+
+def test_top_singular_is_near_the_exact_svd_on_a_flat_spectrum():
+    rng = np.random.default_rng(1)
+    M = rng.standard_normal((576, 1536))  # no decay at all: the hardest case for subspace iteration
+    U, S, Vt = top_singular(M, 16)
+    U0, S0, Vt0 = np.linalg.svd(M, full_matrices=False)
+    ours = np.linalg.norm(M - (U * S) @ Vt)
+    exact = np.linalg.norm(M - (U0[:, :16] * S0[:16]) @ Vt0[:16])
+    assert exact <= ours < 1.002 * exact
+    assert np.allclose(U.T @ U, np.eye(16), atol=1e-8)  # orthonormal, as the SVD's
 
 
 def test_residual_start_closes_most_of_a_compressed_copys_gap(tiny_pair, noisy_student):
