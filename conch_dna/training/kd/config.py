@@ -50,7 +50,7 @@ class LoRAConfig(BaseModel):
     keys: list[str] = Field(default_factory=lambda: list(LORA_KEYS), min_length=1,
                             description="module paths inside a block that get LoRA (attention and MLP by default)")
     # "residual": start each adapter as the calibrated rank-r correction of the student's difference from the
-    # teacher (lora_init.py; the default 4-bit student's held-out KL 0.255 -> 0.081 before training);
+    # teacher (lora_init.py; the default 4-bit student's held-out KL 0.255 -> 0.082 before training);
     # "zero": mlx-lm's start (B = 0, a no-op); "auto": residual when the student is a same-shaped copy.
     init: Literal["auto", "residual", "zero"] = Field("auto", description="how the adapter starts")
 
