@@ -13,6 +13,8 @@ end with EOS. "KL gap closed" is (untrained - neuron) / untrained. Cost: weight 
 against the teacher's in bf16, and single-stream generation tokens/s on this machine.
 `--set name key=value ...` adds a method (e.g. `--set lr1e3 learning_rate=1e-3 temperature=1`). Method
 `untrained` is the student as it is; `start` is its adapter's residual start (lora.init) before any step.
+`--judge-dir config/judge` adds DIR/<domain>.txt's prompts (one per line, none a training prompt) to the
+domain's held-out prompts: repetition on 10 prompts varies between seeds as much as between methods.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
     from conch_dna.models import bf16_bytes, load_model, model_path
     from conch_dna.models.defaults import weight_bytes
     from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller, load_domains
-    from conch_dna.training.kd.data import load_held_out
+    from conch_dna.training.kd.data import load_held_out, load_prompts
     from conch_dna.training.kd.evaluate import (
         answer,
         answer_figures,
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seq-length", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=64, help="answer length on held-out prompts")
     ap.add_argument("--teacher", default="default-teacher")
+    ap.add_argument("--judge-dir", help="more held-out prompts: DIR/<domain>.txt, one per line (e.g. config/judge)")
     ap.add_argument("--work", default="models/benchmark_neurons")
     ap.add_argument("--out", help="write the markdown report here (and the figures as .json beside it)")
     args = ap.parse_args(argv)
@@ -87,6 +90,17 @@ def main(argv=None) -> int:
     unknown = [m for m in args.methods if m not in ("untrained", "start") and m not in methods]
     if unknown:
         ap.error(f"unknown methods {unknown}: known are untrained, start, {', '.join(methods)} (or define one with --set)")
+
+    held_out = {}
+    for domain in args.domains:  # every prompt read and checked before any model loads
+        held_out[domain] = load_held_out(domain)
+        extra = Path(args.judge_dir or "", f"{domain}.txt")
+        if args.judge_dir and extra.is_file():
+            trained = set(load_domains()[domain])
+            more = [p for p in load_prompts(extra) if p not in held_out[domain]]
+            if leaked := [p for p in more if p in trained]:
+                ap.error(f"{extra}: {leaked[0]!r} is a training prompt of [{domain}]; judge only on unseen prompts")
+            held_out[domain] += more
 
     teacher, tok = load_model(args.teacher)
     results: dict = {"cost": {}, "domains": {}}
@@ -103,9 +117,9 @@ def main(argv=None) -> int:
                                     "tokens_per_second": generation_speed(s, tok, speed_prompt)}
         del s
     for domain in args.domains:
-        held = load_held_out(domain)
+        held = held_out[domain]
         t_answers = answer(teacher, tok, held, args.eval_tokens)
-        rows = results["domains"].setdefault(domain, {"teacher": answer_figures(t_answers, tok)})
+        rows = results["domains"].setdefault(domain, {"teacher": answer_figures(t_answers, tok) | {"prompts": len(held)}})
         for student in args.students:
             per = rows.setdefault(student, {})
             for method in args.methods:
@@ -114,7 +128,7 @@ def main(argv=None) -> int:
                     if method == "start":  # the adapter's residual start (lora.init), before any step
                         start_only(s, teacher, tok, domain, args)
                     g = generation_metrics(s, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=args.eval_tokens)
-                    per[method] = [{k: g[k] for k in FIGURES} | {"answer": g["answers"][0]}]
+                    per[method] = [{k: g[k] for k in FIGURES} | {"answer": g["answers"][0], "repetitions": g["repetitions"]}]
                     print(json.dumps({"domain": domain, "student": student, "method": method,
                                       **{k: round(g[k], 4) for k in FIGURES}}), flush=True)
                     continue
@@ -132,7 +146,7 @@ def main(argv=None) -> int:
                     s.eval()
                     g = generation_metrics(s, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=args.eval_tokens)
                     per.setdefault(method, []).append({k: g[k] for k in FIGURES} | {
-                        "answer": g["answers"][0], "val_kd": r.final_val_kd, "seconds": time.perf_counter() - t0,
+                        "answer": g["answers"][0], "repetitions": g["repetitions"], "val_kd": r.final_val_kd, "seconds": time.perf_counter() - t0,
                         "adapter_bytes": (Path(r.adapter_path) / "adapters.safetensors").stat().st_size})
                     print(json.dumps({"domain": domain, "student": student, "method": method, "seed": seed,
                                       **{k: round(g[k], 4) for k in FIGURES}}), flush=True)
@@ -182,7 +196,8 @@ def render(results: dict, args) -> str:
     lines.append("")
     for domain, rows in results["domains"].items():
         t = rows["teacher"]
-        lines += [f"### {domain}", "", f"Teacher's own answers: repeated 4-grams {t['repetition']:.3f}, end with EOS {t['eos_rate']:.2f}.", "",
+        lines += [f"### {domain}", "", f"{t.get('prompts', '?')} held-out prompts. Teacher's own answers: repeated 4-grams {t['repetition']:.3f}, "
+                  f"end with EOS {t['eos_rate']:.2f}.", "",
                   "| student | method | KL(teacher‖neuron) | top-1 agreement | repeated 4-grams | teacher NLL of its answers | ends with EOS | KL gap closed |",
                   "|---|---|---|---|---|---|---|---|"]
         for student, per in rows.items():

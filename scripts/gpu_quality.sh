@@ -2,7 +2,7 @@
 # Session 6 on the GPU machine (one H200): the neuron-quality sweep at the README main command's budget and
 # the long corpus-KD curve of the 16-layer pruned student. MLX staged in /tmp/site (../shared/device/mlx-cuda.md);
 # the SmolLM2 GGUF at $GGUF; the corpus (python3.11-doc's reST sources) at $TEXT. Results under $OUT.
-#   bash scripts/gpu_quality.sh prepare | sweep | methods | loops | residual | candidates | curve
+#   bash scripts/gpu_quality.sh prepare | sweep | methods | loops | residual | judge | candidates | curve
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CONCH_CACHE_DIR=${CONCH_CACHE_DIR:-/tmp/cache}
 OUT=${OUT:-/tmp/out}
@@ -38,6 +38,11 @@ case "$1" in
       --set a07 alpha=0.7 --set a1 alpha=1 --set zero_kd 'lora={"init": "zero"}' --set a1_lr5e5 alpha=1 learning_rate=5e-5 \
       --set a07_lr5e5 alpha=0.7 learning_rate=5e-5 --set onp_a07 alpha=0.7 on_policy_lambda=0.5 \
       --work /tmp/work --out "$OUT/residual.md" 2>"$OUT/residual.log" | grep -v '"event"' ;;
+  judge)  # session 10: KD against SFT and other mixes from the residual start, on 60 held-out prompts (config/judge)
+    CONCH_KD_COMPILE_STEP=off python3 scripts/benchmark_neurons.py --students ${STUDENTS:-default-student} \
+      --seeds ${SEEDS:-0 1 2 3 4} --methods ${METHODS:-untrained start kd sft} --judge-dir config/judge \
+      --set a05 alpha=0.5 --set a03 alpha=0.3 --set t1 temperature=1 --set t1_a05 temperature=1 alpha=0.5 \
+      --work /tmp/work --out "$OUT/judge.md" 2>"$OUT/judge.log" | grep -v '"event"' ;;
   candidates)  # the other offline students, before and after KD
     CONCH_KD_COMPILE_STEP=off python3 scripts/benchmark_neurons.py --seeds 0 1 \
       --students smollm2-135m-instruct-q3 smollm2-135m-instruct-pruned16 smollm2-135m-instruct-pruned16-q4 \

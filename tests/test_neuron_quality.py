@@ -49,6 +49,7 @@ def test_generation_metrics_flag_a_looping_model(tiny_pair):
     loop = generation_metrics(stub, teacher, tok, prompts, teacher_answers=teacher_answers, max_new_tokens=24)
     assert loop["repetition"] == pytest.approx(20 / 21)  # 24 copies of one token: 21 4-grams, 1 distinct
     assert loop["eos_rate"] == 0.0 and len(loop["answers"]) == 4
+    assert loop["repetitions"] == [pytest.approx(20 / 21)] * 4  # each answer's own share; pooled equal here
     assert loop["kl"] > own["kl"] + 0.1 and loop["teacher_nll"] > 0
     with pytest.raises(ValueError, match="at least one held-out prompt"):
         generation_metrics(stub, teacher, tok, [])

@@ -9,13 +9,19 @@ from conch_dna.training.kd.evaluate import compare_to_teacher, text_perplexity
 
 
 def test_benchmark_neurons_tiny(tiny_pair, tmp_path):
+    from conch_dna.training.kd import load_domains
+    from conch_dna.training.kd.data import load_held_out
+
     spec = importlib.util.spec_from_file_location("bench_neurons", "scripts/benchmark_neurons.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    judge = tmp_path / "judge"
+    judge.mkdir()
+    (judge / "thinking.txt").write_text("Is 77 a prime number?\nHow many legs do three spiders have?\n")
     rc = mod.main(["--teacher", str(tiny_pair[0]), "--students", str(tiny_pair[1]), "--seeds", "0", "1", "--iters", "2",
                    "--methods", "untrained", "sft", "kd", "on_policy", "fast", "--set", "fast", "learning_rate=1e-3",
                    "temperature=1", "--max-new-tokens", "8", "--max-seq-length", "160", "--eval-tokens", "8",
-                   "--work", str(tmp_path / "work"), "--out", str(tmp_path / "quality.md")])
+                   "--judge-dir", str(judge), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "quality.md")])
     assert rc == 0
     report = (tmp_path / "quality.md").read_text()
     for method in ("untrained", "sft", "kd", "on_policy", "fast"):
@@ -25,9 +31,15 @@ def test_benchmark_neurons_tiny(tiny_pair, tmp_path):
     assert len(runs["kd"]) == 2 and len(runs["untrained"]) == 1
     assert {"kl", "agreement", "repetition", "teacher_nll", "eos_rate"} <= set(runs["kd"][0])
     assert data["methods"]["fast"] == {"learning_rate": 1e-3, "temperature": 1}
+    judged = len(load_held_out("thinking")) + 2  # the domain's held-out prompts and the judge file's
+    assert data["domains"]["thinking"]["teacher"]["prompts"] == judged and f"{judged} held-out prompts" in report
+    assert all(len(r["repetitions"]) == judged for runs_ in runs.values() for r in runs_)
     assert data["cost"][str(tiny_pair[1])]["weight_bytes"] > 0 and data["cost"]["teacher"]["tokens_per_second"] > 0
     with pytest.raises(SystemExit):
         mod.main(["--methods", "nonsense"])
+    (judge / "thinking.txt").write_text(load_domains()["thinking"][0] + "\n")  # a training prompt: refused
+    with pytest.raises(SystemExit):
+        mod.main(["--teacher", "no-such-model", "--judge-dir", str(judge)])
 
 
 def test_evaluation_functions_are_consistent(tiny_pair):

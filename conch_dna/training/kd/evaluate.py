@@ -144,7 +144,7 @@ def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher
 
     Pass `teacher_answers` (from `answer(teacher, ...)`) when scoring several models on the same prompts.
     `teacher_lock` is held around the teacher's passes only (a live EGO keeps answering while the model writes).
-    Returns the figures and the model's `answers` (text)."""
+    Returns the figures, each answer's own `repetitions` and the model's `answers` (text)."""
     if not prompts:
         raise ValueError("generation_metrics needs at least one held-out prompt")
     with teacher_lock or nullcontext():
@@ -158,6 +158,8 @@ def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher
         "kl": on_teacher["kl"], "agreement": on_teacher["agreement"], **answer_figures(own, tokenizer),
         "teacher_nll": nll,
         "prompts": len(prompts),
+        # per answer, so methods judged on the same prompts can be compared prompt by prompt
+        "repetitions": [repeated_ngram_share([list(e.tokens[e.prompt_len :])]) for e in own],
         "answers": decoded_responses(own, tokenizer),
     }
 
