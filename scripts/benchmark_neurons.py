@@ -91,16 +91,16 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown methods {unknown}: known are untrained, start, {', '.join(methods)} (or define one with --set)")
 
-    held_out = {}
-    for domain in args.domains:  # every prompt read and checked before any model loads
-        held_out[domain] = load_held_out(domain)
+    held_out = {domain: load_held_out(domain) for domain in args.domains}  # read and checked before any model loads
+    if args.judge_dir and not Path(args.judge_dir).is_dir():
+        ap.error(f"--judge-dir {args.judge_dir} is not a folder; give one holding <domain>.txt files (e.g. config/judge)")
+    for domain, held in held_out.items():
         extra = Path(args.judge_dir or "", f"{domain}.txt")
         if args.judge_dir and extra.is_file():
-            trained = set(load_domains()[domain])
-            more = [p for p in load_prompts(extra) if p not in held_out[domain]]
-            if leaked := [p for p in more if p in trained]:
-                ap.error(f"{extra}: {leaked[0]!r} is a training prompt of [{domain}]; judge only on unseen prompts")
-            held_out[domain] += more
+            more = [p for p in load_prompts(extra) if p not in held]
+            if leaked := set(more) & set(load_domains()[domain]):
+                ap.error(f"{extra}: {sorted(leaked)[0]!r} is a training prompt of [{domain}]; judge only on unseen prompts")
+            held += more
 
     teacher, tok = load_model(args.teacher)
     results: dict = {"cost": {}, "domains": {}}
