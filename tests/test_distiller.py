@@ -16,7 +16,7 @@ from conch_dna.training.kd import (
     TrueKnowledgeDistiller,
     signals,
 )
-from conch_dna.training.kd.data import Example, TeacherCache
+from conch_dna.training.kd.data import Example, TeacherCache, split_examples
 from tests.conftest import PROMPTS
 
 
@@ -384,3 +384,43 @@ def test_kept_states_are_not_used_for_on_policy_sequences(tiny_pair, kd_config):
     assert teacher_targets(model, kd_config(), None, [0], [], examples=examples).__name__ == kept_states(None, {}).__name__
     assert teacher_targets(model, kd_config(on_policy_lambda=0.5), None, [0], [], examples=examples).__name__ == "online"
     assert teacher_targets(model, kd_config(), None, [0], [], examples=None).__name__ == "online"
+
+
+def test_own_answers_join_training_and_a_resume_reuses_them(tiny_pair, kd_config, tmp_path, monkeypatch):
+    """own_answers: the student answers each training prompt once, greedily, before its first step; the
+    answers are trained on (with the unlikelihood term) and kept, so that a resumed run trains on the same
+    ones and ends with the adapter an uninterrupted run makes."""
+    from conch_dna.training.kd import ConfigError, KDConfig, TrainingCancelled, distiller
+
+    teacher, student = tiny_pair
+    calls = []
+    real = distiller.continue_prompts
+
+    def spy(model, tok, examples, max_new, temperature, *a, **k):
+        calls.append((len(examples), temperature))
+        return real(model, tok, examples, max_new, temperature, *a, **k)
+
+    monkeypatch.setattr(distiller, "continue_prompts", spy)
+    full = kd_config(iters=6, output_dir=str(tmp_path / "full"), own_answers=True, unlikelihood=1.0)
+    r = TrueKnowledgeDistiller(str(teacher), str(student), full).distill_domain("task", PROMPTS)
+    saved = json.loads((tmp_path / "full/task/own_answers.json").read_text())
+    train_idx, _ = split_examples(list(range(len(PROMPTS))), full.val_fraction, full.seed)
+    assert calls == [(len(train_idx), 0.0)] and np.isfinite(r.final_train_loss)
+    assert sorted(d["prompt"] for d in saved) == sorted(PROMPTS[i] for i in train_idx)
+    assert all(len(d["tokens"]) > d["prompt_len"] for d in saved)
+
+    part = full.model_copy(update={"output_dir": tmp_path / "part"})
+    steps = []
+    d = TrueKnowledgeDistiller(str(teacher), str(student), part)
+    with signals.step_completed.connected_to(lambda sender, **kw: steps.append(kw["step"]), sender=d), \
+            pytest.raises(TrainingCancelled):
+        d.distill_domain("task", PROMPTS, should_stop=lambda: len(steps) >= 3)
+    calls.clear()
+    TrueKnowledgeDistiller(str(teacher), str(student), part).distill_domain("task", PROMPTS, resume=True)
+    assert calls == []  # the resumed run read the answers back instead of writing new ones
+    a = mx.load(str(tmp_path / "full/task/adapters.safetensors"))
+    b = mx.load(str(tmp_path / "part/task/adapters.safetensors"))
+    for k in a:
+        assert np.array_equal(np.array(a[k]), np.array(b[k])), k
+    with pytest.raises(ConfigError, match="own_answers needs teacher_targets = 'online'"):
+        KDConfig.load(own_answers=True, teacher_targets="cache")

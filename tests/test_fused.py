@@ -57,7 +57,7 @@ def compare(student, ref_fn, fused_fn):
     g1, g2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
     assert g1.keys() == g2.keys() and g1
     assert rel(l2.item(), l1.item()) <= TOL
-    for part in ("kd", "ce"):
+    for part in ("kd", "ce", "ul"):
         assert rel(o2[part].item(), o1[part].item()) <= TOL, part
     for k in g1:
         assert rel(np.array(g2[k]), np.array(g1[k])) <= TOL, k
@@ -259,3 +259,21 @@ def test_teacher_hidden_in_groups_of_rows_equals_one_pass(models):
     for max_tokens in (1, 12, 30, 10_000):  # 1 row (also below one row), 1 row, 2 rows, all rows
         got = teacher_hidden(body, tokens, max_tokens)
         assert got.shape == whole.shape and rel(np.array(got), whole) <= (1e-6 if ON_CPU else TOL), max_tokens
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7, 1.0])
+def test_unlikelihood_matches_reference(models, alpha):
+    """With the unlikelihood term the fused loss gives the reference's loss, parts and gradients."""
+    teacher, students = models
+    tokens, mask = batch(4)
+    loop = mx.array([[5, 6, 7, 8] * 6, [9, 10, 11] * 8])  # repeated 4-grams in both rows' responses
+    tokens = mx.where(mx.arange(24)[None, :] >= 6, loop, tokens)
+    ref = lambda m: pack(kd_objective(m(tokens), teacher(tokens), tokens, mask, alpha, 2.0, unlikelihood=0.5))  # noqa: E731
+    out = ref(students["tied"])[1]
+    assert out["ul"].item() > 0
+    compare(
+        students["tied"],
+        ref,
+        lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, alpha=alpha, temperature=2.0,
+                                       chunk_size=10, unlikelihood=0.5)),
+    )

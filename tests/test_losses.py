@@ -398,3 +398,61 @@ def test_the_seeds_functions_are_importable_from_true_kd():
     assert true_kd.align_vocab_sizes is cross_vocab.align_vocab_sizes
     t = mx.array([[[1.0, 2.0, 0.5]]])
     assert float(true_kd.compute_kd_loss(t, t, 2.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- loops
+
+
+def test_repeated_rows_are_the_tokens_the_judge_counts_as_repeated():
+    """repeated_ngram_rows marks exactly the tokens evaluate.repeated_ngram_share counts, in next_token_view's
+    layout, within each row's response only (a prompt's n-grams and other rows never count)."""
+    from conch_dna.training.kd.evaluate import repeated_ngram_share
+    from conch_dna.training.kd.losses import repeated_ngram_rows
+
+    rng = np.random.default_rng(3)
+    B, L = 5, 40
+    tokens = rng.integers(0, 4, size=(B, L))  # a 4-token vocabulary: many repeats
+    tokens[1] = tokens[0]  # another row's n-grams must not count
+    mask = np.zeros((B, L), bool)
+    starts, ends = [3, 10, 0, 20, 36], [40, 33, 40, 24, 40]
+    for b, (s, e) in enumerate(zip(starts, ends)):
+        mask[b, s:e] = True
+    rows = np.array(repeated_ngram_rows(mx.array(tokens), mx.array(mask)))
+    assert rows.shape == (B, L - 1)
+    for b, (s, e) in enumerate(zip(starts, ends)):
+        response = list(tokens[b, s:e])
+        n_grams = max(len(response) - 3, 0)
+        assert rows[b].sum() == round(repeated_ngram_share([response]) * n_grams)
+        assert not rows[b, : s + 2].any() and not rows[b, e - 1 :].any()
+    loop = mx.array([[7, 7, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 5]])
+    marked = np.flatnonzero(np.array(repeated_ngram_rows(loop, mx.array([[0, 0] + [1] * 11]))[0]))
+    assert list(marked) == [8, 9, 10]  # rows predicting the 2nd loop's "4", then "1", "2"
+
+
+def test_unlikelihood_pushes_down_only_the_tokens_that_repeat():
+    """UL = -log(1 - p) of each repeated token, summed and divided by the response tokens; its gradient lowers
+    those tokens' probabilities and leaves rows without a repeat alone."""
+    from conch_dna.training.kd.losses import repeated_ngram_rows
+
+    tokens = mx.array([[7, 7, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 5]])
+    mask = mx.array([[0, 0] + [1] * 11]).astype(mx.bool_)
+    logits = mx.array(np.random.default_rng(0).normal(size=(1, 13, 9)).astype(np.float32))
+    teacher = mx.array(np.random.default_rng(1).normal(size=(1, 13, 9)).astype(np.float32))
+    base = kd_objective(logits, teacher, tokens, mask, 0.7, 2.0)
+    out = kd_objective(logits, teacher, tokens, mask, 0.7, 2.0, unlikelihood=2.0)
+    logq = np.array(logits[0, :-1]) - np.log(np.exp(np.array(logits[0, :-1])).sum(-1, keepdims=True))
+    p = np.exp(logq[np.arange(12), np.array(tokens[0, 1:])])
+    rows = np.array(repeated_ngram_rows(tokens, mask))[0]
+    expected = -np.log1p(-p[rows]).sum() / 11
+    assert abs(out["ul"].item() - expected) < 1e-5 and base["ul"].item() == 0.0
+    assert abs(out["loss"].item() - (base["loss"].item() + 2.0 * expected)) < 1e-5
+
+    def ul_only(x):
+        return kd_objective(x, teacher, tokens, mask, 0.7, 2.0, unlikelihood=1.0)["ul"]
+
+    g = np.array(mx.grad(ul_only)(logits))[0, :-1]
+    assert not np.abs(g[~rows]).any()  # rows without a repeat get no gradient
+    stepped = logits - 0.5 * mx.grad(ul_only)(logits)
+    logq2 = np.array(stepped[0, :-1]) - np.log(np.exp(np.array(stepped[0, :-1])).sum(-1, keepdims=True))
+    p2 = np.exp(logq2[np.arange(12), np.array(tokens[0, 1:])])
+    assert (p2[rows] < p[rows]).all()

@@ -43,6 +43,10 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
                     help="with --domain: also learn from EGO's experience database (conch_dna.ego.ExperienceStore)")
     ap.add_argument("--on-policy", type=float, metavar="LAMBDA",
                     help="share of training answers the student writes itself, scored by the teacher (on_policy_lambda)")
+    ap.add_argument("--own-answers", action="store_true", default=None,
+                    help="the student answers the training prompts once before training; the teacher scores those answers")
+    ap.add_argument("--unlikelihood", type=float, metavar="W",
+                    help="weight of the unlikelihood term on tokens that repeat a 4-gram of their answer (0 = off)")
     ap.add_argument("--text", help="corpus KD: a text file or folder the teacher scores (dense targets, no generation)")
     ap.add_argument("--text-share", type=float, help="with --text: share of training sequences from the corpus (1 = corpus only)")
     ap.add_argument("--teacher", help="teacher model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
@@ -66,7 +70,7 @@ def overrides_from_args(args) -> dict:
         "seed": args.seed, "memory_limit_gb": args.memory_limit_gb,
         "memory_budget_gb": args.memory_budget_gb, "teacher_model_id": args.teacher,
         "student_model_id": args.student, "output_dir": args.output, "text": args.text, "text_share": args.text_share,
-        "on_policy_lambda": args.on_policy,
+        "on_policy_lambda": args.on_policy, "own_answers": args.own_answers, "unlikelihood": args.unlikelihood,
     }.items() if v is not None}
     if args.grad_checkpoint is not None:
         out.update(grad_checkpoint=True, grad_checkpoint_scope=args.grad_checkpoint)

@@ -90,6 +90,14 @@ class KDConfig(BaseSettings):
     on_policy_lambda: float = Field(
         0.0, ge=0.0, le=1.0, description="share of training sequences whose response the current student writes "
         "(scored by the teacher online), as in GKD; needs teacher_targets = online")
+    # Against loops: the student's own answers show where it loops; the teacher scores them, and tokens that
+    # repeat a 4-gram of their answer are pushed down (unlikelihood, Welleck et al. 2019).
+    own_answers: bool = Field(
+        False, description="before its first step, the student answers the training prompts greedily (as users "
+        "see it answer); those answers join the training data, scored by the teacher; needs teacher_targets = online")
+    unlikelihood: float = Field(
+        0.0, ge=0.0, le=100.0, description="weight of the unlikelihood term -log(1 - p) on tokens that repeat a "
+        "4-gram earlier in the same answer (per response token, like KD and CE); 0 = off")
     teacher_targets: Literal["cache", "online"] = Field(
         "online", description="online: teacher forward every step, exact dense targets (default); cache: top-k "
         "computed once, an approximation (docs/benchmarks.md gives its error)")
@@ -203,6 +211,13 @@ class KDConfig(BaseSettings):
         if self.on_policy_lambda > 0 and self.teacher_targets != "online":
             raise ValueError("on_policy_lambda > 0 needs teacher_targets = 'online' (cached targets cannot score "
                              "sequences the student writes during training)")
+        return self
+
+    @model_validator(mode="after")
+    def _own_answers_need_online(self):
+        if self.own_answers and self.teacher_targets != "online":
+            raise ValueError("own_answers needs teacher_targets = 'online' (cached targets cover the teacher's "
+                             "answers only, not the ones the student writes)")
         return self
 
     @model_validator(mode="after")

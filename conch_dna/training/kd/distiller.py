@@ -59,6 +59,7 @@ from conch_dna.training.kd.evaluate import (
     decoded_responses,
     eos_id,
     generation_metrics,
+    repeated_ngram_share,
 )
 from conch_dna.training.kd.lora_init import CALIBRATION_EXAMPLES, matching_layers, residual_start
 from conch_dna.training.kd.memory import preflight, settings_for_budget
@@ -272,6 +273,34 @@ class TrueKnowledgeDistiller:
             start = residual_start(student, self.teacher, calibration)
         return {**start, "seconds": time.perf_counter() - t0}
 
+    def _own_answers(self, student, tokenizer, train: list[Example], out_dir: Path, resume: bool) -> list[Example]:
+        """`own_answers`: the student's greedy answers to the training prompts, written after the adapter's
+        start (so they show where the student it trains loops), and kept in `out_dir` so that a resumed run
+        trains on the same ones."""
+        cfg = self.config
+        path = out_dir / "own_answers.json"
+        if resume and checkpoint_dirs(out_dir) and path.is_file():
+            saved = json.loads(path.read_text())
+            return [Example(tuple(d["tokens"]), d["prompt_len"], d["prompt"]) for d in saved]
+        seen, asked = set(), []
+        for e in train:  # each chat prompt once (corpus windows have no prompt to answer)
+            key = e.tokens[: e.prompt_len]
+            if e.prompt_len > 0 and key not in seen:
+                seen.add(key)
+                asked.append(e)
+        t0 = time.perf_counter()
+        student.eval()
+        written = continue_prompts(student, tokenizer, asked, cfg.generation.max_new_tokens, 0.0, 1.0,
+                                   cfg.max_seq_length)
+        student.train()
+        own = [w for w, e in zip(written, asked) if w is not e]
+        log.info("student answered its training prompts", answers=len(own), seconds=round(time.perf_counter() - t0, 1),
+                 repetition=round(repeated_ngram_share([list(e.tokens[e.prompt_len :]) for e in own]), 4))
+        if dist.is_writer():
+            records = [{"tokens": list(e.tokens), "prompt_len": e.prompt_len, "prompt": e.prompt} for e in own]
+            atomic_write(path, lambda p: p.write_text(json.dumps(records)))
+        return own
+
     def load_student(self):
         return load_model(self.config.student_model_id)
 
@@ -413,6 +442,10 @@ class TrueKnowledgeDistiller:
         lora_start = self._start_lora(student, train, out_dir, resume)
         if cfg.learning_rate is None:  # settled by the start, and recorded so that a resumed run uses the same
             cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate_for(bool(lora_start) and "skipped" not in lora_start)})
+        if cfg.own_answers:
+            own = self._own_answers(student, student_tok, train, out_dir, resume)
+            train = train + own
+            longest = max([longest] + [len(e.tokens) for e in own])
         running_teacher = self.teacher if cfg.teacher_targets == "online" else None
         if cfg.memory_budget_gb is not None:
             update = settings_for_budget(student, running_teacher, cfg, longest, cfg.memory_budget_gb)
@@ -586,9 +619,9 @@ class TrueKnowledgeDistiller:
         if cfg.teacher_targets != "online":
             raise CrossTokenizerError("teacher and student tokenizers differ: cached top-k targets are over the "
                                       "teacher's ids and cannot be aligned later; use teacher_targets = 'online'")
-        if cfg.on_policy_lambda > 0:
-            raise CrossTokenizerError("on-policy KD (on_policy_lambda > 0) is not supported across tokenizers yet: "
-                                      "set on_policy_lambda = 0")
+        if cfg.on_policy_lambda > 0 or cfg.own_answers:
+            raise CrossTokenizerError("the student's own answers (on_policy_lambda > 0, own_answers) are not "
+                                      "supported across tokenizers yet: set on_policy_lambda = 0, own_answers = false")
         t_width = self.teacher(mx.array([[0]])).shape[-1]
         s_width = student(mx.array([[0]])).shape[-1]
         vmap = build_vocab_map(self.teacher_tokenizer, student_tok, t_width, s_width)

@@ -31,8 +31,10 @@ from conch_dna.training.kd.losses import (
     SparseTargets,
     _warn_if_empty,
     neutralise_masked_rows,
+    repeated_ngram_rows,
     token_cross_entropy,
     token_divergence,
+    token_unlikelihood,
 )
 
 Head = Callable[[mx.array], mx.array]
@@ -91,21 +93,25 @@ def parts_match(model, vocab_size: int | None = None) -> bool:
         return False
 
 
-def _chunk_loss(s_logits, t, targets, w_kd, w_ce, temperature, divergence, beta):
-    """sum over the chunk of w_kd * KD_token + w_ce * CE_token (the weights fold in mask and 1/n)."""
+def _chunk_loss(s_logits, t, targets, w_kd, w_ce, w_ul, temperature, divergence, beta):
+    """sum over the chunk of w_kd * KD_token + w_ce * CE_token + w_ul * UL_token (the weights fold in the
+    masks and 1/n)."""
     total = mx.array(0.0)
-    kd_sum = ce_sum = mx.array(0.0)
+    kd_sum = ce_sum = ul_sum = mx.array(0.0)
     # where, not multiply: a masked (padding) row may be inf, and inf * 0 = NaN.
     if w_kd is not None:
         t, s_kd = neutralise_masked_rows(t, s_logits, w_kd > 0)
         kd_tok = token_divergence(t, s_kd, temperature, divergence, beta)
         kd_sum = mx.where(w_kd > 0, kd_tok * w_kd, 0.0).sum()
         total = total + kd_sum
+    ce_tok = token_cross_entropy(s_logits, targets) if w_ce is not None or w_ul is not None else None
     if w_ce is not None:
-        ce_tok = token_cross_entropy(s_logits, targets)
         ce_sum = mx.where(w_ce > 0, ce_tok * w_ce, 0.0).sum()
         total = total + ce_sum
-    return total, (kd_sum, ce_sum)
+    if w_ul is not None:
+        ul_sum = mx.where(w_ul > 0, token_unlikelihood(ce_tok) * w_ul, 0.0).sum()
+        total = total + ul_sum
+    return total, (kd_sum, ce_sum, ul_sum)
 
 
 def fused_kd_loss(
@@ -123,13 +129,16 @@ def fused_kd_loss(
     chunk_size: int = 1024,
     fast: bool = True,
     compiled: bool = False,
+    repeated: mx.array | None = None,
+    unlikelihood: float = 0.0,
 ) -> dict[str, mx.array]:
-    """alpha * KD + (1 - alpha) * CE over masked positions, from hidden states, chunk by chunk.
+    """alpha * KD + (1 - alpha) * CE (+ unlikelihood * UL on the `repeated` rows [N]) over masked
+    positions, from hidden states, chunk by chunk.
 
     h_student [N, D]: the student's final hidden states for the N scored positions (already shifted: row i
     predicts targets[i]). `teacher` is either the teacher's hidden states [N, Dt] (with `teacher_head`) or
     `SparseTargets` [N, k]. mask [N] selects the positions that count. Differentiable w.r.t. h_student only
-    (the teacher is a target). Returns {"loss", "kd", "ce", "ntokens"} like `losses.kd_objective`.
+    (the teacher is a target). Returns {"loss", "kd", "ce", "ul", "ntokens"} like `losses.kd_objective`.
     `compiled`: the caller traces this under `mx.compile`, so the CPU's NumPy chunk (which reads arrays)
     gives way to the compiled MLX chunk.
     """
@@ -142,24 +151,29 @@ def fused_kd_loss(
     inv_n = 1.0 / mx.maximum(n, 1.0)
     w_kd = maskf * (alpha * inv_n) if alpha > 0 else None
     w_ce = maskf * ((1.0 - alpha) * inv_n) if alpha < 1 else None
+    w_ul = None
+    if unlikelihood > 0:
+        if repeated is None:
+            raise ValueError("unlikelihood > 0 needs the repeated rows (losses.repeated_ngram_rows)")
+        w_ul = (repeated & mask).astype(mx.float32) * (unlikelihood * inv_n)
 
-    def chunk_grad(hs, t, y, wk, wc):
+    def chunk_grad(hs, t, y, wk, wc, wu):
         def f(h):
-            return _chunk_loss(student_head(h), t, y, wk, wc, temperature, divergence, beta)
+            return _chunk_loss(student_head(h), t, y, wk, wc, wu, temperature, divergence, beta)
 
-        (total, (kd, ce)), g = mx.value_and_grad(f)(hs)
-        return total, kd, ce, g
+        (total, (kd, ce, ul)), g = mx.value_and_grad(f)(hs)
+        return total, kd, ce, ul, g
 
     # The default objective (dense teacher, forward KL + CE, plain output matrices) has a closed-form
     # gradient, a difference of softmaxes; compiled, its elementwise passes over [C, V] fuse into few kernels.
     w_student = _head_weight(student_head) if fast else None
     w_teacher = _head_weight(teacher_head) if fast and teacher_head is not None else None
-    use_fast = w_student is not None and w_teacher is not None and divergence == "forward_kl"
+    use_fast = w_student is not None and w_teacher is not None and divergence == "forward_kl" and w_ul is None
     if use_fast:
         fast_chunk = _fast_forward_kl_ce(w_student, w_teacher, temperature, alpha, traced=compiled)
 
     def forward(h_s, *teacher_arrays):
-        totals, kds, ces, grads = [], [], [], []
+        totals, kds, ces, uls, grads = [], [], [], [], []
         after = None  # a zero that depends on the previous chunk's results
         for start in range(0, n_rows, chunk_size):
             sl = slice(start, min(start + chunk_size, n_rows))
@@ -168,13 +182,14 @@ def fused_kd_loss(
                 hs = hs + after.astype(hs.dtype)
             if use_fast:
                 total, kd, ce, g = fast_chunk(hs, mx.stop_gradient(teacher_arrays[0][sl]), targets[sl], maskf[sl], inv_n)
+                ul = mx.array(0.0)
             else:
                 if teacher_head is not None:
                     t = mx.stop_gradient(teacher_head(teacher_arrays[0][sl]))
                 else:
                     t = SparseTargets(*(x[sl] for x in teacher_arrays))
-                total, kd, ce, g = chunk_grad(hs, t, targets[sl],
-                                              None if w_kd is None else w_kd[sl], None if w_ce is None else w_ce[sl])
+                pick = lambda w: None if w is None else w[sl]  # noqa: E731
+                total, kd, ce, ul, g = chunk_grad(hs, t, targets[sl], pick(w_kd), pick(w_ce), pick(w_ul))
             # Chain the chunks: chunk i+1 cannot start before chunk i's gradient exists, so MLX's scheduler
             # runs them one after another and each [C, V] buffer is freed before the next is allocated.
             # (Evaluating each chunk eagerly would not free them: inside a grad transform every evaluated
@@ -183,10 +198,11 @@ def fused_kd_loss(
             totals.append(total)
             kds.append(kd)
             ces.append(ce)
+            uls.append(ul)
             grads.append(g)
         loss = mx.stack(totals).sum()
         grad_h = mx.concatenate(grads, axis=0) if grads else mx.zeros_like(h_s)
-        return loss, mx.stack(kds).sum(), mx.stack(ces).sum(), grad_h
+        return loss, mx.stack(kds).sum(), mx.stack(ces).sum(), mx.stack(uls).sum(), grad_h
 
     teacher_arrays = (teacher,) if teacher_head is not None else tuple(teacher)
 
@@ -197,14 +213,16 @@ def fused_kd_loss(
     @loss_fn.vjp
     def loss_vjp(primals, cotangents, outputs):
         # d(loss)/d(h_s) was computed in the forward pass; the teacher receives no gradient.
-        g = outputs[3] * cotangents[0].astype(outputs[3].dtype)
+        g = outputs[4] * cotangents[0].astype(outputs[4].dtype)
         return (g.astype(primals[0].dtype),) + tuple(mx.zeros_like(p) for p in primals[1:])
 
-    loss, kd_w, ce_w, _ = loss_fn(h_student, *teacher_arrays)
-    # kd_w / ce_w carry the alpha weights; report the unweighted parts, as kd_objective does.
+    loss, kd_w, ce_w, ul_w, _ = loss_fn(h_student, *teacher_arrays)
+    # The parts carry their weights; report them unweighted, as kd_objective does.
     kd = kd_w / alpha if alpha > 0 else mx.array(0.0)
     ce = ce_w / (1.0 - alpha) if alpha < 1 else mx.array(0.0)
-    return {"loss": loss, "kd": mx.stop_gradient(kd), "ce": mx.stop_gradient(ce), "ntokens": n}
+    ul = ul_w / unlikelihood if unlikelihood > 0 else mx.array(0.0)
+    return {"loss": loss, "kd": mx.stop_gradient(kd), "ce": mx.stop_gradient(ce), "ul": mx.stop_gradient(ul),
+            "ntokens": n}
 
 
 def _head_weight(head: Head | None) -> mx.array | None:
@@ -289,6 +307,7 @@ def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, alpha:
 def fused_objective(
     student, teacher_targets, tokens: mx.array, loss_mask: mx.array, *, alpha=0.7, temperature=2.0,
     divergence="forward_kl", beta=0.5, chunk_size=1024, vocab: int | None = None, teacher=None, compiled=False,
+    unlikelihood: float = 0.0,
 ) -> dict[str, mx.array]:
     """`kd_objective`'s drop-in: runs the student to its final hidden states only.
 
@@ -303,7 +322,7 @@ def fused_objective(
     targets = tokens[:, 1:].reshape(-1)
     mask = loss_mask[:, 1:].reshape(-1)
     kw = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta, chunk_size=chunk_size,
-              compiled=compiled)
+              compiled=compiled, unlikelihood=unlikelihood)
     if teacher_targets is None:
         t_body, t_head = model_parts(teacher)
         teacher_targets = TeacherStates(mx.stop_gradient(t_body(tokens)), t_head)
@@ -312,6 +331,8 @@ def fused_objective(
     rows = None if compiled else scored_rows(mask)
     pick = (lambda x: x) if rows is None else (lambda x: x[rows])
     h, targets, mask = pick(h.reshape(B * L1, D)), pick(targets), pick(mask)
+    if unlikelihood > 0:
+        kw["repeated"] = pick(repeated_ngram_rows(tokens, loss_mask).reshape(-1))
     if isinstance(teacher_targets, TeacherStates):
         h_t = pick(teacher_targets.hidden[:, :-1].reshape(B * L1, -1))
         return fused_kd_loss(h, head, h_t, targets, mask, teacher_head=_cut(teacher_targets.head, vocab), **kw)

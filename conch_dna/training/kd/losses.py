@@ -265,6 +265,38 @@ def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     return mx.logsumexp(logits, axis=-1) - picked
 
 
+def token_unlikelihood(ce_tok: mx.array) -> mx.array:
+    """Per-position unlikelihood -log(1 - p) of a token whose cross-entropy is `ce_tok` (p = exp(-ce)).
+
+    Welleck et al. 2019: pushes a token's probability down, gently while it is small and steeply as it nears
+    1 (a confident loop). p is kept below 1 - 1e-6, so a certain token costs 13.8, not inf."""
+    p = mx.minimum(mx.exp(-ce_tok), 1.0 - 1e-6)
+    return -mx.log1p(-p)
+
+
+def repeated_ngram_rows(tokens: mx.array, loss_mask: mx.array, n: int = 4) -> mx.array:
+    """[B, L-1] bool in `next_token_view`'s layout: row t is true iff token t+1 ends an n-gram that lies in
+    the response and already occurred, whole, earlier in the same response: the tokens
+    `evaluate.repeated_ngram_share` counts as repeated, i.e. where an answer loops.
+
+    Compares every pair of the row's n-grams ([B, L', L'] booleans, L' = L - n + 1): cheap beside a forward
+    pass at chat lengths, and the same shapes every call (it runs inside the compiled step)."""
+    B, L = tokens.shape
+    m = L - n + 1
+    if m < 2:
+        return mx.zeros((B, max(L - 1, 0)), mx.bool_)
+    resp = loss_mask.astype(mx.bool_)
+    inside = resp[:, :m]
+    same = tokens[:, :m, None] == tokens[:, None, :m]
+    for k in range(1, n):
+        inside = inside & resp[:, k : k + m]
+        same = same & (tokens[:, k : k + m, None] == tokens[:, None, k : k + m])
+    earlier = mx.tril(mx.ones((m, m), mx.bool_), k=-1)  # [i, j]: n-gram j starts before n-gram i
+    repeated = (same & earlier & inside[:, None, :]).any(axis=-1) & inside  # [B, m], by n-gram start
+    # The n-gram starting at i ends with token i + n - 1, which row i + n - 2 predicts.
+    return mx.concatenate([mx.zeros((B, n - 2), mx.bool_), repeated], axis=1)
+
+
 def compute_ce_loss(logits: mx.array, targets: mx.array, ignore_index: int = IGNORE_INDEX) -> mx.array:
     """Mean token cross-entropy over targets != ignore_index (logits already aligned with targets)."""
     valid = targets != ignore_index
@@ -281,20 +313,28 @@ def kd_objective(
     temperature: float = 2.0,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    unlikelihood: float = 0.0,
 ) -> dict[str, mx.array]:
-    """The combined objective alpha * KD + (1 - alpha) * CE on the response tokens of a batch.
+    """The combined objective alpha * KD + (1 - alpha) * CE (+ unlikelihood * UL) on the response tokens.
 
     `student_logits` [B, L, V] and the teacher's targets come from forward passes over `tokens` [B, L];
     `loss_mask` [B, L] marks response tokens. The teacher may be dense [B, L, V] or `SparseTargets` over
-    [B, L, k]. Returns {"loss", "kd", "ce", "ntokens"}: the parts are returned so both can be logged.
-    A part whose weight is 0 is not computed (alpha = 1 needs no CE, alpha = 0 needs no teacher).
+    [B, L, k]. UL is the sum of `token_unlikelihood` over the tokens that repeat a 4-gram of their answer
+    (`repeated_ngram_rows`), divided by the number of response tokens like the other parts. Returns {"loss",
+    "kd", "ce", "ul", "ntokens"}: the parts are returned so that each can be logged. A part whose weight is 0
+    is not computed (alpha = 1 needs no CE, alpha = 0 needs no teacher).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     s_logits, targets, mask = next_token_view(student_logits, tokens, loss_mask)
     n = mask.astype(mx.float32).sum()
     zero = mx.array(0.0)
-    ce = masked_mean(token_cross_entropy(s_logits, targets), mask) if alpha < 1.0 else zero
+    ce_tok = token_cross_entropy(s_logits, targets) if alpha < 1.0 or unlikelihood > 0 else None
+    ce = masked_mean(ce_tok, mask) if alpha < 1.0 else zero
+    ul = zero
+    if unlikelihood > 0:
+        repeated = repeated_ngram_rows(tokens, loss_mask) & mask
+        ul = mx.where(repeated, token_unlikelihood(ce_tok), 0.0).sum() / mx.maximum(n, 1.0)
     kd = zero
     if alpha > 0.0:
         if isinstance(teacher_logits, SparseTargets):
@@ -302,7 +342,7 @@ def kd_objective(
         else:
             t = teacher_logits[:, :-1]
         kd = compute_kd_loss(t, s_logits, temperature, mask, divergence, beta)
-    return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce, "ntokens": n}
+    return {"loss": alpha * kd + (1.0 - alpha) * ce + unlikelihood * ul, "kd": kd, "ce": ce, "ul": ul, "ntokens": n}
 
 
 def topk_targets(teacher_logits: mx.array, k: int) -> SparseTargets:
