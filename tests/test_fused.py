@@ -261,19 +261,25 @@ def test_teacher_hidden_in_groups_of_rows_equals_one_pass(models):
         assert got.shape == whole.shape and rel(np.array(got), whole) <= (1e-6 if ON_CPU else TOL), max_tokens
 
 
+@pytest.mark.parametrize("no_repeat", [False, True])
+@pytest.mark.parametrize("ul", [0.0, 0.5])
 @pytest.mark.parametrize("alpha", [0.0, 0.7, 1.0])
-def test_unlikelihood_matches_reference(models, alpha):
-    """With the unlikelihood term the fused loss gives the reference's loss, parts and gradients."""
+def test_loop_terms_match_reference(models, alpha, ul, no_repeat):
+    """With the unlikelihood term and the no-repeat teacher the fused loss gives the reference's loss, parts
+    and gradients, for dense and sparse teacher targets."""
     teacher, students = models
     tokens, mask = batch(4)
     loop = mx.array([[5, 6, 7, 8] * 6, [9, 10, 11] * 8])  # repeated 4-grams in both rows' responses
     tokens = mx.where(mx.arange(24)[None, :] >= 6, loop, tokens)
-    ref = lambda m: pack(kd_objective(m(tokens), teacher(tokens), tokens, mask, alpha, 2.0, unlikelihood=0.5))  # noqa: E731
+    kw = dict(unlikelihood=ul, no_repeat_teacher=no_repeat)
+    ref = lambda m: pack(kd_objective(m(tokens), teacher(tokens), tokens, mask, alpha, 2.0, **kw))  # noqa: E731
+    plain = kd_objective(students["tied"](tokens), teacher(tokens), tokens, mask, alpha, 2.0)
     out = ref(students["tied"])[1]
-    assert out["ul"].item() > 0
-    compare(
-        students["tied"],
-        ref,
-        lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, alpha=alpha, temperature=2.0,
-                                       chunk_size=10, unlikelihood=0.5)),
-    )
+    assert (out["ul"].item() > 0) == (ul > 0)
+    if alpha > 0:
+        assert (abs(out["kd"].item() - plain["kd"].item()) > 1e-5) == no_repeat
+    compare(students["tied"], ref, lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, alpha=alpha,
+                                                                  temperature=2.0, chunk_size=10, **kw)))
+    sp = topk_targets(teacher(tokens), 16)
+    compare(students["tied"], lambda m: pack(kd_objective(m(tokens), sp, tokens, mask, alpha, 2.0, **kw)),
+            lambda m: pack(fused_objective(m, sp, tokens, mask, alpha=alpha, temperature=2.0, chunk_size=7, **kw)))

@@ -98,6 +98,9 @@ class KDConfig(BaseSettings):
     unlikelihood: float = Field(
         0.0, ge=0.0, le=100.0, description="weight of the unlikelihood term -log(1 - p) on tokens that repeat a "
         "4-gram earlier in the same answer (per response token, like KD and CE); 0 = off")
+    no_repeat_teacher: bool = Field(
+        False, description="on tokens that repeat a 4-gram of their answer, learn the teacher as decoded under a "
+        "no-repeat rule (that token's teacher logit lowered by 20) and skip CE")
     teacher_targets: Literal["cache", "online"] = Field(
         "online", description="online: teacher forward every step, exact dense targets (default); cache: top-k "
         "computed once, an approximation (docs/benchmarks.md gives its error)")

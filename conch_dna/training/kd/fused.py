@@ -35,6 +35,7 @@ from conch_dna.training.kd.losses import (
     token_cross_entropy,
     token_divergence,
     token_unlikelihood,
+    without_repeats,
 )
 
 Head = Callable[[mx.array], mx.array]
@@ -93,11 +94,13 @@ def parts_match(model, vocab_size: int | None = None) -> bool:
         return False
 
 
-def _chunk_loss(s_logits, t, targets, w_kd, w_ce, w_ul, temperature, divergence, beta):
+def _chunk_loss(s_logits, t, targets, w_kd, w_ce, w_ul, no_repeat, temperature, divergence, beta):
     """sum over the chunk of w_kd * KD_token + w_ce * CE_token + w_ul * UL_token (the weights fold in the
-    masks and 1/n)."""
+    masks and 1/n); `no_repeat`: the chunk's repeated rows, where the teacher's target is `without_repeats`."""
     total = mx.array(0.0)
     kd_sum = ce_sum = ul_sum = mx.array(0.0)
+    if no_repeat is not None:
+        t = without_repeats(t, targets, no_repeat)
     # where, not multiply: a masked (padding) row may be inf, and inf * 0 = NaN.
     if w_kd is not None:
         t, s_kd = neutralise_masked_rows(t, s_logits, w_kd > 0)
@@ -131,6 +134,7 @@ def fused_kd_loss(
     compiled: bool = False,
     repeated: mx.array | None = None,
     unlikelihood: float = 0.0,
+    no_repeat_teacher: bool = False,
 ) -> dict[str, mx.array]:
     """alpha * KD + (1 - alpha) * CE (+ unlikelihood * UL on the `repeated` rows [N]) over masked
     positions, from hidden states, chunk by chunk.
@@ -151,15 +155,21 @@ def fused_kd_loss(
     inv_n = 1.0 / mx.maximum(n, 1.0)
     w_kd = maskf * (alpha * inv_n) if alpha > 0 else None
     w_ce = maskf * ((1.0 - alpha) * inv_n) if alpha < 1 else None
-    w_ul = None
-    if unlikelihood > 0:
+    w_ul = no_repeat = None
+    if unlikelihood > 0 or no_repeat_teacher:
         if repeated is None:
-            raise ValueError("unlikelihood > 0 needs the repeated rows (losses.repeated_ngram_rows)")
-        w_ul = (repeated & mask).astype(mx.float32) * (unlikelihood * inv_n)
+            raise ValueError("unlikelihood > 0 and no_repeat_teacher need the repeated rows (losses.repeated_ngram_rows)")
+        repeated = repeated & mask
+        if unlikelihood > 0:
+            w_ul = repeated.astype(mx.float32) * (unlikelihood * inv_n)
+        if no_repeat_teacher:
+            no_repeat = repeated
+            if w_ce is not None:  # a loop's token is no text to imitate
+                w_ce = mx.where(repeated, 0.0, w_ce)
 
-    def chunk_grad(hs, t, y, wk, wc, wu):
+    def chunk_grad(hs, t, y, wk, wc, wu, nr):
         def f(h):
-            return _chunk_loss(student_head(h), t, y, wk, wc, wu, temperature, divergence, beta)
+            return _chunk_loss(student_head(h), t, y, wk, wc, wu, nr, temperature, divergence, beta)
 
         (total, (kd, ce, ul)), g = mx.value_and_grad(f)(hs)
         return total, kd, ce, ul, g
@@ -168,7 +178,8 @@ def fused_kd_loss(
     # gradient, a difference of softmaxes; compiled, its elementwise passes over [C, V] fuse into few kernels.
     w_student = _head_weight(student_head) if fast else None
     w_teacher = _head_weight(teacher_head) if fast and teacher_head is not None else None
-    use_fast = w_student is not None and w_teacher is not None and divergence == "forward_kl" and w_ul is None
+    use_fast = (w_student is not None and w_teacher is not None and divergence == "forward_kl" and w_ul is None
+                and no_repeat is None)
     if use_fast:
         fast_chunk = _fast_forward_kl_ce(w_student, w_teacher, temperature, alpha, traced=compiled)
 
@@ -189,7 +200,7 @@ def fused_kd_loss(
                 else:
                     t = SparseTargets(*(x[sl] for x in teacher_arrays))
                 pick = lambda w: None if w is None else w[sl]  # noqa: E731
-                total, kd, ce, ul, g = chunk_grad(hs, t, targets[sl], pick(w_kd), pick(w_ce), pick(w_ul))
+                total, kd, ce, ul, g = chunk_grad(hs, t, targets[sl], pick(w_kd), pick(w_ce), pick(w_ul), pick(no_repeat))
             # Chain the chunks: chunk i+1 cannot start before chunk i's gradient exists, so MLX's scheduler
             # runs them one after another and each [C, V] buffer is freed before the next is allocated.
             # (Evaluating each chunk eagerly would not free them: inside a grad transform every evaluated
@@ -307,7 +318,7 @@ def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, alpha:
 def fused_objective(
     student, teacher_targets, tokens: mx.array, loss_mask: mx.array, *, alpha=0.7, temperature=2.0,
     divergence="forward_kl", beta=0.5, chunk_size=1024, vocab: int | None = None, teacher=None, compiled=False,
-    unlikelihood: float = 0.0,
+    unlikelihood: float = 0.0, no_repeat_teacher: bool = False,
 ) -> dict[str, mx.array]:
     """`kd_objective`'s drop-in: runs the student to its final hidden states only.
 
@@ -322,7 +333,7 @@ def fused_objective(
     targets = tokens[:, 1:].reshape(-1)
     mask = loss_mask[:, 1:].reshape(-1)
     kw = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta, chunk_size=chunk_size,
-              compiled=compiled, unlikelihood=unlikelihood)
+              compiled=compiled, unlikelihood=unlikelihood, no_repeat_teacher=no_repeat_teacher)
     if teacher_targets is None:
         t_body, t_head = model_parts(teacher)
         teacher_targets = TeacherStates(mx.stop_gradient(t_body(tokens)), t_head)
@@ -331,7 +342,7 @@ def fused_objective(
     rows = None if compiled else scored_rows(mask)
     pick = (lambda x: x) if rows is None else (lambda x: x[rows])
     h, targets, mask = pick(h.reshape(B * L1, D)), pick(targets), pick(mask)
-    if unlikelihood > 0:
+    if unlikelihood > 0 or no_repeat_teacher:
         kw["repeated"] = pick(repeated_ngram_rows(tokens, loss_mask).reshape(-1))
     if isinstance(teacher_targets, TeacherStates):
         h_t = pick(teacher_targets.hidden[:, :-1].reshape(B * L1, -1))

@@ -297,6 +297,26 @@ def repeated_ngram_rows(tokens: mx.array, loss_mask: mx.array, n: int = 4) -> mx
     return mx.concatenate([mx.zeros((B, n - 2), mx.bool_), repeated], axis=1)
 
 
+REPEAT_PENALTY = 20.0
+
+
+def without_repeats(teacher: mx.array | SparseTargets, targets: mx.array, repeated: mx.array):
+    """The teacher's targets with, on the `repeated` rows, the logit of the token that repeats a 4-gram
+    lowered by REPEAT_PENALTY (its probability by e^-20; at T = 2, e^-10): the teacher as decoded under a
+    no-repeat rule (mlx-lm / HF `no_repeat_ngram_size`), which the student then learns. Sparse targets: when
+    the token is among the top-k (a tail token's probability is already small), with the row's logsumexp
+    updated to match."""
+    if isinstance(teacher, SparseTargets):
+        hit = (teacher.indices == targets[..., None]) & repeated[..., None]
+        t_y = mx.where(hit, teacher.logits, -mx.inf).max(axis=-1)
+        found = hit.any(axis=-1)
+        share = mx.where(found, mx.exp(t_y - teacher.logsumexp), 0.0)  # the token's probability, at T = 1
+        lse = teacher.logsumexp + mx.log1p(-share * (1.0 - math.exp(-REPEAT_PENALTY)))
+        return SparseTargets(teacher.logits - hit * REPEAT_PENALTY, teacher.indices, lse)
+    hit = (mx.arange(teacher.shape[-1]) == targets[..., None]) & repeated[..., None]
+    return teacher - hit * REPEAT_PENALTY
+
+
 def compute_ce_loss(logits: mx.array, targets: mx.array, ignore_index: int = IGNORE_INDEX) -> mx.array:
     """Mean token cross-entropy over targets != ignore_index (logits already aligned with targets)."""
     valid = targets != ignore_index
@@ -314,6 +334,7 @@ def kd_objective(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     unlikelihood: float = 0.0,
+    no_repeat_teacher: bool = False,
 ) -> dict[str, mx.array]:
     """The combined objective alpha * KD + (1 - alpha) * CE (+ unlikelihood * UL) on the response tokens.
 
@@ -329,11 +350,12 @@ def kd_objective(
     s_logits, targets, mask = next_token_view(student_logits, tokens, loss_mask)
     n = mask.astype(mx.float32).sum()
     zero = mx.array(0.0)
+    repeated = repeated_ngram_rows(tokens, loss_mask) & mask if unlikelihood > 0 or no_repeat_teacher else None
     ce_tok = token_cross_entropy(s_logits, targets) if alpha < 1.0 or unlikelihood > 0 else None
-    ce = masked_mean(ce_tok, mask) if alpha < 1.0 else zero
+    ce_mask = mask & ~repeated if no_repeat_teacher else mask  # a loop's token is no text to imitate
+    ce = masked_mean(mx.where(ce_mask, ce_tok, 0.0), mask) if alpha < 1.0 else zero
     ul = zero
     if unlikelihood > 0:
-        repeated = repeated_ngram_rows(tokens, loss_mask) & mask
         ul = mx.where(repeated, token_unlikelihood(ce_tok), 0.0).sum() / mx.maximum(n, 1.0)
     kd = zero
     if alpha > 0.0:
@@ -341,6 +363,8 @@ def kd_objective(
             t = SparseTargets(*(x[:, :-1] for x in teacher_logits))
         else:
             t = teacher_logits[:, :-1]
+        if no_repeat_teacher:
+            t = without_repeats(t, targets, repeated)
         kd = compute_kd_loss(t, s_logits, temperature, mask, divergence, beta)
     return {"loss": alpha * kd + (1.0 - alpha) * ce + unlikelihood * ul, "kd": kd, "ce": ce, "ul": ul, "ntokens": n}
 

@@ -316,11 +316,12 @@ def _loss_fn(model, tokens, loss_mask, targets, cfg: KDConfig, vocab: int | None
     if fused and not isinstance(targets, mx.array):
         out = fused_objective(model, targets, tokens, loss_mask, alpha=cfg.alpha, temperature=cfg.temperature,
                               divergence=cfg.divergence, beta=cfg.jsd_beta, chunk_size=cfg.loss_chunk_size, vocab=vocab,
-                              compiled=compiled, unlikelihood=cfg.unlikelihood)
+                              compiled=compiled, unlikelihood=cfg.unlikelihood,
+                              no_repeat_teacher=cfg.no_repeat_teacher)
         return out["loss"], out
     logits = student_logits(model, tokens, vocab)
     out = kd_objective(logits, dense_targets(targets, vocab), tokens, loss_mask, cfg.alpha, cfg.temperature,
-                       cfg.divergence, cfg.jsd_beta, cfg.unlikelihood)
+                       cfg.divergence, cfg.jsd_beta, cfg.unlikelihood, cfg.no_repeat_teacher)
     return out["loss"], out
 
 
