@@ -243,6 +243,7 @@ def run_trainer(args) -> dict:
     cfg = KDConfig(lora=PEER_LORA, grad_accumulation=accumulation,  # ids, not the offline defaults: random weights
                    teacher_model_id=f"random-{args.preset}-teacher", student_model_id=f"random-{args.preset}-student",
                    temperature=2.0, alpha=0.7, loss_chunk_size=args.chunk, batch_size=batch, iters=iters,
+                   own_answers="off", unlikelihood=0.0, no_repeat_teacher=False,  # the peers' objective: no loop terms
                    learning_rate=1e-4, lr_schedule="constant", val_fraction=0.0, val_interval=10**6,
                    checkpoint_interval=10**6, grad_checkpoint=args.grad_checkpoint,
                    grad_checkpoint_every=args.checkpoint_every, grad_checkpoint_scope=args.checkpoint_scope,

@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import conch_dna  # noqa: E402,F401
 
+PLAIN = dict(own_answers="off", unlikelihood=0.0, no_repeat_teacher=False)  # no loop terms
 METHODS = {
-    "sft": dict(alpha=0.0),
+    "sft": dict(alpha=0.0, **PLAIN),  # CE on the teacher's answers, nothing else
     "kd": dict(),  # the defaults (config/kd.toml): what the main command runs
+    "kd_plain": dict(PLAIN),  # the defaults without the loop terms (the default before session 11)
     "reverse_kl": dict(divergence="reverse_kl"),
     "jsd": dict(divergence="jsd"),
     "on_policy": dict(on_policy_lambda=0.5),

@@ -42,10 +42,11 @@ case "$1" in
     CONCH_KD_COMPILE_STEP=off python3 scripts/benchmark_neurons.py --students ${STUDENTS:-default-student} \
       --seeds ${SEEDS:-0 1 2 3 4} --methods ${METHODS:-untrained start kd sft} --judge-dir config/judge \
       --set a05 alpha=0.5 --set a03 alpha=0.3 --set t1 temperature=1 --set t1_a05 temperature=1 alpha=0.5 \
-      --set own own_answers=true --set own_ul1 own_answers=true unlikelihood=1 \
-      --set own_ul2 own_answers=true unlikelihood=2 --set own_ul3 own_answers=true unlikelihood=3 \
-      --set own_nr own_answers=true no_repeat_teacher=true --set own_nr_ul1 own_answers=true no_repeat_teacher=true unlikelihood=1 \
-      --set own_nr_ul2 own_answers=true no_repeat_teacher=true unlikelihood=2 \
+      --set own own_answers=on unlikelihood=0 no_repeat_teacher=false \
+      --set own_ul1 own_answers=on unlikelihood=1 no_repeat_teacher=false \
+      --set own_ul2 own_answers=on unlikelihood=2 no_repeat_teacher=false \
+      --set own_ul3 own_answers=on unlikelihood=3 no_repeat_teacher=false \
+      --set own_nr own_answers=on unlikelihood=0 --set own_nr_ul1 own_answers=on unlikelihood=1 \
       --work /tmp/work --out "$OUT/judge.md" 2>"$OUT/judge.log" | grep -v '"event"' ;;
   candidates)  # the other offline students, before and after KD
     CONCH_KD_COMPILE_STEP=off python3 scripts/benchmark_neurons.py --seeds 0 1 \

@@ -362,7 +362,7 @@ def test_cross_tokenizer_refuses_unsupported_settings(cross_pair, kd_config):
 
     teacher, student = cross_pair
     for over, match in ((dict(teacher_targets="cache"), "online"), (dict(on_policy_lambda=0.5), "on_policy_lambda"),
-                        (dict(own_answers=True), "own_answers")):
+                        (dict(own_answers="on"), "own_answers")):
         cfg = kd_config(teacher_model_id=str(teacher), student_model_id=str(student), **over)
         with pytest.raises(CrossTokenizerError, match=match):
             TrueKnowledgeDistiller(config=cfg).distill_domain("thinking", PROMPTS[:4])

@@ -31,7 +31,8 @@ def test_generate_train_save_and_stock_mlx_lm_load(tiny_pair, kd_config):
         assert (out / f).is_file(), f
     assert json.loads((out / "result.json").read_text())["domain"] == "thinking"
     json.loads(r.model_dump_json())  # serialisable
-    assert r.num_train_samples + r.num_val_samples == len(PROMPTS) and r.val_agreement is not None
+    assert r.num_train_samples + r.num_val_samples == len(PROMPTS) + r.num_own_answers and r.val_agreement is not None
+    assert r.num_own_answers == r.num_train_samples // 2  # the student answered each training prompt (own_answers auto)
 
     # Logits of the trained student (rebuilt from our adapter) == stock mlx_lm.load(student, adapter_path=...).
     from conch_dna.training.kd.trainer import apply_lora
@@ -205,7 +206,7 @@ def test_on_policy_share_is_written_by_the_student(tiny_pair, kd_config, monkeyp
         return out
 
     monkeypatch.setattr(distiller, "continue_prompts", spy)
-    cfg = kd_config(on_policy_lambda=1.0, iters=3, divergence="reverse_kl")
+    cfg = kd_config(on_policy_lambda=1.0, iters=3, divergence="reverse_kl", own_answers="off")
     r = TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("thinking", PROMPTS)
     assert len(written) == 3 and np.isfinite(r.final_train_loss)
     for before, after in written:
@@ -357,7 +358,7 @@ def test_kept_teacher_states_run_the_teacher_once_per_example(tiny_pair, kd_conf
 
     def train(name, **kw):
         calls.clear()
-        cfg = kd_config(iters=9, batch_size=2, val_interval=3, output_dir=str(tmp_path / name), **kw)
+        cfg = kd_config(iters=9, batch_size=2, val_interval=3, output_dir=str(tmp_path / name), own_answers="off", **kw)
         r = TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("task", PROMPTS)
         adapter = {k: np.array(v) for k, v in mx.load(str(tmp_path / name / "task/adapters.safetensors")).items()}
         return r, adapter, list(calls)
@@ -401,7 +402,7 @@ def test_own_answers_join_training_and_a_resume_reuses_them(tiny_pair, kd_config
         return real(model, tok, examples, max_new, temperature, *a, **k)
 
     monkeypatch.setattr(distiller, "continue_prompts", spy)
-    full = kd_config(iters=6, output_dir=str(tmp_path / "full"), own_answers=True, unlikelihood=1.0)
+    full = kd_config(iters=6, output_dir=str(tmp_path / "full"), own_answers="on", unlikelihood=1.0)
     r = TrueKnowledgeDistiller(str(teacher), str(student), full).distill_domain("task", PROMPTS)
     saved = json.loads((tmp_path / "full/task/own_answers.json").read_text())
     train_idx, _ = split_examples(list(range(len(PROMPTS))), full.val_fraction, full.seed)
@@ -422,5 +423,5 @@ def test_own_answers_join_training_and_a_resume_reuses_them(tiny_pair, kd_config
     b = mx.load(str(tmp_path / "part/task/adapters.safetensors"))
     for k in a:
         assert np.array_equal(np.array(a[k]), np.array(b[k])), k
-    with pytest.raises(ConfigError, match="own_answers needs teacher_targets = 'online'"):
-        KDConfig.load(own_answers=True, teacher_targets="cache")
+    with pytest.raises(ConfigError, match="own_answers = 'on' needs teacher_targets = 'online'"):
+        KDConfig.load(own_answers="on", teacher_targets="cache")

@@ -95,7 +95,9 @@ def test_quantized_student_trains_and_loads_in_stock_mlx_lm(tiny_pair, tmp_path)
     # A zero start: KD repairs the 2-bit copy itself (the residual start is tested in test_lora_init.py)
     config = KDConfig(iters=3, batch_size=2, val_interval=3, checkpoint_interval=3, max_seq_length=48, learning_rate=5e-3,
                       alpha=1.0, output_dir=str(tmp_path / "out"), eval_max_new_tokens=8, lora={"init": "zero"},
-                      generation={"max_new_tokens": 8, "temperature": 0.0})
+                      generation={"max_new_tokens": 8, "temperature": 0.0},
+                      # the random teacher's answers loop all through; the loop terms would train away from it
+                      own_answers="off", unlikelihood=0.0, no_repeat_teacher=False)
     d = TrueKnowledgeDistiller(str(teacher_dir), str(q), config)
     r = d.distill_domain("thinking", PROMPTS[:6], held_out=PROMPTS[6:8])
     assert r.final_val_kd < r.initial_val_kd
@@ -144,7 +146,7 @@ def test_tokenize_corpus_streams_and_caches(tiny_pair, tmp_path, monkeypatch):
     assert len(np.fromfile(capped, dtype=np.uint32)) == 50
     train, val = corpus_windows(path, 16, val_windows=3)
     assert len(val) == 3 and len(train) == len(ids) // 16 - 3
-    assert train[0].tokens == tuple(int(t) for t in ids[:16]) and train[0].prompt_len == 1
+    assert train[0].tokens == tuple(int(t) for t in ids[:16]) and train[0].prompt_len == 0
     assert val[0].tokens == tuple(int(t) for t in ids[len(train) * 16 : len(train) * 16 + 16])
     assert isinstance(train._ids, np.memmap)  # read from disk, never loaded whole
     with pytest.raises(DataError, match="fewer than one window"):

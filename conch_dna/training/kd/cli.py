@@ -43,8 +43,9 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
                     help="with --domain: also learn from EGO's experience database (conch_dna.ego.ExperienceStore)")
     ap.add_argument("--on-policy", type=float, metavar="LAMBDA",
                     help="share of training answers the student writes itself, scored by the teacher (on_policy_lambda)")
-    ap.add_argument("--own-answers", action="store_true", default=None,
-                    help="the student answers the training prompts once before training; the teacher scores those answers")
+    ap.add_argument("--own-answers", choices=["auto", "on", "off"],
+                    help="the student answers the training prompts once before training; the teacher scores those "
+                    "answers (own_answers; default auto: on when it can be)")
     ap.add_argument("--unlikelihood", type=float, metavar="W",
                     help="weight of the unlikelihood term on tokens that repeat a 4-gram of their answer (0 = off)")
     ap.add_argument("--text", help="corpus KD: a text file or folder the teacher scores (dense targets, no generation)")

@@ -90,17 +90,21 @@ class KDConfig(BaseSettings):
     on_policy_lambda: float = Field(
         0.0, ge=0.0, le=1.0, description="share of training sequences whose response the current student writes "
         "(scored by the teacher online), as in GKD; needs teacher_targets = online")
-    # Against loops: the student's own answers show where it loops; the teacher scores them, and tokens that
-    # repeat a 4-gram of their answer are pushed down (unlikelihood, Welleck et al. 2019).
-    own_answers: bool = Field(
-        False, description="before its first step, the student answers the training prompts greedily (as users "
-        "see it answer); those answers join the training data, scored by the teacher; needs teacher_targets = online")
+    # Against loops (docs/quality.md, "Against loops, round three"): the student's own answers show where it
+    # loops; the teacher scores them. On tokens that repeat a 4-gram of their answer, the student learns the
+    # teacher as decoded under a no-repeat rule, and an unlikelihood term (Welleck et al. 2019) pushes the
+    # repeat down. Measured on 60 held-out prompts, 5 seeds: repetition 0.082 -> 0.047 (SFT 0.068), KL 0.079
+    # -> 0.098, agreement 0.871 -> 0.851 (SFT 0.843). Answers to prompts only: corpus text is left as it is.
+    own_answers: Literal["auto", "on", "off"] = Field(
+        "auto", description="before its first step, the student answers the training prompts greedily (as users "
+        "see it answer); those answers join the training data, scored by the teacher. auto: on with online "
+        "targets, a shared tokenizer and no corpus (text)")
     unlikelihood: float = Field(
-        0.0, ge=0.0, le=100.0, description="weight of the unlikelihood term -log(1 - p) on tokens that repeat a "
-        "4-gram earlier in the same answer (per response token, like KD and CE); 0 = off")
+        0.5, ge=0.0, le=100.0, description="weight of the unlikelihood term -log(1 - p) on answer tokens that "
+        "repeat a 4-gram earlier in the same answer (per response token, like KD and CE); 0 = off")
     no_repeat_teacher: bool = Field(
-        False, description="on tokens that repeat a 4-gram of their answer, learn the teacher as decoded under a "
-        "no-repeat rule (that token's teacher logit lowered by 20) and skip CE")
+        True, description="on answer tokens that repeat a 4-gram of their answer, learn the teacher as decoded "
+        "under a no-repeat rule (that token's teacher logit lowered by 20) and skip CE")
     teacher_targets: Literal["cache", "online"] = Field(
         "online", description="online: teacher forward every step, exact dense targets (default); cache: top-k "
         "computed once, an approximation (docs/benchmarks.md gives its error)")
@@ -218,9 +222,16 @@ class KDConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _own_answers_need_online(self):
-        if self.own_answers and self.teacher_targets != "online":
-            raise ValueError("own_answers needs teacher_targets = 'online' (cached targets cover the teacher's "
-                             "answers only, not the ones the student writes)")
+        if self.own_answers == "on" and self.teacher_targets != "online":
+            raise ValueError("own_answers = 'on' needs teacher_targets = 'online' (cached targets cover the "
+                             "teacher's answers only, not the ones the student writes); use 'auto' or 'off'")
+        return self
+
+    @model_validator(mode="after")
+    def _own_answers_not_with_text(self):
+        if self.own_answers == "on" and self.text is not None:
+            raise ValueError("own_answers = 'on' cannot be combined with text (corpus KD streams its windows; the "
+                             "student's answers are for prompt-only training); use 'auto' or 'off'")
         return self
 
     @model_validator(mode="after")

@@ -156,7 +156,8 @@ class CorpusWindows(Sequence):
             raise IndexError(f"window {i} of {self.count}")
         i %= self.count
         a = self.start + i * self.window
-        return Example(tuple(int(t) for t in self._ids[a : a + self.window]), 1)
+        # No prompt: every token is text to learn (the first is scored by nothing: nothing predicts it).
+        return Example(tuple(int(t) for t in self._ids[a : a + self.window]), 0)
 
     @property
     def tokens(self) -> int:

@@ -127,8 +127,9 @@ class KDResult(BaseModel):
     run_id: str
     teacher_model_id: str
     student_model_id: str
-    num_train_samples: int
+    num_train_samples: int  # with the student's own answers (own_answers), which are counted again below
     num_val_samples: int
+    num_own_answers: int = 0
     final_train_kd: float
     final_train_ce: float
     final_train_loss: float
@@ -442,7 +443,9 @@ class TrueKnowledgeDistiller:
         lora_start = self._start_lora(student, train, out_dir, resume)
         if cfg.learning_rate is None:  # settled by the start, and recorded so that a resumed run uses the same
             cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate_for(bool(lora_start) and "skipped" not in lora_start)})
-        if cfg.own_answers:
+        own = []
+        if cfg.own_answers == "on" or (cfg.own_answers == "auto" and cfg.teacher_targets == "online" and not cross
+                                       and cfg.text is None):
             own = self._own_answers(student, student_tok, train, out_dir, resume)
             train = train + own
             longest = max([longest] + [len(e.tokens) for e in own])
@@ -480,7 +483,7 @@ class TrueKnowledgeDistiller:
         final, best = summary["final"], summary["best"]
         result = KDResult(
             domain=domain, run_id=run_id, teacher_model_id=cfg.teacher_model_id, student_model_id=cfg.student_model_id,
-            num_train_samples=len(train), num_val_samples=len(val),
+            num_train_samples=len(train), num_val_samples=len(val), num_own_answers=len(own),
             final_train_kd=final["kd"], final_train_ce=final["ce"], final_train_loss=final["loss"],
             best_train_loss=best["train_loss"],
             final_val_kd=final.get("val_kd"), final_val_ce=final.get("val_ce"), final_val_loss=final.get("val_loss"),
@@ -619,9 +622,9 @@ class TrueKnowledgeDistiller:
         if cfg.teacher_targets != "online":
             raise CrossTokenizerError("teacher and student tokenizers differ: cached top-k targets are over the "
                                       "teacher's ids and cannot be aligned later; use teacher_targets = 'online'")
-        if cfg.on_policy_lambda > 0 or cfg.own_answers:
-            raise CrossTokenizerError("the student's own answers (on_policy_lambda > 0, own_answers) are not "
-                                      "supported across tokenizers yet: set on_policy_lambda = 0, own_answers = false")
+        if cfg.on_policy_lambda > 0 or cfg.own_answers == "on":
+            raise CrossTokenizerError("the student's own answers (on_policy_lambda > 0, own_answers = 'on') are not "
+                                      "supported across tokenizers yet: set on_policy_lambda = 0, own_answers = 'auto'")
         t_width = self.teacher(mx.array([[0]])).shape[-1]
         s_width = student(mx.array([[0]])).shape[-1]
         vmap = build_vocab_map(self.teacher_tokenizer, student_tok, t_width, s_width)

@@ -30,8 +30,8 @@ from conch_dna.training.kd import kernels
 from conch_dna.training.kd.losses import (
     SparseTargets,
     _warn_if_empty,
+    loop_rows,
     neutralise_masked_rows,
-    repeated_ngram_rows,
     token_cross_entropy,
     token_divergence,
     token_unlikelihood,
@@ -158,7 +158,7 @@ def fused_kd_loss(
     w_ul = no_repeat = None
     if unlikelihood > 0 or no_repeat_teacher:
         if repeated is None:
-            raise ValueError("unlikelihood > 0 and no_repeat_teacher need the repeated rows (losses.repeated_ngram_rows)")
+            raise ValueError("unlikelihood > 0 and no_repeat_teacher need the repeated rows (losses.loop_rows)")
         repeated = repeated & mask
         if unlikelihood > 0:
             w_ul = repeated.astype(mx.float32) * (unlikelihood * inv_n)
@@ -343,7 +343,7 @@ def fused_objective(
     pick = (lambda x: x) if rows is None else (lambda x: x[rows])
     h, targets, mask = pick(h.reshape(B * L1, D)), pick(targets), pick(mask)
     if unlikelihood > 0 or no_repeat_teacher:
-        kw["repeated"] = pick(repeated_ngram_rows(tokens, loss_mask).reshape(-1))
+        kw["repeated"] = pick(loop_rows(tokens, loss_mask).reshape(-1))
     if isinstance(teacher_targets, TeacherStates):
         h_t = pick(teacher_targets.hidden[:, :-1].reshape(B * L1, -1))
         return fused_kd_loss(h, head, h_t, targets, mask, teacher_head=_cut(teacher_targets.head, vocab), **kw)

@@ -297,6 +297,12 @@ def repeated_ngram_rows(tokens: mx.array, loss_mask: mx.array, n: int = 4) -> mx
     return mx.concatenate([mx.zeros((B, n - 2), mx.bool_), repeated], axis=1)
 
 
+def loop_rows(tokens: mx.array, loss_mask: mx.array) -> mx.array:
+    """`repeated_ngram_rows` of answers only: sequences whose first token is a prompt token. A corpus window
+    has no prompt (all of it is scored); it is real text, whose repeats are no loops."""
+    return repeated_ngram_rows(tokens, loss_mask) & ~loss_mask[:, :1].astype(mx.bool_)
+
+
 REPEAT_PENALTY = 20.0
 
 
@@ -341,7 +347,8 @@ def kd_objective(
     `student_logits` [B, L, V] and the teacher's targets come from forward passes over `tokens` [B, L];
     `loss_mask` [B, L] marks response tokens. The teacher may be dense [B, L, V] or `SparseTargets` over
     [B, L, k]. UL is the sum of `token_unlikelihood` over the tokens that repeat a 4-gram of their answer
-    (`repeated_ngram_rows`), divided by the number of response tokens like the other parts. Returns {"loss",
+    (`loop_rows`), divided by the number of response tokens like the other parts; `no_repeat_teacher`: on
+    those tokens the teacher's target is `without_repeats` and CE is skipped. Returns {"loss",
     "kd", "ce", "ul", "ntokens"}: the parts are returned so that each can be logged. A part whose weight is 0
     is not computed (alpha = 1 needs no CE, alpha = 0 needs no teacher).
     """
@@ -350,7 +357,7 @@ def kd_objective(
     s_logits, targets, mask = next_token_view(student_logits, tokens, loss_mask)
     n = mask.astype(mx.float32).sum()
     zero = mx.array(0.0)
-    repeated = repeated_ngram_rows(tokens, loss_mask) & mask if unlikelihood > 0 or no_repeat_teacher else None
+    repeated = loop_rows(tokens, loss_mask) & mask if unlikelihood > 0 or no_repeat_teacher else None
     ce_tok = token_cross_entropy(s_logits, targets) if alpha < 1.0 or unlikelihood > 0 else None
     ce_mask = mask & ~repeated if no_repeat_teacher else mask  # a loop's token is no text to imitate
     ce = masked_mean(mx.where(ce_mask, ce_tok, 0.0), mask) if alpha < 1.0 else zero
