@@ -115,10 +115,14 @@ def test_chunk_size_does_not_change_the_result(models):
     assert max(outs) - min(outs) <= (1e-5 if ON_CPU else TOL) * abs(outs[0])
 
 
+@pytest.mark.parametrize("loops", [False, True])
 @pytest.mark.parametrize("backend", ["default", "compiled-mlx"])
-def test_closed_form_paths_equal_generic_path(models, backend, monkeypatch):
+def test_closed_form_paths_equal_generic_path(models, backend, loops, monkeypatch):
     """The default objective runs a closed-form chunk (NumPy on the CPU, compiled MLX on Apple GPUs, a CUDA
-    kernel on NVIDIA: tests/test_kernels.py); each must equal the autograd chunk."""
+    kernel on NVIDIA: tests/test_kernels.py); each must equal the autograd chunk, with the loop terms too
+    (no-repeat teacher and unlikelihood folded into the CE weights)."""
+    from conch_dna.training.kd.losses import loop_rows
+
     from conch_dna.training.kd import kernels
     from conch_dna.training.kd.fused import _head_weight, fused_kd_loss, model_parts
 
@@ -130,6 +134,12 @@ def test_closed_form_paths_equal_generic_path(models, backend, monkeypatch):
 
     teacher, students = models
     tokens, mask = batch(4)
+    loop_kw = {}
+    if loops:
+        tokens = mx.where(mx.arange(24)[None, :] >= 6, mx.array([[5, 6, 7, 8] * 6, [9, 10, 11] * 8]), tokens)
+        repeated = loop_rows(tokens, mask).reshape(-1)
+        assert 4 < repeated.sum().item() < repeated.size
+        loop_kw = dict(repeated=repeated, unlikelihood=0.5, no_repeat_teacher=True)
     for s in students.values():
         body, head = model_parts(s)
         t_body, t_head = model_parts(teacher)
@@ -138,7 +148,7 @@ def test_closed_form_paths_equal_generic_path(models, backend, monkeypatch):
         args = (h.reshape(-1, h.shape[-1]), head, ht.reshape(-1, ht.shape[-1]), tokens[:, 1:].reshape(-1), mask[:, 1:].reshape(-1))
 
         def run(fast):
-            f = lambda x: fused_kd_loss(x, *args[1:], teacher_head=t_head, chunk_size=9, fast=fast)["loss"]  # noqa: E731
+            f = lambda x: fused_kd_loss(x, *args[1:], teacher_head=t_head, chunk_size=9, fast=fast, **loop_kw)["loss"]  # noqa: E731
             return mx.value_and_grad(f)(args[0])
 
         (v1, g1), (v2, g2) = run(True), run(False)

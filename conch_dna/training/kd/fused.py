@@ -28,6 +28,7 @@ import numpy as np
 
 from conch_dna.training.kd import kernels
 from conch_dna.training.kd.losses import (
+    REPEAT_PENALTY,
     SparseTargets,
     _warn_if_empty,
     loop_rows,
@@ -178,10 +179,14 @@ def fused_kd_loss(
     # gradient, a difference of softmaxes; compiled, its elementwise passes over [C, V] fuse into few kernels.
     w_student = _head_weight(student_head) if fast else None
     w_teacher = _head_weight(teacher_head) if fast and teacher_head is not None else None
-    use_fast = (w_student is not None and w_teacher is not None and divergence == "forward_kl" and w_ul is None
-                and no_repeat is None)
+    use_fast = w_student is not None and w_teacher is not None and divergence == "forward_kl"
     if use_fast:
-        fast_chunk = _fast_forward_kl_ce(w_student, w_teacher, temperature, alpha, traced=compiled)
+        loops = w_ul is not None or no_repeat is not None
+        fast_chunk = _fast_forward_kl_ce(w_student, w_teacher, temperature, traced=compiled, loops=loops)
+        zeros = mx.zeros_like(maskf)
+        fast_w = tuple(zeros if w is None else w for w in (w_kd, w_ce))
+        if loops:
+            fast_w += (zeros if w_ul is None else w_ul, mx.zeros(maskf.shape, mx.bool_) if no_repeat is None else no_repeat)
 
     def forward(h_s, *teacher_arrays):
         totals, kds, ces, uls, grads = [], [], [], [], []
@@ -192,8 +197,8 @@ def fused_kd_loss(
             if after is not None:
                 hs = hs + after.astype(hs.dtype)
             if use_fast:
-                total, kd, ce, g = fast_chunk(hs, mx.stop_gradient(teacher_arrays[0][sl]), targets[sl], maskf[sl], inv_n)
-                ul = mx.array(0.0)
+                total, kd, ce, ul, g = fast_chunk(hs, mx.stop_gradient(teacher_arrays[0][sl]), targets[sl],
+                                                  *(w[sl] for w in fast_w))
             else:
                 if teacher_head is not None:
                     t = mx.stop_gradient(teacher_head(teacher_arrays[0][sl]))
@@ -250,65 +255,94 @@ def _head_weight(head: Head | None) -> mx.array | None:
     return None
 
 
-def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, alpha: float, traced: bool = False):
+def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, traced: bool = False, loops: bool = False):
     """A compiled chunk: loss parts and dL/dh for forward KL + CE with closed-form logit gradients.
 
     d(T^2 KL(p||q))/ds = T (q - p) with p, q the tempered softmaxes; d CE/ds = softmax(s) - onehot(y).
     On an NVIDIA GPU the elementwise middle is one custom kernel, on the CPU NumPy (`kernels.py`); on Apple
     silicon's GPU it is compiled MLX. `traced`: the caller compiles the whole step (no NumPy, no nested
-    compile).
+    compile). chunk(hs, ht, y, wk, wc[, wu, no_repeat]) -> (total, kd, ce, ul, dL/dh); the weights fold in
+    the mask, alpha and 1/n.
+
+    `loops` (the loop terms: `losses.without_repeats` on the `no_repeat` rows, unlikelihood weights `wu`):
+    UL's gradient -log(1 - p_y) is c (onehot(y) - softmax(s)) with c = p_y / (1 - p_y), i.e. CE's with the
+    weight -c; so a row's CE weight becomes wc - wu c, and the closed form stays exact. The CUDA kernel takes
+    no loop terms: with them, the compiled MLX chunk runs there.
     """
     T = float(temperature)
 
-    if kernels.available():
-        def kernel_chunk(hs, ht, y, m, inv_n):
+    def ul_parts(ce_tok, wu, xp):
+        """(-log(1 - p), c) per row from CE = -log p, clamped as `losses.token_unlikelihood` (c = 0 there)."""
+        p = xp.exp(-ce_tok)
+        live = p < 1.0 - 1e-6
+        p = xp.minimum(p, 1.0 - 1e-6)
+        return -xp.log1p(-p), xp.where(live, p / (1.0 - p), 0.0) * wu
+
+    if kernels.available() and not loops:
+        def kernel_chunk(hs, ht, y, wk, wc):
             s = hs @ w_s.T
             t = ht @ w_t.T
-            wk = (alpha * inv_n) * m
-            wc = ((1.0 - alpha) * inv_n) * m
             g_s, kd_tok, ce_tok = kernels.forward_kl_ce_rows(s, t, y, wk, wc, T)
             g_h = g_s.astype(hs.dtype) @ w_s
-            kd = mx.where(m > 0, kd_tok * wk, 0.0).sum()
-            ce = mx.where(m > 0, ce_tok * wc, 0.0).sum()
-            return kd + ce, kd, ce, g_h
+            kd = mx.where(wk > 0, kd_tok * wk, 0.0).sum()
+            ce = mx.where(wc > 0, ce_tok * wc, 0.0).sum()
+            return kd + ce, kd, ce, mx.array(0.0), g_h
 
         return kernel_chunk
 
     if not traced and kernels.numpy_available():
-        def numpy_chunk(hs, ht, y, m, inv_n):
+        def numpy_chunk(hs, ht, y, wk, wc, wu=None, no_repeat=None):
             import numpy as np
 
-            s, t = (hs @ w_s.T).astype(mx.float32), (ht @ w_t.T).astype(mx.float32)
-            mn = np.asarray(m, dtype=np.float32)
-            inv = float(inv_n.item())
-            wk, wc = (alpha * inv) * mn, ((1.0 - alpha) * inv) * mn
-            g_s, kd_tok, ce_tok = kernels.forward_kl_ce_rows_numpy(np.array(s), np.array(t), np.asarray(y), wk, wc, T)
+            s, t = np.array((hs @ w_s.T).astype(mx.float32)), np.array((ht @ w_t.T).astype(mx.float32))
+            y, wk, wc = np.asarray(y), np.asarray(wk), np.asarray(wc)
+            ul_tok = None
+            if no_repeat is not None:
+                r = np.flatnonzero(np.asarray(no_repeat))
+                t[r, y[r]] -= REPEAT_PENALTY
+            if wu is not None:
+                wu = np.asarray(wu)
+                r = np.flatnonzero(wu > 0)
+                sr = s[r]
+                top = sr.max(axis=-1)
+                ce_r = top + np.log(np.exp(sr - top[:, None]).sum(axis=-1)) - sr[np.arange(r.size), y[r]]
+                ul_tok, c = ul_parts(ce_r, wu[r], np)
+                ul_sum = float((ul_tok * wu[r]).sum())
+                wc_grad = wc.copy()
+                wc_grad[r] -= c
+            g_s, kd_tok, ce_tok = kernels.forward_kl_ce_rows_numpy(s, t, y, wk, wc if ul_tok is None else wc_grad, T)
             g_h = mx.array(g_s).astype(hs.dtype) @ w_s
-            on = mn > 0
-            kd = mx.array(float(np.where(on, kd_tok * wk, 0.0).sum()))
-            ce = mx.array(float(np.where(on, ce_tok * wc, 0.0).sum()))
+            kd = mx.array(float(np.where(wk > 0, kd_tok * wk, 0.0).sum()))
+            ce = mx.array(float(np.where(wc > 0, ce_tok * wc, 0.0).sum()))
+            ul = mx.array(ul_sum if ul_tok is not None else 0.0)
             mx.eval(g_h)  # now, so that this chunk's [C, V] gradient is freed before the next chunk
-            return kd + ce, kd, ce, g_h
+            return kd + ce + ul, kd, ce, ul, g_h
 
         return numpy_chunk
 
-    def chunk(hs, ht, y, m, inv_n):
+    def chunk(hs, ht, y, wk, wc, wu=None, no_repeat=None):
         s = (hs @ w_s.T).astype(mx.float32)
         t = (ht @ w_t.T).astype(mx.float32)
+        onehot = mx.arange(s.shape[-1])[None, :] == y[:, None]
+        if no_repeat is not None:
+            t = t - (onehot & no_repeat[:, None]) * REPEAT_PENALTY
         logq = s / T - mx.logsumexp(s / T, axis=-1, keepdims=True)
         logp = t / T - mx.logsumexp(t / T, axis=-1, keepdims=True)
         p, q = mx.exp(logp), mx.exp(logq)
         kd_tok = (T * T) * mx.maximum((p * (logp - logq)).sum(axis=-1), 0.0)
         lse = mx.logsumexp(s, axis=-1, keepdims=True)
         ce_tok = lse[:, 0] - mx.take_along_axis(s, y[:, None], axis=-1)[:, 0]
-        onehot = mx.arange(s.shape[-1])[None, :] == y[:, None]
-        wk = (alpha * inv_n) * m
-        wc = ((1.0 - alpha) * inv_n) * m
-        g_s = wk[:, None] * (T * (q - p)) + wc[:, None] * (mx.exp(s - lse) - onehot)
+        ul = mx.array(0.0)
+        wc_grad = wc
+        if wu is not None:
+            ul_tok, c = ul_parts(ce_tok, wu, mx)
+            ul = mx.where(wu > 0, ul_tok * wu, 0.0).sum()
+            wc_grad = wc - c
+        g_s = wk[:, None] * (T * (q - p)) + wc_grad[:, None] * (mx.exp(s - lse) - onehot)
         g_h = g_s.astype(hs.dtype) @ w_s
-        kd = mx.where(m > 0, kd_tok * wk, 0.0).sum()
-        ce = mx.where(m > 0, ce_tok * wc, 0.0).sum()
-        return kd + ce, kd, ce, g_h
+        kd = mx.where(wk > 0, kd_tok * wk, 0.0).sum()
+        ce = mx.where(wc > 0, ce_tok * wc, 0.0).sum()
+        return kd + ce + ul, kd, ce, ul, g_h
 
     # Under an outer mx.compile (`traced`) the chunk is fused there. A nested compiled function would be
     # freed from inside the outer one's cache and abort MLX 0.32 ("Resource deadlock avoided").
