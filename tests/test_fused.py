@@ -121,10 +121,9 @@ def test_closed_form_paths_equal_generic_path(models, backend, loops, monkeypatc
     """The default objective runs a closed-form chunk (NumPy on the CPU, compiled MLX on Apple GPUs, a CUDA
     kernel on NVIDIA: tests/test_kernels.py); each must equal the autograd chunk, with the loop terms too
     (no-repeat teacher and unlikelihood folded into the CE weights)."""
-    from conch_dna.training.kd.losses import loop_rows
-
     from conch_dna.training.kd import kernels
     from conch_dna.training.kd.fused import _head_weight, fused_kd_loss, model_parts
+    from conch_dna.training.kd.losses import loop_rows
 
     calls = []
     real = kernels.forward_kl_ce_rows_numpy
