@@ -38,6 +38,10 @@ def test_cli_flags_become_settings():
     assert cfg.grad_checkpoint and cfg.grad_checkpoint_scope == "mlp" and cfg.grad_checkpoint_every == 1
     with pytest.raises(SystemExit):  # argparse names the allowed choices
         build_parser().parse_args(["--domain", "task", "--grad-checkpoint", "attention"])
+    args = build_parser().parse_args(["--domain", "task", "--own-answers", "off", "--unlikelihood", "1.5"])
+    assert overrides_from_args(args) == {"own_answers": "off", "unlikelihood": 1.5}
+    with pytest.raises(ConfigError, match="unlikelihood"):
+        KDConfig.load(unlikelihood=-1)
 
 
 @pytest.mark.parametrize("field,value,allowed", [("temperature", 20.0, "less than or equal to 10"),

@@ -63,8 +63,7 @@ class GenerationConfig(BaseModel):
     max_new_tokens: int = Field(128, ge=1, le=32768)
     temperature: float = Field(0.7, ge=0.0, le=5.0, description="sampling temperature; 0 = greedy")
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    batch_size: int = Field(32, ge=1, le=1024, description="prompts answered together (a decoding step reads all the "
-                            "weights whatever the batch: one batch of a domain's 24 prompts beats three of 8)")
+    batch_size: int = Field(8, ge=1, le=1024)
     system_prompt: str | None = Field(None, description="optional system message for the chat template")
 
 
