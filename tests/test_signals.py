@@ -48,8 +48,9 @@ def test_successful_run_order_and_payloads(tiny_pair, kd_config):
     steps = [kw for n, _, kw in events if n == "step-completed"]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     for s in steps:
-        assert set(s) >= {"step", "iters", "kd", "ce", "loss", "lr", "grad_norm", "tokens_per_second", "peak_memory_gb"}
-        assert s["loss"] == pytest.approx(cfg.alpha * s["kd"] + (1 - cfg.alpha) * s["ce"], rel=1e-5)
+        assert set(s) >= {"step", "iters", "kd", "ce", "ul", "loss", "lr", "grad_norm", "tokens_per_second", "peak_memory_gb"}
+        loss = cfg.alpha * s["kd"] + (1 - cfg.alpha) * s["ce"] + cfg.unlikelihood * s["ul"]
+        assert s["loss"] == pytest.approx(loss, rel=1e-5)
     vals = [kw for n, _, kw in events if n == "validation-completed"]
     assert [v["step"] for v in vals] == [0, 2, 4] and all(0 <= v["val_agreement"] <= 1 for v in vals)
     ckpts = [kw for n, _, kw in events if n == "checkpoint-saved"]

@@ -118,6 +118,15 @@ def _chunk_loss(s_logits, t, targets, w_kd, w_ce, w_ul, no_repeat, temperature, 
     return total, (kd_sum, ce_sum, ul_sum)
 
 
+def _autograd_chunk(head, hs, t, y, weights, temperature, divergence, beta):
+    """(total, kd, ce, ul, dL/dhs) of one chunk, differentiated by MLX: every divergence and target kind."""
+    def f(h):
+        return _chunk_loss(head(h), t, y, *weights, temperature, divergence, beta)
+
+    (total, (kd, ce, ul)), g = mx.value_and_grad(f)(hs)
+    return total, kd, ce, ul, g
+
+
 def fused_kd_loss(
     h_student: mx.array,
     student_head: Head,
@@ -150,43 +159,20 @@ def fused_kd_loss(
     if isinstance(teacher, SparseTargets) == (teacher_head is not None):
         raise ValueError("pass teacher hidden states with teacher_head, or SparseTargets without it")
     n_rows = h_student.shape[0]
-    maskf = mask.astype(mx.float32)
-    n = maskf.sum()
-    _warn_if_empty(n)
-    inv_n = 1.0 / mx.maximum(n, 1.0)
-    w_kd = maskf * (alpha * inv_n) if alpha > 0 else None
-    w_ce = maskf * ((1.0 - alpha) * inv_n) if alpha < 1 else None
-    w_ul = no_repeat = None
-    if unlikelihood > 0 or no_repeat_teacher:
-        if repeated is None:
-            raise ValueError("unlikelihood > 0 and no_repeat_teacher need the repeated rows (losses.loop_rows)")
-        repeated = repeated & mask
-        if unlikelihood > 0:
-            w_ul = repeated.astype(mx.float32) * (unlikelihood * inv_n)
-        if no_repeat_teacher:
-            no_repeat = repeated
-            if w_ce is not None:  # a loop's token is no text to imitate
-                w_ce = mx.where(repeated, 0.0, w_ce)
-
-    def chunk_grad(hs, t, y, wk, wc, wu, nr):
-        def f(h):
-            return _chunk_loss(student_head(h), t, y, wk, wc, wu, nr, temperature, divergence, beta)
-
-        (total, (kd, ce, ul)), g = mx.value_and_grad(f)(hs)
-        return total, kd, ce, ul, g
+    n, w_kd, w_ce, w_ul, no_repeat = _row_weights(mask, alpha, repeated, unlikelihood, no_repeat_teacher)
 
     # The default objective (dense teacher, forward KL + CE, plain output matrices) has a closed-form
     # gradient, a difference of softmaxes; compiled, its elementwise passes over [C, V] fuse into few kernels.
     w_student = _head_weight(student_head) if fast else None
     w_teacher = _head_weight(teacher_head) if fast and teacher_head is not None else None
     use_fast = w_student is not None and w_teacher is not None and divergence == "forward_kl"
-    if use_fast:
+    if use_fast:  # its weights are arrays even where a part is off (a compiled chunk takes arrays only)
         loops = w_ul is not None or no_repeat is not None
         fast_chunk = _fast_forward_kl_ce(w_student, w_teacher, temperature, traced=compiled, loops=loops)
-        zeros = mx.zeros_like(maskf)
-        fast_w = tuple(zeros if w is None else w for w in (w_kd, w_ce))
+        zeros = mx.zeros(mask.shape, mx.float32)
+        fast_w = [zeros if w is None else w for w in (w_kd, w_ce)]
         if loops:
-            fast_w += (zeros if w_ul is None else w_ul, mx.zeros(maskf.shape, mx.bool_) if no_repeat is None else no_repeat)
+            fast_w += [zeros if w_ul is None else w_ul, zeros > 0 if no_repeat is None else no_repeat]
 
     def forward(h_s, *teacher_arrays):
         totals, kds, ces, uls, grads = [], [], [], [], []
@@ -204,8 +190,9 @@ def fused_kd_loss(
                     t = mx.stop_gradient(teacher_head(teacher_arrays[0][sl]))
                 else:
                     t = SparseTargets(*(x[sl] for x in teacher_arrays))
-                pick = lambda w: None if w is None else w[sl]  # noqa: E731
-                total, kd, ce, ul, g = chunk_grad(hs, t, targets[sl], pick(w_kd), pick(w_ce), pick(w_ul), pick(no_repeat))
+                weights = [None if w is None else w[sl] for w in (w_kd, w_ce, w_ul, no_repeat)]
+                total, kd, ce, ul, g = _autograd_chunk(student_head, hs, t, targets[sl], weights, temperature,
+                                                       divergence, beta)
             # Chain the chunks: chunk i+1 cannot start before chunk i's gradient exists, so MLX's scheduler
             # runs them one after another and each [C, V] buffer is freed before the next is allocated.
             # (Evaluating each chunk eagerly would not free them: inside a grad transform every evaluated
@@ -239,6 +226,29 @@ def fused_kd_loss(
     ul = ul_w / unlikelihood if unlikelihood > 0 else mx.array(0.0)
     return {"loss": loss, "kd": mx.stop_gradient(kd), "ce": mx.stop_gradient(ce), "ul": mx.stop_gradient(ul),
             "ntokens": n}
+
+
+def _row_weights(mask, alpha, repeated, unlikelihood, no_repeat_teacher):
+    """(n, w_kd, w_ce, w_ul, no_repeat): the scored rows' count and each part's per-row weight (mask, alpha
+    and 1/n folded in; None where a part is off), and the loop rows that get the no-repeat teacher."""
+    maskf = mask.astype(mx.float32)
+    n = maskf.sum()
+    _warn_if_empty(n)
+    inv_n = 1.0 / mx.maximum(n, 1.0)
+    w_kd = maskf * (alpha * inv_n) if alpha > 0 else None
+    w_ce = maskf * ((1.0 - alpha) * inv_n) if alpha < 1 else None
+    w_ul = no_repeat = None
+    if unlikelihood > 0 or no_repeat_teacher:
+        if repeated is None:
+            raise ValueError("unlikelihood > 0 and no_repeat_teacher need the repeated rows (losses.loop_rows)")
+        repeated = repeated & mask
+        if unlikelihood > 0:
+            w_ul = repeated.astype(mx.float32) * (unlikelihood * inv_n)
+        if no_repeat_teacher:
+            no_repeat = repeated
+            if w_ce is not None:  # a loop's token is no text to imitate
+                w_ce = mx.where(repeated, 0.0, w_ce)
+    return n, w_kd, w_ce, w_ul, no_repeat
 
 
 def _head_weight(head: Head | None) -> mx.array | None:

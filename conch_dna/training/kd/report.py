@@ -31,9 +31,10 @@ class Step:
 
     step: int  # 1-based
     iters: int
-    loss: float  # alpha * kd + (1 - alpha) * ce
+    loss: float  # alpha * kd + (1 - alpha) * ce + unlikelihood * ul
     kd: float
-    ce: float
+    ce: float  # over the response tokens that are no loop (no_repeat_teacher skips CE on those)
+    ul: float  # unlikelihood of the tokens that repeat a 4-gram of their answer (0 when off)
     lr: float
     grad_norm: float  # before clipping
     tokens_per_second: float

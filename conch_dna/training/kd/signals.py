@@ -53,7 +53,7 @@ kwargs: domain, run_id, done (int: prompts answered so far), total (int: prompts
 step_completed = _signals.signal("step-completed", doc="""\
 One optimizer step finished (the fields of `report.Step`, the same names as in metrics.jsonl).
 kwargs: domain, run_id, step (int, 1-based), iters (int), loss (float: alpha * kd + (1 - alpha) * ce),
-kd (float), ce (float), lr (float), grad_norm (float: before clipping), tokens_per_second (float),
+kd (float), ce (float), ul (float: unlikelihood of loop tokens), lr (float), grad_norm (float: before clipping), tokens_per_second (float),
 peak_memory_gb (float), tokens (int: response tokens seen so far).""")
 
 validation_completed = _signals.signal("validation-completed", doc="""\

@@ -521,7 +521,7 @@ def train_with_kd(
             dt = time.perf_counter() - t0
             run.step, run.tokens, run.train_seconds = step + 1, run.tokens + int(sums["n"]), run.train_seconds + dt
             event = Step(step=run.step, iters=config.iters, loss=loss_value, kd=sums["kd"] / sums["n"],
-                         ce=sums["ce"] / sums["n"], lr=optimizer.learning_rate.item(), grad_norm=grad_norm.item(),
+                         ce=sums["ce"] / sums["n"], ul=sums["ul"] / sums["n"], lr=optimizer.learning_rate.item(), grad_norm=grad_norm.item(),
                          tokens_per_second=sums["n"] / dt, peak_memory_gb=mx.get_peak_memory() / 1e9, tokens=run.tokens)
             run.last, run.best["train_loss"] = asdict(event), min(run.best["train_loss"], loss_value)
             report(event)
@@ -671,16 +671,17 @@ class TargetsPipeline:
 
 def micro_batch_steps(model, loss_and_grad, batches) -> tuple[dict, dict]:
     """Gradients and loss sums of a step's micro-batches, token-weighted, summed across processes (two
-    collectives: the flattened gradient sums, then the scalar sums). Sums: loss, kd, ce and n (tokens)."""
-    grads_sum, sums = None, {"loss": 0.0, "kd": 0.0, "ce": 0.0, "n": 0.0}
+    collectives: the flattened gradient sums, then the scalar sums). Sums: loss, kd, ce, ul and n (tokens)."""
+    grads_sum, sums = None, {"loss": 0.0, "kd": 0.0, "ce": 0.0, "ul": 0.0, "n": 0.0}
     for tokens, mask, targets in batches:
         (_, out), grads = loss_and_grad(model, tokens, mask, targets)
         n = out["ntokens"]
         grads_sum = accumulate(grads_sum, grads, n)
         mx.eval(grads_sum, out)
         nv = n.item()
-        for k in ("loss", "kd", "ce"):
-            sums[k] += out[k].item() * nv
+        for k in ("loss", "kd", "ce", "ul"):
+            if k in out:  # across tokenizers there is no "ul"
+                sums[k] += out[k].item() * nv
         sums["n"] += nv
     if dist.size() > 1:
         grads_sum = dist.all_sum_tree(grads_sum)
