@@ -114,22 +114,27 @@ def test_distill_all_writes_summary(tiny_pair, kd_config):
     assert set(summary) == set(results) == {"alpha", "beta"}
 
 
+def stop_after_steps(d, domain: str, n: int) -> None:
+    """Run `d` on `domain` and cancel it once n steps are done (a checkpoint is saved at the step reached)."""
+    from conch_dna.training.kd import TrainingCancelled
+
+    steps = []
+    with signals.step_completed.connected_to(lambda sender, **kw: steps.append(kw["step"]), sender=d), \
+            pytest.raises(TrainingCancelled):
+        d.distill_domain(domain, PROMPTS, should_stop=lambda: len(steps) >= n)
+
+
 @pytest.mark.parametrize("compile_step", ["off", "on"])
 def test_resume_continues_from_checkpoint_exactly(tiny_pair, kd_config, tmp_path, compile_step):
     """N steps == k steps, stop, resume, N-k steps: bitwise on CPU (same adapter weights), also with the
     compiled step and update (the resumed optimizer state must reach the compiled update)."""
-    from conch_dna.training.kd import TrainingCancelled
 
     teacher, student = tiny_pair
     full = kd_config(iters=6, output_dir=str(tmp_path / "full"), lora={"dropout": 0.1}, warmup_steps=2,
                      compile_step=compile_step)
     TrueKnowledgeDistiller(str(teacher), str(student), full).distill_domain("task", PROMPTS)
     part = full.model_copy(update={"output_dir": tmp_path / "part"})
-    steps = []
-    d = TrueKnowledgeDistiller(str(teacher), str(student), part)
-    with signals.step_completed.connected_to(lambda sender, **kw: steps.append(kw["step"]), sender=d), \
-            pytest.raises(TrainingCancelled):
-        d.distill_domain("task", PROMPTS, should_stop=lambda: len(steps) >= 3)
+    stop_after_steps(TrueKnowledgeDistiller(str(teacher), str(student), part), "task", 3)
     # The stop saved a checkpoint at the step reached: the resume starts there.
     assert (tmp_path / "part/task/checkpoint_000003/state.json").is_file()
     assert not (tmp_path / "part/task/adapters.safetensors").exists()
@@ -391,7 +396,7 @@ def test_own_answers_join_training_and_a_resume_reuses_them(tiny_pair, kd_config
     """own_answers: the student answers each training prompt once, greedily, before its first step; the
     answers are trained on (with the unlikelihood term) and kept, so that a resumed run trains on the same
     ones and ends with the adapter an uninterrupted run makes."""
-    from conch_dna.training.kd import ConfigError, KDConfig, TrainingCancelled, distiller
+    from conch_dna.training.kd import ConfigError, KDConfig, distiller
 
     teacher, student = tiny_pair
     calls = []
@@ -411,11 +416,7 @@ def test_own_answers_join_training_and_a_resume_reuses_them(tiny_pair, kd_config
     assert all(len(d["tokens"]) > d["prompt_len"] for d in saved)
 
     part = full.model_copy(update={"output_dir": tmp_path / "part"})
-    steps = []
-    d = TrueKnowledgeDistiller(str(teacher), str(student), part)
-    with signals.step_completed.connected_to(lambda sender, **kw: steps.append(kw["step"]), sender=d), \
-            pytest.raises(TrainingCancelled):
-        d.distill_domain("task", PROMPTS, should_stop=lambda: len(steps) >= 3)
+    stop_after_steps(TrueKnowledgeDistiller(str(teacher), str(student), part), "task", 3)
     calls.clear()
     TrueKnowledgeDistiller(str(teacher), str(student), part).distill_domain("task", PROMPTS, resume=True)
     assert calls == []  # the resumed run read the answers back instead of writing new ones
