@@ -127,7 +127,7 @@ class KDResult(BaseModel):
     run_id: str
     teacher_model_id: str
     student_model_id: str
-    num_train_samples: int  # with the student's own answers (own_answers), which are counted again below
+    num_train_samples: int  # including the student's own answers, of which there are num_own_answers
     num_val_samples: int
     num_own_answers: int = 0
     final_train_kd: float
