@@ -59,6 +59,30 @@ def build(shape: dict, vocab: int, dtype, materialize: bool = True):
     return model
 
 
+def kernel_table(name, f, steps=5):
+    """CUDA only, PyTorch installed: the GPU kernels of `steps` calls of f, grouped by name, as JSON lines: ms and launches per call."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.init()
+    mx.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            mx.eval(f())
+        mx.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    rows = [(e.self_device_time_total, e.count, e.key)
+            for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[0] > 0), reverse=True)
+    total = sum(r[0] for r in rows) / steps / 1000
+    print(json.dumps({"name": f"kernels: {name}", "wall_ms": round(wall * 1000, 2), "kernel_ms": round(total, 2),
+                      "launches": sum(r[1] for r in rows) // steps}), flush=True)
+    for us, count, key in rows[:40]:
+        print(json.dumps({"kernel": key[:110], "ms": round(us / steps / 1000, 3), "per_step": count // steps}),
+              flush=True)
+
+
 def n_params(model) -> int:
     from mlx.utils import tree_flatten
 
@@ -95,6 +119,10 @@ def run(args, impl: str) -> dict:
             if isinstance(m, LoRALinear):
                 m.__class__ = LoRALinear
     compiled = impl == "fused" and (args.compile == "on" or (args.compile == "auto" and gpu))
+    if args.lean_backward == "on":
+        from conch_dna.training.kd.trainer import lean_backward
+
+        lean_backward(student)
     if args.grad_checkpoint:
         from conch_dna.training.kd.trainer import checkpoint_blocks
 
@@ -168,6 +196,8 @@ def run(args, impl: str) -> dict:
         loss = step()
     dt = (time.perf_counter() - t0) / args.steps
     peak = mx.get_peak_memory() / 2**30
+    if args.kernels:
+        kernel_table(f"step {impl} B{batch}", step, args.steps)
     # Split: teacher alone, and the loss (+ its hidden-state gradient) alone on fixed hidden states.
     mx.reset_peak_memory()
     t0 = time.perf_counter()
@@ -247,7 +277,7 @@ def run_trainer(args) -> dict:
                    learning_rate=1e-4, lr_schedule="constant", val_fraction=0.0, val_interval=10**6,
                    checkpoint_interval=10**6, grad_checkpoint=args.grad_checkpoint,
                    grad_checkpoint_every=args.checkpoint_every, grad_checkpoint_scope=args.checkpoint_scope,
-                   teacher_pass_tokens=args.teacher_pass_tokens,
+                   teacher_pass_tokens=args.teacher_pass_tokens, lean_backward=args.lean_backward == "on",
                    compile_step=args.compile, teacher_prefetch=args.prefetch, memory_limit_gb=args.memory_limit_gb)
     n_blocks = apply_lora(student, cfg)
     if args.memory_budget_gb is not None:  # as the distiller does with memory_budget_gb
@@ -425,6 +455,9 @@ def main() -> None:
     ap.add_argument("--compile-teacher", action="store_true", help="mx.compile the teacher's forward too")
     ap.add_argument("--overlap-teacher", action="store_true", help="experiment: next teacher pass on a second stream")
     ap.add_argument("--memory-limit-gb", type=float, help="mx.set_memory_limit: MLX throttles to stay under it")
+    ap.add_argument("--lean-backward", choices=["on", "off"], default="on",
+                    help="trainer.lean_backward: frozen norms without weight gradients, SwiGLU recomputed (on = default)")
+    ap.add_argument("--kernels", action="store_true", help="step mode: the step's GPU kernels (torch.profiler)")
     ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     ap.add_argument("--trainer", action="store_true", help="time the trainer's loop end to end (train_with_kd)")

@@ -3,6 +3,11 @@
 compiled, without LoRA, with our LoRA layer and with mlx-lm's, plus attention and MLP matmuls alone.
 
     python scripts/profile_student.py [--batch 8 --seq 1024]     # prints one JSON line per measurement
+    python scripts/profile_student.py --kernels                  # + the compiled LoRA step's GPU kernels
+
+--kernels needs PyTorch in the same process: its profiler (CUPTI) records every CUDA kernel the process
+launches, MLX's included, and prints them grouped by name with their time per step. --lean-backward adds
+the same step after `trainer.lean_backward` (frozen norms without their weight gradient, SwiGLU recomputed).
 """
 import argparse
 import json
@@ -15,18 +20,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import conch_dna  # noqa: E402,F401  (optimized BLAS before mlx)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 # isort: on
 from conch_dna.training.kd import KDConfig  # noqa: E402
-from conch_dna.training.kd.trainer import apply_lora  # noqa: E402
-from scripts.bench_kd import PRESETS, build  # noqa: E402
+from conch_dna.training.kd.trainer import apply_lora, lean_backward  # noqa: E402
+from scripts.bench_kd import PRESETS, build, kernel_table  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--batch", type=int, default=8)
 ap.add_argument("--seq", type=int, default=1024)
+ap.add_argument("--kernels", action="store_true", help="profile the compiled LoRA step's kernels (needs torch)")
+ap.add_argument("--lean-backward", action="store_true", help="also time the step with trainer.lean_backward")
+ap.add_argument("--only-lora", action="store_true", help="skip the measurements without LoRA and the pieces")
 args = ap.parse_args()
 B, L = args.batch, args.seq
 _, s_shape, vocab, _, _ = PRESETS["qwen2.5-1.5b->0.5b"]
-D, BF16 = s_shape["hidden"], mx.bfloat16
+D, BF16 = s_shape["hidden"], (mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32)  # float32 on a CPU
 mx.random.seed(0)
 student = build(s_shape, vocab, BF16)
 tokens = mx.random.randint(0, vocab, (B, L))
@@ -42,6 +51,10 @@ def timeit(name, f, n=10):
         mx.eval(f())
     mx.synchronize()
     print(json.dumps({"name": name, "ms": round((time.perf_counter() - t0) / n * 1000, 2)}), flush=True)
+
+
+def rel_diff(a, b):
+    return float(mx.linalg.norm((a - b).astype(mx.float32)) / mx.maximum(mx.linalg.norm(b.astype(mx.float32)), 1e-30))
 
 
 def blocks(e):
@@ -60,25 +73,46 @@ def sdpa_sum(q, k, v):
 
 
 emb = student.model.embed_tokens(tokens)
-timeit("fwd no lora, eager", lambda: blocks(emb))
-compiled_blocks = mx.compile(blocks)
-timeit("fwd no lora, compiled", lambda: compiled_blocks(emb))
-input_grad = mx.compile(lambda e: mx.vjp(blocks, [e], [cotangent])[1][0])
-timeit("fwd+bwd no lora (input gradient), compiled", lambda: input_grad(emb))
+if not args.only_lora:
+    timeit("fwd no lora, eager", lambda: blocks(emb))
+    compiled_blocks = mx.compile(blocks)
+    timeit("fwd no lora, compiled", lambda: compiled_blocks(emb))
+    input_grad = mx.compile(lambda e: mx.vjp(blocks, [e], [cotangent])[1][0])
+    timeit("fwd+bwd no lora (input gradient), compiled", lambda: input_grad(emb))
 apply_lora(student, KDConfig(lora={"rank": 16, "scale": 2.0, "keys": ["self_attn.q_proj", "self_attn.k_proj",
                                                                      "self_attn.v_proj", "self_attn.o_proj"]}))
-for layer_kind in ("conch", "mlx-lm"):
-    if layer_kind == "mlx-lm":
-        from mlx_lm.tuner.lora import LoRALinear
 
-        for m in student.modules():
-            if isinstance(m, LoRALinear):
-                m.__class__ = LoRALinear
+
+def lora_step():
     value_and_grad = nn.value_and_grad(student, loss)
     state = [student.state]
-    compiled = mx.compile(lambda vg=value_and_grad: vg(student), inputs=state, outputs=state)
-    timeit(f"fwd+bwd lora r16 q,k,v,o ({layer_kind} layer), eager", lambda vg=value_and_grad: vg(student))
-    timeit(f"fwd+bwd lora r16 q,k,v,o ({layer_kind} layer), compiled", compiled)
+    return value_and_grad, mx.compile(lambda: value_and_grad(student), inputs=state, outputs=state)
+
+
+value_and_grad, compiled = lora_step()
+reference = compiled()
+timeit("fwd+bwd lora r16 q,k,v,o (conch layer), compiled", compiled)
+if args.kernels:
+    kernel_table("fwd+bwd lora r16 q,k,v,o (conch layer), compiled", compiled)
+if args.lean_backward:
+    lean_backward(student)
+    _, compiled_lean = lora_step()
+    lean_grads = compiled_lean()[1]
+    err = max(rel_diff(a, b) for (_, a), (_, b) in zip(tree_flatten(lean_grads), tree_flatten(reference[1])))
+    print(json.dumps({"name": "lean_backward vs plain: largest relative gradient difference", "value": err}), flush=True)
+    timeit("fwd+bwd lora r16 q,k,v,o (conch layer), lean_backward, compiled", compiled_lean)
+    if args.kernels:
+        kernel_table("lean_backward", compiled_lean)
+if args.only_lora:
+    sys.exit(0)
+from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
+
+for m in student.modules():
+    if isinstance(m, LoRALinear):
+        m.__class__ = LoRALinear
+value_and_grad, compiled = lora_step()
+timeit("fwd+bwd lora r16 q,k,v,o (mlx-lm layer), eager", lambda: value_and_grad(student))
+timeit("fwd+bwd lora r16 q,k,v,o (mlx-lm layer), compiled", compiled)
 q = mx.random.normal((B, 14, L, 64)).astype(BF16)
 k = mx.random.normal((B, 2, L, 64)).astype(BF16)
 timeit("sdpa fwd+bwd x 24 blocks", lambda: [mx.grad(sdpa_sum, argnums=(0, 1, 2))(q, k, k) for _ in range(24)])

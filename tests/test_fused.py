@@ -244,6 +244,57 @@ def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every, scope):
     assert any(np.abs(np.array(g)).max() > 0 for k, g in g1.items() if "lora_a" in k)
 
 
+@pytest.mark.parametrize("scope", [None, "mlp", "block"])
+def test_lean_backward_gives_the_same_gradients(tiny_pair, scope):
+    """lean_backward (frozen norms without their weight gradient, SwiGLU recomputing its sigmoid), alone and
+    under checkpointing, compiled: same loss and gradients; a trainable norm keeps its gradient; the teacher
+    of the same architecture is not touched."""
+    from conch_dna.training.kd.trainer import checkpoint_blocks, lean_backward
+
+    teacher_path, student_path = tiny_pair
+    teacher, _ = load_model(teacher_path, F32)
+    plain, lean = load_model(student_path, F32)[0], load_model(student_path, F32)[0]
+    for s in (plain, lean):
+        mx.random.seed(3)
+        apply_lora(s, KDConfig(lora={"rank": 4}))
+        s.model.norm.unfreeze()  # a trainable norm must stay as it is, with its gradient
+    plain.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, plain.trainable_parameters()))
+    lean.update(plain.trainable_parameters())
+    assert lean_backward(lean) == {"norms": 2 * len(lean.layers), "mlps": len(lean.layers)}
+    assert lean_backward(lean) == {"norms": 0, "mlps": 0}  # once is enough
+    assert type(lean.model.norm) is nn.RMSNorm and type(lean.layers[0].input_layernorm).__name__ == "_RMSNormWeightAfter"
+    assert all(type(m).__name__ in ("RMSNorm", "MLP") for b in teacher.layers for m in (b.input_layernorm, b.mlp))
+    if scope:
+        checkpoint_blocks(lean, 1, scope)
+    tokens, mask = batch(6)
+    f = lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, chunk_size=16))  # noqa: E731
+    f_compiled = lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, chunk_size=16,  # noqa: E731
+                                                 compiled=True))
+    (l1, _), g1 = nn.value_and_grad(plain, f)(plain)
+    state = [lean.state]
+    step = mx.compile(lambda: nn.value_and_grad(lean, f_compiled)(lean), inputs=state, outputs=state)
+    (l2, _), g2 = step()
+    g1, g2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+    assert g1.keys() == g2.keys() and "model.norm.weight" in g1 and rel(l2.item(), l1.item()) <= TOL
+    for k in g1:
+        assert rel(np.array(g2[k]), np.array(g1[k])) <= TOL, k
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_swiglu_recomputed_matches_autodiff(dtype):
+    from mlx_lm.models.activations import swiglu
+
+    from conch_dna.training.kd.trainer import swiglu_recomputed
+
+    gate, up, cot = (mx.random.normal((3, 5, 40), key=mx.random.key(i)).astype(dtype) * 3 for i in range(3))
+    out_ref, (dg_ref, du_ref) = mx.vjp(lambda g, u: nn.silu(g) * u, [gate, up], [cot])
+    out, (dg, du) = mx.vjp(swiglu_recomputed, [gate, up], [cot])
+    assert dg.dtype == du.dtype == out[0].dtype == dtype
+    tol = 1e-6 if dtype == mx.float32 else 1e-2  # bf16: ours computes in float32, autodiff in bf16
+    for a, b in ((out[0], out_ref[0]), (out[0], swiglu(gate, up)), (dg, dg_ref), (du, du_ref)):
+        assert rel(np.array(a.astype(F32)), np.array(b.astype(F32))) <= tol
+
+
 def test_checkpoint_scope_errors_are_specific(tiny_pair):
     from types import SimpleNamespace
 

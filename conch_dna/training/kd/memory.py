@@ -87,6 +87,11 @@ def teacher_forward_bytes(teacher, config, batch: int, seq: int, dtype_bytes: in
     return rows * seq * t.layers * (4 * t.hidden + 2 * t.intermediate) * dtype_bytes
 
 
+# What `lean_backward` saves per token and block, in values: one [tokens, intermediate] activation
+# (`scripts/block_memory.py`, CPU float32, Qwen2.5-0.5B widths: a plain block kept 152.0 MiB, 133.3 with it).
+MLP_VALUES_SAVED_BY_LEAN_BACKWARD = 1
+
+
 def recomputed_blocks(layers: int, config) -> int:
     """How many blocks gradient checkpointing recomputes (`trainer.checkpoint_blocks`: 0, every, 2 * every...)."""
     return len(range(0, layers, config.grad_checkpoint_every)) if config.grad_checkpoint else 0
@@ -97,12 +102,13 @@ def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[
     s = model_shapes(student)
     dtype_bytes = next(p.itemsize for _, p in tree_flatten(student.parameters()))
     tokens = batch * seq
-    per_block_token = (22 * s.hidden + 6 * s.intermediate) * dtype_bytes
+    mlp_values = 6 - MLP_VALUES_SAVED_BY_LEAN_BACKWARD * config.lean_backward
+    per_block_token = (22 * s.hidden + mlp_values * s.intermediate) * dtype_bytes
     recomputed = recomputed_blocks(s.layers, config)
     kept = s.layers - recomputed
     if config.grad_checkpoint_scope == "mlp":
         # Recomputed MLPs keep their input; the rest of their block (its 22 d) stays; one MLP's worth at a time.
-        mlp_token = 6 * s.intermediate * dtype_bytes
+        mlp_token = mlp_values * s.intermediate * dtype_bytes
         activations = tokens * (kept * per_block_token + recomputed * (per_block_token - mlp_token + s.hidden * dtype_bytes)
                                 + (mlp_token if recomputed else 0))
         attention_blocks = s.layers
@@ -136,12 +142,14 @@ def held_student_bytes(s: Shapes, config, tokens: int, dtype_bytes: int, rows: i
     activations its blocks keep and one loss chunk. Unlike the unconstrained estimate, no allowance for work
     queued ahead. Per token and block, as `scripts/block_memory.py` measured (Qwen2.5-0.5B widths, compiled
     step; attention scores apart): ~8 d + 3.5 i values kept by a plain block, 8 d with its MLP recomputed,
-    1.5 d recomputed whole; plus, with checkpointing, one recomputed part at a time. The loss: the CUDA kernel
-    keeps three [rows, vocab] buffers in the model's dtype (student and teacher logits, gradient), the other
-    paths ~6 float32 ones (`rows`: the loss chunk, or every token for the reference loss)."""
-    plain = 8 * s.hidden + 3.5 * s.intermediate
+    1.5 d recomputed whole; plus, with checkpointing, one recomputed part at a time; `lean_backward` keeps one
+    i less (SwiGLU's sigmoid). The loss: the CUDA kernel keeps three [rows, vocab] buffers in the model's dtype
+    (student and teacher logits, gradient), the other paths ~6 float32 ones (`rows`: the loss chunk, or every
+    token for the reference loss)."""
+    mlp = (3.5 - MLP_VALUES_SAVED_BY_LEAN_BACKWARD * config.lean_backward) * s.intermediate
+    plain = 8 * s.hidden + mlp
     recomputed = recomputed_blocks(s.layers, config)
-    kept_recomputed, transient = ((8 * s.hidden, 3.5 * s.intermediate) if config.grad_checkpoint_scope == "mlp"
+    kept_recomputed, transient = ((8 * s.hidden, mlp) if config.grad_checkpoint_scope == "mlp"
                                   else (1.5 * s.hidden, plain))
     values = (s.layers - recomputed) * plain + recomputed * kept_recomputed + (transient if recomputed else 0)
     fused = config.loss_impl == "fused"
