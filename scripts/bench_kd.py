@@ -234,7 +234,7 @@ def run(args, impl: str) -> dict:
         "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and (args.checkpoint_blocks or f"{args.checkpoint_scope} every {args.checkpoint_every}"),
         "teacher_pass_tokens": args.teacher_pass_tokens, "memory_limit_gb": args.memory_limit_gb,
         "overlap_teacher": args.overlap_teacher,
-        "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch",
+        "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch", "lean_backward": args.lean_backward == "on",
         "step_s": round(dt, 4), "tok_s": round(batch * seq / dt, 1), "peak_gb": round(peak, 2),
         "weights_gb": round(weights_gb, 2), "teacher_fwd_peak_gb": round(teacher_peak, 2),
         "teacher_fwd_s": round(t_teacher, 4), "loss_s": None if t_loss is None else round(t_loss, 4),
@@ -306,6 +306,7 @@ def run_trainer(args) -> dict:
             "B": batch * accumulation, "micro_batch": batch, "T": seq, "chunk": cfg.loss_chunk_size,
             "grad_checkpoint": cfg.grad_checkpoint and f"{cfg.grad_checkpoint_scope} every {cfg.grad_checkpoint_every}",
             "compiled": use_compile(cfg), "teacher_prefetch": use_prefetch(cfg), "memory_limit_gb": cfg.memory_limit_gb,
+            "lean_backward": cfg.lean_backward,
             "memory_budget_gb": args.memory_budget_gb,
             "step_s": round(dt, 4), "tok_s": round(batch * accumulation * seq / dt, 1),
             "peak_gb": round(mx.get_peak_memory() / 2**30, 2)}

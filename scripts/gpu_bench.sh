@@ -68,3 +68,14 @@ if [ "$part" = frontier ]; then
     --peer-batches 8 16 32 --steps 8 --repeats "${REPEATS:-1}" --run-timeout 150 \
     --out "$OUT/frontier.jsonl" --plot "$OUT/frontier.png" 2> "$OUT/frontier.err"
 fi
+if [ "$part" = lean ]; then
+  # Session 12 (issue 22): trainer.lean_backward. The student's kernels with and without it, its GPU tests,
+  # the whole step's kernels, then the trainer with it on and off, alternating (batch 8, chunk 2048).
+  python3 scripts/profile_student.py --kernels --only-lora --lean-backward 2>&1 | grep '^{' | tee "$OUT/student_kernels.jsonl"
+  python3 -m pytest -q -p no:cacheprovider tests/test_fused.py -k "lean or swiglu or checkpoint" 2>&1 | tail -1 | tee "$OUT/lean_tests.txt"
+  timeout 200 python3 scripts/bench_kd.py --preset "$P" --impl fused --batch 8 --chunk 2048 --steps 5 --kernels 2>&1 | grep '^{' | tee "$OUT/step_kernels.jsonl"
+  for i in 1 2; do
+    tr --batch 8 --chunk 2048 --lean-backward off
+    tr --batch 8 --chunk 2048
+  done
+fi
