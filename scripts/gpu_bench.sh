@@ -79,3 +79,16 @@ if [ "$part" = lean ]; then
     tr --batch 8 --chunk 2048
   done
 fi
+if [ "$part" = lean2 ]; then
+  # Session 12, second round: each part of lean_backward alone and both (the SwiGLU backward as one CUDA
+  # kernel), the kernels' GPU tests, then the trainer with it off and on, alternating (batch 8, chunk 2048).
+  for v in norms mlps all; do
+    k=""; [ "$v" = all ] && k="--kernels"
+    python3 scripts/profile_student.py --only-lora --lean-backward $v $k 2>&1 | grep '^{' | tee "$OUT/student_kernels_$v.jsonl" | grep '"name"'
+  done
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k swiglu tests/test_fused.py -k "lean or swiglu" 2>&1 | tail -1 | tee "$OUT/lean_tests.txt"
+  for i in 1 2; do
+    tr --batch 8 --chunk 2048 --lean-backward off
+    tr --batch 8 --chunk 2048
+  done
+fi

@@ -68,3 +68,18 @@ def test_fused_loss_with_kernel_matches_reference_values_and_gradients():
     (a, ga), (b, gb) = mx.value_and_grad(fused)(h), mx.value_and_grad(reference)(h)
     assert abs(a.item() - b.item()) <= 1e-4 * abs(b.item())
     assert mx.allclose(ga, gb, rtol=1e-3, atol=1e-6).item()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7), (8, 128, 4864)])
+def test_swiglu_backward_kernel_matches_autodiff(dtype, shape):
+    import mlx.nn as nn
+
+    gate, up, dy = (mx.random.normal(shape, key=mx.random.key(i)) * 3 for i in range(3))
+    _, (dg_ref, du_ref) = mx.vjp(lambda g, u: nn.silu(g) * u, [gate, up], [dy])  # float32 reference
+    dg, du = kernels.swiglu_backward(gate.astype(dtype), up.astype(dtype), dy.astype(dtype))
+    assert dg.dtype == du.dtype == dtype and dg.shape == du.shape == shape
+    tol = 1e-5 if dtype == mx.float32 else 2e-2  # bf16: its inputs' and outputs' rounding
+    for got, want in ((dg, dg_ref), (du, du_ref)):
+        err = mx.linalg.norm((got.astype(mx.float32) - want).reshape(-1)) / mx.linalg.norm(want.reshape(-1))
+        assert err.item() <= tol

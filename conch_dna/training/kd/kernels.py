@@ -171,3 +171,29 @@ def forward_kl_ce_rows_numpy(s: np.ndarray, t: np.ndarray, targets: np.ndarray, 
     q[rows, targets] -= wc
     q[(wk == 0) & (wc == 0)] = 0.0  # masked rows: zero gradient, whatever their logits
     return q, kd_tok.astype(np.float32), ce_tok.astype(np.float32)
+
+
+_SWIGLU_BACKWARD = """
+    const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < N) {
+        const float g = static_cast<float>(gate[i]), u = static_cast<float>(up[i]), d = static_cast<float>(dy[i]);
+        const float sig = 1.0f / (1.0f + expf(-g));
+        d_gate[i] = static_cast<T>(d * u * sig * (1.0f + g * (1.0f - sig)));
+        d_up[i] = static_cast<T>(d * g * sig);
+    }
+"""
+
+
+@lru_cache(maxsize=1)
+def _swiglu_kernel():
+    return mx.fast.cuda_kernel(name="conch_swiglu_backward", input_names=["gate", "up", "dy"],
+                               output_names=["d_gate", "d_up"], source=_SWIGLU_BACKWARD)
+
+
+def swiglu_backward(gate: mx.array, up: mx.array, dy: mx.array) -> tuple[mx.array, mx.array]:
+    """The gradients of silu(gate) * up in one pass over gate, up and dy (CUDA; `available()`), the sigmoid
+    recomputed in float32."""
+    n = gate.size
+    return _swiglu_kernel()(inputs=[gate, up, dy.astype(gate.dtype)], template=[("T", gate.dtype), ("N", n)],
+                            grid=(-(-n // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+                            output_shapes=[gate.shape, up.shape], output_dtypes=[gate.dtype, up.dtype])

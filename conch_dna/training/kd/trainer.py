@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from conch_dna._faults import fault_point
 from conch_dna.atomic import atomic_folder, atomic_write, sha256_file
 from conch_dna.training.kd import distributed as dist
+from conch_dna.training.kd import kernels
 from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.cross_vocab import CrossTargets, cross_agreement, cross_objective
 from conch_dna.training.kd.data import Example, batch_order, pad_batch
@@ -138,7 +139,7 @@ def checkpoint_blocks(model: nn.Module, every: int = 1, scope: str = "block") ->
     return len(picked)
 
 
-def lean_backward(model: nn.Module) -> dict[str, int]:
+def lean_backward(model: nn.Module, norms: bool = True, mlps: bool = True) -> dict[str, int]:
     """Two rewrites of a LoRA student's frozen parts so that its backward pass computes and keeps only what the
     LoRA gradients need (same forward values; returns how many modules of each kind were rewritten):
 
@@ -154,9 +155,9 @@ def lean_backward(model: nn.Module) -> dict[str, int]:
     twice (after normalising, after the weight), a last-bit difference from mlx-lm's fused norm."""
     counts = {"norms": 0, "mlps": 0}
     for module in model.modules():
-        if type(module) is nn.RMSNorm and "weight" not in module.trainable_parameters():
+        if norms and type(module) is nn.RMSNorm and "weight" not in module.trainable_parameters():
             module.__class__, counts["norms"] = _RMSNormWeightAfter, counts["norms"] + 1
-        elif _is_swiglu_mlp(module):
+        elif mlps and _is_swiglu_mlp(module):
             module.__class__, counts["mlps"] = _recomputing_mlp_class(type(module)), counts["mlps"] + 1
     return counts
 
@@ -170,11 +171,10 @@ def swiglu_recomputed(gate: mx.array, up: mx.array) -> mx.array:
 @swiglu_recomputed.vjp
 def _swiglu_vjp(primals, cotangent, output):
     gate, up = primals
-    g, dy = gate.astype(mx.float32), cotangent.astype(mx.float32)  # one fused kernel when compiled
-    sig = mx.sigmoid(g)
-    d_up = dy * g * sig
-    d_gate = dy * up.astype(mx.float32) * sig * (1 + g * (1 - sig))
-    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+    if kernels.available():  # one kernel; MLX's compile splits the ops below into three plus float32 copies
+        return kernels.swiglu_backward(gate, up, cotangent)
+    sig = mx.sigmoid(gate)
+    return cotangent * up * sig * (1 + gate * (1 - sig)), cotangent * gate * sig
 
 
 class _RMSNormWeightAfter(nn.RMSNorm):
