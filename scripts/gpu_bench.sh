@@ -86,7 +86,7 @@ if [ "$part" = lean2 ]; then
     k=""; [ "$v" = all ] && k="--kernels"
     python3 scripts/profile_student.py --only-lora --lean-backward $v $k 2>&1 | grep '^{' | tee "$OUT/student_kernels_$v.jsonl" | grep '"name"'
   done
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k swiglu tests/test_fused.py -k "lean or swiglu" 2>&1 | tail -1 | tee "$OUT/lean_tests.txt"
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fused.py -k "lean or swiglu" 2>&1 | tail -1 | tee "$OUT/lean_tests.txt"
   for i in 1 2; do
     tr --batch 8 --chunk 2048 --lean-backward off
     tr --batch 8 --chunk 2048
