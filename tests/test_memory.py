@@ -134,7 +134,7 @@ def test_a_budget_gets_the_fastest_setting_that_fits(pair):
     """settings_for_budget walks SETTINGS_FASTEST_FIRST, each without then with a memory limit: no recompute
     while it fits, then the MLPs, then whole blocks, then smaller micro-batches with the same optimizer batch;
     too small: refused."""
-    from conch_dna.training.kd.memory import SETTINGS_FASTEST_FIRST, settings_for_budget
+    from conch_dna.training.kd.memory import SETTINGS_FASTEST_FIRST, memory_limit_for, settings_for_budget
 
     t, s = pair
     cfg = KDConfig(batch_size=16, teacher_pass_tokens=512)
@@ -147,8 +147,9 @@ def test_a_budget_gets_the_fastest_setting_that_fits(pair):
     assert settings_for_budget(s, t, cfg, 512, need(plain) / gb) == {**plain, "batch_size": 16, "grad_accumulation": 1,
                                                                       "memory_limit_gb": None}
     between = (need(mlp) + need(plain)) / 2 / gb  # the MLPs' recompute fits; no recompute only under a limit
-    limited = {**plain, "memory_limit_gb": round(0.95 * between, 2)}
-    plain_held = need(limited) / gb <= 0.95 * between
+    limited = {**plain, "memory_limit_gb": memory_limit_for(between)}
+    plain_held = need(limited) / gb <= memory_limit_for(between)
+    assert (memory_limit_for(8), memory_limit_for(16), memory_limit_for(40)) == (7.25, 15.2, 38.0)  # 0.75 GB / 5% below
     assert settings_for_budget(s, t, cfg, 512, between) == ({**limited, "batch_size": 16, "grad_accumulation": 1}
                                                             if plain_held else {**mlp, "batch_size": 16, "grad_accumulation": 1, "memory_limit_gb": None})
     # Below the step's floor with no recompute: the MLPs or whole blocks recomputed, or smaller micro-batches.

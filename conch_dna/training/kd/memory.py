@@ -167,14 +167,20 @@ SETTINGS_FASTEST_FIRST = (
     {"grad_checkpoint": True, "grad_checkpoint_scope": "block", "loss_chunk_size": 1024},
     {"grad_checkpoint": True, "grad_checkpoint_scope": "block", "loss_chunk_size": 512},
 )
-LIMIT_SHARE = 0.95  # memory_limit_gb = 95% of the budget: MLX overshot its limit by at most 0.5% (15.07 / 15 GB)
+# memory_limit_gb: 95% of the budget, and at least 0.75 GB below it. MLX overshot its limit by 0.07 GB at 15 GB
+# (H100, session 5) and by 0.41-0.59 GB on an H200 (session 12: 7.8 / 7.4, 8.03 / 7.6, 15.77 / 15.2, 24.34 / 23.75).
+LIMIT_SHARE, LIMIT_HEADROOM_GB = 0.95, 0.75
+
+
+def memory_limit_for(budget_gb: float) -> float:
+    return round(min(LIMIT_SHARE * budget_gb, budget_gb - LIMIT_HEADROOM_GB), 2)
 
 
 def settings_for_budget(student, teacher, config, seq: int, budget_gb: float) -> dict:
     """The fastest memory settings whose estimated peak fits `budget_gb`, as a `KDConfig` update.
 
     In order: each of `SETTINGS_FASTEST_FIRST`, first without a memory limit (its whole estimate fits), then
-    with `memory_limit_gb` at 95% of the budget (what the step must hold fits under it: MLX waits for work in
+    with `memory_limit_gb` at `memory_limit_for(budget)` (what the step must hold fits under it: MLX waits for work in
     flight instead of allocating past it, which cost less than recomputing: 61.6k tokens/s with the MLPs
     recomputed under a 15 GB limit against 62.0k without a limit, H100); then the same with smaller
     micro-batches (divisors of the batch, with `grad_accumulation` raised:
@@ -185,9 +191,10 @@ def settings_for_budget(student, teacher, config, seq: int, budget_gb: float) ->
         base = {"batch_size": micro, "grad_accumulation": global_batch // micro}
         for settings in SETTINGS_FASTEST_FIRST:
             for limited in (False, True):
-                update = {**base, **settings, "memory_limit_gb": round(LIMIT_SHARE * budget_gb, 2) if limited else None}
+                limit_gb = memory_limit_for(budget_gb)
+                update = {**base, **settings, "memory_limit_gb": limit_gb if limited else None}
                 alt = config.model_copy(update=update)
-                if estimate_peak_bytes(student, teacher, alt, micro, seq)["total"] <= (LIMIT_SHARE if limited else 1) * budget:
+                if estimate_peak_bytes(student, teacher, alt, micro, seq)["total"] <= (limit_gb * 2**30 if limited else budget):
                     return update
     weights = param_bytes(student) + (param_bytes(teacher) if teacher is not None else 0)
     raise MemoryPreflightError(
