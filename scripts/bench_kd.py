@@ -119,9 +119,9 @@ def run(args, impl: str) -> dict:
             if isinstance(m, LoRALinear):
                 m.__class__ = LoRALinear
     compiled = impl == "fused" and (args.compile == "on" or (args.compile == "auto" and gpu))
-    if args.lean_backward == "on":
-        from conch_dna.training.kd.trainer import lean_backward
+    from conch_dna.training.kd.trainer import lean_backward, use_lean_backward
 
+    if use_lean_backward(KDConfig(lean_backward=args.lean_backward)):
         lean_backward(student)
     if args.grad_checkpoint:
         from conch_dna.training.kd.trainer import checkpoint_blocks
@@ -234,7 +234,7 @@ def run(args, impl: str) -> dict:
         "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and (args.checkpoint_blocks or f"{args.checkpoint_scope} every {args.checkpoint_every}"),
         "teacher_pass_tokens": args.teacher_pass_tokens, "memory_limit_gb": args.memory_limit_gb,
         "overlap_teacher": args.overlap_teacher,
-        "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch", "lean_backward": args.lean_backward == "on",
+        "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch", "lean_backward": use_lean_backward(KDConfig(lean_backward=args.lean_backward)),
         "step_s": round(dt, 4), "tok_s": round(batch * seq / dt, 1), "peak_gb": round(peak, 2),
         "weights_gb": round(weights_gb, 2), "teacher_fwd_peak_gb": round(teacher_peak, 2),
         "teacher_fwd_s": round(t_teacher, 4), "loss_s": None if t_loss is None else round(t_loss, 4),
@@ -259,6 +259,7 @@ def run_trainer(args) -> dict:
         apply_lora,
         train_with_kd,
         use_compile,
+        use_lean_backward,
         use_prefetch,
     )
 
@@ -277,7 +278,7 @@ def run_trainer(args) -> dict:
                    learning_rate=1e-4, lr_schedule="constant", val_fraction=0.0, val_interval=10**6,
                    checkpoint_interval=10**6, grad_checkpoint=args.grad_checkpoint,
                    grad_checkpoint_every=args.checkpoint_every, grad_checkpoint_scope=args.checkpoint_scope,
-                   teacher_pass_tokens=args.teacher_pass_tokens, lean_backward=args.lean_backward == "on",
+                   teacher_pass_tokens=args.teacher_pass_tokens, lean_backward=args.lean_backward,
                    compile_step=args.compile, teacher_prefetch=args.prefetch, memory_limit_gb=args.memory_limit_gb)
     n_blocks = apply_lora(student, cfg)
     if args.memory_budget_gb is not None:  # as the distiller does with memory_budget_gb
@@ -306,7 +307,7 @@ def run_trainer(args) -> dict:
             "B": batch * accumulation, "micro_batch": batch, "T": seq, "chunk": cfg.loss_chunk_size,
             "grad_checkpoint": cfg.grad_checkpoint and f"{cfg.grad_checkpoint_scope} every {cfg.grad_checkpoint_every}",
             "compiled": use_compile(cfg), "teacher_prefetch": use_prefetch(cfg), "memory_limit_gb": cfg.memory_limit_gb,
-            "lean_backward": cfg.lean_backward,
+            "lean_backward": use_lean_backward(cfg),
             "memory_budget_gb": args.memory_budget_gb,
             "step_s": round(dt, 4), "tok_s": round(batch * accumulation * seq / dt, 1),
             "peak_gb": round(mx.get_peak_memory() / 2**30, 2)}
@@ -456,8 +457,8 @@ def main() -> None:
     ap.add_argument("--compile-teacher", action="store_true", help="mx.compile the teacher's forward too")
     ap.add_argument("--overlap-teacher", action="store_true", help="experiment: next teacher pass on a second stream")
     ap.add_argument("--memory-limit-gb", type=float, help="mx.set_memory_limit: MLX throttles to stay under it")
-    ap.add_argument("--lean-backward", choices=["on", "off"], default="on",
-                    help="trainer.lean_backward: frozen norms without weight gradients, SwiGLU recomputed (on = default)")
+    ap.add_argument("--lean-backward", choices=["auto", "on", "off"], default="auto",
+                    help="trainer.lean_backward: frozen norms without weight gradients, SwiGLU recomputed (auto: on a GPU)")
     ap.add_argument("--kernels", action="store_true", help="step mode: the step's GPU kernels (torch.profiler)")
     ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")
     ap.add_argument("--out", help="append the JSON lines to this file")

@@ -280,6 +280,20 @@ def test_lean_backward_gives_the_same_gradients(tiny_pair, scope):
         assert rel(np.array(g2[k]), np.array(g1[k])) <= TOL, k
 
 
+@pytest.mark.parametrize("setting", ["auto", "on", "off"])
+def test_build_step_applies_lean_backward_as_configured(tiny_pair, setting):
+    from conch_dna.training.kd.trainer import build_step, use_lean_backward
+
+    student, _ = load_model(tiny_pair[1], F32)
+    config = KDConfig(lora={"rank": 4}, lean_backward=setting)
+    apply_lora(student, config)
+    build_step(student, config, None)
+    on = setting == "on" or (setting == "auto" and not ON_CPU)
+    assert use_lean_backward(config) == on
+    assert type(student.layers[0].mlp).__name__.startswith("Recomputing") == on
+    assert (type(student.layers[0].input_layernorm) is nn.RMSNorm) == (not on)
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_swiglu_recomputed_matches_autodiff(dtype):
     from mlx_lm.models.activations import swiglu

@@ -176,3 +176,15 @@ def test_distiller_applies_the_budget(tiny_pair, kd_config):
     with pytest.raises(MemoryPreflightError, match="no setting fits a memory budget"):
         TrueKnowledgeDistiller(str(teacher), str(student), small).distill_domain("task", PROMPTS)
     assert not (cfg.output_dir / "small/task/adapters.safetensors").exists()
+
+
+def test_lean_backward_estimate_keeps_one_intermediate_activation_less(tiny_pair):
+    from conch_dna.training.kd.memory import held_student_bytes, model_shapes
+
+    student, _ = load_model(tiny_pair[1])
+    shapes = model_shapes(student)
+    on, off = (KDConfig(lean_backward=v) for v in ("on", "off"))
+    tokens, rows = 4 * 64, 64
+    assert held_student_bytes(shapes, off, tokens, 4, rows) - held_student_bytes(shapes, on, tokens, 4, rows) == \
+        tokens * shapes.layers * shapes.intermediate * 4
+    assert estimate_peak_bytes(student, None, on, 4, 64)["activations"] < estimate_peak_bytes(student, None, off, 4, 64)["activations"]

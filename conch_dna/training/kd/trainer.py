@@ -393,6 +393,12 @@ def use_compile(config: KDConfig) -> bool:
     return config.compile_step == "on" or (config.compile_step == "auto" and mx.default_device() == mx.gpu)
 
 
+def use_lean_backward(config: KDConfig) -> bool:
+    """lean_backward "auto": on a GPU only. On 2 CPU cores (smollm2 preset, trainer) it measured 41.5k / 34.1k
+    tokens/s against 39.8k / 40.1k without: nothing to gain where memory is not scarce."""
+    return config.lean_backward == "on" or (config.lean_backward == "auto" and mx.default_device() == mx.gpu)
+
+
 def use_prefetch(config: KDConfig) -> bool:
     """teacher_prefetch "auto": on, except with on-policy sequences (the next batch holds answers the student
     has not written yet). The teacher's pass fills the room the student's step leaves: +14% on an H100
@@ -603,7 +609,7 @@ def build_step(model: nn.Module, config: KDConfig, vocab: int | None) -> tuple[C
     fused = config.loss_impl == "fused" and parts_match(model)
     if config.loss_impl == "fused" and not fused:
         log.warning("fused loss unavailable for this model (head(body(x)) != model(x)); using the reference loss")
-    if config.lean_backward:  # before checkpointing, which wraps the classes it switches
+    if use_lean_backward(config):  # before checkpointing, which wraps the classes it switches
         lean_backward(model)
     if config.grad_checkpoint:
         checkpoint_blocks(model, config.grad_checkpoint_every, config.grad_checkpoint_scope)
