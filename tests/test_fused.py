@@ -210,6 +210,22 @@ def test_lora_layers_compute_in_the_model_dtype(tiny_pair):
     assert set(flat) == {"lora_a", "lora_b"} and all(g.dtype == mx.float32 for g in flat.values())
 
 
+def teacher_and_twin_students(tiny_pair, trainable_norm=False):
+    """The tiny teacher and two copies of the student with the same non-zero LoRA weights (and, with
+    trainable_norm, a trainable final norm: it must keep its gradient)."""
+    teacher_path, student_path = tiny_pair
+    teacher, _ = load_model(teacher_path, F32)
+    one, two = load_model(student_path, F32)[0], load_model(student_path, F32)[0]
+    for s in (one, two):
+        apply_lora(s, KDConfig(lora={"rank": 4}))
+        if trainable_norm:
+            s.model.norm.unfreeze()
+    mx.random.seed(3)
+    one.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, one.trainable_parameters()))
+    two.update(one.trainable_parameters())
+    return teacher, one, two
+
+
 @pytest.mark.parametrize("every,scope", [(1, "block"), (2, "block"), (1, "mlp"), (2, "mlp")])
 def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every, scope):
     """Gradient checkpointing (all blocks, or every other one; whole blocks or their MLPs only) recomputes
@@ -217,14 +233,7 @@ def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every, scope):
     teacher's of the same architecture."""
     from conch_dna.training.kd.trainer import checkpoint_blocks
 
-    teacher_path, student_path = tiny_pair
-    teacher, _ = load_model(teacher_path, F32)
-    plain, ckpt = load_model(student_path, F32)[0], load_model(student_path, F32)[0]
-    for s in (plain, ckpt):
-        mx.random.seed(3)
-        apply_lora(s, KDConfig(lora={"rank": 4}))
-    plain.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, plain.trainable_parameters()))
-    ckpt.update(plain.trainable_parameters())
+    teacher, plain, ckpt = teacher_and_twin_students(tiny_pair)
     n = checkpoint_blocks(ckpt, every, scope)
     assert n == len(range(0, len(ckpt.layers), every))
     picked = [b if scope == "block" else b.mlp for b in ckpt.layers]
@@ -251,15 +260,7 @@ def test_lean_backward_gives_the_same_gradients(tiny_pair, scope):
     of the same architecture is not touched."""
     from conch_dna.training.kd.trainer import checkpoint_blocks, lean_backward
 
-    teacher_path, student_path = tiny_pair
-    teacher, _ = load_model(teacher_path, F32)
-    plain, lean = load_model(student_path, F32)[0], load_model(student_path, F32)[0]
-    for s in (plain, lean):
-        mx.random.seed(3)
-        apply_lora(s, KDConfig(lora={"rank": 4}))
-        s.model.norm.unfreeze()  # a trainable norm must stay as it is, with its gradient
-    plain.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, plain.trainable_parameters()))
-    lean.update(plain.trainable_parameters())
+    teacher, plain, lean = teacher_and_twin_students(tiny_pair, trainable_norm=True)
     assert lean_backward(lean) == {"norms": 2 * len(lean.layers), "mlps": len(lean.layers)}
     assert lean_backward(lean) == {"norms": 0, "mlps": 0}  # once is enough
     assert type(lean.model.norm) is nn.RMSNorm and type(lean.layers[0].input_layernorm).__name__ == "_RMSNormWeightAfter"
