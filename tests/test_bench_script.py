@@ -25,9 +25,10 @@ def test_step_mode_times_reference_and_fused():
 
 def test_trainer_mode_runs_the_trainer_loop_with_prefetch():
     (on,) = bench("--trainer", "--warmup", "2", "--steps", "1", "--prefetch", "on", "--grad-checkpoint",
-                  "--checkpoint-scope", "mlp")
-    (off,) = bench("--trainer", "--warmup", "2", "--steps", "1", "--prefetch", "off")
+                  "--checkpoint-scope", "mlp", "--lean-backward", "on")
+    (off,) = bench("--trainer", "--warmup", "2", "--steps", "1", "--prefetch", "off", "--lean-backward", "off")
     assert on["impl"] == "mlx-trainer" and on["teacher_prefetch"] is True and off["teacher_prefetch"] is False
+    assert on["lean_backward"] is True and off["lean_backward"] is False
     assert on["grad_checkpoint"] == "mlp every 1" and on["tok_s"] > 0 and on["peak_gb"] > 0
 
 
