@@ -72,9 +72,8 @@ def kernel_table(name, f, steps=5):
             mx.eval(f())
         mx.synchronize()
         wall = (time.perf_counter() - t0) / steps
-    rows = [(e.self_device_time_total, e.count, e.key)
-            for e in prof.key_averages()]
-    rows = sorted((r for r in rows if r[0] > 0), reverse=True)
+    rows = sorted(((e.self_device_time_total, e.count, e.key) for e in prof.key_averages()
+                   if e.self_device_time_total > 0), reverse=True)
     total = sum(r[0] for r in rows) / steps / 1000
     print(json.dumps({"name": f"kernels: {name}", "wall_ms": round(wall * 1000, 2), "kernel_ms": round(total, 2),
                       "launches": sum(r[1] for r in rows) // steps}), flush=True)
@@ -121,7 +120,8 @@ def run(args, impl: str) -> dict:
     compiled = impl == "fused" and (args.compile == "on" or (args.compile == "auto" and gpu))
     from conch_dna.training.kd.trainer import lean_backward, use_lean_backward
 
-    if use_lean_backward(KDConfig(lean_backward=args.lean_backward)):
+    lean = use_lean_backward(KDConfig(lean_backward=args.lean_backward))
+    if lean:
         lean_backward(student)
     if args.grad_checkpoint:
         from conch_dna.training.kd.trainer import checkpoint_blocks
@@ -234,7 +234,7 @@ def run(args, impl: str) -> dict:
         "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and (args.checkpoint_blocks or f"{args.checkpoint_scope} every {args.checkpoint_every}"),
         "teacher_pass_tokens": args.teacher_pass_tokens, "memory_limit_gb": args.memory_limit_gb,
         "overlap_teacher": args.overlap_teacher,
-        "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch", "lean_backward": use_lean_backward(KDConfig(lean_backward=args.lean_backward)),
+        "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch", "lean_backward": lean,
         "step_s": round(dt, 4), "tok_s": round(batch * seq / dt, 1), "peak_gb": round(peak, 2),
         "weights_gb": round(weights_gb, 2), "teacher_fwd_peak_gb": round(teacher_peak, 2),
         "teacher_fwd_s": round(t_teacher, 4), "loss_s": None if t_loss is None else round(t_loss, 4),

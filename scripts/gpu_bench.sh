@@ -69,24 +69,15 @@ if [ "$part" = frontier ]; then
     --out "$OUT/frontier.jsonl" --plot "$OUT/frontier.png" 2> "$OUT/frontier.err"
 fi
 if [ "$part" = lean ]; then
-  # Session 12 (issue 22): trainer.lean_backward. The student's kernels with and without it, its GPU tests,
-  # the whole step's kernels, then the trainer with it on and off, alternating (batch 8, chunk 2048).
-  python3 scripts/profile_student.py --kernels --only-lora --lean-backward 2>&1 | grep '^{' | tee "$OUT/student_kernels.jsonl"
-  python3 -m pytest -q -p no:cacheprovider tests/test_fused.py -k "lean or swiglu or checkpoint" 2>&1 | tail -1 | tee "$OUT/lean_tests.txt"
-  timeout 200 python3 scripts/bench_kd.py --preset "$P" --impl fused --batch 8 --chunk 2048 --steps 5 --kernels 2>&1 | grep '^{' | tee "$OUT/step_kernels.jsonl"
-  for i in 1 2; do
-    tr --batch 8 --chunk 2048 --lean-backward off
-    tr --batch 8 --chunk 2048
-  done
-fi
-if [ "$part" = lean2 ]; then
-  # Session 12, second round: each part of lean_backward alone and both (the SwiGLU backward as one CUDA
-  # kernel), the kernels' GPU tests, then the trainer with it off and on, alternating (batch 8, chunk 2048).
+  # Session 12 (issue 22): each part of lean_backward alone and both (the SwiGLU backward as one CUDA kernel),
+  # the kernels' GPU tests, the whole step's kernels, then the trainer with it off and on, alternating
+  # (batch 8, chunk 2048).
   for v in norms mlps all; do
     k=""; [ "$v" = all ] && k="--kernels"
     python3 scripts/profile_student.py --only-lora --lean-backward $v $k 2>&1 | grep '^{' | tee "$OUT/student_kernels_$v.jsonl" | grep '"name"'
   done
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fused.py -k "lean or swiglu" 2>&1 | tail -1 | tee "$OUT/lean_tests.txt"
+  timeout 200 python3 scripts/bench_kd.py --preset "$P" --impl fused --batch 8 --chunk 2048 --steps 5 --kernels 2>&1 | grep '^{' | tee "$OUT/step_kernels.jsonl"
   for i in 1 2; do
     tr --batch 8 --chunk 2048 --lean-backward off
     tr --batch 8 --chunk 2048

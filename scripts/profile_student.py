@@ -36,11 +36,11 @@ ap.add_argument("--only-lora", action="store_true", help="skip the measurements 
 args = ap.parse_args()
 B, L = args.batch, args.seq
 _, s_shape, vocab, _, _ = PRESETS["qwen2.5-1.5b->0.5b"]
-D, BF16 = s_shape["hidden"], (mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32)  # float32 on a CPU
+D, DTYPE = s_shape["hidden"], (mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32)  # float32 on a CPU
 mx.random.seed(0)
-student = build(s_shape, vocab, BF16)
+student = build(s_shape, vocab, DTYPE)
 tokens = mx.random.randint(0, vocab, (B, L))
-cotangent = mx.random.normal((B, L, D)).astype(BF16)
+cotangent = mx.random.normal((B, L, D)).astype(DTYPE)
 
 
 def timeit(name, f, n=10):
@@ -114,9 +114,9 @@ for m in student.modules():
 value_and_grad, compiled = lora_step()
 timeit("fwd+bwd lora r16 q,k,v,o (mlx-lm layer), eager", lambda: value_and_grad(student))
 timeit("fwd+bwd lora r16 q,k,v,o (mlx-lm layer), compiled", compiled)
-q = mx.random.normal((B, 14, L, 64)).astype(BF16)
-k = mx.random.normal((B, 2, L, 64)).astype(BF16)
+q = mx.random.normal((B, 14, L, 64)).astype(DTYPE)
+k = mx.random.normal((B, 2, L, 64)).astype(DTYPE)
 timeit("sdpa fwd+bwd x 24 blocks", lambda: [mx.grad(sdpa_sum, argnums=(0, 1, 2))(q, k, k) for _ in range(24)])
-x = mx.random.normal((B * L, D)).astype(BF16)
-w = mx.random.normal((s_shape["inter"], D)).astype(BF16)
+x = mx.random.normal((B * L, D)).astype(DTYPE)
+w = mx.random.normal((s_shape["inter"], D)).astype(DTYPE)
 timeit("MLP-sized matmul x 72 (the MLPs' forward + input-gradient matmuls)", lambda: [x @ w.T for _ in range(72)])

@@ -38,6 +38,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from conch_dna.training.kd import kernels
+from conch_dna.training.kd.trainer import use_lean_backward
 
 MARGIN = 1.25
 
@@ -92,13 +93,6 @@ def teacher_forward_bytes(teacher, config, batch: int, seq: int, dtype_bytes: in
 MLP_VALUES_SAVED_BY_LEAN_BACKWARD = 1
 
 
-def _lean(config) -> bool:
-    """Is lean_backward on: the trainer's rule (imported here: the trainer's users import this module)."""
-    from conch_dna.training.kd.trainer import use_lean_backward
-
-    return use_lean_backward(config)
-
-
 def recomputed_blocks(layers: int, config) -> int:
     """How many blocks gradient checkpointing recomputes (`trainer.checkpoint_blocks`: 0, every, 2 * every...)."""
     return len(range(0, layers, config.grad_checkpoint_every)) if config.grad_checkpoint else 0
@@ -109,7 +103,7 @@ def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[
     s = model_shapes(student)
     dtype_bytes = next(p.itemsize for _, p in tree_flatten(student.parameters()))
     tokens = batch * seq
-    mlp_values = 6 - MLP_VALUES_SAVED_BY_LEAN_BACKWARD * _lean(config)
+    mlp_values = 6 - MLP_VALUES_SAVED_BY_LEAN_BACKWARD * use_lean_backward(config)
     per_block_token = (22 * s.hidden + mlp_values * s.intermediate) * dtype_bytes
     recomputed = recomputed_blocks(s.layers, config)
     kept = s.layers - recomputed
@@ -153,7 +147,7 @@ def held_student_bytes(s: Shapes, config, tokens: int, dtype_bytes: int, rows: i
     i less (SwiGLU's sigmoid). The loss: the CUDA kernel keeps three [rows, vocab] buffers in the model's dtype
     (student and teacher logits, gradient), the other paths ~6 float32 ones (`rows`: the loss chunk, or every
     token for the reference loss)."""
-    mlp = (3.5 - MLP_VALUES_SAVED_BY_LEAN_BACKWARD * _lean(config)) * s.intermediate
+    mlp = (3.5 - MLP_VALUES_SAVED_BY_LEAN_BACKWARD * use_lean_backward(config)) * s.intermediate
     plain = 8 * s.hidden + mlp
     recomputed = recomputed_blocks(s.layers, config)
     kept_recomputed, transient = ((8 * s.hidden, mlp) if config.grad_checkpoint_scope == "mlp"
