@@ -36,6 +36,9 @@ PRESETS = {
     "smollm2": (dict(layers=30, hidden=576, inter=1536, heads=9, kv=3), dict(layers=16, hidden=576, inter=1536, heads=9, kv=3), 49152, 4, 256),
     "qwen2.5-1.5b->0.5b": (dict(layers=28, hidden=1536, inter=8960, heads=12, kv=2, qwen=True),
                            dict(layers=24, hidden=896, inter=4864, heads=14, kv=2, qwen=True), 151936, 8, 1024),
+    # the larger pair of issue 22 (peer: scripts/peer_liger_kd.py with teacher=3b)
+    "qwen2.5-3b->0.5b": (dict(layers=36, hidden=2048, inter=11008, heads=16, kv=2, qwen=True),
+                         dict(layers=24, hidden=896, inter=4864, heads=14, kv=2, qwen=True), 151936, 8, 1024),
 }
 PEER_LORA = {  # as in peer_torch_kd.py: r=16 on q, k, v, o
     "rank": 16, "scale": 2.0, "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]}
@@ -123,6 +126,11 @@ def run(args, impl: str) -> dict:
     lean = use_lean_backward(KDConfig(lean_backward=args.lean_backward))
     if lean:
         lean_backward(student)
+    from conch_dna.training.kd import kernels
+
+    if args.rope_kernel:  # as the trainer does (`build_step`, `targets.online_targets`)
+        kernels.use_rope_kernel(student)
+        kernels.use_rope_kernel(teacher)
     if args.grad_checkpoint:
         from conch_dna.training.kd.trainer import checkpoint_blocks
 
@@ -377,7 +385,7 @@ def run_frontier(args, report) -> list[dict]:
             if not path:
                 continue
             for batch, ckpt in variants:
-                cmd = [sys.executable, path, str(batch)] + (["ckpt"] if ckpt else [])
+                cmd = [sys.executable, path, str(batch)] + (["ckpt"] if ckpt else []) + args.peer_arg
                 label = f"{peer} B{batch}" + (" ckpt" if ckpt else "")
                 runs.append(report({"who": peer, "repeat": r, **child(cmd, label, args.run_timeout)}))
     return runs
@@ -454,6 +462,8 @@ def main() -> None:
                     help="with --grad-checkpoint: recompute whole blocks or only their MLPs")
     ap.add_argument("--checkpoint-blocks", type=int, help="with --grad-checkpoint: only the first N blocks")
     ap.add_argument("--teacher-pass-tokens", type=int, default=4096, help="teacher forward: rows per pass")
+    ap.add_argument("--rope-kernel", type=int, choices=(0, 1), default=1,
+                    help="step mode: RoPE by conch_dna's kernel on NVIDIA GPUs (1, as the trainer) or MLX's (0)")
     ap.add_argument("--compile-teacher", action="store_true", help="mx.compile the teacher's forward too")
     ap.add_argument("--overlap-teacher", action="store_true", help="experiment: next teacher pass on a second stream")
     ap.add_argument("--memory-limit-gb", type=float, help="mx.set_memory_limit: MLX throttles to stay under it")
@@ -471,7 +481,10 @@ def main() -> None:
                     help="best tokens/s within each of --budgets, ours (--frontier-batches) and the peers', in fresh processes")
     ap.add_argument("--budgets", type=float, nargs="+", default=[8, 16, 25, 40])
     ap.add_argument("--frontier-batches", type=int, nargs="+", default=[8, 16, 32])
-    ap.add_argument("--peer-liger", help="path of ../shared/bench/peer_liger_kd.py (on the machine)")
+    ap.add_argument("--peer-liger", help="path of ../shared/bench/peer_liger_kd.py (on the machine), or of "
+                    "scripts/peer_liger_kd.py (the same, with a teacher=3b option)")
+    ap.add_argument("--peer-arg", action="append", default=[],
+                    help="an argument added to every peer run (repeatable): teacher=3b for the 3B preset")
     ap.add_argument("--peer-batches", type=int, nargs="+", default=[8, 16, 32], help="Liger peer: batches (each with and without checkpointing)")
     ap.add_argument("--peer-torch", help="path of ../shared/bench/peer_torch_kd.py")
     ap.add_argument("--peer-torch-batches", type=int, nargs="+", default=[8])

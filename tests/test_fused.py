@@ -281,6 +281,40 @@ def test_lean_backward_gives_the_same_gradients(tiny_pair, scope):
         assert rel(np.array(g2[k]), np.array(g1[k])) <= TOL, k
 
 
+def test_rope_kernel_gives_the_same_gradients_and_leaves_the_teacher_as_it_was(tiny_pair):
+    """`kernels.use_rope_kernel` (the student, as `build_step` does) and `kernels.rope_kernel` (the teacher,
+    for one pass): same loss and gradients, compiled, under block checkpointing; the teacher's modules are
+    nn.RoPE again afterwards, also when the pass raises. On the CPU this is nn.RoPE's own path (the kernel's
+    exactness is tests/test_kernels.py's, on the GPU)."""
+    from conch_dna.training.kd import kernels
+    from conch_dna.training.kd.fused import TeacherStates, model_parts, teacher_hidden
+    from conch_dna.training.kd.trainer import checkpoint_blocks
+
+    teacher, plain, fast = teacher_and_twin_students(tiny_pair)
+    assert len(kernels.use_rope_kernel(fast)) == len(fast.layers)
+    assert type(fast.layers[0].self_attn.rope) is kernels.KernelRoPE and kernels.use_rope_kernel(fast) == []
+    checkpoint_blocks(fast, 1, "block")
+    tokens, mask = batch(7)
+    body, head = model_parts(teacher)
+    with kernels.rope_kernel(teacher):
+        assert type(teacher.layers[0].self_attn.rope) is kernels.KernelRoPE
+        states = TeacherStates(teacher_hidden(body, tokens, 4096), head)
+    assert all(type(b.self_attn.rope) is nn.RoPE for b in teacher.layers)
+    with pytest.raises(RuntimeError, match="boom"), kernels.rope_kernel(teacher):
+        raise RuntimeError("boom")
+    assert all(type(b.self_attn.rope) is nn.RoPE for b in teacher.layers)
+    f = lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, chunk_size=16))  # noqa: E731
+    (l1, _), g1 = nn.value_and_grad(plain, f)(plain)
+    state = [fast.state]
+    step = mx.compile(lambda t: nn.value_and_grad(fast, lambda m: pack(fused_objective(
+        m, TeacherStates(t, head), tokens, mask, chunk_size=16, compiled=True)))(fast), inputs=state, outputs=state)
+    (l2, _), g2 = step(states.hidden)
+    g1, g2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+    assert g1.keys() == g2.keys() and rel(l2.item(), l1.item()) <= TOL
+    for k in g1:
+        assert rel(np.array(g2[k]), np.array(g1[k])) <= TOL, k
+
+
 @pytest.mark.parametrize("setting", ["auto", "on", "off"])
 def test_build_step_applies_lean_backward_as_configured(tiny_pair, setting):
     from conch_dna.training.kd.trainer import build_step, use_lean_backward
@@ -293,6 +327,7 @@ def test_build_step_applies_lean_backward_as_configured(tiny_pair, setting):
     assert use_lean_backward(config) == on
     assert type(student.layers[0].mlp).__name__.startswith("Recomputing") == on
     assert (type(student.layers[0].input_layernorm) is nn.RMSNorm) == (not on)
+    assert type(student.layers[0].self_attn.rope).__name__ == "KernelRoPE"  # whatever the setting
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])

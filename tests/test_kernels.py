@@ -1,4 +1,4 @@
-"""The fused CUDA kernel against the portable path (runs on the GPU machine; skipped where there is no CUDA).
+"""The CUDA kernels against the portable paths (runs on the GPU machine; skipped where there is no CUDA).
 
     python3 -m pytest -q tests/test_kernels.py      # on the GPU machine, MLX staged as in docs/benchmarks.md
 """
@@ -83,3 +83,39 @@ def test_swiglu_backward_kernel_matches_autodiff(dtype, shape):
     for got, want in ((dg, dg_ref), (du, du_ref)):
         err = mx.linalg.norm((got.astype(mx.float32) - want).reshape(-1)) / mx.linalg.norm(want.reshape(-1))
         assert err.item() <= tol
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("layout", ["transposed", "contiguous", "sliced"])
+@pytest.mark.parametrize("shape,base", [((2, 12, 1024, 128), 1e6), ((3, 2, 37, 64), 1e4)])
+def test_rope_kernel_matches_mlx_rope_and_its_gradient(dtype, layout, shape, base):
+    """kernels.rope against mx.fast.rope: the attention's [B, H, L, D] view of [B, L, H, D] memory (as
+    mlx-lm's attention passes it), a contiguous array, and a view that starts past its buffer's start."""
+    B, H, L, D = shape
+    key = mx.random.key(L)
+    if layout == "transposed":
+        x = mx.random.normal((B, L, H, D), key=key).astype(dtype).transpose(0, 2, 1, 3)
+    elif layout == "contiguous":
+        x = mx.random.normal(shape, key=key).astype(dtype)
+    else:
+        x = mx.random.normal((B + 1, H, L, D), key=key).astype(dtype)[1:]
+    cot = mx.random.normal(shape, key=mx.random.key(1)).astype(dtype)
+    got, (g_got,) = mx.vjp(lambda a: kernels.rope(a, base), [x], [cot])
+    want, (g_want,) = mx.vjp(lambda a: mx.fast.rope(a, D, traditional=False, base=base, scale=1.0, offset=0), [x], [cot])
+    assert got.shape == want.shape == shape and got.dtype == dtype and g_got.shape == shape
+    # Same angle, same arithmetic as MLX's kernel: at most one rounding step apart, almost always equal.
+    ulp = 2.0 ** (-7 if dtype == mx.bfloat16 else -23)
+    for a, b in ((got, want), (g_got, g_want)):
+        a, b = a.astype(mx.float32), b.astype(mx.float32)
+        assert mx.all(mx.abs(a - b) <= ulp * mx.maximum(mx.abs(b), 1e-3)).item()
+        assert mx.mean((a == b).astype(mx.float32)).item() > 0.99
+
+
+def test_kernel_rope_module_runs_the_kernel_only_for_training_calls():
+    import mlx.nn as nn
+
+    rope = nn.RoPE(64, base=1e4)
+    rope.__class__ = kernels.KernelRoPE
+    x = mx.random.normal((1, 2, 5, 64), key=mx.random.key(0))
+    assert mx.allclose(rope(x), nn.RoPE(64, base=1e4)(x), atol=1e-6).item()
+    assert mx.array_equal(rope(x, offset=3), nn.RoPE(64, base=1e4)(x, offset=3)).item()  # generation: MLX's own

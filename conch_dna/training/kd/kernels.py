@@ -1,4 +1,7 @@
-"""A fused GPU kernel for the per-chunk elementwise work of the fused KD loss (forward KL + CE).
+"""CUDA kernels for the KD step, each with the portable path it replaces (CPU, Apple silicon, or
+CONCH_FUSED_KERNEL=0): the fused loss's per-chunk elementwise work, SwiGLU's backward, and RoPE.
+
+The loss (forward KL + CE):
 
 Given one chunk of student and teacher logits [C, V] (bf16 straight out of the two head matmuls), one thread
 block per row computes in a single kernel what otherwise takes a dozen float32 passes over [C, V]:
@@ -16,10 +19,14 @@ the GPU machine).
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 BLOCK = 512  # threads per row; 151936 columns -> ~300 per thread per pass
@@ -197,3 +204,99 @@ def swiglu_backward(gate: mx.array, up: mx.array, dy: mx.array) -> tuple[mx.arra
     return _swiglu_kernel()(inputs=[gate, up, dy.astype(gate.dtype)], template=[("T", gate.dtype), ("N", n)],
                             grid=(-(-n // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
                             output_shapes=[gate.shape, up.shape], output_dtypes=[gate.dtype, up.dtype])
+
+
+# RoPE (mlx-lm's default, non-traditional: the two halves of each head rotated), one thread per (row, position,
+# frequency) for all heads. MLX's CUDA kernel spent 44 us a call on a [8, 12, 1024, 128] bf16 view (the teacher's
+# queries, still in [B, L, H, D] memory after the transpose): 8.4 of a 134 ms batch-8 KD step on an H200
+# (`bench_kd.py --kernels`). The angle is computed as MLX does (mlx/backend/cuda/rope.cu), for the same bits.
+# The output keeps the input's usual memory layout, [B, L, H, D] (what the attention reads and the gradient
+# reshapes back into), returned as a [B, H, L, D] view.
+_ROPE = r"""
+    const int B = x_shape[0], H = x_shape[1], L = x_shape[2], D = x_shape[3];
+    const int half = D / 2;
+    const size_t n = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (n >= size_t(B) * L * half) return;
+    const int i = n % half;
+    const size_t bl = n / half;
+    const int l = bl % L, b = bl / L;
+    const float d = static_cast<float>(i) / static_cast<float>(half);
+    const float inv_freq = exp2(-d * params[0]);
+    const float theta = (params[1] * static_cast<float>(l)) * inv_freq;
+    const float c = cos(theta), s = sin(theta);
+    const int64_t in_base = b * x_strides[0] + l * x_strides[2] + i * x_strides[3];
+    const int64_t in_half = half * x_strides[3];
+    const size_t out_base = bl * H * D + i;
+    for (int h = 0; h < H; ++h) {
+        const float x1 = static_cast<float>(x[in_base + h * x_strides[1]]);
+        const float x2 = static_cast<float>(x[in_base + h * x_strides[1] + in_half]);
+        float r1, r2;
+        if (FORWARD) { r1 = x1 * c - x2 * s; r2 = x1 * s + x2 * c; }
+        else { r1 = x2 * s + x1 * c; r2 = x2 * c - x1 * s; }
+        out[out_base + h * D] = static_cast<T>(r1);
+        out[out_base + h * D + half] = static_cast<T>(r2);
+    }
+"""
+
+
+@lru_cache(maxsize=1)
+def _rope_kernel():
+    return mx.fast.cuda_kernel(name="conch_rope", input_names=["x", "params"], output_names=["out"], source=_ROPE,
+                               ensure_row_contiguous=False)
+
+
+def _rope_rotate(x: mx.array, params: mx.array, forward: bool) -> mx.array:
+    B, H, L, D = x.shape
+    n = B * L * (D // 2)
+    (out,) = _rope_kernel()(inputs=[x, params], template=[("T", x.dtype), ("FORWARD", forward)],
+                            grid=(-(-n // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+                            output_shapes=[(B, L, H, D)], output_dtypes=[x.dtype])
+    return out.transpose(0, 2, 1, 3)
+
+
+@mx.custom_function
+def _rope(x: mx.array, params: mx.array) -> mx.array:
+    return _rope_rotate(x, params, True)
+
+
+@_rope.vjp
+def _rope_vjp(primals, cotangent, output):
+    return _rope_rotate(cotangent, primals[1], False), mx.zeros_like(primals[1])
+
+
+def rope(x: mx.array, base: float, scale: float = 1.0) -> mx.array:
+    """`mx.fast.rope(x, D, traditional=False, base=base, scale=scale, offset=0)` for x [B, H, L, D] (CUDA;
+    `available()`), with its gradient (the inverse rotation)."""
+    return _rope(x, mx.array([math.log2(base), scale], dtype=mx.float32))
+
+
+class KernelRoPE(nn.RoPE):
+    """`nn.RoPE` whose training-shaped calls (4-D, whole heads rotated, no offset) run `rope` on NVIDIA GPUs;
+    every other call, and every call elsewhere, is `nn.RoPE`'s."""
+
+    def __call__(self, x, offset=0):
+        if (available() and not self.traditional and x.ndim == 4 and x.shape[-1] == self.dims and self.dims % 2 == 0
+                and isinstance(offset, int) and offset == 0):
+            return rope(x, self.base, self.scale)
+        return super().__call__(x, offset)
+
+
+def use_rope_kernel(model: nn.Module) -> list[nn.Module]:
+    """Switch `model`'s `nn.RoPE` modules (exactly that class: scaled variants keep theirs) to `KernelRoPE`, in
+    place; returns the modules switched."""
+    switched = [m for m in model.modules() if type(m) is nn.RoPE]
+    for m in switched:
+        m.__class__ = KernelRoPE
+    return switched
+
+
+@contextmanager
+def rope_kernel(model: nn.Module) -> Iterator[None]:
+    """`use_rope_kernel` for the calls made inside the block, then `model` as it was: for a teacher that is
+    the caller's live model (the graph built inside keeps the kernel; MLX evaluates it later)."""
+    switched = use_rope_kernel(model)
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.__class__ = nn.RoPE

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 
 import mlx.core as mx
 
+from conch_dna.training.kd import kernels
 from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.cross_vocab import CrossTargets, pad_pairs
 from conch_dna.training.kd.data import Example, TeacherCache, pad_batch, pad_sparse, teacher_logits
@@ -40,7 +41,8 @@ def online_targets(teacher, config: KDConfig, vocab: int | None = None, lock: th
                 # Prefetched (training batches): the pass is queued under the lock and runs after it is
                 # released. Safe beside EGO: it reads the weights as they were (MLX arrays are immutable).
                 wait = not (prefetch and split == "train")
-                return TeacherStates(teacher_hidden(body, tokens, config.teacher_pass_tokens, wait), head)
+                with kernels.rope_kernel(teacher):
+                    return TeacherStates(teacher_hidden(body, tokens, config.teacher_pass_tokens, wait), head)
             logits = teacher_logits(teacher, tokens)
             logits = logits[..., :vocab] if vocab is not None else logits
             mx.eval(logits)
@@ -132,7 +134,8 @@ def cross_targets(teacher, config: KDConfig, train: list[Example], val: list[Exa
         with lock:
             if split_ok:
                 body, head = model_parts(teacher)
-                hidden = teacher_hidden(body, t_tokens, config.teacher_pass_tokens)
+                with kernels.rope_kernel(teacher):
+                    hidden = teacher_hidden(body, t_tokens, config.teacher_pass_tokens)
                 rows = head(mx.take_along_axis(hidden, t_pos[..., None], axis=1))
             else:
                 rows = mx.take_along_axis(teacher(t_tokens), t_pos[..., None], axis=1)

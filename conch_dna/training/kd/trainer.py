@@ -612,6 +612,7 @@ def build_step(model: nn.Module, config: KDConfig, vocab: int | None) -> tuple[C
         log.warning("fused loss unavailable for this model (head(body(x)) != model(x)); using the reference loss")
     if use_lean_backward(config):  # before checkpointing, which wraps the classes it switches
         lean_backward(model)
+    kernels.use_rope_kernel(model)  # the same rotation; its own kernel on NVIDIA GPUs, nn.RoPE's elsewhere
     if config.grad_checkpoint:
         checkpoint_blocks(model, config.grad_checkpoint_every, config.grad_checkpoint_scope)
     compiled = fused and use_compile(config)
