@@ -75,14 +75,14 @@ def test_memory_limit_caps_the_estimate_down_to_what_the_step_holds(pair, scope)
     """Under memory_limit_gb MLX waits for temporaries (the teacher's pass, work queued ahead) to be freed
     instead of going past the limit, but what the step holds (weights, optimizer, the activations the
     student's blocks keep, one loss chunk) stays."""
-    from conch_dna.training.kd.memory import MARGIN, held_student_bytes, model_shapes
+    from conch_dna.training.kd.memory import HELD_MARGIN, held_student_bytes, model_shapes
 
     t, s = pair
     # The whole batch in one teacher pass and a checkpointed student: the teacher's transient is the larger phase.
     cfg = KDConfig(teacher_pass_tokens=1 << 20, grad_checkpoint=True, grad_checkpoint_scope=scope, loss_chunk_size=128)
     free = estimate_peak_bytes(s, t, cfg, 8, 256)
     kept = held_student_bytes(model_shapes(s), cfg, 8 * 256, 4, 128)
-    held = int(MARGIN * (free["weights"] + free["optimizer"] + kept + free["attention"]))
+    held = int(HELD_MARGIN * (free["weights"] + free["optimizer"] + kept + free["attention"]))
     if scope == "block":  # the case that matters most: the teacher's transient is the larger phase
         assert free["teacher_forward"] > free["activations"] + free["attention"] + free["loss"]
     assert kept < free["activations"] + free["loss"] and held < free["total"]
@@ -178,7 +178,7 @@ def test_distiller_applies_the_budget(tiny_pair, kd_config):
     assert not (cfg.output_dir / "small/task/adapters.safetensors").exists()
 
 
-def test_lean_backward_estimate_keeps_one_intermediate_activation_less(tiny_pair):
+def test_lean_backward_estimate_keeps_fewer_intermediate_activations(tiny_pair):
     from conch_dna.training.kd.memory import held_student_bytes, model_shapes
 
     student, _ = load_model(tiny_pair[1])
@@ -186,5 +186,5 @@ def test_lean_backward_estimate_keeps_one_intermediate_activation_less(tiny_pair
     on, off = (KDConfig(lean_backward=v) for v in ("on", "off"))
     tokens, rows = 4 * 64, 64
     assert held_student_bytes(shapes, off, tokens, 4, rows) - held_student_bytes(shapes, on, tokens, 4, rows) == \
-        tokens * shapes.layers * shapes.intermediate * 4
+        tokens * shapes.layers * shapes.intermediate * 1.5 * 4  # SwiGLU's sigmoid, silu(gate), kept without it
     assert estimate_peak_bytes(student, None, on, 4, 64)["activations"] < estimate_peak_bytes(student, None, off, 4, 64)["activations"]

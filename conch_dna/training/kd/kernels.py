@@ -206,35 +206,61 @@ def swiglu_backward(gate: mx.array, up: mx.array, dy: mx.array) -> tuple[mx.arra
                             output_shapes=[gate.shape, up.shape], output_dtypes=[gate.dtype, up.dtype])
 
 
-# RoPE (mlx-lm's default, non-traditional: the two halves of each head rotated), one thread per (row, position,
-# frequency) for all heads. MLX's CUDA kernel spent 44 us a call on a [8, 12, 1024, 128] bf16 view (the teacher's
-# queries, still in [B, L, H, D] memory after the transpose): 8.4 of a 134 ms batch-8 KD step on an H200
-# (`bench_kd.py --kernels`). The angle is computed as MLX does (mlx/backend/cuda/rope.cu), for the same bits.
-# The output keeps the input's usual memory layout, [B, L, H, D] (what the attention reads and the gradient
-# reshapes back into), returned as a [B, H, L, D] view.
+# RoPE (mlx-lm's default, non-traditional: the two halves of each head rotated). MLX's CUDA kernel spent 44 us
+# a call on a [8, 12, 1024, 128] bf16 view (the teacher's queries, still in [B, L, H, D] memory after the
+# transpose): 8.4 of a 134 ms batch-8 KD step on an H200 (`bench_kd.py --kernels`). Here one thread takes V
+# neighbouring frequencies of one position through all H heads (H a constant: the loop unrolls, every load is
+# issued at once), V values per load where the layout allows. The angle is computed as MLX does
+# (mlx/backend/cuda/rope.cu), for the same bits. The output keeps the input's usual memory layout,
+# [B, L, H, D] (what the attention reads and the gradient reshapes back into), returned as a [B, H, L, D] view.
+_ROPE_HEADER = """
+template <typename T, int V> struct alignas(sizeof(T) * V) RopePack { T v[V]; };
+"""
 _ROPE = r"""
-    const int B = x_shape[0], H = x_shape[1], L = x_shape[2], D = x_shape[3];
-    const int half = D / 2;
+    const int B = x_shape[0], L = x_shape[2];
     const size_t n = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (n >= size_t(B) * L * half) return;
-    const int i = n % half;
-    const size_t bl = n / half;
+    if (n >= size_t(B) * L * (HALF / V)) return;
+    const int i0 = (n % (HALF / V)) * V;
+    const size_t bl = n / (HALF / V);
     const int l = bl % L, b = bl / L;
-    const float d = static_cast<float>(i) / static_cast<float>(half);
-    const float inv_freq = exp2(-d * params[0]);
-    const float theta = (params[1] * static_cast<float>(l)) * inv_freq;
-    const float c = cos(theta), s = sin(theta);
-    const int64_t in_base = b * x_strides[0] + l * x_strides[2] + i * x_strides[3];
-    const int64_t in_half = half * x_strides[3];
-    const size_t out_base = bl * H * D + i;
+    float c[V], s[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+        const float d = static_cast<float>(i0 + k) / static_cast<float>(HALF);
+        const float inv_freq = exp2(-d * params[0]);
+        const float theta = (params[1] * static_cast<float>(l)) * inv_freq;
+        c[k] = cos(theta);
+        s[k] = sin(theta);
+    }
+    const int64_t s1 = x_strides[1], s3 = x_strides[3];
+    const int64_t in0 = b * x_strides[0] + l * x_strides[2] + i0 * s3;
+    const bool packed = s3 == 1 && (x_strides[0] % V) == 0 && (s1 % V) == 0 && (x_strides[2] % V) == 0
+                        && reinterpret_cast<unsigned long long>(x) % sizeof(RopePack<T, V>) == 0;
+    T* o = out + bl * H * (2 * HALF) + i0;
+#pragma unroll
     for (int h = 0; h < H; ++h) {
-        const float x1 = static_cast<float>(x[in_base + h * x_strides[1]]);
-        const float x2 = static_cast<float>(x[in_base + h * x_strides[1] + in_half]);
-        float r1, r2;
-        if (FORWARD) { r1 = x1 * c - x2 * s; r2 = x1 * s + x2 * c; }
-        else { r1 = x2 * s + x1 * c; r2 = x2 * c - x1 * s; }
-        out[out_base + h * D] = static_cast<T>(r1);
-        out[out_base + h * D + half] = static_cast<T>(r2);
+        RopePack<T, V> a, b2, r1, r2;
+        if (packed) {
+            a = *reinterpret_cast<const RopePack<T, V>*>(x + in0 + h * s1);
+            b2 = *reinterpret_cast<const RopePack<T, V>*>(x + in0 + h * s1 + HALF);
+        } else {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                a.v[k] = x[in0 + h * s1 + k * s3];
+                b2.v[k] = x[in0 + h * s1 + (k + HALF) * s3];
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float x1 = static_cast<float>(a.v[k]), x2 = static_cast<float>(b2.v[k]);
+            float y1, y2;
+            if (FORWARD) { y1 = x1 * c[k] - x2 * s[k]; y2 = x1 * s[k] + x2 * c[k]; }
+            else { y1 = x2 * s[k] + x1 * c[k]; y2 = x2 * c[k] - x1 * s[k]; }
+            r1.v[k] = static_cast<T>(y1);
+            r2.v[k] = static_cast<T>(y2);
+        }
+        *reinterpret_cast<RopePack<T, V>*>(o + h * (2 * HALF)) = r1;
+        *reinterpret_cast<RopePack<T, V>*>(o + h * (2 * HALF) + HALF) = r2;
     }
 """
 
@@ -242,14 +268,17 @@ _ROPE = r"""
 @lru_cache(maxsize=1)
 def _rope_kernel():
     return mx.fast.cuda_kernel(name="conch_rope", input_names=["x", "params"], output_names=["out"], source=_ROPE,
-                               ensure_row_contiguous=False)
+                               header=_ROPE_HEADER, ensure_row_contiguous=False)
 
 
 def _rope_rotate(x: mx.array, params: mx.array, forward: bool) -> mx.array:
     B, H, L, D = x.shape
-    n = B * L * (D // 2)
-    (out,) = _rope_kernel()(inputs=[x, params], template=[("T", x.dtype), ("FORWARD", forward)],
-                            grid=(-(-n // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+    half = D // 2
+    v = 4 if half % 4 == 0 else 2 if half % 2 == 0 else 1
+    n = B * L * (half // v)
+    (out,) = _rope_kernel()(inputs=[x, params],
+                            template=[("T", x.dtype), ("FORWARD", forward), ("H", H), ("HALF", half), ("V", v)],
+                            grid=(-(-n // 128) * 128, 1, 1), threadgroup=(128, 1, 1),
                             output_shapes=[(B, L, H, D)], output_dtypes=[x.dtype])
     return out.transpose(0, 2, 1, 3)
 

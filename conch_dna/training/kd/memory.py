@@ -16,7 +16,7 @@ before the first step and says which settings would fit. The estimate is deliber
 With `memory_limit_gb`, MLX keeps the transients (the teacher's pass above all) under the limit by waiting for
 work in flight, so the estimate is the limit, but never less than what the step must hold (weights, optimizer
 and what the student's step keeps: `held_student_bytes`, from measurements, without the allowance for queued
-work). Teacher prefetch (the next pass beside the student's step) did not raise the measured peak (H100,
+work; with its own, smaller margin, `HELD_MARGIN`). Teacher prefetch (the next pass beside the student's step) did not raise the measured peak (H100,
 batch 8: 24.91 vs 24.89 GB; 15.29 vs 15.01 GB under a 15 GB limit), so it adds nothing here.
 
 `settings_for_budget` turns the estimate around: for a memory budget (`memory_budget_gb`, `--memory-budget-gb`)
@@ -41,6 +41,10 @@ from conch_dna.training.kd import kernels
 from conch_dna.training.kd.trainer import use_lean_backward
 
 MARGIN = 1.25
+# The floor under a memory limit (`held_student_bytes`) is not inflated by queued work or cached temporaries:
+# measured floors (H200, batch 32 x 1024, lean_backward, under limits well below them; session 13) were 0.81,
+# 1.00 and 1.07 of the formula before this margin (no recompute, MLPs recomputed, blocks recomputed).
+HELD_MARGIN = 1.1
 
 
 class MemoryPreflightError(MemoryError):
@@ -133,7 +137,7 @@ def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[
     fixed = parts["weights"] + parts["optimizer"]
     parts["total"] = int(MARGIN * (fixed + max(parts["teacher_forward"], student_phase)))
     if config.memory_limit_gb is not None:  # MLX waits instead of going past it, down to what must be held
-        held = int(MARGIN * (fixed + held_student_bytes(s, config, tokens, dtype_bytes, rows) + parts["attention"]))
+        held = int(HELD_MARGIN * (fixed + held_student_bytes(s, config, tokens, dtype_bytes, rows) + parts["attention"]))
         parts["total"] = min(parts["total"], max(int(config.memory_limit_gb * 2**30), held))
     return parts
 
@@ -143,11 +147,12 @@ def held_student_bytes(s: Shapes, config, tokens: int, dtype_bytes: int, rows: i
     activations its blocks keep and one loss chunk. Unlike the unconstrained estimate, no allowance for work
     queued ahead. Per token and block, as `scripts/block_memory.py` measured (Qwen2.5-0.5B widths, compiled
     step; attention scores apart): ~8 d + 3.5 i values kept by a plain block, 8 d with its MLP recomputed,
-    1.5 d recomputed whole; plus, with checkpointing, one recomputed part at a time; `lean_backward` keeps one
-    i less (SwiGLU's sigmoid). The loss: the CUDA kernel keeps three [rows, vocab] buffers in the model's dtype
+    1.5 d recomputed whole; plus, with checkpointing, one recomputed part at a time. With `lean_backward` a
+    plain MLP keeps 2 i, what SwiGLU's backward reads (gate and up; its frozen projections need no inputs):
+    an H200 run of batch 32 without recompute held 27.9 GB, 0.90 of this formula (0.81 with 2.5 i). The loss: the CUDA kernel keeps three [rows, vocab] buffers in the model's dtype
     (student and teacher logits, gradient), the other paths ~6 float32 ones (`rows`: the loss chunk, or every
     token for the reference loss)."""
-    mlp = (3.5 - MLP_VALUES_SAVED_BY_LEAN_BACKWARD * use_lean_backward(config)) * s.intermediate
+    mlp = (2.0 if use_lean_backward(config) else 3.5) * s.intermediate
     plain = 8 * s.hidden + mlp
     recomputed = recomputed_blocks(s.layers, config)
     kept_recomputed, transient = ((8 * s.hidden, mlp) if config.grad_checkpoint_scope == "mlp"
