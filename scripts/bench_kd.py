@@ -5,6 +5,7 @@
     python scripts/bench_kd.py --preset qwen2.5-1.5b->0.5b --batch 8 --impl fused    # on the GPU machine
     python scripts/bench_kd.py --preset smollm2 --real            # the real default pair (+ cache, generation)
     python scripts/bench_kd.py --preset qwen2.5-1.5b->0.5b --frontier --peer-liger PEER.py --out F.jsonl --plot F.png
+    python scripts/bench_kd.py --preset qwen2.5-3b->0.5b --frontier --peer-liger scripts/peer_liger_kd.py --peer-arg teacher=3b
                                                                   # best tokens/s per memory budget, ours and peers
 
 Prints one JSON line per run (tokens/s, peak memory, step-time split, model FLOP utilisation) and a table.

@@ -44,7 +44,8 @@ def test_block_memory_orders_the_checkpoint_scopes():
 FAKE_PEER = """import json, sys
 b = int(sys.argv[1]); ckpt = "ckpt" in sys.argv[2:]
 print("warming up")
-print(json.dumps({"impl": "fake", "B": b, "T": 64, "tok_s": 1000.0 * b, "peak_gb": (0.01 if ckpt else 0.5) * b}))
+print(json.dumps({"impl": "fake", "B": b, "T": 64, "tok_s": 1000.0 * b, "peak_gb": (0.01 if ckpt else 0.5) * b,
+                  "extra": [a for a in sys.argv[2:] if a != "ckpt"]}))
 """
 
 
@@ -56,9 +57,11 @@ def test_frontier_runs_ours_and_a_peer_and_keeps_to_each_budget(tmp_path):
     out = tmp_path / "frontier.jsonl"
     run = subprocess.run([sys.executable, "scripts/bench_kd.py", "--preset", "tiny", "--seq", "64", "--frontier",
                           "--budgets", "0.05", "1000", "--frontier-batches", "2", "--steps", "1", "--peer-liger", str(peer),
-                          "--peer-batches", "2", "4", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          "--peer-batches", "2", "4", "--peer-arg", "teacher=3b", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["extra"] == ["teacher=3b"] for r in rows if r["who"] == "liger")  # --peer-arg reaches every peer run
     ours = [r for r in rows if r["who"] == "conch_dna"]
     liger = [r for r in rows if r["who"] == "liger"]
     assert ours and all(r["tok_s"] > 0 and r["peak_gb"] > 0 and r["B"] == 2 for r in ours), ours
