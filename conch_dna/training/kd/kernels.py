@@ -1,9 +1,7 @@
 """CUDA kernels for the KD step, each with the portable path it replaces (CPU, Apple silicon, or
 CONCH_FUSED_KERNEL=0): the fused loss's per-chunk elementwise work, SwiGLU's backward, and RoPE.
 
-The loss (forward KL + CE):
-
-Given one chunk of student and teacher logits [C, V] (bf16 straight out of the two head matmuls), one thread
+The loss (forward KL + CE). Given one chunk of student and teacher logits [C, V] (bf16 straight out of the two head matmuls), one thread
 block per row computes in a single kernel what otherwise takes a dozen float32 passes over [C, V]:
   pass 1 (online, one read):  logsumexp of s/T, t/T and s, and sum_j p_j (t_j - s_j) / T,
   pass 2 (one read, one write): dL/ds_j = wk * T * (q_j - p_j) + wc * (softmax(s)_j - [j == y]),
@@ -211,7 +209,8 @@ def swiglu_backward(gate: mx.array, up: mx.array, dy: mx.array) -> tuple[mx.arra
 # transpose): 8.4 of a 134 ms batch-8 KD step on an H200 (`bench_kd.py --kernels`). Here one thread takes V
 # neighbouring frequencies of one position through all H heads (H a constant: the loop unrolls, every load is
 # issued at once), V values per load where the layout allows. The angle is computed as MLX does
-# (mlx/backend/cuda/rope.cu), for the same bits. The output keeps the input's usual memory layout,
+# (mlx/backend/cuda/rope.cu), for the same bits (float32: every value equal on the H200). That step's RoPE
+# time: ~4.5-5 ms (session 13, docs/benchmarks.md). The output keeps the input's usual memory layout,
 # [B, L, H, D] (what the attention reads and the gradient reshapes back into), returned as a [B, H, L, D] view.
 _ROPE_HEADER = """
 template <typename T, int V> struct alignas(sizeof(T) * V) RopePack { T v[V]; };
