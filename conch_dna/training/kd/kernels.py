@@ -1,8 +1,9 @@
 """CUDA kernels for the KD step, each with the portable path it replaces (CPU, Apple silicon, or
 CONCH_FUSED_KERNEL=0): the fused loss's per-chunk elementwise work, SwiGLU's backward, and RoPE.
 
-The loss (forward KL + CE). Given one chunk of student and teacher logits [C, V] (bf16 straight out of the two head matmuls), one thread
-block per row computes in a single kernel what otherwise takes a dozen float32 passes over [C, V]:
+The loss (forward KL + CE). Given one chunk of student and teacher logits [C, V] (bf16 straight out of the
+two head matmuls), one thread block per row computes in a single kernel what otherwise takes a dozen float32
+passes over [C, V]:
   pass 1 (online, one read):  logsumexp of s/T, t/T and s, and sum_j p_j (t_j - s_j) / T,
   pass 2 (one read, one write): dL/ds_j = wk * T * (q_j - p_j) + wc * (softmax(s)_j - [j == y]),
 plus each row's KD term T^2 KL(p || q) and CE term. p = softmax(t/T), q = softmax(s/T); wk, wc are the
@@ -21,7 +22,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -292,10 +293,16 @@ def _rope_vjp(primals, cotangent, output):
     return _rope_rotate(cotangent, primals[1], False), mx.zeros_like(primals[1])
 
 
+@cache
+def _rope_params(base: float, scale: float) -> mx.array:
+    # One small array per RoPE setting, not one per call (the teacher's eager pass makes two calls a block).
+    return mx.array([math.log2(base), scale], dtype=mx.float32)
+
+
 def rope(x: mx.array, base: float, scale: float = 1.0) -> mx.array:
     """`mx.fast.rope(x, D, traditional=False, base=base, scale=scale, offset=0)` for x [B, H, L, D] (CUDA;
     `available()`), with its gradient (the inverse rotation)."""
-    return _rope(x, mx.array([math.log2(base), scale], dtype=mx.float32))
+    return _rope(x, _rope_params(float(base), float(scale)))
 
 
 class KernelRoPE(nn.RoPE):

@@ -16,8 +16,9 @@ before the first step and says which settings would fit. The estimate is deliber
 With `memory_limit_gb`, MLX keeps the transients (the teacher's pass above all) under the limit by waiting for
 work in flight, so the estimate is the limit, but never less than what the step must hold (weights, optimizer
 and what the student's step keeps: `held_student_bytes`, from measurements, without the allowance for queued
-work; with its own, smaller margin, `HELD_MARGIN`). Teacher prefetch (the next pass beside the student's step) did not raise the measured peak (H100,
-batch 8: 24.91 vs 24.89 GB; 15.29 vs 15.01 GB under a 15 GB limit), so it adds nothing here.
+work, with its own smaller margin, `HELD_MARGIN`). Teacher prefetch (the next pass beside the student's step)
+did not raise the measured peak (H100, batch 8: 24.91 vs 24.89 GB; 15.29 vs 15.01 GB under a 15 GB limit), so
+it adds nothing here.
 
 `settings_for_budget` turns the estimate around: for a memory budget (`memory_budget_gb`, `--memory-budget-gb`)
 it picks the fastest checkpointing, loss chunk, memory limit and micro-batch whose estimate fits.
@@ -92,8 +93,9 @@ def teacher_forward_bytes(teacher, config, batch: int, seq: int, dtype_bytes: in
     return rows * seq * t.layers * (4 * t.hidden + 2 * t.intermediate) * dtype_bytes
 
 
-# What `lean_backward` saves per token and block, in values: one [tokens, intermediate] activation
-# (`scripts/block_memory.py`, CPU float32, Qwen2.5-0.5B widths: a plain block kept 152.0 MiB, 133.3 with it).
+# What `lean_backward` saves per token and block in the unconstrained estimate, in values: one [tokens,
+# intermediate] activation (`scripts/block_memory.py`, CPU float32, Qwen2.5-0.5B widths: a plain block kept
+# 152.0 MiB, 133.3 with it). The floor under a limit (`held_student_bytes`) uses the H200's figure instead.
 MLP_VALUES_SAVED_BY_LEAN_BACKWARD = 1
 
 
@@ -149,9 +151,10 @@ def held_student_bytes(s: Shapes, config, tokens: int, dtype_bytes: int, rows: i
     step; attention scores apart): ~8 d + 3.5 i values kept by a plain block, 8 d with its MLP recomputed,
     1.5 d recomputed whole; plus, with checkpointing, one recomputed part at a time. With `lean_backward` a
     plain MLP keeps 2 i, what SwiGLU's backward reads (gate and up; its frozen projections need no inputs):
-    an H200 run of batch 32 without recompute held 27.9 GB, 0.90 of this formula (0.81 with 2.5 i). The loss: the CUDA kernel keeps three [rows, vocab] buffers in the model's dtype
-    (student and teacher logits, gradient), the other paths ~6 float32 ones (`rows`: the loss chunk, or every
-    token for the reference loss)."""
+    an H200 run of batch 32 without recompute held 27.9 GB, 0.90 of this formula (0.81 with 2.5 i). The loss:
+    the CUDA kernel keeps three [rows, vocab] buffers in the model's dtype (student and teacher logits,
+    gradient), the other paths ~6 float32 ones (`rows`: the loss chunk, or every token for the reference
+    loss)."""
     mlp = (2.0 if use_lean_backward(config) else 3.5) * s.intermediate
     plain = 8 * s.hidden + mlp
     recomputed = recomputed_blocks(s.layers, config)
