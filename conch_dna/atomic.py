@@ -98,6 +98,15 @@ def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def remove_folder(path: str | os.PathLike) -> None:
+    """Delete a folder so that no half-deleted copy is ever seen under its name: it is first renamed to
+    `.{name}.old-{pid}` (atomic), then removed; a kill in between leaves only that hidden leftover."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def check_writable(folder: str | os.PathLike) -> None:
     """Create `folder` if needed and prove a file can be written there; raises OSError otherwise."""
     folder = Path(folder)

@@ -123,6 +123,34 @@ def test_disk_full_while_saving_keeps_the_previous_files(tiny_pair, kd_config, m
     assert [c.name for c in sorted(out.glob("checkpoint_*"))] == ["checkpoint_000002", "checkpoint_000004"]
 
 
+def test_a_crash_while_removing_an_old_checkpoint_leaves_no_half_checkpoint(tiny_pair, kd_config, monkeypatch):
+    """Old checkpoints are pruned by renaming them away first: a crash halfway through deleting one (here
+    after its first file) leaves only a hidden leftover, never a `checkpoint_*` folder missing files; the
+    next run removes the leftover and resumes from the newest complete checkpoint."""
+    from conch_dna import atomic
+    from conch_dna.training.kd import TrueKnowledgeDistiller
+
+    class Killed(BaseException):
+        pass
+
+    def die_halfway(path, ignore_errors=False):
+        next(f for f in sorted(Path(path).iterdir())).unlink()
+        raise Killed
+
+    cfg = kd_config(iters=6, checkpoint_interval=2, keep_checkpoints=1)
+    monkeypatch.setattr(atomic.shutil, "rmtree", die_halfway)
+    with pytest.raises(Killed):  # at step 4 the step-2 checkpoint is pruned
+        TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg).distill_domain("thinking", PROMPTS)
+    monkeypatch.undo()
+    out = cfg.output_dir / "thinking"
+    for ckpt in out.glob("checkpoint_*"):
+        assert {"adapters.safetensors", "optimizer.safetensors", "state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert [p.name for p in out.glob("checkpoint_*")] == ["checkpoint_000004"]
+    assert len(list(out.glob(".checkpoint_000002.old-*"))) == 1
+    TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg).distill_domain("thinking", PROMPTS, resume=True)
+    assert not list(out.glob(".checkpoint_*")) and [p.name for p in out.glob("checkpoint_*")] == ["checkpoint_000006"]
+
+
 def test_corrupt_checkpoint_is_refused_clearly(tiny_pair, kd_config):
     from conch_dna.training.kd import TrueKnowledgeDistiller
 

@@ -30,7 +30,7 @@ import structlog
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from conch_dna._faults import fault_point
-from conch_dna.atomic import atomic_folder, atomic_write, sha256_file
+from conch_dna.atomic import atomic_folder, atomic_write, remove_folder, sha256_file
 from conch_dna.training.kd import distributed as dist
 from conch_dna.training.kd import kernels
 from conch_dna.training.kd.config import KDConfig
@@ -286,7 +286,7 @@ def save_checkpoint(model, optimizer, out_dir: Path, step: int, state: dict, con
         # state.json last: a checkpoint folder is complete iff it has one (and the rename made it visible).
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "sha256": digests}, indent=2))
     for old in checkpoint_dirs(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_folder(old)
     return final
 
 
@@ -630,7 +630,8 @@ def start_or_resume(model, optimizer, out_dir: Path, config: KDConfig, adapter_c
                     report) -> RunState:
     """A fresh state, or the latest checkpoint's (adapter and optimizer loaded into `model`/`optimizer`)."""
     if dist.is_writer():
-        for stale in out_dir.glob(".checkpoint_*.tmp-*"):  # left by a crash while saving
+        # left by a crash while saving, or while removing an old checkpoint
+        for stale in [*out_dir.glob(".checkpoint_*.tmp-*"), *out_dir.glob(".checkpoint_*.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
     ckpts = checkpoint_dirs(out_dir)
     run = RunState(last_checkpoint=ckpts[-1] if ckpts else None)
