@@ -140,7 +140,7 @@ def run(args, impl: str) -> dict:
 
             checkpoint_blocks(SimpleNamespace(layers=student.layers[: args.checkpoint_blocks]), 1)
         else:
-            checkpoint_blocks(student, args.checkpoint_every, args.checkpoint_scope)
+            checkpoint_blocks(student, args.checkpoint_every, args.checkpoint_scope, args.whole_blocks)
     opt = optim.AdamW(learning_rate=1e-4)
     opt.init(student.trainable_parameters())
     from conch_dna.training.kd.trainer import make_update
@@ -240,7 +240,8 @@ def run(args, impl: str) -> dict:
     peak_tf = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
     res = {
         "impl": f"mlx-{impl}", "preset": args.preset, "real": args.real, "device": device, "dtype": str(dtype),
-        "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and (args.checkpoint_blocks or f"{args.checkpoint_scope} every {args.checkpoint_every}"),
+        "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and (args.checkpoint_blocks or f"{args.checkpoint_scope} every {args.checkpoint_every}"
+                                                                                                        + (f", first {args.whole_blocks} whole" if args.whole_blocks else "")),
         "teacher_pass_tokens": args.teacher_pass_tokens, "memory_limit_gb": args.memory_limit_gb,
         "overlap_teacher": args.overlap_teacher,
         "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch", "lean_backward": lean,
@@ -266,6 +267,7 @@ def run_trainer(args) -> dict:
     from conch_dna.training.kd.trainer import (
         adapter_config,
         apply_lora,
+        checkpoint_setting,
         train_with_kd,
         use_compile,
         use_lean_backward,
@@ -287,6 +289,7 @@ def run_trainer(args) -> dict:
                    learning_rate=1e-4, lr_schedule="constant", val_fraction=0.0, val_interval=10**6,
                    checkpoint_interval=10**6, grad_checkpoint=args.grad_checkpoint,
                    grad_checkpoint_every=args.checkpoint_every, grad_checkpoint_scope=args.checkpoint_scope,
+                   grad_checkpoint_whole_blocks=args.whole_blocks,
                    teacher_pass_tokens=args.teacher_pass_tokens, lean_backward=args.lean_backward,
                    compile_step=args.compile, teacher_prefetch=args.prefetch, memory_limit_gb=args.memory_limit_gb)
     n_blocks = apply_lora(student, cfg)
@@ -314,7 +317,7 @@ def run_trainer(args) -> dict:
     device = mx.device_info().get("device_name", str(mx.default_device()))
     return {"impl": "mlx-trainer", "preset": args.preset, "device": device, "dtype": str(dtype),
             "B": batch * accumulation, "micro_batch": batch, "T": seq, "chunk": cfg.loss_chunk_size,
-            "grad_checkpoint": cfg.grad_checkpoint and f"{cfg.grad_checkpoint_scope} every {cfg.grad_checkpoint_every}",
+            "grad_checkpoint": checkpoint_setting(cfg) or False,
             "compiled": use_compile(cfg), "teacher_prefetch": use_prefetch(cfg), "memory_limit_gb": cfg.memory_limit_gb,
             "lean_backward": use_lean_backward(cfg),
             "memory_budget_gb": args.memory_budget_gb,
@@ -374,11 +377,14 @@ def run_frontier(args, report) -> list[dict]:
             cmd = me + ["--batch", str(s["batch_size"]), "--grad-accumulation", str(s["grad_accumulation"]),
                         "--chunk", str(s["loss_chunk_size"])]
             if s["grad_checkpoint"]:
-                cmd += ["--grad-checkpoint", "--checkpoint-scope", s["grad_checkpoint_scope"]]
+                cmd += ["--grad-checkpoint", "--checkpoint-scope", s["grad_checkpoint_scope"],
+                        "--whole-blocks", str(s["grad_checkpoint_whole_blocks"])]
             if s["memory_limit_gb"] is not None:
                 cmd += ["--memory-limit-gb", str(s["memory_limit_gb"])]
             label = (f"conch_dna B{s['batch']}" + (f" (micro {s['batch_size']})" if s["grad_accumulation"] > 1 else "")
-                     + (f" ckpt {s['grad_checkpoint_scope']}" if s["grad_checkpoint"] else "") + f" chunk {s['loss_chunk_size']}"
+                     + (f" ckpt {s['grad_checkpoint_scope']}" if s["grad_checkpoint"] else "")
+                     + (f" ({s['grad_checkpoint_whole_blocks']} whole)" if s["grad_checkpoint"] and s["grad_checkpoint_whole_blocks"] else "")
+                     + f" chunk {s['loss_chunk_size']}"
                      + (f" limit {s['memory_limit_gb']}" if s["memory_limit_gb"] is not None else ""))
             runs.append(report({"who": "conch_dna", "repeat": r, **child(cmd, label, args.run_timeout)}))
         for peer, path, variants in (("liger", args.peer_liger, [(b, c) for b in args.peer_batches for c in (False, True)]),
@@ -462,6 +468,8 @@ def main() -> None:
     ap.add_argument("--checkpoint-scope", choices=["block", "mlp"], default="block",
                     help="with --grad-checkpoint: recompute whole blocks or only their MLPs")
     ap.add_argument("--checkpoint-blocks", type=int, help="with --grad-checkpoint: only the first N blocks")
+    ap.add_argument("--whole-blocks", type=int, default=0,
+                    help="with --checkpoint-scope mlp: the first N recomputed blocks whole (grad_checkpoint_whole_blocks)")
     ap.add_argument("--teacher-pass-tokens", type=int, default=4096, help="teacher forward: rows per pass")
     ap.add_argument("--rope-kernel", type=int, choices=(0, 1), default=1,
                     help="step mode: RoPE by conch_dna's kernel on NVIDIA GPUs (1, as the trainer) or MLX's (0)")

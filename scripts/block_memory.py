@@ -3,10 +3,15 @@
 (the `qwen2.5-1.5b->0.5b` preset's student), LoRA on q/k/v/o, the compiled forward + backward of a 2-block
 and a 4-block model; the difference in peak memory over two blocks is what a block costs.
 
+With --mixed N: also an N-block model with the MLPs recomputed and the first w blocks whole
+(grad_checkpoint_whole_blocks = w, for w = 0, 1, 2, 4, ... N), its measured peak beside what
+`memory.backward_peak` predicts from the per-block figures above.
+
     python scripts/block_memory.py                        # CPU, float32, 1 x 1024 tokens
+    python scripts/block_memory.py --mixed 8              # and the mixed policy on 8 blocks
     python scripts/block_memory.py --batch 8 --dtype bfloat16   # on the GPU machine
 
-Prints one JSON line per scope (none / mlp / block) and a table.
+Prints one JSON line per measurement and a table.
 """
 import argparse
 import json
@@ -26,7 +31,7 @@ from scripts.bench_kd import PEER_LORA, PRESETS, build  # noqa: E402
 VOCAB = 1000  # the head is not what is measured here
 
 
-def peak_bytes(layers: int, scope: str | None, batch: int, seq: int, dtype, lean: bool) -> int:
+def peak_bytes(layers: int, scope: str | None, batch: int, seq: int, dtype, lean: bool, whole: int = 0) -> int:
     _, shape, _, _, _ = PRESETS["qwen2.5-1.5b->0.5b"]
     mx.random.seed(0)
     model = build({**shape, "layers": layers}, VOCAB, dtype)
@@ -34,7 +39,7 @@ def peak_bytes(layers: int, scope: str | None, batch: int, seq: int, dtype, lean
     if lean:
         lean_backward(model)
     if scope:
-        checkpoint_blocks(model, 1, scope)
+        checkpoint_blocks(model, 1, scope, whole)
     mx.eval(model.parameters())
     tokens = mx.random.randint(0, VOCAB, (batch, seq))
 
@@ -59,6 +64,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--lean-backward", choices=["on", "off"], default="on", help="trainer.lean_backward (on = default)")
+    ap.add_argument("--mixed", type=int, metavar="N", help="also N blocks, MLPs recomputed, the first w whole")
     args = ap.parse_args()
     dtype = getattr(mx, args.dtype)
     device = "gpu" if mx.default_device() == mx.gpu else "cpu"
@@ -74,6 +80,29 @@ def main() -> None:
           f"{args.lean_backward}) |\n|---|---|")
     for r in rows:
         print(f"| {r['scope']} | {r['per_block_mib']} MiB ({r['per_block_token_kib']} KiB per token) |")
+    if args.mixed:
+        mixed(args, dtype, device, {r["scope"]: r["per_block_mib"] for r in rows})
+
+
+def mixed(args, dtype, device: str, per_block_mib: dict) -> None:
+    """Measured peaks of N blocks, MLPs recomputed, the first w whole, against `backward_peak`'s prediction:
+    kept per block as measured above (mlp, block); recomputed parts: a block's own activations (none - block
+    for a whole one, none - mlp for an MLP); the fixed part: the 2-block model's peak less its blocks'."""
+    from conch_dna.training.kd.memory import backward_peak
+
+    n = args.mixed
+    lean = args.lean_backward == "on"
+    kept = {"mlp": per_block_mib["mlp"], "whole": per_block_mib["block"]}
+    recomputed = {"mlp": per_block_mib["none"] - per_block_mib["mlp"], "whole": per_block_mib["none"] - per_block_mib["block"]}
+    base = peak_bytes(2, "block", args.batch, args.seq, dtype, lean) / 2**20 - backward_peak(["whole"] * 2, kept, recomputed)
+    print(f"\n| {n} blocks, MLPs recomputed, first w whole | measured peak | backward_peak's |\n|---|---|---|")
+    for w in sorted({0, 1, *range(2, n + 1, 2), n}):
+        measured = peak_bytes(n, "mlp", args.batch, args.seq, dtype, lean, whole=w) / 2**20
+        predicted = base + backward_peak(["whole"] * w + ["mlp"] * (n - w), kept, recomputed)
+        row = {"blocks": n, "whole": w, "device": device, "dtype": args.dtype, "B": args.batch, "T": args.seq,
+               "measured_mib": round(measured, 1), "predicted_mib": round(predicted, 1)}
+        print(json.dumps(row), flush=True)
+        print(f"| {w} | {row['measured_mib']} MiB | {row['predicted_mib']} MiB |")
 
 
 if __name__ == "__main__":

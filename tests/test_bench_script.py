@@ -25,20 +25,25 @@ def test_step_mode_times_reference_and_fused():
 
 def test_trainer_mode_runs_the_trainer_loop_with_prefetch():
     (on,) = bench("--trainer", "--warmup", "2", "--steps", "1", "--prefetch", "on", "--grad-checkpoint",
-                  "--checkpoint-scope", "mlp", "--lean-backward", "on")
+                  "--checkpoint-scope", "mlp", "--whole-blocks", "1", "--lean-backward", "on")
     (off,) = bench("--trainer", "--warmup", "2", "--steps", "1", "--prefetch", "off", "--lean-backward", "off")
     assert on["impl"] == "mlx-trainer" and on["teacher_prefetch"] is True and off["teacher_prefetch"] is False
     assert on["lean_backward"] is True and off["lean_backward"] is False
-    assert on["grad_checkpoint"] == "mlp every 1" and on["tok_s"] > 0 and on["peak_gb"] > 0
+    assert on["grad_checkpoint"] == "mlp every 1, first 1 whole" and on["tok_s"] > 0 and on["peak_gb"] > 0
 
 
 def test_block_memory_orders_the_checkpoint_scopes():
-    """scripts/block_memory.py: a block keeps less with its MLP recomputed, and least recomputed whole."""
-    run = subprocess.run([sys.executable, "scripts/block_memory.py", "--seq", "64"], capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
+    """scripts/block_memory.py: a block keeps less with its MLP recomputed, and least recomputed whole; with
+    the MLPs recomputed, each of the first blocks recomputed whole lowers the measured peak."""
+    run = subprocess.run([sys.executable, "scripts/block_memory.py", "--seq", "64", "--mixed", "4"], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
-    kept = {r["scope"]: r["per_block_mib"] for r in map(json.loads, (x for x in run.stdout.splitlines() if x.startswith("{")))}
+    rows = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
+    kept = {r["scope"]: r["per_block_mib"] for r in rows if "scope" in r}
     assert kept["block"] < kept["mlp"] < kept["none"], kept
+    mixed = [r["measured_mib"] for r in rows if "whole" in r]
+    assert [r["whole"] for r in rows if "whole" in r] == [0, 1, 2, 4]
+    assert all(a > b for a, b in zip(mixed, mixed[1:3])) and mixed[3] < mixed[0], mixed
 
 
 FAKE_PEER = """import json, sys

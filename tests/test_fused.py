@@ -226,22 +226,25 @@ def teacher_and_twin_students(tiny_pair, trainable_norm=False):
     return teacher, one, two
 
 
-@pytest.mark.parametrize("every,scope", [(1, "block"), (2, "block"), (1, "mlp"), (2, "mlp")])
-def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every, scope):
-    """Gradient checkpointing (all blocks, or every other one; whole blocks or their MLPs only) recomputes
-    instead of storing: same loss and gradients; only the student's own modules change class, not a
-    teacher's of the same architecture."""
+@pytest.mark.parametrize("every,scope,whole", [(1, "block", 0), (2, "block", 0), (1, "mlp", 0), (2, "mlp", 0),
+                                               (1, "mlp", 1), (2, "mlp", 1)])
+def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every, scope, whole):
+    """Gradient checkpointing (all blocks, or every other one; whole blocks, their MLPs only, or the MLPs with
+    the first picked block whole) recomputes instead of storing: same loss and gradients; only the student's
+    own modules change class, not a teacher's of the same architecture."""
     from conch_dna.training.kd.trainer import checkpoint_blocks
 
     teacher, plain, ckpt = teacher_and_twin_students(tiny_pair)
-    n = checkpoint_blocks(ckpt, every, scope)
-    assert n == len(range(0, len(ckpt.layers), every))
-    picked = [b if scope == "block" else b.mlp for b in ckpt.layers]
-    assert [type(m).__name__.startswith("Checkpointed") for m in picked] == [i % every == 0 for i in range(len(ckpt.layers))]
+    n = checkpoint_blocks(ckpt, every, scope, whole)
+    picked = list(range(0, len(ckpt.layers), every))
+    assert n == len(picked) and len(ckpt.layers) >= 2
+    whole_blocks = set(picked if scope == "block" else picked[:whole])
+    mlp_blocks = set(picked) - whole_blocks
+    checkpointed = lambda m: type(m).__name__.startswith("Checkpointed")  # noqa: E731
+    assert [checkpointed(b) for b in ckpt.layers] == [i in whole_blocks for i in range(len(ckpt.layers))]
+    assert [checkpointed(b.mlp) for b in ckpt.layers] == [i in mlp_blocks for i in range(len(ckpt.layers))]
     others = list(plain.layers) + list(teacher.layers) + [b.mlp for b in list(plain.layers) + list(teacher.layers)]
-    if scope == "mlp":
-        others += list(ckpt.layers)  # the blocks themselves stay as they were
-    assert not any(type(m).__name__.startswith("Checkpointed") for m in others)
+    assert not any(checkpointed(m) for m in others)
     tokens, mask = batch(6)
     f = lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, chunk_size=16))  # noqa: E731
     (l1, _), g1 = nn.value_and_grad(plain, f)(plain)
@@ -357,6 +360,9 @@ def test_checkpoint_scope_errors_are_specific(tiny_pair):
         checkpoint_blocks(SimpleNamespace(layers=[nn.Linear(2, 2)]), 1, "mlp")
     with pytest.raises(ValueError, match="grad_checkpoint_scope"):
         KDConfig(grad_checkpoint_scope="attention")
+    with pytest.raises(ValueError, match="grad_checkpoint_whole_blocks only applies with grad_checkpoint_scope = 'mlp'"):
+        KDConfig(grad_checkpoint=True, grad_checkpoint_whole_blocks=3)  # the default scope is 'block'
+    assert KDConfig(grad_checkpoint=True, grad_checkpoint_scope="mlp", grad_checkpoint_whole_blocks=3)
 
 
 def test_teacher_hidden_in_groups_of_rows_equals_one_pass(models):

@@ -1,5 +1,8 @@
 """Memory preflight: estimates grow with the right settings; a run that cannot fit is refused with advice."""
 
+import dataclasses
+
+import mlx.core as mx
 import pytest
 
 from conch_dna.models import load_model
@@ -106,7 +109,8 @@ def test_held_memory_follows_the_checkpoint_scope_and_the_loss_path(pair, monkey
     from conch_dna.training.kd.memory import held_student_bytes, model_shapes
 
     _, s = pair
-    shapes = model_shapes(s)
+    shapes = dataclasses.replace(model_shapes(s), layers=4)  # every other block: two of four (of two, the last
+    # block would keep its activations only as long as the other block's recompute would hold them)
 
     def held(**kw):
         return held_student_bytes(shapes, KDConfig(**kw), 4096, 2, 512)
@@ -131,10 +135,10 @@ def test_refusal_suggests_a_memory_limit_when_the_teacher_pass_is_what_does_not_
 
 
 def test_a_budget_gets_the_fastest_setting_that_fits(pair):
-    """settings_for_budget walks SETTINGS_FASTEST_FIRST, each without then with a memory limit: no recompute
-    while it fits, then the MLPs, then whole blocks, then smaller micro-batches with the same optimizer batch;
-    too small: refused."""
-    from conch_dna.training.kd.memory import SETTINGS_FASTEST_FIRST, memory_limit_for, settings_for_budget
+    """settings_for_budget walks settings_fastest_first, each without then with a memory limit: no recompute
+    while it fits, then the MLPs, then the MLPs and more and more whole blocks, then all blocks whole, then
+    smaller micro-batches with the same optimizer batch; too small: refused."""
+    from conch_dna.training.kd.memory import memory_limit_for, settings_fastest_first, settings_for_budget
 
     t, s = pair
     cfg = KDConfig(batch_size=16, teacher_pass_tokens=512)
@@ -143,7 +147,9 @@ def test_a_budget_gets_the_fastest_setting_that_fits(pair):
     def need(update, batch=16):
         return estimate_peak_bytes(s, t, cfg.model_copy(update=update), batch, 512)["total"]
 
-    plain, mlp, block = SETTINGS_FASTEST_FIRST[0], SETTINGS_FASTEST_FIRST[1], SETTINGS_FASTEST_FIRST[3]
+    settings = settings_fastest_first(len(s.layers))
+    plain, mlp, block = settings[0], settings[1], settings[-2]
+    assert len(settings) == 5 + len(s.layers) - 1 and block["grad_checkpoint_scope"] == "block"
     assert settings_for_budget(s, t, cfg, 512, need(plain) / gb) == {**plain, "batch_size": 16, "grad_accumulation": 1,
                                                                       "memory_limit_gb": None}
     between = (need(mlp) + need(plain)) / 2 / gb  # the MLPs' recompute fits; no recompute only under a limit
@@ -165,12 +171,13 @@ def test_a_budget_gets_the_fastest_setting_that_fits(pair):
 def test_distiller_applies_the_budget(tiny_pair, kd_config):
     """memory_budget_gb replaces the memory settings before training (the result records them); a budget that
     nothing fits is refused before the first step, with no adapter written."""
-    from conch_dna.training.kd.memory import SETTINGS_FASTEST_FIRST
+    from conch_dna.training.kd.memory import settings_fastest_first
 
     teacher, student = tiny_pair
     cfg = kd_config(iters=2, batch_size=4, memory_budget_gb=1.0, grad_checkpoint=True, loss_chunk_size=64)
     r = TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("task", PROMPTS)
-    assert {k: r.config[k] for k in SETTINGS_FASTEST_FIRST[0]} == SETTINGS_FASTEST_FIRST[0]  # plenty: no recompute
+    plain = settings_fastest_first(2)[0]  # the first setting does not depend on the model's depth
+    assert {k: r.config[k] for k in plain} == plain  # plenty: no recompute
     assert (r.config["batch_size"], r.config["grad_accumulation"], r.config["memory_limit_gb"]) == (4, 1, None)
     small = cfg.model_copy(update={"memory_budget_gb": 1e-4, "output_dir": cfg.output_dir / "small"})
     with pytest.raises(MemoryPreflightError, match="no setting fits a memory budget"):
@@ -188,3 +195,53 @@ def test_lean_backward_estimate_keeps_fewer_intermediate_activations(tiny_pair):
     assert held_student_bytes(shapes, off, tokens, 4, rows) - held_student_bytes(shapes, on, tokens, 4, rows) == \
         tokens * shapes.layers * shapes.intermediate * 1.5 * 4  # SwiGLU's sigmoid, silu(gate), kept without it
     assert estimate_peak_bytes(student, None, on, 4, 64)["activations"] < estimate_peak_bytes(student, None, off, 4, 64)["activations"]
+
+
+def test_whole_blocks_put_the_mlp_scope_between_the_two_scopes():
+    """grad_checkpoint_whole_blocks: `block_kinds` mirrors `checkpoint_blocks` (the first picked blocks
+    whole); the estimates fall as more blocks are whole, from the MLP scope's to at most the block scope's;
+    and the first blocks are the ones to recompute whole, since the backward pass meets them last, when the
+    later blocks' activations are gone (`backward_peak`)."""
+    from conch_dna.training.kd.memory import Shapes, backward_peak, block_kinds, held_student_bytes
+
+    def cfg(**kw):
+        return KDConfig(grad_checkpoint=True, grad_checkpoint_scope="mlp", **kw)
+
+    assert block_kinds(5, cfg(grad_checkpoint_every=2, grad_checkpoint_whole_blocks=2)) == ["whole", "plain", "whole", "plain", "mlp"]
+    assert block_kinds(3, cfg(grad_checkpoint_whole_blocks=7)) == ["whole"] * 3
+    assert block_kinds(3, KDConfig(grad_checkpoint=True)) == ["whole"] * 3 and block_kinds(2, KDConfig()) == ["plain"] * 2
+    shapes = Shapes(layers=24, hidden=896, intermediate=4864, heads=14, vocab=151936)  # Qwen2.5-0.5B
+
+    def held(**kw):
+        return held_student_bytes(shapes, cfg(**kw), 32 * 1024, 2, 1024)
+
+    series = [held(grad_checkpoint_whole_blocks=w) for w in range(25)]
+    assert series[0] == held() and series[24] == held_student_bytes(shapes, KDConfig(grad_checkpoint=True), 32 * 1024, 2, 1024)
+    assert all(a > b for a, b in zip(series[:23], series[1:23]))  # each whole block lowers the floor...
+    assert series[23] < series[24]  # ...up to the last, whose own recompute is then the largest part
+    kept, recomputed = {"whole": 1.0, "mlp": 5.0}, {"whole": 20.0, "mlp": 10.0}
+    assert backward_peak(["whole", "mlp", "mlp"], kept, recomputed) < backward_peak(["mlp", "mlp", "whole"], kept, recomputed)
+
+
+def test_the_frontier_s_16_gb_budget_gets_the_fewest_whole_blocks_that_fit(monkeypatch):
+    """Issue 22's 16 GB budget for the qwen2.5-1.5b->0.5b preset (batch 32 x 1024, bf16, on a GPU): all MLPs
+    recomputed does not fit, all blocks whole does; the chooser takes the MLP scope with the fewest whole
+    blocks that fit (one fewer would not), in one micro-batch."""
+    from conch_dna.training.kd import memory
+    from scripts.bench_kd import PEER_LORA, PRESETS, build
+
+    monkeypatch.setattr(memory, "keeps_attention_scores", lambda: False)  # a GPU's fused attention
+    monkeypatch.setattr(memory.kernels, "available", lambda: True)  # and its loss kernel
+    t_shape, s_shape, vocab, _, seq = PRESETS["qwen2.5-1.5b->0.5b"]
+    t, s = (build(shape, vocab, mx.bfloat16, materialize=False) for shape in (t_shape, s_shape))
+    apply_lora(s, KDConfig(lora=PEER_LORA))
+    cfg = KDConfig(lora=PEER_LORA, batch_size=32, lean_backward="on")  # as on a GPU
+    chosen = memory.settings_for_budget(s, t, cfg, seq, 16)
+    w = chosen["grad_checkpoint_whole_blocks"]
+    assert (chosen["batch_size"], chosen["grad_checkpoint_scope"], chosen["loss_chunk_size"]) == (32, "mlp", 1024)
+    assert 1 <= w < len(s.layers) and chosen["memory_limit_gb"] == memory.memory_limit_for(16)
+
+    def need(whole):
+        return memory.estimate_peak_bytes(s, t, cfg.model_copy(update={**chosen, "grad_checkpoint_whole_blocks": whole}), 32, seq)["total"]
+
+    assert need(w) <= chosen["memory_limit_gb"] * 2**30 < need(w - 1)

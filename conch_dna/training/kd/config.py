@@ -154,6 +154,10 @@ class KDConfig(BaseSettings):
         "block", description="with grad_checkpoint, what a checkpointed block recomputes: block = all of it "
         "(least memory); mlp = only its feed-forward part, most of a block's activations for the cost of its "
         "matmuls (no attention, norms or LoRA recomputed)")
+    grad_checkpoint_whole_blocks: int = Field(
+        0, ge=0, le=100_000, description="with grad_checkpoint_scope = 'mlp': the first this many recomputed "
+        "blocks are recomputed whole instead (all of them when larger): memory between the two scopes, for less "
+        "recompute time than recomputing every block whole")
     lean_backward: Literal["auto", "on", "off"] = Field(
         "auto", description="frozen RMSNorms skip their weight's gradient and SwiGLU MLPs recompute their sigmoid "
         "in the backward pass instead of keeping it (trainer.lean_backward): same values, less memory and GPU "
@@ -243,6 +247,13 @@ class KDConfig(BaseSettings):
         if self.text is not None and self.teacher_targets != "online":
             raise ValueError("text (corpus KD) needs teacher_targets = 'online': the teacher scores each corpus "
                              "window as it is trained on")
+        return self
+
+    @model_validator(mode="after")
+    def _whole_blocks_need_the_mlp_scope(self):
+        if self.grad_checkpoint_whole_blocks and self.grad_checkpoint_scope != "mlp":
+            raise ValueError("grad_checkpoint_whole_blocks only applies with grad_checkpoint_scope = 'mlp' (with "
+                             "'block' every recomputed block is recomputed whole already); set the scope or drop it")
         return self
 
     @model_validator(mode="after")

@@ -9,7 +9,8 @@ before the first step and says which settings would fit. The estimate is deliber
       the teacher's forward pass (transient), over two groups of rows: see `teacher_forward_bytes`
       the student's: activations kept for the backward pass, per token and block ~ (22 d + 6 i) values
         (recomputed blocks, with gradient checkpointing: their input, plus one block's worth at a time;
-        with grad_checkpoint_scope "mlp", only the MLP's 6 i is recomputed)
+        with grad_checkpoint_scope "mlp", only the MLP's 6 i is recomputed, except in the first
+        grad_checkpoint_whole_blocks; the peak is where the backward pass meets it: `backward_peak`)
       + attention scores where no fused attention exists (CPU): batch x heads x seq^2 x 4 bytes per block
       + the loss: fused, ~6 float32 [chunk, vocab] buffers; reference, ~6 [batch x seq, vocab] buffers
 
@@ -99,9 +100,32 @@ def teacher_forward_bytes(teacher, config, batch: int, seq: int, dtype_bytes: in
 MLP_VALUES_SAVED_BY_LEAN_BACKWARD = 1
 
 
-def recomputed_blocks(layers: int, config) -> int:
-    """How many blocks gradient checkpointing recomputes (`trainer.checkpoint_blocks`: 0, every, 2 * every...)."""
-    return len(range(0, layers, config.grad_checkpoint_every)) if config.grad_checkpoint else 0
+def block_kinds(layers: int, config) -> list[str]:
+    """What gradient checkpointing does to each block, first to last (`trainer.checkpoint_blocks`): "plain"
+    (keeps its activations), "mlp" (recomputes its MLP) or "whole" (recomputes all of it)."""
+    kinds = ["plain"] * layers
+    if config.grad_checkpoint:
+        picked = range(0, layers, config.grad_checkpoint_every)
+        whole = len(picked) if config.grad_checkpoint_scope == "block" else config.grad_checkpoint_whole_blocks
+        for n, i in enumerate(picked):
+            kinds[i] = "whole" if n < whole else "mlp"
+    return kinds
+
+
+def backward_peak(kinds: list[str], kept: dict[str, float], recomputed: dict[str, float]) -> float:
+    """The most the blocks hold during the backward pass, which runs from the last block to the first: when it
+    reaches block j, blocks 0..j still keep what they kept, and block j's recomputed part is alive too. So
+    blocks recomputed early in the model (the first ones) add their recompute to a smaller total."""
+    peak = held = 0.0
+    for kind in kinds:
+        held += kept[kind]
+        peak = max(peak, held + recomputed[kind])
+    return peak
+
+
+def keeps_attention_scores() -> bool:
+    """Does attention materialise its [seq, seq] scores? On MLX's CPU backend, which has no fused attention."""
+    return mx.default_device() == mx.cpu
 
 
 def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[str, int]:
@@ -111,21 +135,15 @@ def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[
     tokens = batch * seq
     mlp_values = 6 - MLP_VALUES_SAVED_BY_LEAN_BACKWARD * use_lean_backward(config)
     per_block_token = (22 * s.hidden + mlp_values * s.intermediate) * dtype_bytes
-    recomputed = recomputed_blocks(s.layers, config)
-    kept = s.layers - recomputed
-    if config.grad_checkpoint_scope == "mlp":
-        # Recomputed MLPs keep their input; the rest of their block (its 22 d) stays; one MLP's worth at a time.
-        mlp_token = mlp_values * s.intermediate * dtype_bytes
-        activations = tokens * (kept * per_block_token + recomputed * (per_block_token - mlp_token + s.hidden * dtype_bytes)
-                                + (mlp_token if recomputed else 0))
-        attention_blocks = s.layers
-    else:
-        # Kept blocks hold their activations; recomputed ones their input, plus one block's worth at a time.
-        activations = tokens * (kept * per_block_token + recomputed * s.hidden * dtype_bytes
-                                + (per_block_token if recomputed else 0))
-        attention_blocks = kept + (1 if recomputed else 0)
-    on_cpu = mx.default_device() == mx.cpu
-    attention = batch * s.heads * seq * seq * 4 * attention_blocks if on_cpu else 0
+    mlp_token = mlp_values * s.intermediate * dtype_bytes
+    # Plain blocks hold their activations; recomputed MLPs keep their input (the rest of their block, its 22 d,
+    # stays); blocks recomputed whole keep their input; in the backward pass, one recomputed part at a time.
+    kinds = block_kinds(s.layers, config)
+    d = s.hidden * dtype_bytes
+    activations = tokens * backward_peak(kinds, {"plain": per_block_token, "mlp": per_block_token - mlp_token + d, "whole": d},
+                                         {"plain": 0, "mlp": mlp_token, "whole": per_block_token})
+    attention_blocks = kinds.count("plain") + kinds.count("mlp") + ("whole" in kinds)
+    attention = batch * s.heads * seq * seq * 4 * attention_blocks if keeps_attention_scores() else 0
     rows = min(config.loss_chunk_size, tokens) if config.loss_impl == "fused" else tokens
     parts = {
         "weights": param_bytes(student) + (param_bytes(teacher) if teacher is not None else 0),
@@ -149,7 +167,7 @@ def held_student_bytes(s: Shapes, config, tokens: int, dtype_bytes: int, rows: i
     activations its blocks keep and one loss chunk. Unlike the unconstrained estimate, no allowance for work
     queued ahead. Per token and block, as `scripts/block_memory.py` measured (Qwen2.5-0.5B widths, compiled
     step; attention scores apart): ~8 d + 3.5 i values kept by a plain block, 8 d with its MLP recomputed,
-    1.5 d recomputed whole; plus, with checkpointing, one recomputed part at a time. With `lean_backward` a
+    1.5 d recomputed whole; plus, with checkpointing, one recomputed part at a time (`backward_peak`). With `lean_backward` a
     plain MLP keeps 2 i, what SwiGLU's backward reads (gate and up; its frozen projections need no inputs):
     an H200 run of batch 32 without recompute held 27.9 GB, 0.90 of this formula (0.81 with 2.5 i). The loss:
     the CUDA kernel keeps three [rows, vocab] buffers in the model's dtype (student and teacher logits,
@@ -157,25 +175,31 @@ def held_student_bytes(s: Shapes, config, tokens: int, dtype_bytes: int, rows: i
     loss)."""
     mlp = (2.0 if use_lean_backward(config) else 3.5) * s.intermediate
     plain = 8 * s.hidden + mlp
-    recomputed = recomputed_blocks(s.layers, config)
-    kept_recomputed, transient = ((8 * s.hidden, mlp) if config.grad_checkpoint_scope == "mlp"
-                                  else (1.5 * s.hidden, plain))
-    values = (s.layers - recomputed) * plain + recomputed * kept_recomputed + (transient if recomputed else 0)
+    values = backward_peak(block_kinds(s.layers, config), {"plain": plain, "mlp": 8 * s.hidden, "whole": 1.5 * s.hidden},
+                           {"plain": 0, "mlp": mlp, "whole": plain})
     fused = config.loss_impl == "fused"
     loss_bytes_per_value = 4 * dtype_bytes if fused and kernels.available() else 24  # 3 buffers + room for the matmul
     return int(tokens * values * dtype_bytes + rows * s.vocab * loss_bytes_per_value)
 
 
-# Memory settings from fastest to slowest, as measured through the trainer on an H100 and an H200
-# (docs/benchmarks.md, Qwen2.5 1.5B -> 0.5B shapes): no recompute; only the MLPs recomputed (what a block keeps
-# is mostly its MLP's); whole blocks recomputed; with smaller loss chunks last (more, smaller matmuls).
-SETTINGS_FASTEST_FIRST = (
-    {"grad_checkpoint": False, "loss_chunk_size": 2048},
-    {"grad_checkpoint": True, "grad_checkpoint_scope": "mlp", "loss_chunk_size": 2048},
-    {"grad_checkpoint": True, "grad_checkpoint_scope": "mlp", "loss_chunk_size": 1024},
-    {"grad_checkpoint": True, "grad_checkpoint_scope": "block", "loss_chunk_size": 1024},
-    {"grad_checkpoint": True, "grad_checkpoint_scope": "block", "loss_chunk_size": 512},
-)
+def settings_fastest_first(layers: int) -> list[dict]:
+    """Memory settings from fastest to slowest, as measured through the trainer on an H100 and an H200
+    (docs/benchmarks.md, Qwen2.5 1.5B -> 0.5B shapes): no recompute; only the MLPs recomputed (what a block
+    keeps is mostly its MLP's); then the MLPs with the first 1, 2, ... blocks recomputed whole (each whole
+    block recomputes a subset more: a block's attention part, norms and LoRA); every block whole; smaller
+    loss chunks last (more, smaller matmuls)."""
+    mlp = {"grad_checkpoint": True, "grad_checkpoint_every": 1, "grad_checkpoint_scope": "mlp", "grad_checkpoint_whole_blocks": 0}
+    block = {**mlp, "grad_checkpoint_scope": "block"}
+    return [
+        {"grad_checkpoint": False, "loss_chunk_size": 2048},
+        {**mlp, "loss_chunk_size": 2048},
+        {**mlp, "loss_chunk_size": 1024},
+        *({**mlp, "grad_checkpoint_whole_blocks": w, "loss_chunk_size": 1024} for w in range(1, layers)),
+        {**block, "loss_chunk_size": 1024},
+        {**block, "loss_chunk_size": 512},
+    ]
+
+
 # memory_limit_gb: 95% of the budget, and at least 0.75 GB below it. MLX overshot its limit by 0.07 GB at 15 GB
 # (H100, session 5) and by 0.41-0.59 GB on an H200 (session 12: 7.8 / 7.4, 8.03 / 7.6, 15.77 / 15.2, 24.34 / 23.75).
 LIMIT_SHARE, LIMIT_HEADROOM_GB = 0.95, 0.75
@@ -188,7 +212,7 @@ def memory_limit_for(budget_gb: float) -> float:
 def settings_for_budget(student, teacher, config, seq: int, budget_gb: float) -> dict:
     """The fastest memory settings whose estimated peak fits `budget_gb`, as a `KDConfig` update.
 
-    In order: each of `SETTINGS_FASTEST_FIRST`, first without a memory limit (its whole estimate fits), then
+    In order: each of `settings_fastest_first`, first without a memory limit (its whole estimate fits), then
     with `memory_limit_gb` at `memory_limit_for(budget)` (what the step must hold fits under it: MLX waits for work in
     flight instead of allocating past it, which cost less than recomputing: 61.6k tokens/s with the MLPs
     recomputed under a 15 GB limit against 62.0k without a limit, H100); then the same with smaller
@@ -198,7 +222,7 @@ def settings_for_budget(student, teacher, config, seq: int, budget_gb: float) ->
     global_batch = config.batch_size * config.grad_accumulation
     for micro in [m for m in range(config.batch_size, 0, -1) if global_batch % m == 0]:
         base = {"batch_size": micro, "grad_accumulation": global_batch // micro}
-        for settings in SETTINGS_FASTEST_FIRST:
+        for settings in settings_fastest_first(model_shapes(student).layers):
             for limited in (False, True):
                 limit_gb = memory_limit_for(budget_gb)
                 update = {**base, **settings, "memory_limit_gb": limit_gb if limited else None}

@@ -118,25 +118,34 @@ def use_our_lora(model: nn.Module) -> None:
             module.__class__ = ours
 
 
-def checkpoint_blocks(model: nn.Module, every: int = 1, scope: str = "block") -> int:
+def checkpoint_blocks(model: nn.Module, every: int = 1, scope: str = "block", whole: int = 0) -> int:
     """Gradient checkpointing: blocks 0, every, 2 * every, ... recompute their activations in the backward
     pass (`mx.checkpoint`) instead of keeping them; returns how many. scope "block" recomputes the whole
     block; "mlp" only its feed-forward part (`block.mlp`), whose [tokens, intermediate] activations are
-    most of what a block keeps, for the price of its matmuls alone (no attention, norms or LoRA recomputed).
-    Per instance, by switching the module's class: mlx-lm's `grad_checkpoint` patches the block class
-    itself, which a teacher of the same architecture (and every later model in the process) shares."""
+    most of what a block keeps, for the price of its matmuls alone (no attention, norms or LoRA recomputed);
+    with "mlp", the first `whole` of the picked blocks are recomputed whole all the same: a memory between the
+    two scopes, one block at a time. Per instance, by switching the module's class: mlx-lm's
+    `grad_checkpoint` patches the block class itself, which a teacher of the same architecture (and every
+    later model in the process) shares."""
     if scope not in ("block", "mlp"):
         raise ValueError(f"grad_checkpoint_scope must be 'block' or 'mlp', not {scope!r}")
     picked = model.layers[::every]
-    if scope == "mlp":
-        if no_mlp := [type(b).__name__ for b in picked if not isinstance(getattr(b, "mlp", None), nn.Module)]:
-            raise ValueError(f"grad_checkpoint_scope='mlp' needs blocks with an `mlp` sub-module; {no_mlp[0]} has "
-                             "none: use grad_checkpoint_scope='block'")
-        picked = [b.mlp for b in picked]
-    for module in picked:
+    whole_blocks, mlp_blocks = (picked, []) if scope == "block" else (picked[:whole], picked[whole:])
+    if no_mlp := [type(b).__name__ for b in mlp_blocks if not isinstance(getattr(b, "mlp", None), nn.Module)]:
+        raise ValueError(f"grad_checkpoint_scope='mlp' needs blocks with an `mlp` sub-module; {no_mlp[0]} has "
+                         "none: use grad_checkpoint_scope='block'")
+    for module in [*whole_blocks, *(b.mlp for b in mlp_blocks)]:
         if not getattr(type(module), "_conch_checkpointed", False):
             module.__class__ = _checkpointed_class(type(module))
     return len(picked)
+
+
+def checkpoint_setting(config: KDConfig) -> str | None:
+    """The checkpointing a config asks for, in words ("mlp every 1, first 6 whole"), or None."""
+    if not config.grad_checkpoint:
+        return None
+    whole = config.grad_checkpoint_scope == "mlp" and config.grad_checkpoint_whole_blocks
+    return f"{config.grad_checkpoint_scope} every {config.grad_checkpoint_every}" + (f", first {whole} whole" if whole else "")
 
 
 def lean_backward(model: nn.Module, norms: bool = True, mlps: bool = True) -> dict[str, int]:
@@ -614,15 +623,14 @@ def build_step(model: nn.Module, config: KDConfig, vocab: int | None) -> tuple[C
         lean_backward(model)
     kernels.use_rope_kernel(model)  # the same rotation; its own kernel on NVIDIA GPUs, nn.RoPE's elsewhere
     if config.grad_checkpoint:
-        checkpoint_blocks(model, config.grad_checkpoint_every, config.grad_checkpoint_scope)
+        checkpoint_blocks(model, config.grad_checkpoint_every, config.grad_checkpoint_scope, config.grad_checkpoint_whole_blocks)
     compiled = fused and use_compile(config)
     loss_and_grad = nn.value_and_grad(model, lambda m, *a: _loss_fn(m, *a, config, vocab, fused, compiled))
     if compiled:
         loss_and_grad = compile_loss_and_grad(model, loss_and_grad)
     if dist.is_writer():
-        ckpt = config.grad_checkpoint and f"{config.grad_checkpoint_scope} every {config.grad_checkpoint_every}"
         log.info("training", steps=config.iters, fused_loss=fused, compiled=compiled, teacher_prefetch=use_prefetch(config),
-                 grad_checkpoint=ckpt, memory_limit_gb=config.memory_limit_gb)
+                 grad_checkpoint=checkpoint_setting(config), memory_limit_gb=config.memory_limit_gb)
     return loss_and_grad, 32 if compiled else 1
 
 
