@@ -1,6 +1,7 @@
 """Memory preflight: estimates grow with the right settings; a run that cannot fit is refused with advice."""
 
 import dataclasses
+import re
 
 import mlx.core as mx
 import pytest
@@ -45,21 +46,24 @@ def test_refuses_with_settings_that_fit(pair):
     assert preflight(s, t, cfg, 16, 512, available=need * 2)["total"] == need
 
 
-@pytest.mark.parametrize("fits", ["mlp", "block"])
+@pytest.mark.parametrize("fits", ["mlp", "mixed", "block"])
 def test_refusal_suggests_the_cheaper_checkpointing_that_fits(pair, fits):
-    """Checkpointing only the MLPs is suggested when it fits (it recomputes less); else whole blocks."""
+    """The least recompute that fits is suggested: only the MLPs; else the MLPs with the first blocks whole;
+    else whole blocks."""
     t, s = pair
     cfg = KDConfig(batch_size=16, teacher_pass_tokens=512)
 
-    def need(scope):
-        return estimate_peak_bytes(s, t, cfg.model_copy(update={"grad_checkpoint": True, "grad_checkpoint_scope": scope}), 16, 512)["total"]
+    def need(scope, whole=0):
+        update = {"grad_checkpoint": True, "grad_checkpoint_scope": scope, "grad_checkpoint_whole_blocks": whole}
+        return estimate_peak_bytes(s, t, cfg.model_copy(update=update), 16, 512)["total"]
 
-    assert need("block") < need("mlp") < estimate_peak_bytes(s, t, cfg, 16, 512)["total"]
-    available = int(need(fits) / 0.9) + 1
+    assert need("block") < need("mlp", 1) < need("mlp") < estimate_peak_bytes(s, t, cfg, 16, 512)["total"]
+    available = int({"mlp": need("mlp"), "mixed": need("mlp", 1), "block": need("block")}[fits] / 0.9) + 1
     with pytest.raises(MemoryPreflightError) as e:
         preflight(s, t, cfg, 16, 512, available=available)
     msg = str(e.value)
-    assert ('grad_checkpoint=true with grad_checkpoint_scope="mlp"' in msg) == (fits == "mlp")
+    assert bool(re.search(r'grad_checkpoint=true with grad_checkpoint_scope="mlp"[;.]', msg)) == (fits == "mlp")
+    assert ('grad_checkpoint=true with grad_checkpoint_scope="mlp" and grad_checkpoint_whole_blocks=1' in msg) == (fits == "mixed")
     assert "grad_checkpoint=true" in msg
 
 

@@ -253,11 +253,15 @@ def preflight(student, teacher, config, batch: int, seq: int, available: int | N
         alt = config.model_copy(update={"memory_limit_gb": limit_gb})
         if estimate_peak_bytes(student, teacher, alt, batch, seq)["total"] <= 0.9 * available:
             suggestions.append(f"memory_limit_gb={limit_gb}")
-    if not config.grad_checkpoint:  # recomputing only the MLPs costs less time: suggested first when it fits
-        for scope, advice in (("mlp", 'grad_checkpoint=true with grad_checkpoint_scope="mlp"'), ("block", "grad_checkpoint=true")):
-            alt = config.model_copy(update={"grad_checkpoint": True, "grad_checkpoint_scope": scope})
+    if not config.grad_checkpoint:  # the least recompute that fits: the MLPs, then the first blocks whole too
+        layers = model_shapes(student).layers
+        for whole in range(layers + 1):
+            scope = "mlp" if whole < layers else "block"
+            alt = config.model_copy(update={"grad_checkpoint": True, "grad_checkpoint_every": 1, "grad_checkpoint_scope": scope,
+                                            "grad_checkpoint_whole_blocks": whole if scope == "mlp" else 0})
             if estimate_peak_bytes(student, teacher, alt, batch, seq)["total"] <= 0.9 * available:
-                suggestions.append(advice)
+                suggestions.append("grad_checkpoint=true" + (' with grad_checkpoint_scope="mlp"' if scope == "mlp" else "")
+                                   + (f" and grad_checkpoint_whole_blocks={whole}" if 0 < whole < layers else ""))
                 break
     if config.loss_impl != "fused":
         alt = config.model_copy(update={"loss_impl": "fused"})
