@@ -238,10 +238,10 @@ def run(args, impl: str) -> dict:
     flops = batch * seq * (2 * nt + 4 * ns)  # the peer's convention: LoRA needs no weight gradients
     device = mx.device_info().get("device_name", str(mx.default_device()))
     peak_tf = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
+    ckpt_words = f"{args.checkpoint_scope} every {args.checkpoint_every}" + (f", first {args.whole_blocks} whole" if args.whole_blocks else "")
     res = {
         "impl": f"mlx-{impl}", "preset": args.preset, "real": args.real, "device": device, "dtype": str(dtype),
-        "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and (args.checkpoint_blocks or f"{args.checkpoint_scope} every {args.checkpoint_every}"
-                                                                                                        + (f", first {args.whole_blocks} whole" if args.whole_blocks else "")),
+        "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and (args.checkpoint_blocks or ckpt_words),
         "teacher_pass_tokens": args.teacher_pass_tokens, "memory_limit_gb": args.memory_limit_gb,
         "overlap_teacher": args.overlap_teacher,
         "compiled": compiled, "lora": "mlx-lm" if args.stock_lora else "conch", "lean_backward": lean,

@@ -16,10 +16,12 @@ def bench(*args: str) -> list[dict]:
 
 
 def test_step_mode_times_reference_and_fused():
-    rows = bench("--steps", "1", "--chunk", "32", "--memory-limit-gb", "4")
+    rows = bench("--steps", "1", "--chunk", "32", "--memory-limit-gb", "4", "--grad-checkpoint", "--checkpoint-scope", "mlp",
+                 "--whole-blocks", "1")
     assert [r["impl"] for r in rows] == ["mlx-reference", "mlx-fused"]
     for r in rows:
         assert r["tok_s"] > 0 and r["peak_gb"] > 0 and r["B"] == 2 and r["T"] == 64 and r["memory_limit_gb"] == 4.0
+        assert r["grad_checkpoint"] == "mlp every 1, first 1 whole"
     assert abs(rows[1]["loss"] - rows[0]["loss"]) <= 1e-3 * abs(rows[0]["loss"])  # same weights, same tokens
 
 
