@@ -84,13 +84,10 @@ def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
             if f.is_file():
                 f.chmod(0o644)
                 _fsync(f)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
+        old = _move_aside(dest) if dest.exists() else None
+        os.replace(tmp, dest)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if (failure := _write_failure(e, dest)) is not None:
@@ -98,13 +95,17 @@ def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def remove_folder(path: str | os.PathLike) -> None:
-    """Delete a folder so that no half-deleted copy is ever seen under its name: it is first renamed to
-    `.{name}.old-{pid}` (atomic), then removed; a kill in between leaves only that hidden leftover."""
-    path = Path(path)
+def _move_aside(path: Path) -> Path:
+    """Rename a folder to `.{name}.old-{pid}` beside it (atomic): a kill before it is deleted leaves only that
+    hidden leftover, never a half-deleted folder under its name."""
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     os.replace(path, old)
-    shutil.rmtree(old, ignore_errors=True)
+    return old
+
+
+def remove_folder(path: str | os.PathLike) -> None:
+    """Delete a folder so that no half-deleted copy is ever seen under its name (`_move_aside`, then removed)."""
+    shutil.rmtree(_move_aside(Path(path)), ignore_errors=True)
 
 
 def check_writable(folder: str | os.PathLike) -> None:

@@ -238,7 +238,10 @@ def run(args, impl: str) -> dict:
     flops = batch * seq * (2 * nt + 4 * ns)  # the peer's convention: LoRA needs no weight gradients
     device = mx.device_info().get("device_name", str(mx.default_device()))
     peak_tf = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
-    ckpt_words = f"{args.checkpoint_scope} every {args.checkpoint_every}" + (f", first {args.whole_blocks} whole" if args.whole_blocks else "")
+    from conch_dna.training.kd.trainer import checkpoint_setting
+
+    ckpt_words = checkpoint_setting(KDConfig(grad_checkpoint=True, grad_checkpoint_every=args.checkpoint_every,
+                                             grad_checkpoint_scope=args.checkpoint_scope, grad_checkpoint_whole_blocks=args.whole_blocks))
     res = {
         "impl": f"mlx-{impl}", "preset": args.preset, "real": args.real, "device": device, "dtype": str(dtype),
         "B": batch, "T": seq, "chunk": args.chunk if impl == "fused" else None, "grad_checkpoint": args.grad_checkpoint and (args.checkpoint_blocks or ckpt_words),

@@ -40,6 +40,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from conch_dna.training.kd import kernels
+from conch_dna.training.kd.trainer import block_kinds as trainer_block_kinds
 from conch_dna.training.kd.trainer import use_lean_backward
 
 MARGIN = 1.25
@@ -101,15 +102,11 @@ MLP_VALUES_SAVED_BY_LEAN_BACKWARD = 1
 
 
 def block_kinds(layers: int, config) -> list[str]:
-    """What gradient checkpointing does to each block, first to last (`trainer.checkpoint_blocks`): "plain"
-    (keeps its activations), "mlp" (recomputes its MLP) or "whole" (recomputes all of it)."""
-    kinds = ["plain"] * layers
-    if config.grad_checkpoint:
-        picked = range(0, layers, config.grad_checkpoint_every)
-        whole = len(picked) if config.grad_checkpoint_scope == "block" else config.grad_checkpoint_whole_blocks
-        for n, i in enumerate(picked):
-            kinds[i] = "whole" if n < whole else "mlp"
-    return kinds
+    """What gradient checkpointing does to each block under `config` (`trainer.block_kinds`)."""
+    if not config.grad_checkpoint:
+        return ["plain"] * layers
+    return trainer_block_kinds(layers, config.grad_checkpoint_every, config.grad_checkpoint_scope,
+                               config.grad_checkpoint_whole_blocks)
 
 
 def backward_peak(kinds: list[str], kept: dict[str, float], recomputed: dict[str, float]) -> float:

@@ -127,17 +127,27 @@ def checkpoint_blocks(model: nn.Module, every: int = 1, scope: str = "block", wh
     two scopes, one block at a time. Per instance, by switching the module's class: mlx-lm's
     `grad_checkpoint` patches the block class itself, which a teacher of the same architecture (and every
     later model in the process) shares."""
-    if scope not in ("block", "mlp"):
-        raise ValueError(f"grad_checkpoint_scope must be 'block' or 'mlp', not {scope!r}")
-    picked = model.layers[::every]
-    whole_blocks, mlp_blocks = (picked, []) if scope == "block" else (picked[:whole], picked[whole:])
+    kinds = block_kinds(len(model.layers), every, scope, whole)
+    mlp_blocks = [b for b, kind in zip(model.layers, kinds) if kind == "mlp"]
     if no_mlp := [type(b).__name__ for b in mlp_blocks if not isinstance(getattr(b, "mlp", None), nn.Module)]:
         raise ValueError(f"grad_checkpoint_scope='mlp' needs blocks with an `mlp` sub-module; {no_mlp[0]} has "
                          "none: use grad_checkpoint_scope='block'")
-    for module in [*whole_blocks, *(b.mlp for b in mlp_blocks)]:
+    for module in [b for b, kind in zip(model.layers, kinds) if kind == "whole"] + [b.mlp for b in mlp_blocks]:
         if not getattr(type(module), "_conch_checkpointed", False):
             module.__class__ = _checkpointed_class(type(module))
-    return len(picked)
+    return len(kinds) - kinds.count("plain")
+
+
+def block_kinds(layers: int, every: int = 1, scope: str = "block", whole: int = 0) -> list[str]:
+    """What `checkpoint_blocks` does to each block, first to last: "plain" (keeps its activations), "mlp"
+    (recomputes its MLP) or "whole" (recomputes all of it)."""
+    if scope not in ("block", "mlp"):
+        raise ValueError(f"grad_checkpoint_scope must be 'block' or 'mlp', not {scope!r}")
+    kinds = ["plain"] * layers
+    picked = range(0, layers, every)
+    for n, i in enumerate(picked):
+        kinds[i] = "whole" if scope == "block" or n < whole else "mlp"
+    return kinds
 
 
 def checkpoint_setting(config: KDConfig) -> str | None:
