@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -129,9 +130,9 @@ def run(args, impl: str) -> dict:
         lean_backward(student)
     from conch_dna.training.kd import kernels
 
-    if args.rope_kernel:  # as the trainer does (`build_step`, `targets.online_targets`)
+    if args.layer_kernels:  # as the trainer does (`build_step`); the teacher's pass below as `targets.online_targets`
         kernels.use_rope_kernel(student)
-        kernels.use_rope_kernel(teacher)
+    teacher_kernels = kernels.teacher_kernels if args.layer_kernels else lambda model: nullcontext()
     if args.grad_checkpoint:
         from conch_dna.training.kd.trainer import checkpoint_blocks
 
@@ -154,9 +155,10 @@ def run(args, impl: str) -> dict:
         t_body = mx.compile(t_body)
 
     def teacher_targets():
-        if impl == "fused":
-            return TeacherStates(teacher_hidden(t_body, tokens, args.teacher_pass_tokens), t_head)  # hidden states only
-        return mx.stop_gradient(teacher(tokens))
+        with teacher_kernels(teacher):
+            if impl == "fused":  # hidden states only
+                return TeacherStates(teacher_hidden(t_body, tokens, args.teacher_pass_tokens), t_head)
+            return mx.stop_gradient(teacher(tokens))
 
     def loss_fn(model, tokens, mask, targets):
         if impl == "fused":
@@ -178,12 +180,12 @@ def run(args, impl: str) -> dict:
     def overlapped_targets():
         # Experiment: the next step's teacher pass runs on its own stream while this step's student runs.
         if not pending:
-            with mx.stream(teacher_stream):
+            with mx.stream(teacher_stream), teacher_kernels(teacher):
                 h = mx.stop_gradient(t_body(tokens))
             mx.eval(h)
             pending.append(h)
         current = pending.pop()
-        with mx.stream(teacher_stream):
+        with mx.stream(teacher_stream), teacher_kernels(teacher):
             h = mx.stop_gradient(t_body(tokens))
         mx.async_eval(h)
         pending.append(h)
@@ -474,8 +476,9 @@ def main() -> None:
     ap.add_argument("--whole-blocks", type=int, default=0,
                     help="with --checkpoint-scope mlp: the first N recomputed blocks whole (grad_checkpoint_whole_blocks)")
     ap.add_argument("--teacher-pass-tokens", type=int, default=4096, help="teacher forward: rows per pass")
-    ap.add_argument("--rope-kernel", type=int, choices=(0, 1), default=1,
-                    help="step mode: RoPE by conch_dna's kernel on NVIDIA GPUs (1, as the trainer) or MLX's (0)")
+    ap.add_argument("--layer-kernels", "--rope-kernel", dest="layer_kernels", type=int, choices=(0, 1), default=1,
+                    help="step mode: RoPE and the teacher's SwiGLU by conch_dna's kernels on NVIDIA GPUs (1, as the "
+                         "trainer) or MLX's (0)")
     ap.add_argument("--compile-teacher", action="store_true", help="mx.compile the teacher's forward too")
     ap.add_argument("--overlap-teacher", action="store_true", help="experiment: next teacher pass on a second stream")
     ap.add_argument("--memory-limit-gb", type=float, help="mx.set_memory_limit: MLX throttles to stay under it")

@@ -299,11 +299,11 @@ def test_rope_kernel_gives_the_same_gradients_and_leaves_the_teacher_as_it_was(t
     checkpoint_blocks(fast, 1, "block")
     tokens, mask = batch(7)
     body, head = model_parts(teacher)
-    with kernels.rope_kernel(teacher):
+    with kernels.teacher_kernels(teacher):
         assert type(teacher.layers[0].self_attn.rope) is kernels.KernelRoPE
         states = TeacherStates(teacher_hidden(body, tokens, 4096), head)
     assert all(type(b.self_attn.rope) is nn.RoPE for b in teacher.layers)
-    with pytest.raises(RuntimeError, match="boom"), kernels.rope_kernel(teacher):
+    with pytest.raises(RuntimeError, match="boom"), kernels.teacher_kernels(teacher):
         raise RuntimeError("boom")
     assert all(type(b.self_attn.rope) is nn.RoPE for b in teacher.layers)
     f = lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, chunk_size=16))  # noqa: E731
@@ -334,10 +334,10 @@ def test_build_step_applies_lean_backward_as_configured(tiny_pair, setting):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_swiglu_recomputed_matches_autodiff(dtype):
+def test_kernels_swiglu_matches_autodiff(dtype):
     from mlx_lm.models.activations import swiglu
 
-    from conch_dna.training.kd.trainer import swiglu_recomputed
+    from conch_dna.training.kd.kernels import swiglu as swiglu_recomputed
 
     gate, up, cot = (mx.random.normal((3, 5, 40), key=mx.random.key(i)).astype(dtype) * 3 for i in range(3))
     out_ref, (dg_ref, du_ref) = mx.vjp(lambda g, u: nn.silu(g) * u, [gate, up], [cot])

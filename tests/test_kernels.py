@@ -21,14 +21,28 @@ def _rows(c, v, dtype, seed):
     return s, t, y
 
 
+def _offset(x: mx.array, layout: str) -> mx.array:
+    """x itself, or the same values in a view that starts 3 elements past its buffer's start (not 16-byte
+    aligned: the kernels' one-value-at-a-time path)."""
+    if layout == "aligned":
+        return x
+    flat = mx.concatenate([mx.zeros((3,), x.dtype), x.reshape(-1)])
+    return flat[3:].reshape(x.shape)
+
+
 @pytest.mark.parametrize("v", [7, 1000, 151936])
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
-def test_kernel_rows_match_float32_math(v, temperature):
-    s, t, y = _rows(64, v, mx.float32, v)
+@pytest.mark.parametrize("dtype,layout", [(mx.float32, "aligned"), (mx.bfloat16, "aligned"), (mx.bfloat16, "offset")])
+def test_kernel_rows_match_float32_math(v, temperature, dtype, layout):
+    """Against float32 math on the same (rounded) logits: float32 and bfloat16 (the training dtype; 16-byte
+    loads of 8 values where V divides), and a misaligned view (one value at a time)."""
+    s, t, y = _rows(64, v, dtype, v)
+    s, t = _offset(s, layout), _offset(t, layout)
     mask = (mx.arange(64) % 5 != 0).astype(mx.float32)
     wk, wc = 0.7 * mask / 50, 0.3 * mask / 50
     g, kd, ce = kernels.forward_kl_ce_rows(s, t, y, wk, wc, temperature)
-    T = temperature
+    assert g.dtype == dtype and g.shape == (64, v)
+    s, t, T = s.astype(mx.float32), t.astype(mx.float32), temperature
     logq = s / T - mx.logsumexp(s / T, axis=-1, keepdims=True)
     logp = t / T - mx.logsumexp(t / T, axis=-1, keepdims=True)
     want_kd = T * T * (mx.exp(logp) * (logp - logq)).sum(-1)
@@ -39,7 +53,10 @@ def test_kernel_rows_match_float32_math(v, temperature):
     on = mask > 0
     assert mx.allclose(mx.where(on, kd, 0), mx.where(on, want_kd, 0), rtol=1e-4, atol=1e-5).item()
     assert mx.allclose(mx.where(on, ce, 0), mx.where(on, want_ce, 0), rtol=1e-4, atol=1e-5).item()
-    assert mx.allclose(g, want_g, rtol=1e-3, atol=1e-8).item()
+    if dtype == mx.float32:
+        assert mx.allclose(g, want_g, rtol=1e-3, atol=1e-8).item()
+    else:  # float32's tolerance plus one rounding to bfloat16 (half its step: 2^-8 relative)
+        assert mx.all(mx.abs(g.astype(mx.float32) - want_g) <= (1e-3 + 2.0 ** -8) * mx.abs(want_g) + 1e-8).item()
     assert mx.all(mx.where(on[:, None], 0, g) == 0).item()  # masked rows: zero gradient
 
 
@@ -72,17 +89,42 @@ def test_fused_loss_with_kernel_matches_reference_values_and_gradients():
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 7), (8, 128, 4864)])
-def test_swiglu_backward_kernel_matches_autodiff(dtype, shape):
+@pytest.mark.parametrize("layout", ["aligned", "offset"])
+def test_swiglu_kernels_match_autodiff(dtype, shape, layout):
+    """`kernels.swiglu_forward` and `kernels.swiglu_backward` against float32 MLX ops and their autodiff: packed
+    (16-byte loads where the size divides), one value at a time (odd size, misaligned view)."""
     import mlx.nn as nn
 
     gate, up, dy = (mx.random.normal(shape, key=mx.random.key(i)) * 3 for i in range(3))
-    _, (dg_ref, du_ref) = mx.vjp(lambda g, u: nn.silu(g) * u, [gate, up], [dy])  # float32 reference
-    dg, du = kernels.swiglu_backward(gate.astype(dtype), up.astype(dtype), dy.astype(dtype))
-    assert dg.dtype == du.dtype == dtype and dg.shape == du.shape == shape
+    out_ref, (dg_ref, du_ref) = mx.vjp(lambda g, u: nn.silu(g) * u, [gate, up], [dy])  # float32 reference
+    gate, up, dy = (_offset(a.astype(dtype), layout) for a in (gate, up, dy))
+    out = kernels.swiglu_forward(gate, up)
+    dg, du = kernels.swiglu_backward(gate, up, dy)
+    assert out.dtype == dg.dtype == du.dtype == dtype and out.shape == dg.shape == du.shape == shape
     tol = 1e-5 if dtype == mx.float32 else 2e-2  # bf16: its inputs' and outputs' rounding
-    for got, want in ((dg, dg_ref), (du, du_ref)):
+    for got, want in ((out, out_ref[0]), (dg, dg_ref), (du, du_ref)):
         err = mx.linalg.norm((got.astype(mx.float32) - want).reshape(-1)) / mx.linalg.norm(want.reshape(-1))
         assert err.item() <= tol
+
+
+def test_teacher_kernels_switch_the_swiglu_mlps_and_keep_the_teacher_s_output():
+    """Inside `teacher_kernels` a Qwen2-shaped model's MLPs compute SwiGLU by the kernel: the same hidden
+    states up to bfloat16 rounding, and the model's classes as they were afterwards."""
+    import mlx.nn as nn
+    from mlx_lm.models import qwen2
+
+    args = qwen2.ModelArgs(model_type="qwen2", hidden_size=128, num_hidden_layers=2, intermediate_size=512,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=256)
+    model = qwen2.Model(args)
+    model.set_dtype(mx.bfloat16)
+    tokens = mx.random.randint(0, 256, (2, 64), key=mx.random.key(0))
+    want = model.model(tokens).astype(mx.float32)
+    with kernels.teacher_kernels(model):
+        assert type(model.model.layers[0].mlp).__name__ == "RecomputingMLP"
+        got = model.model(tokens).astype(mx.float32)
+    assert type(model.model.layers[0].mlp) is qwen2.MLP and type(model.model.layers[0].self_attn.rope) is nn.RoPE
+    err = mx.linalg.norm((got - want).reshape(-1)) / mx.linalg.norm(want.reshape(-1))
+    assert err.item() <= 2e-2
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])

@@ -1,5 +1,5 @@
 """CUDA kernels for the KD step, each with the portable path it replaces (CPU, Apple silicon, or
-CONCH_FUSED_KERNEL=0): the fused loss's per-chunk elementwise work, SwiGLU's backward, and RoPE.
+CONCH_FUSED_KERNEL=0): the fused loss's per-chunk elementwise work, SwiGLU and its backward, and RoPE.
 
 The loss (forward KL + CE). Given one chunk of student and teacher logits [C, V] (bf16 straight out of the
 two head matmuls), one thread block per row computes in a single kernel what otherwise takes a dozen float32
@@ -28,77 +28,125 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-BLOCK = 512  # threads per row; 151936 columns -> ~300 per thread per pass
+BLOCK = 512  # threads per row; 151936 columns, 8 a load -> ~37 loads per thread per pass
+
+# Shared by the kernels: ConchPack, N values moved by one load or store (16 bytes: VEC = 16 / the dtype's
+# size), and the online log-sum-exp's merge.
+_HEADER = r"""
+template <typename T, int N> struct alignas(sizeof(T) * N) ConchPack { T v[N]; };
+
+__device__ inline bool conch_aligned16(const void* p) { return reinterpret_cast<unsigned long long>(p) % 16 == 0; }
+
+// (m, l[, a]): a running maximum m and sum(exp(x - m)) [and sum(exp(x - m) * w)]; a side with m = -inf is empty.
+__device__ inline void conch_merge(float& m, float& l, float& a, float mo, float lo, float ao) {
+    if (mo > m) { const float r = __expf(m - mo); l = l * r + lo; a = a * r + ao; m = mo; }
+    else if (mo != -INFINITY) { const float r = __expf(mo - m); l += lo * r; a += ao * r; }
+}
+"""
 
 _SOURCE = r"""
     const int row = blockIdx.x;
     const int tid = threadIdx.x;
     const int V = s_shape[1];
-    const float inv_t = 1.0f / temp[0];
+    const float T = temp[0], inv_t = 1.0f / T;
     const float wk = weights[2 * row];
     const float wc = weights[2 * row + 1];
     const int y = targets[row];
     const size_t base = (size_t)row * V;
-    const float NEG = -INFINITY;
+    // 16-byte loads where the dtypes match (the Python side sets VEC), V divides and the buffers are aligned;
+    // otherwise one value at a time. Columns [0, Vv) go by packs, [Vv, V) one by one.
+    const int Vv = (VEC > 1 && conch_aligned16(s) && conch_aligned16(t) && conch_aligned16(g)) ? V : 0;
 
-    // Online log-sum-exp of three streams (s/T, t/T, s) and A = sum exp(t/T - mt) * (t - s) / T.
-    float ms = NEG, ls = 0.f, mt = NEG, lt = 0.f, m1 = NEG, l1 = 0.f, A = 0.f;
-    if (wk != 0.f || wc != 0.f) {
-        for (int j = tid; j < V; j += BLOCK) {
-            float sv = static_cast<float>(s[base + j]);
-            float tv = static_cast<float>(t[base + j]);
-            float a = sv * inv_t, b = tv * inv_t;
-            if (a > ms) { ls = ls * __expf(ms - a) + 1.f; ms = a; } else { ls += __expf(a - ms); }
-            if (b > mt) { float r = __expf(mt - b); lt = lt * r + 1.f; A = A * r + (b - a); mt = b; }
-            else { float e = __expf(b - mt); lt += e; A += e * (b - a); }
-            if (sv > m1) { l1 = l1 * __expf(m1 - sv) + 1.f; m1 = sv; } else { l1 += __expf(sv - m1); }
-        }
-    }
-    __shared__ float sh[7][BLOCK];
-    sh[0][tid] = ms; sh[1][tid] = ls; sh[2][tid] = mt; sh[3][tid] = lt; sh[4][tid] = A;
-    sh[5][tid] = m1; sh[6][tid] = l1;
-    __syncthreads();
-    for (int stride = BLOCK / 2; stride > 0; stride >>= 1) {
-        if (tid < stride) {
-            int o = tid + stride;
-            // merge (m, l) pairs; a side with m = -inf holds nothing
-            float mA = sh[0][tid], mB = sh[0][o];
-            if (mB > mA) { sh[1][tid] = sh[1][tid] * __expf(mA - mB) + sh[1][o]; sh[0][tid] = mB; }
-            else if (mB != NEG) { sh[1][tid] += sh[1][o] * __expf(mB - mA); }
-            mA = sh[2][tid]; mB = sh[2][o];
-            if (mB > mA) { float r = __expf(mA - mB); sh[3][tid] = sh[3][tid] * r + sh[3][o];
-                           sh[4][tid] = sh[4][tid] * r + sh[4][o]; sh[2][tid] = mB; }
-            else if (mB != NEG) { float r = __expf(mB - mA); sh[3][tid] += sh[3][o] * r; sh[4][tid] += sh[4][o] * r; }
-            mA = sh[5][tid]; mB = sh[5][o];
-            if (mB > mA) { sh[6][tid] = sh[6][tid] * __expf(mA - mB) + sh[6][o]; sh[5][tid] = mB; }
-            else if (mB != NEG) { sh[6][tid] += sh[6][o] * __expf(mB - mA); }
-        }
-        __syncthreads();
-    }
     if (wk == 0.f && wc == 0.f) {  // a masked row: no loss, zero gradient (even if its logits are inf)
-        for (int j = tid; j < V; j += BLOCK) g[base + j] = static_cast<OutT>(0.f);
+        ConchPack<OutT, VEC> zero;
+        for (int k = 0; k < VEC; ++k) zero.v[k] = static_cast<OutT>(0.f);
+        for (int j = tid * VEC; j < Vv; j += BLOCK * VEC) *reinterpret_cast<ConchPack<OutT, VEC>*>(g + base + j) = zero;
+        for (int j = Vv + tid; j < V; j += BLOCK) g[base + j] = static_cast<OutT>(0.f);
         if (tid == 0) { stats[2 * row] = 0.f; stats[2 * row + 1] = 0.f; }
         return;
     }
-    const float lse_q = sh[0][0] + __logf(sh[1][0]);
-    const float lse_p = sh[2][0] + __logf(sh[3][0]);
-    const float lse_1 = sh[5][0] + __logf(sh[6][0]);
+
+    // Pass 1 (one read): online log-sum-exp of s/T (ms, ls), t/T (mt, lt, with A = sum exp(t/T - mt) (t - s)/T)
+    // and s (m1, l1). A group of values shares one rescale: its maximum first, then one exp per value.
+    float ms = -INFINITY, ls = 0.f, mt = -INFINITY, lt = 0.f, A = 0.f, m1 = -INFINITY, l1 = 0.f, unused = 0.f;
+    auto absorb = [&](const float* sv, const float* tv, int n) {
+        float am = -INFINITY, bm = -INFINITY, xm = -INFINITY;
+        for (int k = 0; k < n; ++k) { am = fmaxf(am, sv[k] * inv_t); bm = fmaxf(bm, tv[k] * inv_t); xm = fmaxf(xm, sv[k]); }
+        // exp relative to a finite maximum (an all -inf group adds exp(-inf) = 0)
+        const float ra = am == -INFINITY ? 0.f : am, rb = bm == -INFINITY ? 0.f : bm, rx = xm == -INFINITY ? 0.f : xm;
+        float la = 0.f, lb = 0.f, ab = 0.f, lx = 0.f;
+        for (int k = 0; k < n; ++k) {
+            const float a = sv[k] * inv_t, b = tv[k] * inv_t;
+            la += __expf(a - ra);
+            const float e = __expf(b - rb);
+            lb += e; ab += e * (b - a);
+            lx += __expf(sv[k] - rx);
+        }
+        conch_merge(ms, ls, unused, am, la, 0.f);
+        conch_merge(mt, lt, A, bm, lb, ab);
+        conch_merge(m1, l1, unused, xm, lx, 0.f);
+    };
+    for (int j = tid * VEC; j < Vv; j += BLOCK * VEC) {
+        const ConchPack<OutT, VEC> ps = *reinterpret_cast<const ConchPack<OutT, VEC>*>(s + base + j);
+        const ConchPack<OutT, VEC> pt = *reinterpret_cast<const ConchPack<OutT, VEC>*>(t + base + j);
+        float sv[VEC], tv[VEC];
+        for (int k = 0; k < VEC; ++k) { sv[k] = static_cast<float>(ps.v[k]); tv[k] = static_cast<float>(pt.v[k]); }
+        absorb(sv, tv, VEC);
+    }
+    for (int j = Vv + tid; j < V; j += BLOCK) {
+        const float sv = static_cast<float>(s[base + j]), tv = static_cast<float>(t[base + j]);
+        absorb(&sv, &tv, 1);
+    }
+
+    // The block's merge: within each warp by shuffles, then the warps' results in warp 0.
+    __shared__ float sh[7][BLOCK / 32];
+    for (int round = 0; round < 2; ++round) {
+        for (int off = 16; off > 0; off >>= 1) {
+            const float o0 = __shfl_xor_sync(0xffffffff, ms, off), o1 = __shfl_xor_sync(0xffffffff, ls, off);
+            const float o2 = __shfl_xor_sync(0xffffffff, mt, off), o3 = __shfl_xor_sync(0xffffffff, lt, off);
+            const float o4 = __shfl_xor_sync(0xffffffff, A, off);
+            const float o5 = __shfl_xor_sync(0xffffffff, m1, off), o6 = __shfl_xor_sync(0xffffffff, l1, off);
+            conch_merge(ms, ls, unused, o0, o1, 0.f);
+            conch_merge(mt, lt, A, o2, o3, o4);
+            conch_merge(m1, l1, unused, o5, o6, 0.f);
+        }
+        if (round == 1) break;
+        const int warp = tid / 32, lane = tid % 32;
+        if (lane == 0) {
+            sh[0][warp] = ms; sh[1][warp] = ls; sh[2][warp] = mt; sh[3][warp] = lt; sh[4][warp] = A;
+            sh[5][warp] = m1; sh[6][warp] = l1;
+        }
+        __syncthreads();
+        const bool has = lane < BLOCK / 32;
+        ms = has ? sh[0][lane] : -INFINITY; ls = has ? sh[1][lane] : 0.f;
+        mt = has ? sh[2][lane] : -INFINITY; lt = has ? sh[3][lane] : 0.f; A = has ? sh[4][lane] : 0.f;
+        m1 = has ? sh[5][lane] : -INFINITY; l1 = has ? sh[6][lane] : 0.f;
+    }
+    // After the second round every warp holds the whole row's (each merged the same per-warp values).
+    const float lse_q = ms + __logf(ls);
+    const float lse_p = mt + __logf(lt);
+    const float lse_1 = m1 + __logf(l1);
     if (tid == 0) {
-        float kl = sh[4][0] / sh[3][0] - lse_p + lse_q;
-        float T = temp[0];
-        stats[2 * row] = T * T * fmaxf(kl, 0.f);
+        stats[2 * row] = T * T * fmaxf(A / lt - lse_p + lse_q, 0.f);
         stats[2 * row + 1] = lse_1 - static_cast<float>(s[base + y]);
     }
-    const float gk = wk * temp[0];
-    for (int j = tid; j < V; j += BLOCK) {
-        float sv = static_cast<float>(s[base + j]);
-        float tv = static_cast<float>(t[base + j]);
-        float q = __expf(sv * inv_t - lse_q);
-        float p = __expf(tv * inv_t - lse_p);
-        float sm = __expf(sv - lse_1);
-        float v = gk * (q - p) + wc * (sm - (j == y ? 1.f : 0.f));
-        g[base + j] = static_cast<OutT>(v);
+
+    // Pass 2 (one read, one write): dL/ds_j = wk T (q_j - p_j) + wc (softmax(s)_j - [j == y]).
+    const float gk = wk * T;
+    auto grad = [&](float sv, float tv, int j) {
+        const float q = __expf(sv * inv_t - lse_q), p = __expf(tv * inv_t - lse_p), sm = __expf(sv - lse_1);
+        return gk * (q - p) + wc * (sm - (j == y ? 1.f : 0.f));
+    };
+    for (int j = tid * VEC; j < Vv; j += BLOCK * VEC) {
+        const ConchPack<OutT, VEC> ps = *reinterpret_cast<const ConchPack<OutT, VEC>*>(s + base + j);
+        const ConchPack<OutT, VEC> pt = *reinterpret_cast<const ConchPack<OutT, VEC>*>(t + base + j);
+        ConchPack<OutT, VEC> out;
+        for (int k = 0; k < VEC; ++k)
+            out.v[k] = static_cast<OutT>(grad(static_cast<float>(ps.v[k]), static_cast<float>(pt.v[k]), j + k));
+        *reinterpret_cast<ConchPack<OutT, VEC>*>(g + base + j) = out;
     }
+    for (int j = Vv + tid; j < V; j += BLOCK)
+        g[base + j] = static_cast<OutT>(grad(static_cast<float>(s[base + j]), static_cast<float>(t[base + j]), j));
 """
 
 
@@ -129,18 +177,20 @@ def _kernel():
         input_names=["s", "t", "targets", "weights", "temp"],
         output_names=["g", "stats"],
         source=_SOURCE,
-        header=f"#define BLOCK {BLOCK}\n",
+        header=f"#define BLOCK {BLOCK}\n" + _HEADER,
     )
 
 
 def forward_kl_ce_rows(s: mx.array, t: mx.array, targets: mx.array, wk: mx.array, wc: mx.array,
                        temperature: float) -> tuple[mx.array, mx.array, mx.array]:
     """(dL/ds [C, V] in s's dtype, KD per row [C] (T^2-scaled), CE per row [C]) for one chunk."""
-    rows = s.shape[0]
+    rows, vocab = s.shape
+    vec = 16 // s.dtype.size if s.dtype == t.dtype and 16 % s.dtype.size == 0 else 1
+    vec = vec if vocab % vec == 0 else 1
     weights = mx.stack([wk.astype(mx.float32), wc.astype(mx.float32)], axis=-1)
     g, stats = _kernel()(
         inputs=[s, t, targets.astype(mx.int32), weights, mx.array([float(temperature)], dtype=mx.float32)],
-        template=[("OutT", s.dtype)],
+        template=[("OutT", s.dtype), ("VEC", vec)],
         grid=(rows * BLOCK, 1, 1),
         threadgroup=(BLOCK, 1, 1),
         output_shapes=[s.shape, (rows, 2)],
@@ -179,30 +229,115 @@ def forward_kl_ce_rows_numpy(s: np.ndarray, t: np.ndarray, targets: np.ndarray, 
     return q, kd_tok.astype(np.float32), ce_tok.astype(np.float32)
 
 
-_SWIGLU_BACKWARD = """
-    const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i < N) {
-        const float g = static_cast<float>(gate[i]), u = static_cast<float>(up[i]), d = static_cast<float>(dy[i]);
-        const float sig = 1.0f / (1.0f + expf(-g));
-        d_gate[i] = static_cast<T>(d * u * sig * (1.0f + g * (1.0f - sig)));
-        d_up[i] = static_cast<T>(d * g * sig);
-    }
+# SwiGLU, silu(gate) * up, and its gradients: elementwise over [tokens, intermediate], so memory-bound; VEC values
+# a thread through 16-byte loads (one at a time where the size does not divide or a buffer is misaligned), the
+# sigmoid in float32. MLX's CUDA backend moved these with 2-byte loads: its compiled forward and our first
+# one-value backward ran at about half the H200's memory bandwidth (session 15's batch-32 kernel table).
+_SWIGLU_FORWARD = r"""
+    const float g = static_cast<float>(gate[i]), u = static_cast<float>(up[i]);
+    out[i] = static_cast<T>(g / (1.0f + __expf(-g)) * u);
+"""
+_SWIGLU_BACKWARD = r"""
+    const float g = static_cast<float>(gate[i]), u = static_cast<float>(up[i]), d = static_cast<float>(dy[i]);
+    const float sig = 1.0f / (1.0f + __expf(-g));
+    d_gate[i] = static_cast<T>(d * u * sig * (1.0f + g * (1.0f - sig)));
+    d_up[i] = static_cast<T>(d * g * sig);
+"""
+
+
+def _elementwise_source(body: str, inputs: list[str], outputs: list[str]) -> str:
+    """`body` (reading `name[i]`, writing `name[i]`) over N values: by packs of VEC from 16-byte loads where every
+    buffer is aligned, else one by one; a grid-stride loop either way."""
+    names = inputs + outputs
+    aligned = " && ".join(f"conch_aligned16({n})" for n in names)
+    loads = "\n".join(f"        ConchPack<T, VEC> {n}_p = *reinterpret_cast<const ConchPack<T, VEC>*>({n} + VEC * n);"
+                      for n in inputs)
+    decls = "\n".join(f"        ConchPack<T, VEC> {n}_p;" for n in outputs)
+    stores = "\n".join(f"        *reinterpret_cast<ConchPack<T, VEC>*>({n} + VEC * n) = {n}_p;" for n in outputs)
+    packed_body = body
+    for n in names:
+        packed_body = packed_body.replace(f"{n}[i]", f"{n}_p.v[i]")
+    return f"""
+    const size_t stride = size_t(gridDim.x) * blockDim.x, first = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (VEC > 1 && {aligned}) {{
+      for (size_t n = first; n < N / VEC; n += stride) {{
+{loads}
+{decls}
+        for (int i = 0; i < VEC; ++i) {{ {packed_body} }}
+{stores}
+      }}
+    }} else {{
+      for (size_t i = first; i < N; i += stride) {{ {body} }}
+    }}
 """
 
 
 @lru_cache(maxsize=1)
-def _swiglu_kernel():
-    return mx.fast.cuda_kernel(name="conch_swiglu_backward", input_names=["gate", "up", "dy"],
-                               output_names=["d_gate", "d_up"], source=_SWIGLU_BACKWARD)
+def _swiglu_kernels():
+    return (mx.fast.cuda_kernel(name="conch_swiglu", input_names=["gate", "up"], output_names=["out"],
+                                source=_elementwise_source(_SWIGLU_FORWARD, ["gate", "up"], ["out"]), header=_HEADER),
+            mx.fast.cuda_kernel(name="conch_swiglu_backward", input_names=["gate", "up", "dy"],
+                                output_names=["d_gate", "d_up"], header=_HEADER,
+                                source=_elementwise_source(_SWIGLU_BACKWARD, ["gate", "up", "dy"], ["d_gate", "d_up"])))
+
+
+def _elementwise(kernel, inputs: list[mx.array], outputs: int) -> list[mx.array]:
+    x = inputs[0]
+    n = x.size
+    vec = 16 // x.dtype.size if 16 % x.dtype.size == 0 and n % (16 // x.dtype.size) == 0 else 1
+    threads = min(-(-n // vec), 132 * 2048)  # a grid-stride loop: about one wave of an H200's threads at most
+    return kernel(inputs=inputs, template=[("T", x.dtype), ("N", n), ("VEC", vec)],
+                  grid=(-(-threads // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+                  output_shapes=[x.shape] * outputs, output_dtypes=[x.dtype] * outputs)
+
+
+def swiglu_forward(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up in one pass (CUDA; `available()`), the sigmoid in float32."""
+    return _elementwise(_swiglu_kernels()[0], [gate, up.astype(gate.dtype)], 1)[0]
 
 
 def swiglu_backward(gate: mx.array, up: mx.array, dy: mx.array) -> tuple[mx.array, mx.array]:
     """The gradients of silu(gate) * up in one pass over gate, up and dy (CUDA; `available()`), the sigmoid
     recomputed in float32."""
-    n = gate.size
-    return _swiglu_kernel()(inputs=[gate, up, dy.astype(gate.dtype)], template=[("T", gate.dtype), ("N", n)],
-                            grid=(-(-n // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
-                            output_shapes=[gate.shape, up.shape], output_dtypes=[gate.dtype, up.dtype])
+    d_gate, d_up = _elementwise(_swiglu_kernels()[1], [gate, up.astype(gate.dtype), dy.astype(gate.dtype)], 2)
+    return d_gate, d_up
+
+
+@mx.custom_function
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, whose gradient recomputes sigmoid(gate) from `gate` rather than keeping silu(gate) and
+    sigmoid(gate) (fewer [tokens, intermediate] activations kept). Each way one kernel on NVIDIA GPUs
+    (`available()`): MLX's compile splits the backward's ops into three plus float32 copies."""
+    return swiglu_forward(gate, up) if available() else nn.silu(gate) * up
+
+
+@swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    gate, up = primals
+    if available():
+        return swiglu_backward(gate, up, cotangent)
+    sig = mx.sigmoid(gate)
+    return cotangent * up * sig * (1 + gate * (1 - sig)), cotangent * gate * sig
+
+
+def is_swiglu_mlp(module: nn.Module) -> bool:
+    """Is `module` an mlx-lm MLP computing exactly `down_proj(swiglu(gate_proj(x), up_proj(x)))` (most of its
+    dense architectures)? Its code names those attributes and no others, and its `swiglu` is mlx-lm's."""
+    from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
+
+    call = type(module).__call__
+    code = getattr(call, "__code__", None)
+    return (code is not None and code.co_names == ("down_proj", "swiglu", "gate_proj", "up_proj")
+            and getattr(call, "__globals__", {}).get("swiglu") is mlx_lm_swiglu)
+
+
+@cache
+def swiglu_mlp_class(cls: type) -> type:
+    """`cls` (an `is_swiglu_mlp` class) computing its SwiGLU by `swiglu`."""
+    def __call__(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    return type(f"Recomputing{cls.__name__}", (cls,), {"__call__": __call__})
 
 
 # RoPE (mlx-lm's default, non-traditional: the two halves of each head rotated). MLX's CUDA kernel spent 44 us
@@ -213,9 +348,6 @@ def swiglu_backward(gate: mx.array, up: mx.array, dy: mx.array) -> tuple[mx.arra
 # (mlx/backend/cuda/rope.cu), for the same bits (float32: every value equal on the H200). That step's RoPE
 # time: ~4.5-5 ms (session 13, docs/benchmarks.md). The output keeps the input's usual memory layout,
 # [B, L, H, D] (what the attention reads and the gradient reshapes back into), returned as a [B, H, L, D] view.
-_ROPE_HEADER = """
-template <typename T, int V> struct alignas(sizeof(T) * V) RopePack { T v[V]; };
-"""
 _ROPE = r"""
     const int B = x_shape[0], L = x_shape[2];
     const size_t n = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -235,14 +367,14 @@ _ROPE = r"""
     const int64_t s1 = x_strides[1], s3 = x_strides[3];
     const int64_t in0 = b * x_strides[0] + l * x_strides[2] + i0 * s3;
     const bool packed = s3 == 1 && (x_strides[0] % V) == 0 && (s1 % V) == 0 && (x_strides[2] % V) == 0
-                        && reinterpret_cast<unsigned long long>(x) % sizeof(RopePack<T, V>) == 0;
+                        && reinterpret_cast<unsigned long long>(x) % sizeof(ConchPack<T, V>) == 0;
     T* o = out + bl * H * (2 * HALF) + i0;
 #pragma unroll
     for (int h = 0; h < H; ++h) {
-        RopePack<T, V> a, b2, r1, r2;
+        ConchPack<T, V> a, b2, r1, r2;
         if (packed) {
-            a = *reinterpret_cast<const RopePack<T, V>*>(x + in0 + h * s1);
-            b2 = *reinterpret_cast<const RopePack<T, V>*>(x + in0 + h * s1 + HALF);
+            a = *reinterpret_cast<const ConchPack<T, V>*>(x + in0 + h * s1);
+            b2 = *reinterpret_cast<const ConchPack<T, V>*>(x + in0 + h * s1 + HALF);
         } else {
 #pragma unroll
             for (int k = 0; k < V; ++k) {
@@ -259,8 +391,8 @@ _ROPE = r"""
             r1.v[k] = static_cast<T>(y1);
             r2.v[k] = static_cast<T>(y2);
         }
-        *reinterpret_cast<RopePack<T, V>*>(o + h * (2 * HALF)) = r1;
-        *reinterpret_cast<RopePack<T, V>*>(o + h * (2 * HALF) + HALF) = r2;
+        *reinterpret_cast<ConchPack<T, V>*>(o + h * (2 * HALF)) = r1;
+        *reinterpret_cast<ConchPack<T, V>*>(o + h * (2 * HALF) + HALF) = r2;
     }
 """
 
@@ -268,7 +400,7 @@ _ROPE = r"""
 @lru_cache(maxsize=1)
 def _rope_kernel():
     return mx.fast.cuda_kernel(name="conch_rope", input_names=["x", "params"], output_names=["out"], source=_ROPE,
-                               header=_ROPE_HEADER, ensure_row_contiguous=False)
+                               header=_HEADER, ensure_row_contiguous=False)
 
 
 def _rope_rotate(x: mx.array, params: mx.array, forward: bool) -> mx.array:
@@ -326,12 +458,19 @@ def use_rope_kernel(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def rope_kernel(model: nn.Module) -> Iterator[None]:
-    """`use_rope_kernel` for the calls made inside the block, then `model` as it was: for a teacher that is
-    the caller's live model (the graph built inside keeps the kernel; MLX evaluates it later)."""
-    switched = use_rope_kernel(model)
+def teacher_kernels(model: nn.Module) -> Iterator[None]:
+    """Inside the block, `model`'s RoPE (`use_rope_kernel`) and, on NVIDIA GPUs, its SwiGLU MLPs
+    (`swiglu_mlp_class`: one kernel a call) run this module's kernels; then `model` is as it was. For a
+    teacher's forward pass: that is the caller's live model (the graph built inside keeps the kernels; MLX
+    evaluates it later)."""
+    switched = [(m, nn.RoPE) for m in use_rope_kernel(model)]
+    if available():
+        for m in model.modules():
+            if is_swiglu_mlp(m):
+                switched.append((m, type(m)))
+                m.__class__ = swiglu_mlp_class(type(m))
     try:
         yield
     finally:
-        for m in switched:
-            m.__class__ = nn.RoPE
+        for m, cls in switched:
+            m.__class__ = cls

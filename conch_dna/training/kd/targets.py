@@ -41,7 +41,7 @@ def online_targets(teacher, config: KDConfig, vocab: int | None = None, lock: th
                 # Prefetched (training batches): the pass is queued under the lock and runs after it is
                 # released. Safe beside EGO: it reads the weights as they were (MLX arrays are immutable).
                 wait = not (prefetch and split == "train")
-                with kernels.rope_kernel(teacher):
+                with kernels.teacher_kernels(teacher):
                     return TeacherStates(teacher_hidden(body, tokens, config.teacher_pass_tokens, wait), head)
             logits = teacher_logits(teacher, tokens)
             logits = logits[..., :vocab] if vocab is not None else logits
@@ -134,7 +134,7 @@ def cross_targets(teacher, config: KDConfig, train: list[Example], val: list[Exa
         with lock:
             if split_ok:
                 body, head = model_parts(teacher)
-                with kernels.rope_kernel(teacher):
+                with kernels.teacher_kernels(teacher):
                     hidden = teacher_hidden(body, t_tokens, config.teacher_pass_tokens)
                 rows = head(mx.take_along_axis(hidden, t_pos[..., None], axis=1))
             else:

@@ -167,7 +167,7 @@ def lean_backward(model: nn.Module, norms: bool = True, mlps: bool = True) -> di
       the weight is frozen: on an H200 those sums were 5.7 of a Qwen2.5-0.5B student's 53 ms forward +
       backward (8 x 1024 tokens; `scripts/profile_student.py --kernels`).
     - SwiGLU MLPs (mlx-lm's `down_proj(swiglu(gate_proj(x), up_proj(x)))`, most of its dense architectures)
-      use `swiglu_recomputed`, whose backward recomputes the sigmoid instead of keeping silu(gate) and
+      use `kernels.swiglu`, whose backward recomputes the sigmoid instead of keeping silu(gate) and
       sigmoid(gate): fewer [tokens, intermediate] activations kept per block (one measured on the CPU; on an
       H200 the step's peak fell 2.3 GB at batch 8 x 1024, about 1.2 of them), and its forward one kernel.
 
@@ -177,48 +177,14 @@ def lean_backward(model: nn.Module, norms: bool = True, mlps: bool = True) -> di
     for module in model.modules():
         if norms and type(module) is nn.RMSNorm and "weight" not in module.trainable_parameters():
             module.__class__, counts["norms"] = _RMSNormWeightAfter, counts["norms"] + 1
-        elif mlps and _is_swiglu_mlp(module):
-            module.__class__, counts["mlps"] = _recomputing_mlp_class(type(module)), counts["mlps"] + 1
+        elif mlps and kernels.is_swiglu_mlp(module):
+            module.__class__, counts["mlps"] = kernels.swiglu_mlp_class(type(module)), counts["mlps"] + 1
     return counts
-
-
-@mx.custom_function
-def swiglu_recomputed(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up, whose gradient recomputes sigmoid(gate) from `gate` rather than keeping it."""
-    return nn.silu(gate) * up
-
-
-@swiglu_recomputed.vjp
-def _swiglu_vjp(primals, cotangent, output):
-    gate, up = primals
-    if kernels.available():  # one kernel; MLX's compile splits the ops below into three plus float32 copies
-        return kernels.swiglu_backward(gate, up, cotangent)
-    sig = mx.sigmoid(gate)
-    return cotangent * up * sig * (1 + gate * (1 - sig)), cotangent * gate * sig
 
 
 class _RMSNormWeightAfter(nn.RMSNorm):
     def __call__(self, x):
         return mx.fast.rms_norm(x, None, self.eps) * self.weight
-
-
-def _is_swiglu_mlp(module: nn.Module) -> bool:
-    """Is `module` an mlx-lm MLP computing exactly `down_proj(swiglu(gate_proj(x), up_proj(x)))`? Its code
-    names those attributes and no others, and its `swiglu` is mlx-lm's."""
-    from mlx_lm.models.activations import swiglu
-
-    call = type(module).__call__
-    code = getattr(call, "__code__", None)
-    return (code is not None and code.co_names == ("down_proj", "swiglu", "gate_proj", "up_proj")
-            and getattr(call, "__globals__", {}).get("swiglu") is swiglu)
-
-
-@cache
-def _recomputing_mlp_class(cls: type) -> type:
-    def __call__(self, x):
-        return self.down_proj(swiglu_recomputed(self.gate_proj(x), self.up_proj(x)))
-
-    return type(f"Recomputing{cls.__name__}", (cls,), {"__call__": __call__})
 
 
 @cache
