@@ -231,8 +231,9 @@ def forward_kl_ce_rows_numpy(s: np.ndarray, t: np.ndarray, targets: np.ndarray, 
 
 # SwiGLU, silu(gate) * up, and its gradients: elementwise over [tokens, intermediate], so memory-bound; VEC values
 # a thread through 16-byte loads (one at a time where the size does not divide or a buffer is misaligned), the
-# sigmoid in float32. MLX's CUDA backend moved these with 2-byte loads: its compiled forward and our first
-# one-value backward ran at about half the H200's memory bandwidth (session 15's batch-32 kernel table).
+# sigmoid in float32. MLX's compiled forward and our first one-value-a-thread backward moved 2.4-3.1 TB/s of an
+# H200's 4.8 (session 15's batch-32 kernel table, docs/benchmarks.md); this version's effect on the step was
+# within a single run's resolution.
 _SWIGLU_FORWARD = r"""
     const float g = static_cast<float>(gate[i]), u = static_cast<float>(up[i]);
     out[i] = static_cast<T>(g / (1.0f + __expf(-g)) * u);
