@@ -249,3 +249,27 @@ def test_the_frontier_s_16_gb_budget_gets_the_fewest_whole_blocks_that_fit(monke
         return memory.estimate_peak_bytes(s, t, cfg.model_copy(update={**chosen, "grad_checkpoint_whole_blocks": whole}), 32, seq)["total"]
 
     assert need(w) <= chosen["memory_limit_gb"] * 2**30 < need(w - 1)
+
+
+def test_the_teacher_pass_counts_one_intermediate_more_with_the_swiglu_kernel(monkeypatch):
+    """On NVIDIA GPUs the teacher's SwiGLU runs our kernel, whose output takes a buffer of its own (MLX's
+    compiled swiglu writes into an input's): one more [tokens, intermediate] value per block and token; the
+    frontier's choices (issue 22, all four budgets, as measured in session 15) stay what they were."""
+    from conch_dna.training.kd import memory
+    from scripts.bench_kd import PEER_LORA, PRESETS, build
+
+    monkeypatch.setattr(memory, "keeps_attention_scores", lambda: False)
+    t_shape, s_shape, vocab, _, seq = PRESETS["qwen2.5-1.5b->0.5b"]
+    t, s = (build(shape, vocab, mx.bfloat16, materialize=False) for shape in (t_shape, s_shape))
+    apply_lora(s, KDConfig(lora=PEER_LORA))
+    cfg = KDConfig(lora=PEER_LORA, batch_size=32, lean_backward="on")
+    monkeypatch.setattr(memory.kernels, "available", lambda: False)
+    portable = memory.teacher_forward_bytes(t, cfg, 32, seq, 2)
+    monkeypatch.setattr(memory.kernels, "available", lambda: True)
+    rows = 2 * cfg.teacher_pass_tokens // seq
+    assert memory.teacher_forward_bytes(t, cfg, 32, seq, 2) - portable == rows * seq * len(t.layers) * t_shape["inter"] * 2
+    picks = {b: memory.settings_for_budget(s, t, cfg, seq, b) for b in (8, 16, 25, 40)}
+    summary = {b: (p["batch_size"], p["grad_checkpoint"] and p["grad_checkpoint_scope"], p.get("grad_checkpoint_whole_blocks", 0),
+                   p["loss_chunk_size"], p["memory_limit_gb"]) for b, p in picks.items()}
+    assert summary == {8: (16, "mlp", 23, 1024, 7.25), 16: (32, "mlp", 7, 1024, 15.2), 25: (32, "mlp", 0, 2048, 23.75),
+                       40: (32, False, 0, 2048, 38.0)}

@@ -89,10 +89,14 @@ def available_bytes() -> int:
 def teacher_forward_bytes(teacher, config, batch: int, seq: int, dtype_bytes: int) -> int:
     """Transient memory of the teacher's forward pass over two groups of rows (`teacher_pass_tokens`).
     MLX's CUDA backend held all of a pass's temporaries until it finished: ~(4 d + 2 i) values per token
-    and block (Qwen2.5-1.5B, 8192 tokens: 10 GB measured, 11 GB by this formula)."""
+    and block (Qwen2.5-1.5B, 8192 tokens: 10 GB measured, 11 GB by this formula). One i more where the
+    teacher's SwiGLU runs our kernel (`kernels.teacher_kernels`), whose output cannot reuse an input's buffer
+    as MLX's compiled `swiglu` does: that pass's peak rose from 14.78 to 18.22 GB (weights included; 4.1 GB
+    more by this formula; H200, session 15)."""
     t = model_shapes(teacher)
     rows = min(batch, 2 * max(1, config.teacher_pass_tokens // max(1, seq)))  # two groups in flight
-    return rows * seq * t.layers * (4 * t.hidden + 2 * t.intermediate) * dtype_bytes
+    mlp_values = 3 if kernels.available() else 2
+    return rows * seq * t.layers * (4 * t.hidden + mlp_values * t.intermediate) * dtype_bytes
 
 
 # What `lean_backward` saves per token and block in the unconstrained estimate, in values: one [tokens,
