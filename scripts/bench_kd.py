@@ -506,7 +506,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="--frontier: runs of each setting")
     ap.add_argument("--run-timeout", type=float, default=240, help="--frontier: seconds per run")
     ap.add_argument("--dry-run", action="store_true", help="--frontier: print our settings per budget and stop")
-    ap.add_argument("--summarise", metavar="JSONL", help="--frontier's table (and --plot) from its --out file")
+    ap.add_argument("--summarise", metavar="JSONL", nargs="+",
+                    help="--frontier's table (and --plot) from its --out files (runs split over several calls: "
+                         "their lines pooled, so a setting's runs give its median and spread)")
     ap.add_argument("--plot", help="--frontier / --summarise: draw the frontier into this PNG")
     args = ap.parse_args()
 
@@ -517,7 +519,7 @@ def main() -> None:
                 f.write(json.dumps(r) + "\n")
 
     if args.summarise:
-        runs = [json.loads(line) for line in Path(args.summarise).read_text().splitlines() if line.strip()]
+        runs = [json.loads(line) for path in args.summarise for line in Path(path).read_text().splitlines() if line.strip()]
         print(summarise_frontier(runs, args.budgets, args.plot))
         return
     if args.frontier:

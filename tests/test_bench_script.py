@@ -83,3 +83,11 @@ def test_frontier_runs_ours_and_a_peer_and_keeps_to_each_budget(tmp_path):
     again = subprocess.run([sys.executable, "scripts/bench_kd.py", "--summarise", str(out), "--budgets", "0.05", "1000"],
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 0 and table["1000 GB"] in again.stdout
+    # ...also from several files (repeats split over calls): their runs pooled per setting.
+    lines = out.read_text().splitlines(keepends=True)
+    halves = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    halves[0].write_text("".join(lines[: len(lines) // 2]))
+    halves[1].write_text("".join(lines[len(lines) // 2:]))
+    split = subprocess.run([sys.executable, "scripts/bench_kd.py", "--summarise", *map(str, halves), "--budgets", "0.05", "1000"],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert split.returncode == 0 and split.stdout == again.stdout
