@@ -201,34 +201,42 @@ def settings_fastest_first(layers: int) -> list[dict]:
     ]
 
 
-# memory_limit_gb: 95% of the budget, and at least 0.75 GB below it. MLX overshot its limit by 0.07 GB at 15 GB
-# (H100, session 5) and by 0.41-0.59 GB on an H200 (session 12: 7.8 / 7.4, 8.03 / 7.6, 15.77 / 15.2, 24.34 / 23.75).
-LIMIT_SHARE, LIMIT_HEADROOM_GB = 0.95, 0.75
+# memory_limit_gb: 0.75 GB below the budget. MLX went past its limit by 0.07 GB at 15 GB (H100, session 5) and by
+# 0.38-0.59 GB on an H200 at limits of 7.25 to 39.25 GB (sessions 12, 15 and 16: 7.63 / 7.25, 8.03 / 7.6,
+# 15.79 / 15.2, 15.8 / 15.25, 24.8 / 24.25, 38.58 / 38, 39.82 / 39.25), not growing with the limit. Where the
+# weights and optimizer take much of the budget the limit binds through the whole step and MLX went further
+# past it (session 16, 8 GB of which 3.8 fixed, 2 x 16 rows with the teacher's SwiGLU kernel: 8.39 / 7.25, 7.46 / 6.5;
+# at 16 GB, fixed 24%: 0.55): 1.5 GB where the fixed part is over TIGHT_SHARE of the budget.
+LIMIT_HEADROOM_GB, TIGHT_LIMIT_HEADROOM_GB, TIGHT_SHARE = 0.75, 1.5, 0.4
 
 
-def memory_limit_for(budget_gb: float) -> float:
-    return round(min(LIMIT_SHARE * budget_gb, budget_gb - LIMIT_HEADROOM_GB), 2)
+def memory_limit_for(budget_gb: float, fixed_gb: float = 0.0) -> float:
+    """The memory limit for a budget, `fixed_gb` (weights and optimizer state) of it always held."""
+    headroom = TIGHT_LIMIT_HEADROOM_GB if fixed_gb > TIGHT_SHARE * budget_gb else LIMIT_HEADROOM_GB
+    return round(budget_gb - headroom, 2)
 
 
 def settings_for_budget(student, teacher, config, seq: int, budget_gb: float) -> dict:
     """The fastest memory settings whose estimated peak fits `budget_gb`, as a `KDConfig` update.
 
     In order: each of `settings_fastest_first`, first without a memory limit (its whole estimate fits), then
-    with `memory_limit_gb` at `memory_limit_for(budget)` (what the step must hold fits under it: MLX waits for work in
+    with `memory_limit_gb` at `memory_limit_for` (what the step must hold fits under it: MLX waits for work in
     flight instead of allocating past it, which cost less than recomputing: 61.6k tokens/s with the MLPs
     recomputed under a 15 GB limit against 62.0k without a limit, H100); then the same with smaller
     micro-batches (divisors of the batch, with `grad_accumulation` raised:
     the optimizer sees the same batch). Raises `MemoryPreflightError` when nothing fits."""
     budget = budget_gb * 2**30
     global_batch = config.batch_size * config.grad_accumulation
+    fixed = param_bytes(student) + 3 * 4 * trainable_count(student) + (param_bytes(teacher) if teacher is not None else 0)
+    fit_gb = memory_limit_for(budget_gb)  # what the step may hold under a limit
+    limit_gb = memory_limit_for(budget_gb, fixed / 2**30)  # the limit MLX is given: lower where it overshoots more
     for micro in [m for m in range(config.batch_size, 0, -1) if global_batch % m == 0]:
         base = {"batch_size": micro, "grad_accumulation": global_batch // micro}
         for settings in settings_fastest_first(model_shapes(student).layers):
             for limited in (False, True):
-                limit_gb = memory_limit_for(budget_gb)
                 update = {**base, **settings, "memory_limit_gb": limit_gb if limited else None}
-                alt = config.model_copy(update=update)
-                if estimate_peak_bytes(student, teacher, alt, micro, seq)["total"] <= (limit_gb * 2**30 if limited else budget):
+                alt = config.model_copy(update={**update, "memory_limit_gb": fit_gb if limited else None})
+                if estimate_peak_bytes(student, teacher, alt, micro, seq)["total"] <= (fit_gb * 2**30 if limited else budget):
                     return update
     weights = param_bytes(student) + (param_bytes(teacher) if teacher is not None else 0)
     raise MemoryPreflightError(
