@@ -87,6 +87,52 @@ def kernel_table(name, f, steps=5):
               flush=True)
 
 
+def busy_share(intervals: list[tuple[float, float]]) -> float:
+    """Of the span from the first interval's start to the last one's end, the share covered by at least one
+    interval: a GPU's busy time, counting kernels that overlap (two streams) once."""
+    spans = sorted(intervals)
+    if not spans:
+        return 0.0
+    covered, (start, end) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            covered, start, end = covered + end - start, s, e
+        else:
+            end = max(end, e)
+    covered += end - start
+    return covered / (max(e for _, e in spans) - spans[0][0])
+
+
+class KernelTimeline:
+    """CUDA only, PyTorch installed: the GPU kernels run between `start()` and `stop()` (torch.profiler), as
+    `summary()`: kernel time per step and the share of the span in which the GPU ran any kernel (what the rest
+    is: waits at step boundaries, under a memory limit, or on Python queueing work)."""
+
+    def __init__(self):
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.init()
+        self.prof = profile(activities=[ProfilerActivity.CUDA])
+
+    def start(self):
+        mx.synchronize()
+        self.prof.start()
+
+    def stop(self):
+        mx.synchronize()
+        self.prof.stop()
+
+    def summary(self, steps: int) -> dict:
+        from torch.autograd import DeviceType
+
+        kernels = [(e.time_range.start, e.time_range.end) for e in self.prof.events()
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+        total = sum(e - s for s, e in kernels)
+        return {"kernel_ms_per_step": round(total / steps / 1000, 2), "gpu_busy_share": round(busy_share(kernels), 4),
+                "launches_per_step": len(kernels) // steps}
+
+
 def n_params(model) -> int:
     from mlx.utils import tree_flatten
 
@@ -307,6 +353,7 @@ def run_trainer(args) -> dict:
     train = [Example(tuple(row), 1) for row in rng]  # the loss on every position after the first
     targets_fn = online_targets(teacher, cfg, prefetch=use_prefetch(cfg))  # the distiller's online targets
     times = []
+    timeline = KernelTimeline() if args.kernels else None
 
     def on_event(event):
         if isinstance(event, Step):
@@ -314,11 +361,17 @@ def run_trainer(args) -> dict:
             times.append(time.perf_counter())
             if len(times) == args.warmup:
                 mx.reset_peak_memory()
+                if timeline:
+                    timeline.start()
+            if timeline and len(times) == args.warmup + args.steps:
+                timeline.stop()
 
     with tempfile.TemporaryDirectory() as out:
         train_with_kd(student, train, [], targets_fn, cfg, Path(out), adapter_cfg=adapter_config(cfg, n_blocks),
                       reporter=on_event)
     dt = (times[-1] - times[args.warmup - 1]) / args.steps
+    if timeline:  # the timed steps ran under the profiler: compare their tokens/s only with other profiled runs
+        extra = {"profiled": True, **timeline.summary(args.steps)}
     device = mx.device_info().get("device_name", str(mx.default_device()))
     return {"impl": "mlx-trainer", "preset": args.preset, "device": device, "dtype": str(dtype),
             "B": batch * accumulation, "micro_batch": batch, "T": seq, "chunk": cfg.loss_chunk_size,
@@ -327,7 +380,7 @@ def run_trainer(args) -> dict:
             "lean_backward": use_lean_backward(cfg),
             "memory_budget_gb": args.memory_budget_gb,
             "step_s": round(dt, 4), "tok_s": round(batch * accumulation * seq / dt, 1),
-            "peak_gb": round(mx.get_peak_memory() / 2**30, 2)}
+            "peak_gb": round(mx.get_peak_memory() / 2**30, 2), **(extra if timeline else {})}
 
 
 def frontier_settings(args) -> list[dict]:
@@ -484,7 +537,8 @@ def main() -> None:
     ap.add_argument("--memory-limit-gb", type=float, help="mx.set_memory_limit: MLX throttles to stay under it")
     ap.add_argument("--lean-backward", choices=["auto", "on", "off"], default="auto",
                     help="trainer.lean_backward: frozen norms without weight gradients, SwiGLU recomputed (auto: on a GPU)")
-    ap.add_argument("--kernels", action="store_true", help="step mode: the step's GPU kernels (torch.profiler)")
+    ap.add_argument("--kernels", action="store_true", help="the GPU kernels (torch.profiler): step mode, a table; "
+                    "--trainer, kernel time per step and the GPU's busy share of the timed steps")
     ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     ap.add_argument("--trainer", action="store_true", help="time the trainer's loop end to end (train_with_kd)")
@@ -530,6 +584,8 @@ def main() -> None:
         runs = run_frontier(args, lambda r: (report(r), r)[1])
         print(summarise_frontier(runs, args.budgets, args.plot))
         return
+    if args.kernels and not mx.cuda.is_available():
+        ap.error("--kernels profiles CUDA kernels: it needs an NVIDIA GPU (MLX's CUDA backend) and PyTorch")
     if args.trainer:  # train_with_kd applies the memory limit itself
         if args.warmup < 2:
             ap.error("--trainer needs --warmup >= 2 (the first step compiles)")

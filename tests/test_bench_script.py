@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,6 +35,23 @@ def test_trainer_mode_runs_the_trainer_loop_with_prefetch():
     assert on["impl"] == "mlx-trainer" and on["teacher_prefetch"] is True and off["teacher_prefetch"] is False
     assert on["lean_backward"] is True and off["lean_backward"] is False
     assert on["grad_checkpoint"] == "mlp every 1, first 1 whole" and on["tok_s"] > 0 and on["peak_gb"] > 0
+
+
+def test_busy_share_counts_overlapping_kernels_once():
+    from scripts.bench_kd import busy_share
+
+    assert busy_share([]) == 0.0
+    assert busy_share([(0, 10)]) == 1.0
+    # two streams overlap on 5-8; idle 12-16 and 18-20 of the 0-24 span
+    assert busy_share([(16, 18), (0, 8), (5, 12), (20, 24)]) == (12 + 2 + 4) / 24
+    assert busy_share([(0, 10), (2, 3), (4, 10)]) == 1.0  # nested and touching
+
+
+@pytest.mark.skipif(mx.cuda.is_available(), reason="on an NVIDIA GPU --kernels runs")
+def test_kernels_without_a_cuda_gpu_is_refused():
+    run = subprocess.run([sys.executable, "scripts/bench_kd.py", "--trainer", "--warmup", "2", "--kernels"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--kernels profiles CUDA kernels" in run.stderr
 
 
 def test_block_memory_orders_the_checkpoint_scopes():
