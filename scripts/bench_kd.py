@@ -87,20 +87,31 @@ def kernel_table(name, f, steps=5):
               flush=True)
 
 
+def busy_spans(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of the intervals as disjoint spans, in order: kernels that overlap (two streams) count once."""
+    merged: list[list[float]] = []
+    for s, e in sorted(intervals):
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    return [(s, e) for s, e in merged]
+
+
 def busy_share(intervals: list[tuple[float, float]]) -> float:
     """Of the span from the first interval's start to the last one's end, the share covered by at least one
-    interval: a GPU's busy time, counting kernels that overlap (two streams) once."""
-    spans = sorted(intervals)
+    interval: a GPU's busy time."""
+    spans = busy_spans(intervals)
     if not spans:
         return 0.0
-    covered, (start, end) = 0.0, spans[0]
-    for s, e in spans[1:]:
-        if s > end:
-            covered, start, end = covered + end - start, s, e
-        else:
-            end = max(end, e)
-    covered += end - start
-    return covered / (max(e for _, e in spans) - spans[0][0])
+    return sum(e - s for s, e in spans) / (spans[-1][1] - spans[0][0])
+
+
+def idle_gaps(intervals: list[tuple[float, float]]) -> list[float]:
+    """The gaps between the busy spans, longest first: a few long ones point at the host (step boundaries,
+    waits), many short ones at launch overheads."""
+    spans = busy_spans(intervals)
+    return sorted((b[0] - a[1] for a, b in zip(spans, spans[1:])), reverse=True)
 
 
 class KernelTimeline:
@@ -129,8 +140,12 @@ class KernelTimeline:
         kernels = [(e.time_range.start, e.time_range.end) for e in self.prof.events()
                    if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
         total = sum(e - s for s, e in kernels)
+        gaps = idle_gaps(kernels)  # microseconds
         return {"kernel_ms_per_step": round(total / steps / 1000, 2), "gpu_busy_share": round(busy_share(kernels), 4),
-                "launches_per_step": len(kernels) // steps}
+                "launches_per_step": len(kernels) // steps,
+                "idle_ms_per_step": round(sum(gaps) / steps / 1000, 2),
+                "idle_ms_in_gaps_over_1ms_per_step": round(sum(g for g in gaps if g > 1000) / steps / 1000, 2),
+                "longest_gaps_ms": [round(g / 1000, 2) for g in gaps[:8]]}
 
 
 def n_params(model) -> int:

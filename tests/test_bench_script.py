@@ -47,6 +47,14 @@ def test_busy_share_counts_overlapping_kernels_once():
     assert busy_share([(0, 10), (2, 3), (4, 10)]) == 1.0  # nested and touching
 
 
+def test_idle_gaps_are_the_holes_between_busy_spans_longest_first():
+    from scripts.bench_kd import busy_spans, idle_gaps
+
+    kernels = [(16, 18), (0, 8), (5, 12), (20, 24), (21, 22)]
+    assert busy_spans(kernels) == [(0, 12), (16, 18), (20, 24)]
+    assert idle_gaps(kernels) == [4, 2] and idle_gaps([(0, 1)]) == [] and idle_gaps([]) == []
+
+
 @pytest.mark.skipif(mx.cuda.is_available(), reason="on an NVIDIA GPU --kernels runs")
 def test_kernels_without_a_cuda_gpu_is_refused():
     run = subprocess.run([sys.executable, "scripts/bench_kd.py", "--trainer", "--warmup", "2", "--kernels"],
