@@ -37,6 +37,38 @@ def test_trainer_mode_runs_the_trainer_loop_with_prefetch():
     assert on["grad_checkpoint"] == "mlp every 1, first 1 whole" and on["tok_s"] > 0 and on["peak_gb"] > 0
 
 
+def test_trainer_mode_times_whole_steps_with_one_more_step_after(monkeypatch):
+    """The trainer's loop reads step k's figures once step k+1 is queued, with its teacher pass prefetched: the
+    timed steps are followed by one untimed step (the last timed one then holds a teacher pass like the rest),
+    and their time runs from the event of the last warm-up step to that of the last timed one."""
+    import argparse
+
+    import scripts.bench_kd as bench_kd
+    from conch_dna.training.kd import trainer
+    from conch_dna.training.kd.report import Step
+
+    clock = {"t": 0.0}
+    seen = {}
+
+    def fake_train(student, train, val, targets_fn, cfg, out, *, adapter_cfg, reporter):
+        seen["iters"] = cfg.iters
+        for k in range(1, cfg.iters + 1):
+            clock["t"] += 1.0 if k <= 3 else 10.0 * k  # warm-up steps fast; then steps 4, 5, 6 and one more
+            reporter(Step(step=k, iters=cfg.iters, loss=1.0, kd=1.0, ce=1.0, ul=0.0, lr=1e-4, grad_norm=1.0,
+                          tokens_per_second=0.0, peak_memory_gb=0.0, tokens=0))
+        return {}
+
+    monkeypatch.setattr(trainer, "train_with_kd", fake_train)
+    monkeypatch.setattr(bench_kd.time, "perf_counter", lambda: clock["t"])
+    args = argparse.Namespace(preset="tiny", batch=2, seq=32, warmup=3, steps=3, grad_accumulation=1, chunk=1024,
+                              grad_checkpoint=False, checkpoint_every=1, checkpoint_scope="block", whole_blocks=0,
+                              teacher_pass_tokens=4096, lean_backward="off", compile="off", prefetch="on",
+                              memory_limit_gb=None, memory_budget_gb=None, kernels=False)
+    out = bench_kd.run_trainer(args)
+    assert seen["iters"] == 3 + 3 + 1
+    assert out["step_s"] == pytest.approx((40 + 50 + 60) / 3)  # not the 7th step's 70
+
+
 def test_busy_share_counts_overlapping_kernels_once():
     from scripts.bench_kd import busy_share
 

@@ -197,6 +197,40 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_pair, kd_config, mon
     assert not (cfg.output_dir / "thinking" / "adapters.safetensors").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_update_is_skipped_on_the_device_when_the_loss_is_not_finite(compiled):
+    """The loop queues a step's update before it reads the step's loss: the update itself leaves the
+    parameters and the optimizer state as they were when the loss sum is not finite or there are no tokens."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten, tree_map
+
+    from conch_dna.training.kd.trainer import make_update
+
+    model = nn.Linear(4, 3)
+    opt = optim.AdamW(learning_rate=0.1)
+    opt.init(model.trainable_parameters())
+    update = make_update(model, opt, max_grad_norm=1.0, compiled=compiled)
+    grads = tree_map(lambda p: mx.ones_like(p) * 2.0, model.trainable_parameters())
+
+    def snapshot():
+        mx.eval(model.parameters(), opt.state)
+        return {k: np.array(v) for k, v in tree_flatten([model.parameters(), opt.state])}
+
+    update(grads, mx.array(1.0), mx.array(2.0))  # one real step first: the state is not all zeros
+    start = snapshot()
+    for loss_sum, n in ((float("nan"), 2.0), (float("inf"), 2.0), (1.0, 0.0)):
+        norm = update(grads, mx.array(loss_sum), mx.array(n))
+        after = snapshot()
+        assert after.keys() == start.keys()
+        for k in start:
+            assert np.array_equal(after[k], start[k]), (loss_sum, n, k)
+    norm = update(grads, mx.array(3.0), mx.array(2.0))
+    after = snapshot()
+    assert norm.item() == pytest.approx(np.sqrt(4 * 3 + 3))  # grads / n = 1 everywhere: 15 entries
+    assert not np.array_equal(after["0.weight"], start["0.weight"]) and int(after["1.step"]) == int(start["1.step"]) + 1
+
+
 def test_on_policy_share_is_written_by_the_student(tiny_pair, kd_config, monkeypatch):
     """With lambda = 1 every training sequence is the student's own answer, scored by the teacher online."""
     from conch_dna.training.kd import ConfigError, KDConfig, distiller
@@ -317,8 +351,9 @@ def test_teacher_prefetch_runs_ahead_and_trains_the_same_adapter(tiny_pair, kd_c
     on, on_order, on_train = train("on")
     assert off_train == []  # without prefetch every pass is waited for
     assert len(on_train) == 3 * 2 and all(side for _, _, side in on_train)  # 3 steps x 2 micro-batches, no more
-    # Before step 1 completes: its two micro-batches and the first of step 2 were launched.
-    assert on_order[:4] == ["teacher"] * 3 + ["step-completed"]
+    # Step 1's figures are read once step 2 is queued: by then the passes of steps 1 and 2 and the first of
+    # step 3 were launched.
+    assert on_order[:6] == ["teacher"] * 5 + ["step-completed"]
     assert on_order.count("step-completed") == 3
     assert on.keys() == off.keys()
     for k in off:

@@ -74,13 +74,6 @@ def all_sum_tree(tree):
     return tree_unflatten(out)
 
 
-def all_sum_floats(values: list[float]) -> list[float]:
-    """Floats summed over the processes, in one collective."""
-    if size() == 1:
-        return list(values)
-    return mx.distributed.all_sum(mx.array(values, dtype=mx.float32)).tolist()
-
-
 def barrier() -> None:
     if size() > 1:
         mx.eval(mx.distributed.all_sum(mx.array(1.0)))

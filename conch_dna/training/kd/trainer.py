@@ -533,9 +533,9 @@ def train_with_kd(
 ) -> dict:
     """Train the (already LoRA-wrapped) `model`; returns a summary of losses, tokens and time.
 
-    Stages, top to bottom: build the step, start or resume, validate the untrained student, then per step
-    (its batch, its micro-batches' teacher targets and gradients, reduced across processes), update, report,
-    validate and save. `reporter` gets the typed events (`report.Step`, `Validation`, `Checkpoint`); the
+    Stages, top to bottom: build the step, start or resume, validate the untrained student, then per step:
+    queue its batch's micro-batches (teacher targets, gradients, reduced across processes), finish the step
+    before (wait for its figures, report, validate and save), queue the update. `reporter` gets the typed events (`report.Step`, `Validation`, `Checkpoint`); the
     default writes metrics.jsonl in `out_dir` and logs. Raises `TrainingDivergedError` on a non-finite loss
     and `TrainingCancelled` when `should_stop()` is true (after saving a checkpoint at the step reached).
     """
@@ -557,32 +557,26 @@ def train_with_kd(
         update = make_update(model, optimizer, config.max_grad_norm, use_compile(config))  # after a resume: see there
         pipeline = TargetsPipeline(train, targets_fn, config, pad_multiple)
         start_step, t_start = run.step, time.perf_counter()
+        # The host reads a step's figures only after it has queued the next step's micro-batches: while it
+        # waits, reports, validates and saves, the GPU already works on that step. The update is guarded on
+        # the GPU (`make_update`), so a diverged step changes nothing before it is reported.
+        pending = None
         for step in range(run.step, config.iters):
-            if should_stop is not None and should_stop():
-                save(model, optimizer, out_dir, config, adapter_cfg, run, report, force=True)
-                raise TrainingCancelled(f"cancelled before step {step + 1}; resume from {run.last_checkpoint}")
-            t0 = time.perf_counter()
             mx.random.seed(_seed_for(config.seed, step))
             examples = pipeline.examples(step)
             if config.on_policy_lambda > 0 and student_writes is not None:
                 examples = on_policy(model, examples, config, step, student_writes)
             grads_sum, sums = micro_batch_steps(model, loss_and_grad, pipeline.batches(step, examples))
-            loss_value = sums["loss"] / sums["n"]
-            if not math.isfinite(loss_value):
-                raise TrainingDivergedError(step + 1, run.last_checkpoint, loss_value)
-            fault_point("step")
-            grad_norm = update(grads_sum, mx.array(1.0 / sums["n"], dtype=mx.float32))
-            mx.eval(grad_norm, model.trainable_parameters(), optimizer.state)
-            dt = time.perf_counter() - t0
-            run.step, run.tokens, run.train_seconds = step + 1, run.tokens + int(sums["n"]), run.train_seconds + dt
-            event = Step(step=run.step, iters=config.iters, loss=loss_value, kd=sums["kd"] / sums["n"],
-                         ce=sums["ce"] / sums["n"], ul=sums["ul"] / sums["n"], lr=optimizer.learning_rate.item(), grad_norm=grad_norm.item(),
-                         tokens_per_second=sums["n"] / dt, peak_memory_gb=mx.get_peak_memory() / 1e9, tokens=run.tokens)
-            run.last, run.best["train_loss"] = asdict(event), min(run.best["train_loss"], loss_value)
-            report(event)
-            if val and (run.step % config.val_interval == 0 or run.step == config.iters):
-                run.last.update(validate(model, val, targets_fn, config, vocab, run, report, step=run.step))
-            save(model, optimizer, out_dir, config, adapter_cfg, run, report)
+            if pending is not None:
+                finish_step(pending, model, optimizer, val, targets_fn, config, vocab, out_dir, adapter_cfg, run, report)
+            if should_stop is not None and should_stop():
+                save(model, optimizer, out_dir, config, adapter_cfg, run, report, force=True)
+                raise TrainingCancelled(f"cancelled before step {step + 1}; resume from {run.last_checkpoint}")
+            grad_norm = update(grads_sum, sums["loss"], sums["n"])
+            mx.async_eval(grad_norm, model.trainable_parameters(), optimizer.state)
+            pending = QueuedStep(step + 1, sums, grad_norm, started=t_start if pending is None else pending.finished)
+        if pending is not None:
+            finish_step(pending, model, optimizer, val, targets_fn, config, vocab, out_dir, adapter_cfg, run, report)
     return {"final": run.last, "best": run.best, "tokens": run.tokens, "train_seconds": run.train_seconds,
             "wall_seconds": time.perf_counter() - t_start, "start_step": start_step,
             "last_checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None}
@@ -728,25 +722,57 @@ class TargetsPipeline:
 
 
 def micro_batch_steps(model, loss_and_grad, batches) -> tuple[dict, dict]:
-    """Gradients and loss sums of a step's micro-batches, token-weighted, summed across processes (two
-    collectives: the flattened gradient sums, then the scalar sums). Sums: loss, kd, ce, ul and n (tokens)."""
-    grads_sum, sums = None, {"loss": 0.0, "kd": 0.0, "ce": 0.0, "ul": 0.0, "n": 0.0}
+    """Gradients and loss sums of a step's micro-batches, token-weighted, summed across processes; queued on
+    the device, not waited for. Sums (scalar arrays): loss, kd, ce, ul and n (tokens)."""
+    grads_sum, sums = None, None
     for tokens, mask, targets in batches:
         (_, out), grads = loss_and_grad(model, tokens, mask, targets)
         n = out["ntokens"]
         grads_sum = accumulate(grads_sum, grads, n)
-        mx.eval(grads_sum, out)
-        nv = n.item()
-        for k in ("loss", "kd", "ce", "ul"):
-            if k in out:  # across tokenizers there is no "ul"
-                sums[k] += out[k].item() * nv
-        sums["n"] += nv
-    if dist.size() > 1:
-        grads_sum = dist.all_sum_tree(grads_sum)
-        sums = dict(zip(sums, dist.all_sum_floats(list(sums.values()))))
+        # across tokenizers there is no "ul"
+        part = {k: out[k].astype(mx.float32) * n if k in out else mx.array(0.0) for k in ("loss", "kd", "ce", "ul")}
+        part["n"] = n.astype(mx.float32)
+        sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
+        mx.async_eval(grads_sum, sums)  # one micro-batch's graph at a time
+    return dist.all_sum_tree(grads_sum), dist.all_sum_tree(sums)
+
+
+@dataclass
+class QueuedStep:
+    """A step whose work is queued: its number (1-based), its lazy sums and gradient norm, when the previous
+    step was done with (or the loop started) and when this one was, its report, validation and saving
+    included. A step's time runs from the first to the moment its figures are ready."""
+
+    step: int
+    sums: dict
+    grad_norm: mx.array
+    started: float
+    finished: float = 0.0
+
+
+def finish_step(queued: QueuedStep, model, optimizer, val, targets_fn, config: KDConfig, vocab, out_dir: Path,
+                adapter_cfg: dict, run: RunState, report) -> None:
+    """Waits for a queued step's figures; raises on a non-finite loss (its update was skipped) or a batch
+    without response tokens; reports the step, then validates and saves when due."""
+    sums = {k: v.item() for k, v in queued.sums.items()}
     if sums["n"] == 0:
         raise ValueError("a batch has no response tokens to learn from (empty responses?)")
-    return grads_sum, sums
+    loss_value = sums["loss"] / sums["n"]
+    if not math.isfinite(loss_value):
+        raise TrainingDivergedError(queued.step, run.last_checkpoint, loss_value)
+    fault_point("step")
+    dt = time.perf_counter() - queued.started
+    run.step, run.tokens, run.train_seconds = queued.step, run.tokens + int(sums["n"]), run.train_seconds + dt
+    event = Step(step=run.step, iters=config.iters, loss=loss_value, kd=sums["kd"] / sums["n"],
+                 ce=sums["ce"] / sums["n"], ul=sums["ul"] / sums["n"], lr=optimizer.learning_rate.item(),
+                 grad_norm=queued.grad_norm.item(), tokens_per_second=sums["n"] / dt,
+                 peak_memory_gb=mx.get_peak_memory() / 1e9, tokens=run.tokens)
+    run.last, run.best["train_loss"] = asdict(event), min(run.best["train_loss"], loss_value)
+    report(event)
+    if val and (run.step % config.val_interval == 0 or run.step == config.iters):
+        run.last.update(validate(model, val, targets_fn, config, vocab, run, report, step=run.step))
+    save(model, optimizer, out_dir, config, adapter_cfg, run, report)
+    queued.finished = time.perf_counter()
 
 
 def accumulate(grads_sum, grads, n):
@@ -757,25 +783,44 @@ def accumulate(grads_sum, grads, n):
 
 
 def make_update(model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: float, compiled: bool) -> Callable:
-    """update(grads_sum, inv_n): the step's mean gradient, clipped to `max_grad_norm`, applied by the
-    optimizer; returns the gradient norm before clipping. Compiled on GPUs: eagerly, scaling, clipping and
-    AdamW launch ~15 small kernels per LoRA matrix (~3,000 a step for a 24-block student with 4 adapted
-    projections). Build it after a resume has replaced `optimizer.state`: the compiled function keeps
-    the state objects it was given."""
+    """update(grads_sum, loss_sum, n): the step's mean gradient (grads_sum / n), clipped to `max_grad_norm`,
+    applied by the optimizer, unless `loss_sum` is not finite or `n` is 0: then parameters and optimizer
+    state stay as they were (decided on the device, so the loop need not wait for the loss before it
+    queues the update). Returns the gradient norm before clipping. Compiled on GPUs: eagerly, scaling,
+    clipping and AdamW launch ~15 small kernels per LoRA matrix (~3,000 a step for a 24-block student with
+    4 adapted projections). Build it after a resume has replaced `optimizer.state`: the compiled function
+    keeps the state objects it was given."""
 
-    def update(grads_sum, inv_n):
-        grads = tree_map(lambda g: g * inv_n, grads_sum)
+    def update(grads_sum, loss_sum, n):
+        apply = mx.isfinite(loss_sum) & (n > 0)
+        grads = tree_map(lambda g: g / n, grads_sum)
         if max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
         else:
             norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        params, state = model.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
         optimizer.update(model, grads)
+        model.update(tree_map(lambda new, old: mx.where(apply, new, old), model.trainable_parameters(), params))
+        _keep_unless(apply, optimizer.state, state)
         return norm
 
     if not compiled:
         return update
     state = [model.state, optimizer.state]
     return mx.compile(update, inputs=state, outputs=state)
+
+
+def _keep_unless(apply: mx.array, tree, before) -> None:
+    """In place (a compiled update keeps the optimizer's state objects): each array of `tree` becomes
+    its new value where `apply`, the one in `before` otherwise. Entries the update added (an optimizer
+    initialising its state after a resume) are kept."""
+    for k in (tree if isinstance(tree, dict) else range(len(tree))):
+        if isinstance(tree, dict) and k not in before:
+            continue
+        if isinstance(tree[k], (dict, list)):
+            _keep_unless(apply, tree[k], before[k])
+        elif isinstance(tree[k], mx.array):
+            tree[k] = mx.where(apply, tree[k], before[k])
 
 
 __all__ = [
