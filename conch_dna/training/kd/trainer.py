@@ -793,7 +793,8 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: flo
 
     def update(grads_sum, loss_sum, n):
         apply = mx.isfinite(loss_sum) & (n > 0)
-        grads = tree_map(lambda g: g / n, grads_sum)
+        inv_n = 1.0 / n
+        grads = tree_map(lambda g: g * inv_n, grads_sum)
         if max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
         else:
