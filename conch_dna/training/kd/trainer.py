@@ -535,8 +535,8 @@ def train_with_kd(
 
     Stages, top to bottom: build the step, start or resume, validate the untrained student, then per step:
     queue its batch's micro-batches (teacher targets, gradients, reduced across processes), finish the step
-    before (wait for its figures, report, validate and save), queue the update. `reporter` gets the typed events (`report.Step`, `Validation`, `Checkpoint`); the
-    default writes metrics.jsonl in `out_dir` and logs. Raises `TrainingDivergedError` on a non-finite loss
+    before (wait for its figures, report, validate and save), queue the update. `reporter` gets the typed
+    events (`report.Step`, `Validation`, `Checkpoint`); the default writes metrics.jsonl in `out_dir` and logs. Raises `TrainingDivergedError` on a non-finite loss
     and `TrainingCancelled` when `should_stop()` is true (after saving a checkpoint at the step reached).
     """
     global_batch = config.batch_size * config.grad_accumulation
