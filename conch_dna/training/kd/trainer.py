@@ -560,7 +560,7 @@ def train_with_kd(
         # The host reads a step's figures only after it has queued the next step's micro-batches: while it
         # waits, reports, validates and saves, the GPU already works on that step. The update is guarded on
         # the GPU (`make_update`), so a diverged step changes nothing before it is reported.
-        pending = None
+        pending, done_at = None, t_start
         for step in range(run.step, config.iters):
             mx.random.seed(_seed_for(config.seed, step))
             examples = pipeline.examples(step)
@@ -568,13 +568,14 @@ def train_with_kd(
                 examples = on_policy(model, examples, config, step, student_writes)
             grads_sum, sums = micro_batch_steps(model, loss_and_grad, pipeline.batches(step, examples))
             if pending is not None:
-                finish_step(pending, model, optimizer, val, targets_fn, config, vocab, out_dir, adapter_cfg, run, report)
+                done_at = finish_step(pending, model, optimizer, val, targets_fn, config, vocab, out_dir, adapter_cfg,
+                                      run, report)
             if should_stop is not None and should_stop():
                 save(model, optimizer, out_dir, config, adapter_cfg, run, report, force=True)
                 raise TrainingCancelled(f"cancelled before step {step + 1}; resume from {run.last_checkpoint}")
             grad_norm = update(grads_sum, sums["loss"], sums["n"])
             mx.async_eval(grad_norm, model.trainable_parameters(), optimizer.state)
-            pending = QueuedStep(step + 1, sums, grad_norm, started=t_start if pending is None else pending.finished)
+            pending = QueuedStep(step + 1, sums, grad_norm, started=done_at)
         if pending is not None:
             finish_step(pending, model, optimizer, val, targets_fn, config, vocab, out_dir, adapter_cfg, run, report)
     return {"final": run.last, "best": run.best, "tokens": run.tokens, "train_seconds": run.train_seconds,
@@ -739,21 +740,20 @@ def micro_batch_steps(model, loss_and_grad, batches) -> tuple[dict, dict]:
 
 @dataclass
 class QueuedStep:
-    """A step whose work is queued: its number (1-based), its lazy sums and gradient norm, when the previous
-    step was done with (or the loop started) and when this one was, its report, validation and saving
-    included. A step's time runs from the first to the moment its figures are ready."""
+    """A step whose work is queued: its number (1-based), its lazy sums and gradient norm, and when the
+    previous step was done with, its report, validation and saving included (or when the loop started).
+    A step's time runs from then to the moment its figures are ready."""
 
     step: int
     sums: dict
     grad_norm: mx.array
     started: float
-    finished: float = 0.0
 
 
 def finish_step(queued: QueuedStep, model, optimizer, val, targets_fn, config: KDConfig, vocab, out_dir: Path,
-                adapter_cfg: dict, run: RunState, report) -> None:
+                adapter_cfg: dict, run: RunState, report) -> float:
     """Waits for a queued step's figures; raises on a non-finite loss (its update was skipped) or a batch
-    without response tokens; reports the step, then validates and saves when due."""
+    without response tokens; reports the step, then validates and saves when due. Returns when it was done."""
     sums = {k: v.item() for k, v in queued.sums.items()}
     if sums["n"] == 0:
         raise ValueError("a batch has no response tokens to learn from (empty responses?)")
@@ -772,7 +772,7 @@ def finish_step(queued: QueuedStep, model, optimizer, val, targets_fn, config: K
     if val and (run.step % config.val_interval == 0 or run.step == config.iters):
         run.last.update(validate(model, val, targets_fn, config, vocab, run, report, step=run.step))
     save(model, optimizer, out_dir, config, adapter_cfg, run, report)
-    queued.finished = time.perf_counter()
+    return time.perf_counter()
 
 
 def accumulate(grads_sum, grads, n):
