@@ -372,7 +372,7 @@ def test_teacher_hidden_in_groups_of_rows_equals_one_pass(models):
     body, _ = model_parts(teacher)
     tokens, _ = batch(7, B=5, L=12)
     whole = np.array(body(tokens))
-    for wait in (True, False):  # evaluated group by group, or all groups queued at once (teacher prefetch)
+    for wait in (True, False):  # group by group, or (teacher prefetch) one pass queued whole, whatever max_tokens
         for max_tokens in (1, 12, 30, 10_000):  # 1 row (also below one row), 1 row, 2 rows, all rows
             got = teacher_hidden(body, tokens, max_tokens, wait)
             assert got.shape == whole.shape and rel(np.array(got), whole) <= (1e-6 if ON_CPU else TOL), (wait, max_tokens)
