@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -62,6 +63,19 @@ def build(shape: dict, vocab: int, dtype, materialize: bool = True):
     if materialize:  # unevaluated, a model's shapes and byte counts are known without allocating its weights
         mx.eval(model.parameters())
     return model
+
+
+def preset_weights_bytes(preset: str) -> int:
+    """bf16 bytes of a preset's teacher and student, from their shapes alone (building even an unevaluated model
+    uses MLX's GPU stream, which fixes its queue's bound): tied embeddings, Qwen2's q/k/v biases."""
+    t_shape, s_shape, vocab, _, _ = PRESETS[preset]
+
+    def params(sh):
+        h, kv_width = sh["hidden"], sh["kv"] * sh["hidden"] // sh["heads"]
+        attention = 2 * h * h + 2 * h * kv_width + (h + 2 * kv_width if sh.get("qwen") else 0)
+        return vocab * h + h + sh["layers"] * (attention + 3 * h * sh["inter"] + 2 * h)
+
+    return 2 * (params(t_shape) + params(s_shape))
 
 
 def kernel_table(name, f, steps=5):
@@ -396,14 +410,21 @@ def run_trainer(args) -> dict:
             "lean_backward": use_lean_backward(cfg),
             "memory_budget_gb": args.memory_budget_gb,
             "step_s": round(dt, 4), "tok_s": round(batch * accumulation * seq / dt, 1),
-            "peak_gb": round(mx.get_peak_memory() / 2**30, 2), **(extra if timeline else {})}
+            "peak_gb": round(mx.get_peak_memory() / 2**30, 2), "queue_mb": os.environ.get("MLX_MAX_MB_PER_BUFFER"),
+            **(extra if timeline else {})}
 
 
 def frontier_settings(args) -> list[dict]:
     """Our settings to run: for each batch of --frontier-batches and each budget, what `settings_for_budget`
-    chooses (the same rule as the distiller's memory_budget_gb), each distinct one once."""
+    chooses (the same rules as the distiller's memory_budget_gb, the queue's bound included: `queue_mb`, for the
+    run's --queue-mb), each distinct one once."""
     from conch_dna.training.kd import KDConfig
-    from conch_dna.training.kd.memory import MemoryPreflightError, settings_for_budget
+    from conch_dna.training.kd.memory import (
+        QUEUE_MB,
+        MemoryPreflightError,
+        queue_bound_pays,
+        settings_for_budget,
+    )
     from conch_dna.training.kd.trainer import apply_lora
 
     t_shape, s_shape, vocab, _, seq = PRESETS[args.preset]
@@ -414,8 +435,10 @@ def frontier_settings(args) -> list[dict]:
     for batch in args.frontier_batches:
         for budget in args.budgets:
             cfg = KDConfig(lora=PEER_LORA, batch_size=batch, temperature=2.0, alpha=0.7)
+            bounded = queue_bound_pays(budget, preset_weights_bytes(args.preset))
             try:
-                s = {"batch": batch, **settings_for_budget(student, teacher, cfg, args.seq or seq, budget)}
+                s = {"batch": batch, **settings_for_budget(student, teacher, cfg, args.seq or seq, budget, bounded),
+                     "queue_mb": QUEUE_MB if bounded else 0}
             except MemoryPreflightError:
                 continue
             if s not in chosen:
@@ -455,11 +478,13 @@ def run_frontier(args, report) -> list[dict]:
                         "--whole-blocks", str(s["grad_checkpoint_whole_blocks"])]
             if s["memory_limit_gb"] is not None:
                 cmd += ["--memory-limit-gb", str(s["memory_limit_gb"])]
+            cmd += ["--queue-mb", str(s["queue_mb"])]
             label = (f"conch_dna B{s['batch']}" + (f" (micro {s['batch_size']})" if s["grad_accumulation"] > 1 else "")
                      + (f" ckpt {s['grad_checkpoint_scope']}" if s["grad_checkpoint"] else "")
                      + (f" ({s['grad_checkpoint_whole_blocks']} whole)" if s["grad_checkpoint"] and s["grad_checkpoint_whole_blocks"] else "")
                      + f" chunk {s['loss_chunk_size']}"
-                     + (f" limit {s['memory_limit_gb']}" if s["memory_limit_gb"] is not None else ""))
+                     + (f" limit {s['memory_limit_gb']}" if s["memory_limit_gb"] is not None else "")
+                     + (f" queue {s['queue_mb']} MB" if s["queue_mb"] else ""))
             runs.append(report({"who": "conch_dna", "repeat": r, **child(cmd, label, args.run_timeout)}))
         for peer, path, variants in (("liger", args.peer_liger, [(b, c) for b in args.peer_batches for c in (False, True)]),
                                      ("torch", args.peer_torch, [(b, False) for b in args.peer_torch_batches])):
@@ -551,6 +576,8 @@ def main() -> None:
     ap.add_argument("--compile-teacher", action="store_true", help="mx.compile the teacher's forward too")
     ap.add_argument("--overlap-teacher", action="store_true", help="experiment: next teacher pass on a second stream")
     ap.add_argument("--memory-limit-gb", type=float, help="mx.set_memory_limit: MLX throttles to stay under it")
+    ap.add_argument("--queue-mb", type=int, help="MLX_MAX_MB_PER_BUFFER for this run; 0: MLX's default (the "
+                    "environment's); unset: the distiller's rule (`memory.bound_gpu_queue`)")
     ap.add_argument("--lean-backward", choices=["auto", "on", "off"], default="auto",
                     help="trainer.lean_backward: frozen norms without weight gradients, SwiGLU recomputed (auto: on a GPU)")
     ap.add_argument("--kernels", action="store_true", help="the GPU kernels (torch.profiler): step mode, a table; "
@@ -581,6 +608,13 @@ def main() -> None:
                          "their lines pooled, so a setting's runs give its median and spread)")
     ap.add_argument("--plot", help="--frontier / --summarise: draw the frontier into this PNG")
     args = ap.parse_args()
+    # Before a model is built (MLX reads it when it first uses the GPU, and even an unevaluated model does).
+    if args.queue_mb is None:  # as the distiller's entry point decides
+        from conch_dna.training.kd.memory import bound_gpu_queue
+
+        bound_gpu_queue(args.memory_budget_gb or args.memory_limit_gb, preset_weights_bytes(args.preset))
+    elif args.queue_mb > 0:
+        os.environ["MLX_MAX_MB_PER_BUFFER"] = str(args.queue_mb)
 
     def report(r: dict) -> None:
         print(json.dumps(r), flush=True)

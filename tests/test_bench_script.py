@@ -30,11 +30,23 @@ def test_step_mode_times_reference_and_fused():
 
 def test_trainer_mode_runs_the_trainer_loop_with_prefetch():
     (on,) = bench("--trainer", "--warmup", "2", "--steps", "1", "--prefetch", "on", "--grad-checkpoint",
-                  "--checkpoint-scope", "mlp", "--whole-blocks", "1", "--lean-backward", "on")
+                  "--checkpoint-scope", "mlp", "--whole-blocks", "1", "--lean-backward", "on", "--queue-mb", "64")
     (off,) = bench("--trainer", "--warmup", "2", "--steps", "1", "--prefetch", "off", "--lean-backward", "off")
     assert on["impl"] == "mlx-trainer" and on["teacher_prefetch"] is True and off["teacher_prefetch"] is False
     assert on["lean_backward"] is True and off["lean_backward"] is False
     assert on["grad_checkpoint"] == "mlp every 1, first 1 whole" and on["tok_s"] > 0 and on["peak_gb"] > 0
+    # --queue-mb reaches MLX's environment (which its CPU backend ignores); without it, off CUDA, nothing is set.
+    assert on["queue_mb"] == "64" and off["queue_mb"] is None
+
+
+def test_preset_weights_are_counted_from_shapes_exactly():
+    """The queue's bound is decided before any model is built (building one fixes it): from the shapes alone."""
+    from conch_dna.training.kd.memory import param_bytes
+    from scripts.bench_kd import PRESETS, build, preset_weights_bytes
+
+    for name, (t_shape, s_shape, vocab, _, _) in PRESETS.items():
+        built = sum(param_bytes(build(shape, vocab, mx.bfloat16, materialize=False)) for shape in (t_shape, s_shape))
+        assert preset_weights_bytes(name) == built, name
 
 
 def test_trainer_mode_times_whole_steps_with_one_more_step_after(monkeypatch):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -129,8 +130,14 @@ def test_domains_file_errors(tmp_path):
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_trains_a_domain_from_a_prompt_file(tiny_pair, tmp_path, capsys):
+def test_cli_trains_a_domain_from_a_prompt_file(tiny_pair, tmp_path, capsys, monkeypatch):
+    from conch_dna.training.kd import distiller, memory
+
     teacher, student = tiny_pair
+    calls = []  # MLX reads the queue bound when it first uses the GPU: the CLI sets it before any model loads
+    load = distiller.load_model
+    monkeypatch.setattr(memory, "bound_gpu_queue", lambda *a: calls.append(("queue bound", *a)))
+    monkeypatch.setattr(distiller, "load_model", lambda *a, **k: (calls.append("model"), load(*a, **k))[1])
     pf = tmp_path / "prompts.txt"
     pf.write_text("\n".join(PROMPTS))
     rc = main(["--domain", "custom", "--prompts", str(pf), "--teacher", str(teacher), "--student", str(student),
@@ -140,6 +147,8 @@ def test_cli_trains_a_domain_from_a_prompt_file(tiny_pair, tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["domain"] == "custom" and (tmp_path / "out/custom/adapters.safetensors").is_file()
     assert line["registered_version"] == 1
+    weights = sum(f.stat().st_size for folder in (teacher, student) for f in Path(folder).glob("*.safetensors"))
+    assert calls[0] == ("queue bound", None, weights) and "model" in calls  # no budget given: MLX's default
     assert main(["--list", "--registry", str(tmp_path / "reg")]) == 0
     listing = capsys.readouterr().out
     assert "* custom" in listing and "v1" in listing

@@ -271,8 +271,44 @@ def test_the_teacher_pass_counts_one_intermediate_more_with_the_swiglu_kernel(mo
     monkeypatch.setattr(memory.kernels, "available", lambda: True)
     rows = 2 * cfg.teacher_pass_tokens // seq
     assert memory.teacher_forward_bytes(t, cfg, 32, seq, 2) - portable == rows * seq * len(t.layers) * t_shape["inter"] * 2
+    assert frontier_picks(memory, t, s, cfg, seq) == {8: (16, "mlp", 23, 1024, 6.5), 16: (32, "mlp", 7, 1024, 15.25),
+                                                      25: (32, "mlp", 0, 2048, 24.25), 40: (32, False, 0, 2048, 39.25)}
+    # With MLX's CUDA queue bounded the 8 GB setting's limit keeps the usual 0.75 GB of headroom (7.54 GB
+    # measured under 7.25, session 19); nothing else moves.
+    monkeypatch.setattr(memory, "queue_bounded", lambda: True)
+    assert frontier_picks(memory, t, s, cfg, seq)[8] == (16, "mlp", 23, 1024, 7.25)
+
+
+def frontier_picks(memory, t, s, cfg, seq) -> dict:
     picks = {b: memory.settings_for_budget(s, t, cfg, seq, b) for b in (8, 16, 25, 40)}
-    summary = {b: (p["batch_size"], p["grad_checkpoint"] and p["grad_checkpoint_scope"], p.get("grad_checkpoint_whole_blocks", 0),
-                   p["loss_chunk_size"], p["memory_limit_gb"]) for b, p in picks.items()}
-    assert summary == {8: (16, "mlp", 23, 1024, 6.5), 16: (32, "mlp", 7, 1024, 15.25), 25: (32, "mlp", 0, 2048, 24.25),
-                       40: (32, False, 0, 2048, 39.25)}
+    return {b: (p["batch_size"], p["grad_checkpoint"] and p["grad_checkpoint_scope"], p.get("grad_checkpoint_whole_blocks", 0),
+                p["loss_chunk_size"], p["memory_limit_gb"]) for b, p in picks.items()}
+
+
+def test_the_gpu_queue_is_bounded_where_the_budget_is_tight_on_cuda_only_and_the_environment_wins(monkeypatch, tmp_path):
+    """`bound_gpu_queue` sets MLX_MAX_MB_PER_BUFFER for MLX's CUDA backend where the weights fill over TIGHT_SHARE
+    of the budget (8 GB with 4.1 of weights, not 16 or 40: measured slower there), never over a value the user set,
+    and nowhere else (the Metal backend reads the variable with another meaning)."""
+    from conch_dna.training.kd import memory
+
+    gb = 2**30
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "0")  # recorded, so that the end of the test restores the original
+    monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER")
+    monkeypatch.setattr(memory, "_on_cuda", lambda: False)
+    assert not memory.bound_gpu_queue(8, int(4.1 * gb)) and "MLX_MAX_MB_PER_BUFFER" not in memory.os.environ
+    monkeypatch.setattr(memory, "_on_cuda", lambda: True)
+    for budget, weights in ((16, int(4.1 * gb)), (40, int(4.1 * gb)), (None, int(4.1 * gb)), (8, None)):
+        assert not memory.bound_gpu_queue(budget, weights) and "MLX_MAX_MB_PER_BUFFER" not in memory.os.environ
+    assert memory.bound_gpu_queue(8, int(4.1 * gb)) and memory.os.environ["MLX_MAX_MB_PER_BUFFER"] == str(memory.QUEUE_MB)
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "1000")  # MLX's own default on an H200: not bounded
+    assert not memory.bound_gpu_queue(8, int(4.1 * gb)) and memory.os.environ["MLX_MAX_MB_PER_BUFFER"] == "1000"
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "50")
+    assert memory.bound_gpu_queue(8, int(4.1 * gb)) and memory.queue_bounded()
+    assert memory.memory_limit_for(8, 3.8, bounded=True) == 7.25 and memory.memory_limit_for(8, 3.8) == 6.5
+    # The weights are what the model folders store; a folder that is not there (a hub id) gives no figure.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "model-00001.safetensors").write_bytes(b"x" * 24)
+    assert memory.stored_weights_bytes(str(tmp_path / "a"), str(tmp_path / "b")) == 1024
+    assert memory.stored_weights_bytes(str(tmp_path / "a"), "Qwen/Qwen2.5-0.5B") is None

@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
     from conch_dna.training.kd.config import KDConfig
     from conch_dna.training.kd.data import check_name, load_prompts
     from conch_dna.training.kd.distiller import TrueKnowledgeDistiller
+    from conch_dna.training.kd.memory import bound_gpu_queue, stored_weights_bytes
 
     stop = StopRequest()
     try:
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.trainin
             if args.domain:
                 check_name(args.domain)
             config = KDConfig.load(args.config, **_merge_nested(args))
+            # Before a model is loaded: MLX reads the queue's bound when it first uses the GPU.
+            bound_gpu_queue(config.memory_budget_gb or config.memory_limit_gb,
+                            stored_weights_bytes(config.teacher_model_id, config.student_model_id))
             prompts = load_prompts(args.prompts) if args.prompts else None
             distiller = TrueKnowledgeDistiller(config=config)
             distiller.check_models()

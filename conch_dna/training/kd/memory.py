@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -206,17 +207,71 @@ def settings_fastest_first(layers: int) -> list[dict]:
 # 15.79 / 15.2, 15.8 / 15.25, 24.8 / 24.25, 38.58 / 38, 39.82 / 39.25), not growing with the limit. Where the
 # weights and optimizer take much of the budget the limit binds through the whole step and MLX went further
 # past it (session 16, 8 GB of which 3.8 fixed, 2 x 16 rows with the teacher's SwiGLU kernel: 8.39 / 7.25, 7.46 / 6.5;
-# at 16 GB, fixed 24%: 0.55): 1.5 GB where the fixed part is over TIGHT_SHARE of the budget.
+# at 16 GB, fixed 24%: 0.55): 1.5 GB where the fixed part is over TIGHT_SHARE of the budget, unless MLX's queue
+# is bounded (`bound_gpu_queue`: 7.54 / 7.25 in five runs of that setting, session 19).
 LIMIT_HEADROOM_GB, TIGHT_LIMIT_HEADROOM_GB, TIGHT_SHARE = 0.75, 1.5, 0.4
 
+# MLX's CUDA backend closes a CUDA graph every MLX_MAX_OPS_PER_BUFFER operations or MLX_MAX_MB_PER_BUFFER MB of
+# kernel inputs (100 and 1000 on an H100/H200), keeps up to 10 graphs in flight, and frees their buffers only once
+# the GPU has run them: a queue of gigabytes. Past a memory limit MLX's eval commits and waits after every
+# operation, so where the step's own floor is near the limit (the 8 GB setting: 6.66 GB measured under a 1 GB
+# limit, ~4.1 of it weights) the GPU idled while the host queued each next operation: 64.3k tokens/s under
+# 6.5 GB. Graphs of 100 MB hold ~1 GB in flight: that setting ran 74.0-74.4k without a limit (7.89 GB) and
+# 74.0-76.1k under 7.25 (7.54 GB). H200, session 19. MLX reads the variable once, when it first uses the GPU.
+QUEUE_MB = 100
 
-def memory_limit_for(budget_gb: float, fixed_gb: float = 0.0) -> float:
-    """The memory limit for a budget, `fixed_gb` (weights and optimizer state) of it always held."""
-    headroom = TIGHT_LIMIT_HEADROOM_GB if fixed_gb > TIGHT_SHARE * budget_gb else LIMIT_HEADROOM_GB
+
+def _on_cuda() -> bool:
+    try:
+        return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    except AttributeError:  # an MLX without the cuda module
+        return False
+
+
+def queue_bound_pays(budget_gb: float | None, weights_bytes: int | None) -> bool:
+    """Where a memory budget or limit of `budget_gb` is tight, the weights over TIGHT_SHARE of it, on CUDA. With
+    room to spare the smaller graphs cost more than they save (the 40 GB setting: 91.4k and 91.9k tokens/s
+    bounded, 94.0k twice with MLX's default; H200, session 19)."""
+    tight = budget_gb is not None and weights_bytes is not None and weights_bytes > TIGHT_SHARE * budget_gb * 2**30
+    return tight and _on_cuda()
+
+
+def bound_gpu_queue(budget_gb: float | None, weights_bytes: int | None, mb: int = QUEUE_MB) -> bool:
+    """Bound what MLX's CUDA backend queues ahead of the GPU (MLX_MAX_MB_PER_BUFFER = `mb`, unless the environment
+    sets it) where that pays (`queue_bound_pays`). Entry points call this before any model is loaded: MLX reads the
+    variable when it first uses the GPU, later it has no effect. Nothing happens off CUDA (Apple silicon's Metal
+    backend reads the variable with another meaning). Returns `queue_bounded()`."""
+    if queue_bound_pays(budget_gb, weights_bytes):
+        os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", str(mb))
+    return queue_bounded()
+
+
+def queue_bounded() -> bool:
+    """Is MLX's CUDA queue bounded (MLX_MAX_MB_PER_BUFFER at most QUEUE_MB)? Then a memory limit needs only the
+    usual headroom (`memory_limit_for`). True of the environment: set after MLX first used the GPU, the bound is
+    not in effect although this says so."""
+    value = os.environ.get("MLX_MAX_MB_PER_BUFFER", "")
+    return _on_cuda() and value.isdigit() and int(value) <= QUEUE_MB
+
+
+def stored_weights_bytes(*model_ids: str | None) -> int | None:
+    """Bytes of the models' safetensors files, where every id is an existing folder; None otherwise (a hub id, or
+    an offline default not yet prepared: preparing it here could use the GPU before `bound_gpu_queue`)."""
+    from conch_dna.models.defaults import weight_bytes
+
+    folders = [Path(str(m)).expanduser() for m in model_ids if m is not None]
+    return sum(weight_bytes(f) for f in folders) if folders and all(f.is_dir() for f in folders) else None
+
+
+def memory_limit_for(budget_gb: float, fixed_gb: float = 0.0, bounded: bool = False) -> float:
+    """The memory limit for a budget, `fixed_gb` (weights and optimizer state) of it always held; `bounded`:
+    MLX's CUDA queue is bounded (`queue_bounded`)."""
+    tight = fixed_gb > TIGHT_SHARE * budget_gb and not bounded
+    headroom = TIGHT_LIMIT_HEADROOM_GB if tight else LIMIT_HEADROOM_GB
     return round(budget_gb - headroom, 2)
 
 
-def settings_for_budget(student, teacher, config, seq: int, budget_gb: float) -> dict:
+def settings_for_budget(student, teacher, config, seq: int, budget_gb: float, bounded: bool | None = None) -> dict:
     """The fastest memory settings whose estimated peak fits `budget_gb`, as a `KDConfig` update.
 
     In order: each of `settings_fastest_first`, first without a memory limit (its whole estimate fits), then
@@ -224,12 +279,14 @@ def settings_for_budget(student, teacher, config, seq: int, budget_gb: float) ->
     flight instead of allocating past it, which cost less than recomputing: 61.6k tokens/s with the MLPs
     recomputed under a 15 GB limit against 62.0k without a limit, H100); then the same with smaller
     micro-batches (divisors of the batch, with `grad_accumulation` raised:
-    the optimizer sees the same batch). Raises `MemoryPreflightError` when nothing fits."""
+    the optimizer sees the same batch). `bounded`: MLX's CUDA queue will be bounded (default: it is now,
+    `queue_bounded`). Raises `MemoryPreflightError` when nothing fits."""
     budget = budget_gb * 2**30
     global_batch = config.batch_size * config.grad_accumulation
     fixed = param_bytes(student) + 3 * 4 * trainable_count(student) + (param_bytes(teacher) if teacher is not None else 0)
     fit_gb = memory_limit_for(budget_gb)  # what the step may hold under a limit
-    limit_gb = memory_limit_for(budget_gb, fixed / 2**30)  # the limit MLX is given: lower where it overshoots more
+    bounded = queue_bounded() if bounded is None else bounded
+    limit_gb = memory_limit_for(budget_gb, fixed / 2**30, bounded)  # given to MLX: lower where it overshoots more
     for micro in [m for m in range(config.batch_size, 0, -1) if global_batch % m == 0]:
         base = {"batch_size": micro, "grad_accumulation": global_batch // micro}
         for settings in settings_fastest_first(model_shapes(student).layers):
