@@ -216,8 +216,8 @@ LIMIT_HEADROOM_GB, TIGHT_LIMIT_HEADROOM_GB, TIGHT_SHARE = 0.75, 1.5, 0.4
 # the GPU has run them: a queue of gigabytes. Past a memory limit MLX's eval commits and waits after every
 # operation, so where the step's own floor is near the limit (the 8 GB setting: 6.66 GB measured under a 1 GB
 # limit, ~4.1 of it weights) the GPU idled while the host queued each next operation: 64.3k tokens/s under
-# 6.5 GB. Graphs of 100 MB hold ~1 GB in flight: that setting ran 74.0-74.4k without a limit (7.89 GB) and
-# 74.0-76.1k under 7.25 (7.54 GB). H200, session 19. MLX reads the variable once, when it first uses the GPU.
+# 6.5 GB. Graphs of 100 MB hold ~1 GB in flight: that setting ran 71.1-74.4k without a limit (7.89 GB) and
+# 71.0-76.1k under 7.25 (7.54 GB). H200, session 19. MLX reads the variable once, when it first uses the GPU.
 QUEUE_MB = 100
 
 
