@@ -190,6 +190,28 @@ def test_distiller_applies_the_budget(tiny_pair, kd_config):
     assert not (cfg.output_dir / "small/task/adapters.safetensors").exists()
 
 
+def test_distiller_advises_bounding_the_queue_where_it_would_pay(tiny_pair, kd_config, monkeypatch):
+    """In a process whose GPU queue was not bounded at its start (EGO distilling itself), a tight memory limit
+    gets a warning that says what to set; bounded, none."""
+    from structlog.testing import capture_logs
+
+    from conch_dna.training.kd import memory
+
+    teacher, student = tiny_pair
+    weights = memory.stored_weights_bytes(str(teacher), str(student))
+    monkeypatch.setattr(memory, "_on_cuda", lambda: True)
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "0")
+    monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER")
+    cfg = kd_config(iters=1, batch_size=2, memory_limit_gb=2 * weights / 2**30)  # the weights fill half of it
+    with capture_logs() as logs:
+        TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("task", PROMPTS)
+    (warning,) = [e for e in logs if e["event"] == "gpu queue unbounded"]
+    assert warning["log_level"] == "warning" and "MLX_MAX_MB_PER_BUFFER=100" in warning["advice"]
+    assert memory.queue_advice(100 * weights / 2**30, weights) is None  # room to spare: nothing to do
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "100")
+    assert memory.queue_advice(2 * weights / 2**30, weights) is None  # bounded already
+
+
 def test_lean_backward_estimate_keeps_fewer_intermediate_activations(tiny_pair):
     from conch_dna.training.kd.memory import held_student_bytes, model_shapes
 

@@ -62,7 +62,7 @@ from conch_dna.training.kd.evaluate import (
     repeated_ngram_share,
 )
 from conch_dna.training.kd.lora_init import CALIBRATION_EXAMPLES, matching_layers, residual_start
-from conch_dna.training.kd.memory import preflight, settings_for_budget
+from conch_dna.training.kd.memory import param_bytes, preflight, queue_advice, settings_for_budget
 from conch_dna.training.kd.report import Reporter
 from conch_dna.training.kd.targets import cross_targets, teacher_targets
 from conch_dna.training.kd.trainer import (
@@ -454,6 +454,9 @@ class TrueKnowledgeDistiller:
             update = settings_for_budget(student, running_teacher, cfg, longest, cfg.memory_budget_gb)
             log.info("memory budget", budget_gb=cfg.memory_budget_gb, **update)
             cfg = cfg.model_copy(update=update)
+        weights = param_bytes(student) + (param_bytes(running_teacher) if running_teacher is not None else 0)
+        if (advice := queue_advice(cfg.memory_budget_gb or cfg.memory_limit_gb, weights)) is not None:
+            log.warning("gpu queue unbounded", advice=advice)
         if cfg.memory_preflight:
             # Across tokenizers the student's full logits exist (the reference loss): estimate that.
             est = preflight(student, running_teacher, cfg.model_copy(update={"loss_impl": "reference"}) if cross else cfg,

@@ -246,6 +246,17 @@ def bound_gpu_queue(budget_gb: float | None, weights_bytes: int | None, mb: int 
     return queue_bounded()
 
 
+def queue_advice(budget_gb: float | None, weights_bytes: int | None) -> str | None:
+    """What to do where bounding MLX's CUDA queue would pay (`queue_bound_pays`) and it is not bounded, else None.
+    A process that used the GPU before the distiller ran (EGO distilling itself) can only bound it when it starts."""
+    if not queue_bound_pays(budget_gb, weights_bytes) or queue_bounded():
+        return None
+    return (f"the weights fill over {TIGHT_SHARE:.0%} of the {budget_gb:g} GB memory budget and MLX's CUDA queue is "
+            f"not bounded: set MLX_MAX_MB_PER_BUFFER={QUEUE_MB} in the environment before the process first uses the "
+            "GPU (the distiller's CLI does), so that MLX waits less under its memory limit (8 GB on an H200: 64k -> "
+            "74k tokens/s)")
+
+
 def queue_bounded() -> bool:
     """Is MLX's CUDA queue bounded (MLX_MAX_MB_PER_BUFFER at most QUEUE_MB)? Then a memory limit needs only the
     usual headroom (`memory_limit_for`). True of the environment: set after MLX first used the GPU, the bound is
