@@ -239,8 +239,9 @@ def queue_bound_pays(budget_gb: float | None, weights_bytes: int | None) -> bool
 def bound_gpu_queue(budget_gb: float | None, weights_bytes: int | None, mb: int = QUEUE_MB) -> bool:
     """Bound what MLX's CUDA backend queues ahead of the GPU (MLX_MAX_MB_PER_BUFFER = `mb`, unless the environment
     sets it) where that pays (`queue_bound_pays`). Entry points call this before any model is loaded: MLX reads the
-    variable when it first uses the GPU, later it has no effect. Nothing happens off CUDA (Apple silicon's Metal
-    backend reads the variable with another meaning). Returns `queue_bounded()`."""
+    variable when it first uses the GPU, later it has no effect. Nothing happens off CUDA: Apple silicon's Metal
+    backend closes its command buffers at 40-50 MB already (mlx/backend/metal/device.cpp), and what a bound does
+    there is not measured. Returns `queue_bounded()`."""
     if queue_bound_pays(budget_gb, weights_bytes):
         os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", str(mb))
     return queue_bounded()
