@@ -199,7 +199,7 @@ def test_distiller_advises_bounding_the_queue_where_it_would_pay(tiny_pair, kd_c
 
     teacher, student = tiny_pair
     weights = memory.stored_weights_bytes(str(teacher), str(student))
-    monkeypatch.setattr(memory, "_on_cuda", lambda: True)
+    monkeypatch.setattr(memory, "on_cuda", lambda: True)
     monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "0")
     monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER")
     cfg = kd_config(iters=1, batch_size=2, memory_limit_gb=2 * weights / 2**30)  # the weights fill half of it
@@ -316,9 +316,9 @@ def test_the_gpu_queue_is_bounded_where_the_budget_is_tight_on_cuda_only_and_the
     gb = 2**30
     monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "0")  # recorded, so that the end of the test restores the original
     monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER")
-    monkeypatch.setattr(memory, "_on_cuda", lambda: False)
+    monkeypatch.setattr(memory, "on_cuda", lambda: False)
     assert not memory.bound_gpu_queue(8, int(4.1 * gb)) and "MLX_MAX_MB_PER_BUFFER" not in memory.os.environ
-    monkeypatch.setattr(memory, "_on_cuda", lambda: True)
+    monkeypatch.setattr(memory, "on_cuda", lambda: True)
     for budget, weights in ((16, int(4.1 * gb)), (40, int(4.1 * gb)), (None, int(4.1 * gb)), (8, None)):
         assert not memory.bound_gpu_queue(budget, weights) and "MLX_MAX_MB_PER_BUFFER" not in memory.os.environ
     assert memory.bound_gpu_queue(8, int(4.1 * gb)) and memory.os.environ["MLX_MAX_MB_PER_BUFFER"] == str(memory.QUEUE_MB)

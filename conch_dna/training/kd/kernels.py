@@ -159,15 +159,18 @@ def numpy_available() -> bool:
     return _enabled() and mx.default_device() == mx.cpu
 
 
-def available() -> bool:
-    """True where the fused kernel can run: MLX's CUDA backend on the default (GPU) device.
-    CONCH_FUSED_KERNEL=0 turns it off (the portable path then runs everywhere: for comparisons)."""
-    if not _enabled():
-        return False
+def on_cuda() -> bool:
+    """True where the default device is a GPU of MLX's CUDA backend."""
     try:
         return mx.default_device() == mx.gpu and mx.cuda.is_available()
     except AttributeError:  # an MLX without the cuda module
         return False
+
+
+def available() -> bool:
+    """True where the fused kernel can run: MLX's CUDA backend on the default (GPU) device.
+    CONCH_FUSED_KERNEL=0 turns it off (the portable path then runs everywhere: for comparisons)."""
+    return _enabled() and on_cuda()
 
 
 @lru_cache(maxsize=1)

@@ -41,6 +41,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from conch_dna.training.kd import kernels
+from conch_dna.training.kd.kernels import on_cuda
 from conch_dna.training.kd.trainer import block_kinds as trainer_block_kinds
 from conch_dna.training.kd.trainer import use_lean_backward
 
@@ -221,19 +222,12 @@ LIMIT_HEADROOM_GB, TIGHT_LIMIT_HEADROOM_GB, TIGHT_SHARE = 0.75, 1.5, 0.4
 QUEUE_MB = 100
 
 
-def _on_cuda() -> bool:
-    try:
-        return mx.default_device() == mx.gpu and mx.cuda.is_available()
-    except AttributeError:  # an MLX without the cuda module
-        return False
-
-
 def queue_bound_pays(budget_gb: float | None, weights_bytes: int | None) -> bool:
     """Where a memory budget or limit of `budget_gb` is tight, the weights over TIGHT_SHARE of it, on CUDA. With
     room to spare the smaller graphs cost more than they save (the 40 GB setting: 91.4k and 91.9k tokens/s
     bounded, 94.0k twice with MLX's default; H200, session 19)."""
     tight = budget_gb is not None and weights_bytes is not None and weights_bytes > TIGHT_SHARE * budget_gb * 2**30
-    return tight and _on_cuda()
+    return tight and on_cuda()
 
 
 def bound_gpu_queue(budget_gb: float | None, weights_bytes: int | None, mb: int = QUEUE_MB) -> bool:
@@ -263,7 +257,7 @@ def queue_bounded() -> bool:
     usual headroom (`memory_limit_for`). True of the environment: set after MLX first used the GPU, the bound is
     not in effect although this says so."""
     value = os.environ.get("MLX_MAX_MB_PER_BUFFER", "")
-    return _on_cuda() and value.isdigit() and int(value) <= QUEUE_MB
+    return on_cuda() and value.isdigit() and int(value) <= QUEUE_MB
 
 
 def stored_weights_bytes(*model_ids: str | None) -> int | None:
