@@ -284,6 +284,24 @@ def test_lean_backward_gives_the_same_gradients(tiny_pair, scope):
         assert rel(np.array(g2[k]), np.array(g1[k])) <= TOL, k
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_lean_norm_is_mlx_s_fused_norm_forward_and_the_weightless_norm_s_gradient(dtype):
+    """The frozen-weight norm: the same bits as normalising without the weight and multiplying by it, forward
+    and backward (so only the separate multiply goes), and as mx.fast.rms_norm with the weight, forward."""
+    from conch_dna.training.kd.trainer import _rms_norm_frozen_weight
+
+    k = mx.random.split(mx.random.key(3), 3)
+    x = (mx.random.normal((2, 5, 96), key=k[0]) * 2 + 0.3).astype(dtype)
+    w = mx.random.uniform(0.5, 1.5, (96,), key=k[1]).astype(dtype)
+    cot = mx.random.normal((2, 5, 96), key=k[2]).astype(dtype)
+    (got,), (dx,) = mx.vjp(lambda a: _rms_norm_frozen_weight(1e-5)(a, w), [x], [cot])
+    (want,), (want_dx,) = mx.vjp(lambda a: mx.fast.rms_norm(a, None, 1e-5) * w, [x], [cot])
+    assert got.dtype == dx.dtype == dtype
+    assert mx.array_equal(got, want).item() and mx.array_equal(dx, want_dx).item()
+    assert mx.array_equal(got, mx.fast.rms_norm(x, w, 1e-5)).item()
+    assert _rms_norm_frozen_weight(1e-5) is _rms_norm_frozen_weight(1e-5)  # one function per eps
+
+
 def test_rope_kernel_gives_the_same_gradients_and_leaves_the_teacher_as_it_was(tiny_pair):
     """`kernels.use_rope_kernel` (the student, as `build_step` does) and `kernels.rope_kernel` (the teacher,
     for one pass): same loss and gradients, compiled, under block checkpointing; the teacher's modules are

@@ -162,7 +162,8 @@ def lean_backward(model: nn.Module, norms: bool = True, mlps: bool = True) -> di
     """Two rewrites of a LoRA student's frozen parts so that its backward pass computes and keeps only what the
     LoRA gradients need (same forward values; returns how many modules of each kind were rewritten):
 
-    - RMSNorms with a frozen weight normalise without it and multiply by it afterwards. MLX's RMSNorm backward
+    - RMSNorms with a frozen weight take the gradient of normalising without it and multiplying by it
+      afterwards (`_rms_norm_frozen_weight`; the forward is MLX's fused norm, same values). MLX's RMSNorm backward
       always computes the weight's gradient, a [tokens, D] product summed over tokens that nobody reads when
       the weight is frozen: on an H200 those sums were 5.7 of a Qwen2.5-0.5B student's 53 ms forward +
       backward (8 x 1024 tokens; `scripts/profile_student.py --kernels`).
@@ -171,8 +172,7 @@ def lean_backward(model: nn.Module, norms: bool = True, mlps: bool = True) -> di
       sigmoid(gate): fewer [tokens, intermediate] activations kept per block (one measured on the CPU; on an
       H200 the step's peak fell 2.3 GB at batch 8 x 1024, about 1.2 of them), and its forward one kernel.
 
-    Per instance, by switching the module's class, like `checkpoint_blocks`. In bf16 the norm now rounds
-    twice (after normalising, after the weight), a last-bit difference from mlx-lm's fused norm."""
+    Per instance, by switching the module's class, like `checkpoint_blocks`."""
     counts = {"norms": 0, "mlps": 0}
     for module in model.modules():
         if norms and type(module) is nn.RMSNorm and "weight" not in module.trainable_parameters():
@@ -184,7 +184,27 @@ def lean_backward(model: nn.Module, norms: bool = True, mlps: bool = True) -> di
 
 class _RMSNormWeightAfter(nn.RMSNorm):
     def __call__(self, x):
-        return mx.fast.rms_norm(x, None, self.eps) * self.weight
+        return _rms_norm_frozen_weight(self.eps)(x, self.weight)
+
+
+@cache
+def _rms_norm_frozen_weight(eps: float) -> Callable:
+    """f(x, w): the values of `mx.fast.rms_norm(x, w, eps)` (one kernel), with the gradient of
+    `mx.fast.rms_norm(x, None, eps) * w` with respect to x only (MLX's weightless norm backward): the forward of
+    that product and this are the same bits (x * r rounded, then times w rounded), so only the separate
+    multiply goes (on an H200 one [tokens, D] kernel per norm call, 2.8 ms of a batch-16 step's 249; session 20)."""
+
+    @mx.custom_function
+    def f(x, w):
+        return mx.fast.rms_norm(x, w, eps)
+
+    @f.vjp
+    def f_vjp(primals, cotangent, output):
+        x, w = primals
+        _, (dx,) = mx.vjp(lambda a: mx.fast.rms_norm(a, None, eps), [x], [cotangent * w])
+        return dx, mx.zeros_like(w)  # the weight is frozen: its gradient is never read
+
+    return f
 
 
 @cache
