@@ -68,6 +68,16 @@ if [ "$part" = frontier ]; then
     --peer-batches 8 16 32 --steps 8 --repeats "${REPEATS:-1}" --run-timeout 150 \
     --out "$OUT/frontier.jsonl" --plot "$OUT/frontier.png" 2> "$OUT/frontier.err"
 fi
+if [ "$part" = frontier-a ] || [ "$part" = frontier-b ]; then
+  # Issue 22's frontier with spreads, split into two calls of < 10 minutes on one machine start: a = 8 and
+  # 40 GB (the peer's best there: batch 32 with / without checkpointing), b = 16 and 25 GB (batch 64 with
+  # checkpointing). Each: one unrecorded warm-up run, then ours and the peer's interleaved, twice. The table:
+  # python3 scripts/bench_kd.py --summarise $OUT/frontier-a.jsonl $OUT/frontier-b.jsonl --plot F.png
+  if [ "$part" = frontier-a ]; then budgets="8 40"; peer_batches=32; else budgets="16 25"; peer_batches=64; fi
+  python3 scripts/bench_kd.py --preset "$P" --frontier --frontier-batches 32 --budgets $budgets \
+    --peer-liger scripts/peer_liger_kd.py --peer-batches $peer_batches --steps 6 --repeats "${REPEATS:-2}" \
+    --run-timeout 150 --out "$OUT/$part.jsonl" 2> "$OUT/$part.err"
+fi
 if [ "$part" = lean ]; then
   # Session 12 (issue 22): each part of lean_backward alone and both (the SwiGLU backward as one CUDA kernel),
   # the kernels' GPU tests, the whole step's kernels, then the trainer with it off and on, alternating
