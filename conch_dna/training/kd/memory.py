@@ -227,9 +227,9 @@ QUEUE_MB = 100
 # micro-batch of 32 (every block recomputed, loss chunk 512; weights 3.8 GB) holds 7.41 GB (measured under a
 # 1 GB limit; `held_student_bytes` plus the weights: 7.41) and under the 7.25 GB limit ran 74.6-81.6k tokens/s
 # in three machine starts, peaking 0.33-0.43 GB above its floor (7.74-7.84 GB), against 69.6-75.1k for 2 x 16
-# (floor under the limit). So with the queue bounded a setting fits a budget when its floor plus this does, whatever
-# the limit (H200, session 20). The floor formula matched that setting's measured floor; it was 3% under the
-# 2 x 16 one's (6.45 vs 6.66 GB), which the limit covers there.
+# (floor under the limit). So with the queue bounded a setting fits a budget when its floor plus this does,
+# whatever the limit (H200, session 20). The floor formula matched that setting's measured floor; it was 3%
+# under the 2 x 16 one's (6.45 vs 6.66 GB), which the limit covers there.
 BOUNDED_OVERSHOOT_GB = 0.5
 
 
