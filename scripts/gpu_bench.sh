@@ -5,6 +5,7 @@
 # `bash scripts/gpu_bench.sh a` and `... b` split the session-3 table into two runs of < 10 minutes;
 # `... c` is session 4's: the trainer's own loop end to end (teacher prefetch, memory limit), with the peer;
 # `... d` session 5's: checkpointing only the blocks' MLPs (grad_checkpoint_scope = "mlp").
+# `... tests`: the kernel and fused-loss tests on the GPU.
 set -u
 OUT=${OUT:-/tmp/bench-out}; PEER=${PEER:-.carry/b/peer_torch_kd.py}; mkdir -p "$OUT"
 P='qwen2.5-1.5b->0.5b'
@@ -92,4 +93,8 @@ if [ "$part" = lean ]; then
     tr --batch 8 --chunk 2048 --lean-backward off
     tr --batch 8 --chunk 2048
   done
+fi
+if [ "$part" = tests ]; then
+  # Issue 22's "no loss of exactness": the kernel and fused-loss tests on the GPU (MLX's default device there).
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fused.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
