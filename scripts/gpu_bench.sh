@@ -6,6 +6,7 @@
 # `... c` is session 4's: the trainer's own loop end to end (teacher prefetch, memory limit), with the peer;
 # `... d` session 5's: checkpointing only the blocks' MLPs (grad_checkpoint_scope = "mlp").
 # `... tests`: the kernel and fused-loss tests on the GPU.
+# `... 8gb-batch`: within 8 GB, batch 64 (2 x 32) against batch 32, with the Liger peer, twice.
 set -u
 OUT=${OUT:-/tmp/bench-out}; PEER=${PEER:-.carry/b/peer_torch_kd.py}; mkdir -p "$OUT"
 P='qwen2.5-1.5b->0.5b'
@@ -97,4 +98,14 @@ fi
 if [ "$part" = tests ]; then
   # Issue 22's "no loss of exactness": the kernel and fused-loss tests on the GPU (MLX's default device there).
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fused.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+fi
+if [ "$part" = 8gb-batch ]; then
+  # Within 8 GB, batch 64 as two micro-batches of 32 (the chooser's pick) against batch 32 as one (the step's
+  # fixed costs, optimizer and clipping on ~200 small LoRA arrays, paid once per 64k tokens), with the peer's
+  # best there, alternated twice in one start.
+  for i in 1 2; do
+    for b in 32 64; do echo "{\"env\": \"8 GB batch $b\"}" >> "$OUT/8gb-batch.jsonl"; tr --batch $b --memory-budget-gb 8 --steps 6 --out "$OUT/8gb-batch.jsonl"; done
+    echo '{"env": "liger 32 ckpt"}' >> "$OUT/8gb-batch.jsonl"
+    timeout 150 python3 scripts/peer_liger_kd.py 32 ckpt 2>&1 | tail -1 | tee -a "$OUT/8gb-batch.jsonl"
+  done
 fi
