@@ -7,6 +7,7 @@
 # `... d` session 5's: checkpointing only the blocks' MLPs (grad_checkpoint_scope = "mlp").
 # `... tests`: the kernel and fused-loss tests on the GPU.
 # `... 8gb-batch`: within 8 GB, batch 64 (2 x 32) against batch 32, with the Liger peer, twice.
+# `... 8gb-limit`: the 8 GB setting under MLX memory limits 7.25 (the chooser's), 7.6 and none, with the peer, twice.
 set -u
 OUT=${OUT:-/tmp/bench-out}; PEER=${PEER:-.carry/b/peer_torch_kd.py}; mkdir -p "$OUT"
 P='qwen2.5-1.5b->0.5b'
@@ -107,5 +108,19 @@ if [ "$part" = 8gb-batch ]; then
     for b in 32 64; do echo "{\"env\": \"8 GB batch $b\"}" >> "$OUT/8gb-batch.jsonl"; tr --batch $b --memory-budget-gb 8 --steps 6 --out "$OUT/8gb-batch.jsonl"; done
     echo '{"env": "liger 32 ckpt"}' >> "$OUT/8gb-batch.jsonl"
     timeout 150 python3 scripts/peer_liger_kd.py 32 ckpt 2>&1 | tail -1 | tee -a "$OUT/8gb-batch.jsonl"
+  done
+fi
+if [ "$part" = 8gb-limit ]; then
+  # The 8 GB setting's floor (7.41 GB) is above its 7.25 GB limit, so MLX waits after every operation past it:
+  # what does that wait cost, and how far past the budget does the peak go with a higher limit or none?
+  # The chooser's pick (1 x 32, every block recomputed, chunk 512, queue 100 MB) with limits 7.25, 7.6 and
+  # none, and the peer's best there, alternated twice in one start.
+  f="$OUT/8gb-limit.jsonl"; s="--batch 32 --grad-checkpoint --chunk 512 --queue-mb 100 --steps 6 --out $f"
+  for i in 1 2; do
+    echo '{"env": "8 GB chooser (limit 7.25)"}' >> "$f"; tr --batch 32 --memory-budget-gb 8 --steps 6 --out "$f"
+    echo '{"env": "limit 7.6"}' >> "$f"; tr $s --memory-limit-gb 7.6
+    echo '{"env": "no limit"}' >> "$f"; tr $s
+    echo '{"env": "liger 32 ckpt"}' >> "$f"
+    timeout 150 python3 scripts/peer_liger_kd.py 32 ckpt 2>&1 | tail -1 | tee -a "$f"
   done
 fi
