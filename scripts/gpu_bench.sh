@@ -14,6 +14,8 @@ P='qwen2.5-1.5b->0.5b'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 run() { echo "== mlx $*"; timeout 170 python3 scripts/bench_kd.py --preset "$P" --steps 5 --impl fused --out "$OUT/bench.jsonl" "$@" 2>&1 | grep -E '^\{|Error' | tail -1; }
 peer() { echo "== torch peer B=$1"; timeout 150 python3 "$PEER" "$1" 2>&1 | tail -1 | tee -a "$OUT/peer.jsonl"; }
+# The Liger peer's best within 8 GB (batch 32, checkpointed), after an env line naming it, appended to file $1.
+liger8() { echo '{"env": "liger 32 ckpt"}' >> "$1"; timeout 150 python3 scripts/peer_liger_kd.py 32 ckpt 2>&1 | tail -1 | tee -a "$1"; }
 tr() { echo "== trainer $*"; timeout 170 python3 scripts/bench_kd.py --preset "$P" --trainer --warmup 2 --steps 8 --out "$OUT/bench.jsonl" "$@" 2>&1 | grep -E '^\{|Error' | tail -1; }
 part=${1:-all}
 if [ "$part" = a ] || [ "$part" = all ]; then
@@ -104,10 +106,10 @@ if [ "$part" = 8gb-batch ]; then
   # Within 8 GB, batch 64 as two micro-batches of 32 (the chooser's pick) against batch 32 as one (the step's
   # fixed costs, optimizer and clipping on ~200 small LoRA arrays, paid once per 64k tokens), with the peer's
   # best there, alternated twice in one start.
+  f="$OUT/8gb-batch.jsonl"
   for i in 1 2; do
-    for b in 32 64; do echo "{\"env\": \"8 GB batch $b\"}" >> "$OUT/8gb-batch.jsonl"; tr --batch $b --memory-budget-gb 8 --steps 6 --out "$OUT/8gb-batch.jsonl"; done
-    echo '{"env": "liger 32 ckpt"}' >> "$OUT/8gb-batch.jsonl"
-    timeout 150 python3 scripts/peer_liger_kd.py 32 ckpt 2>&1 | tail -1 | tee -a "$OUT/8gb-batch.jsonl"
+    for b in 32 64; do echo "{\"env\": \"8 GB batch $b\"}" >> "$f"; tr --batch $b --memory-budget-gb 8 --steps 6 --out "$f"; done
+    liger8 "$f"
   done
 fi
 if [ "$part" = 8gb-limit ]; then
@@ -120,7 +122,6 @@ if [ "$part" = 8gb-limit ]; then
     echo '{"env": "8 GB chooser (limit 7.25)"}' >> "$f"; tr --batch 32 --memory-budget-gb 8 --steps 6 --out "$f"
     echo '{"env": "limit 7.6"}' >> "$f"; tr $s --memory-limit-gb 7.6
     echo '{"env": "no limit"}' >> "$f"; tr $s
-    echo '{"env": "liger 32 ckpt"}' >> "$f"
-    timeout 150 python3 scripts/peer_liger_kd.py 32 ckpt 2>&1 | tail -1 | tee -a "$f"
+    liger8 "$f"
   done
 fi
