@@ -125,3 +125,17 @@ if [ "$part" = 8gb-limit ]; then
     liger8 "$f"
   done
 fi
+if [ "$part" = 8gb-smaller-batch ]; then
+  # Session 23: the 8 GB setting (1 x 32) ran 81k without a memory limit against ~79k under it, but peaked at 8.75
+  # GB. A smaller micro-batch holds less (block inputs and the recomputed block scale with it): does one of 24 or
+  # 28 without a limit stay within 8 GB, and is it faster than 32 under the limit? Alternated twice with the peer.
+  f="$OUT/8gb-smaller-batch.jsonl"
+  for i in 1 2; do
+    echo '{"env": "8 GB chooser (1 x 32, limit 7.25)"}' >> "$f"; tr --batch 32 --memory-budget-gb 8 --steps 6 --out "$f"
+    for b in 24 28; do
+      echo "{\"env\": \"1 x $b, blocks, chunk 512, queue 100 MB, no limit\"}" >> "$f"
+      tr --batch $b --grad-checkpoint --chunk 512 --queue-mb 100 --steps 6 --out "$f"
+    done
+    liger8 "$f"
+  done
+fi
