@@ -139,3 +139,20 @@ if [ "$part" = 8gb-smaller-batch ]; then
     liger8 "$f"
   done
 fi
+if [ "$part" = 8gb-queue-nolimit ]; then
+  # Session 23: without a memory limit the 8 GB setting ran 81k at 8.75 GB, 1.38 GB over its floor: work MLX
+  # queued ahead of the GPU, at most 10 graphs of ~MLX_MAX_MB_PER_BUFFER (100) MB of inputs each (mlx/transforms.cpp,
+  # MAX_ACTIVE_TASKS). Smaller graphs queue less: does 25 or 50 MB keep the peak within 8 GB, no limit (whose
+  # waits cost ~2.5%), and run faster than the chooser's pick? One unrecorded warm-up run (the first on a fresh
+  # machine compiles kernels: one ran past 170 s), then alternated twice with the pick and the peer.
+  f="$OUT/8gb-queue-nolimit.jsonl"
+  timeout 240 python3 scripts/bench_kd.py --preset "$P" --trainer --warmup 2 --steps 1 --batch 32 --memory-budget-gb 8 > /dev/null 2>&1
+  for i in 1 2; do
+    for q in 25 50; do
+      echo "{\"env\": \"1 x 32, blocks, chunk 512, queue $q MB, no limit\"}" >> "$f"
+      tr --batch 32 --grad-checkpoint --chunk 512 --queue-mb $q --steps 6 --out "$f"
+    done
+    echo '{"env": "8 GB chooser (1 x 32, limit 7.25, queue 100 MB)"}' >> "$f"; tr --batch 32 --memory-budget-gb 8 --steps 6 --out "$f"
+    liger8 "$f"
+  done
+fi
