@@ -348,6 +348,7 @@ def run_trainer(args) -> dict:
         adapter_config,
         apply_lora,
         checkpoint_setting,
+        memory_limit,
         train_with_kd,
         use_compile,
         use_lean_backward,
@@ -382,9 +383,26 @@ def run_trainer(args) -> dict:
         batch, accumulation = cfg.batch_size, cfg.grad_accumulation
     rng = mx.random.randint(1, vocab, (batch * accumulation * iters, seq)).tolist()
     train = [Example(tuple(row), 1) for row in rng]  # the loss on every position after the first
-    targets_fn = online_targets(teacher, cfg, prefetch=use_prefetch(cfg))  # the distiller's online targets
+    teacher_targets = online_targets(teacher, cfg, prefetch=use_prefetch(cfg))  # the distiller's online targets
     times = []
     timeline = KernelTimeline() if args.kernels else None
+    # The timed steps' peak memory while the teacher's pass is queued and while anything else is: MLX allocates
+    # an operation's output as it queues it and frees it when the GPU is done with it, so a peak read on each
+    # side of the (synchronous) queueing of the teacher's pass is that phase's.
+    phase_peaks = {"teacher": 0.0, "rest": 0.0}
+
+    def read_peak(phase: str) -> None:
+        if args.phase_peaks:
+            if len(times) >= args.warmup:
+                phase_peaks[phase] = max(phase_peaks[phase], mx.get_peak_memory())
+            mx.reset_peak_memory()
+
+    def targets_fn(idx, split, tokens):
+        read_peak("rest")
+        with memory_limit(args.teacher_limit_gb):  # a limit for the teacher's pass alone, the trainer's for the rest
+            targets = teacher_targets(idx, split, tokens)
+        read_peak("teacher")
+        return targets
 
     def on_event(event):
         if isinstance(event, Step):  # step k's figures are read: its work is done, the next one's is queued
@@ -399,6 +417,7 @@ def run_trainer(args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         train_with_kd(student, train, [], targets_fn, cfg, Path(out), adapter_cfg=adapter_config(cfg, n_blocks),
                       reporter=on_event)
+    read_peak("rest")
     dt = (times[args.warmup + args.steps - 1] - times[args.warmup - 1]) / args.steps
     if timeline:  # the timed steps ran under the profiler: compare their tokens/s only with other profiled runs
         extra = {"profiled": True, **timeline.summary(args.steps)}
@@ -410,7 +429,9 @@ def run_trainer(args) -> dict:
             "lean_backward": use_lean_backward(cfg),
             "memory_budget_gb": args.memory_budget_gb,
             "step_s": round(dt, 4), "tok_s": round(batch * accumulation * seq / dt, 1),
-            "peak_gb": round(mx.get_peak_memory() / 2**30, 2), "queue_mb": os.environ.get("MLX_MAX_MB_PER_BUFFER"),
+            "peak_gb": round(max(mx.get_peak_memory(), *phase_peaks.values()) / 2**30, 2),
+            "queue_mb": os.environ.get("MLX_MAX_MB_PER_BUFFER"), "teacher_limit_gb": args.teacher_limit_gb,
+            **({f"peak_{k}_gb": round(v / 2**30, 2) for k, v in phase_peaks.items()} if args.phase_peaks else {}),
             **(extra if timeline else {})}
 
 
@@ -585,6 +606,10 @@ def main() -> None:
     ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     ap.add_argument("--trainer", action="store_true", help="time the trainer's loop end to end (train_with_kd)")
+    ap.add_argument("--teacher-limit-gb", type=float,
+                    help="with --trainer: MLX's memory limit while the teacher's pass is queued (else --memory-limit-gb's)")
+    ap.add_argument("--phase-peaks", action="store_true",
+                    help="with --trainer: the timed steps' peak memory while the teacher's pass is queued and otherwise")
     ap.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto", help="with --trainer: teacher_prefetch")
     ap.add_argument("--grad-accumulation", type=int, default=1, help="with --trainer: micro-batches per step")
     ap.add_argument("--memory-budget-gb", type=float,
