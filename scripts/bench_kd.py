@@ -348,7 +348,6 @@ def run_trainer(args) -> dict:
         adapter_config,
         apply_lora,
         checkpoint_setting,
-        memory_limit,
         train_with_kd,
         use_compile,
         use_lean_backward,
@@ -399,8 +398,7 @@ def run_trainer(args) -> dict:
 
     def targets_fn(idx, split, tokens):
         read_peak("rest")
-        with memory_limit(args.teacher_limit_gb):  # a limit for the teacher's pass alone, the trainer's for the rest
-            targets = teacher_targets(idx, split, tokens)
+        targets = teacher_targets(idx, split, tokens)
         read_peak("teacher")
         return targets
 
@@ -430,7 +428,7 @@ def run_trainer(args) -> dict:
             "memory_budget_gb": args.memory_budget_gb,
             "step_s": round(dt, 4), "tok_s": round(batch * accumulation * seq / dt, 1),
             "peak_gb": round(max(mx.get_peak_memory(), *phase_peaks.values()) / 2**30, 2),
-            "queue_mb": os.environ.get("MLX_MAX_MB_PER_BUFFER"), "teacher_limit_gb": args.teacher_limit_gb,
+            "queue_mb": os.environ.get("MLX_MAX_MB_PER_BUFFER"),
             **({f"peak_{k}_gb": round(v / 2**30, 2) for k, v in phase_peaks.items()} if args.phase_peaks else {}),
             **(extra if timeline else {})}
 
@@ -606,8 +604,6 @@ def main() -> None:
     ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     ap.add_argument("--trainer", action="store_true", help="time the trainer's loop end to end (train_with_kd)")
-    ap.add_argument("--teacher-limit-gb", type=float,
-                    help="with --trainer: MLX's memory limit while the teacher's pass is queued (else --memory-limit-gb's)")
     ap.add_argument("--phase-peaks", action="store_true",
                     help="with --trainer: the timed steps' peak memory while the teacher's pass is queued and otherwise")
     ap.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto", help="with --trainer: teacher_prefetch")

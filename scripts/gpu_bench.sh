@@ -157,16 +157,14 @@ if [ "$part" = 8gb-queue-nolimit ]; then
   done
 fi
 if [ "$part" = 8gb-phases ]; then
-  # For the next device session (written in session 23, not yet run): where does the 8 GB setting's peak arise
-  # without a limit (8.75 GB: while the teacher's next pass is queued beside the student's step, or in the step),
-  # and does a limit on the teacher's pass alone keep it within 8 GB while the student's step runs free (its
-  # floor, 7.37 GB, is over the chooser's 7.25 limit, so under that limit MLX waits after every operation)?
-  # One unrecorded warm-up run, then alternated twice with the chooser's pick and the peer.
-  f="$OUT/8gb-phases.jsonl"; s="--batch 32 --grad-checkpoint --chunk 512 --queue-mb 100 --phase-peaks --steps 6 --out $f"
+  # Session 23, start 4 (once, with --steps 3: the device time left): where the 8 GB setting's peak arises,
+  # while the teacher's next pass is being queued or in the rest of the step (`--phase-peaks`), without a limit
+  # and under the chooser's, with the peer. One unrecorded warm-up run first, then alternated twice.
+  f="$OUT/8gb-phases.jsonl"
   timeout 240 python3 scripts/bench_kd.py --preset "$P" --trainer --warmup 2 --steps 1 --batch 32 --memory-budget-gb 8 > /dev/null 2>&1
   for i in 1 2; do
-    echo '{"env": "1 x 32, blocks, chunk 512, queue 100 MB, no limit"}' >> "$f"; tr $s
-    echo '{"env": "the same, limit 7.25 on the teacher pass alone"}' >> "$f"; tr $s --teacher-limit-gb 7.25
+    echo '{"env": "1 x 32, blocks, chunk 512, queue 100 MB, no limit"}' >> "$f"
+    tr --batch 32 --grad-checkpoint --chunk 512 --queue-mb 100 --phase-peaks --steps 6 --out "$f"
     echo '{"env": "8 GB chooser (limit 7.25)"}' >> "$f"; tr --batch 32 --memory-budget-gb 8 --phase-peaks --steps 6 --out "$f"
     liger8 "$f"
   done
