@@ -8,6 +8,9 @@
 # `... tests`: the kernel and fused-loss tests on the GPU.
 # `... 8gb-batch`: within 8 GB, batch 64 (2 x 32) against batch 32, with the Liger peer, twice.
 # `... 8gb-limit`: the 8 GB setting under MLX memory limits 7.25 (the chooser's), 7.6 and none, with the peer, twice.
+# `... 8gb-smaller-batch`: within 8 GB without a memory limit, micro-batches of 24 and 28 against the chooser's 32, with the peer, twice.
+# `... 8gb-queue-nolimit`: the 8 GB setting without a memory limit, MLX's CUDA graphs closed at 25 or 50 MB, against the chooser's pick.
+# `... 8gb-phases`: the 8 GB setting's peak split by phase (teacher pass queued / the rest), without a limit and under the chooser's, with the peer, twice.
 set -u
 OUT=${OUT:-/tmp/bench-out}; PEER=${PEER:-.carry/b/peer_torch_kd.py}; mkdir -p "$OUT"
 P='qwen2.5-1.5b->0.5b'
@@ -17,6 +20,11 @@ peer() { echo "== torch peer B=$1"; timeout 150 python3 "$PEER" "$1" 2>&1 | tail
 # The Liger peer's best within 8 GB (batch 32, checkpointed), after an env line naming it, appended to file $1.
 liger8() { echo '{"env": "liger 32 ckpt"}' >> "$1"; timeout 150 python3 scripts/peer_liger_kd.py 32 ckpt 2>&1 | tail -1 | tee -a "$1"; }
 tr() { echo "== trainer $*"; timeout 170 python3 scripts/bench_kd.py --preset "$P" --trainer --warmup 2 --steps 8 --out "$OUT/bench.jsonl" "$@" 2>&1 | grep -E '^\{|Error' | tail -1; }
+# The chooser's 8 GB pick (1 x 32, every block recomputed, chunk 512, limit 7.25, queue 100 MB), after an env line
+# naming it, appended to file $1 (more flags after it).
+pick8() { f8=$1; shift; echo '{"env": "8 GB chooser (1 x 32, limit 7.25)"}' >> "$f8"; tr --batch 32 --memory-budget-gb 8 --steps 6 --out "$f8" "$@"; }
+# One unrecorded run of it: the first run on a fresh machine compiles kernels (one ran past 170 s).
+warmup8() { timeout 240 python3 scripts/bench_kd.py --preset "$P" --trainer --warmup 2 --steps 1 --batch 32 --memory-budget-gb 8 > /dev/null 2>&1; }
 part=${1:-all}
 if [ "$part" = a ] || [ "$part" = all ]; then
   peer 8
@@ -119,7 +127,7 @@ if [ "$part" = 8gb-limit ]; then
   # none, and the peer's best there, alternated twice in one start.
   f="$OUT/8gb-limit.jsonl"; s="--batch 32 --grad-checkpoint --chunk 512 --queue-mb 100 --steps 6 --out $f"
   for i in 1 2; do
-    echo '{"env": "8 GB chooser (limit 7.25)"}' >> "$f"; tr --batch 32 --memory-budget-gb 8 --steps 6 --out "$f"
+    pick8 "$f"
     echo '{"env": "limit 7.6"}' >> "$f"; tr $s --memory-limit-gb 7.6
     echo '{"env": "no limit"}' >> "$f"; tr $s
     liger8 "$f"
@@ -131,7 +139,7 @@ if [ "$part" = 8gb-smaller-batch ]; then
   # 28 without a limit stay within 8 GB, and is it faster than 32 under the limit? Alternated twice with the peer.
   f="$OUT/8gb-smaller-batch.jsonl"
   for i in 1 2; do
-    echo '{"env": "8 GB chooser (1 x 32, limit 7.25)"}' >> "$f"; tr --batch 32 --memory-budget-gb 8 --steps 6 --out "$f"
+    pick8 "$f"
     for b in 24 28; do
       echo "{\"env\": \"1 x $b, blocks, chunk 512, queue 100 MB, no limit\"}" >> "$f"
       tr --batch $b --grad-checkpoint --chunk 512 --queue-mb 100 --steps 6 --out "$f"
@@ -143,16 +151,16 @@ if [ "$part" = 8gb-queue-nolimit ]; then
   # Session 23: without a memory limit the 8 GB setting ran 81k at 8.75 GB, 1.38 GB over its floor: work MLX
   # queued ahead of the GPU, at most 10 graphs of ~MLX_MAX_MB_PER_BUFFER (100) MB of inputs each (mlx/transforms.cpp,
   # MAX_ACTIVE_TASKS). Smaller graphs queue less: does 25 or 50 MB keep the peak within 8 GB, no limit (whose
-  # waits cost ~2.5%), and run faster than the chooser's pick? One unrecorded warm-up run (the first on a fresh
-  # machine compiles kernels: one ran past 170 s), then alternated twice with the pick and the peer.
+  # waits cost ~2.5%), and run faster than the chooser's pick? One unrecorded warm-up run, then alternated twice
+  # with the pick and the peer.
   f="$OUT/8gb-queue-nolimit.jsonl"
-  timeout 240 python3 scripts/bench_kd.py --preset "$P" --trainer --warmup 2 --steps 1 --batch 32 --memory-budget-gb 8 > /dev/null 2>&1
+  warmup8
   for i in 1 2; do
     for q in 25 50; do
       echo "{\"env\": \"1 x 32, blocks, chunk 512, queue $q MB, no limit\"}" >> "$f"
       tr --batch 32 --grad-checkpoint --chunk 512 --queue-mb $q --steps 6 --out "$f"
     done
-    echo '{"env": "8 GB chooser (1 x 32, limit 7.25, queue 100 MB)"}' >> "$f"; tr --batch 32 --memory-budget-gb 8 --steps 6 --out "$f"
+    pick8 "$f"
     liger8 "$f"
   done
 fi
@@ -161,11 +169,11 @@ if [ "$part" = 8gb-phases ]; then
   # while the teacher's next pass is being queued or in the rest of the step (`--phase-peaks`), without a limit
   # and under the chooser's, with the peer. One unrecorded warm-up run first, then alternated twice.
   f="$OUT/8gb-phases.jsonl"
-  timeout 240 python3 scripts/bench_kd.py --preset "$P" --trainer --warmup 2 --steps 1 --batch 32 --memory-budget-gb 8 > /dev/null 2>&1
+  warmup8
   for i in 1 2; do
     echo '{"env": "1 x 32, blocks, chunk 512, queue 100 MB, no limit"}' >> "$f"
     tr --batch 32 --grad-checkpoint --chunk 512 --queue-mb 100 --phase-peaks --steps 6 --out "$f"
-    echo '{"env": "8 GB chooser (limit 7.25)"}' >> "$f"; tr --batch 32 --memory-budget-gb 8 --phase-peaks --steps 6 --out "$f"
+    pick8 "$f" --phase-peaks
     liger8 "$f"
   done
 fi
