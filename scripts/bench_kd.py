@@ -121,6 +121,35 @@ def busy_share(intervals: list[tuple[float, float]]) -> float:
     return sum(e - s for s, e in spans) / (spans[-1][1] - spans[0][0])
 
 
+KERNEL_KINDS = (("matmul", ("nvjet", "gemm", "cublas", "splitkreduce")), ("attention", ("sdpa", "fmha", "cudnn")),
+                ("ours", ("custom_kernel",)), ("norm", ("rms_norm", "layer_norm")), ("reduce", ("reduce",)),
+                ("copy", ("copy", "memset", "memcpy", "concatenate", "gather", "scatter")))
+
+
+def kernel_kind(name: str) -> str:
+    """A kernel's kind by its name: matmul, attention, ours (mx.fast custom kernels), norm, reduce, copy, or
+    elementwise (MLX's compiled and unary/binary kernels, the rest)."""
+    low = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in low for m in marks)), "elementwise")
+
+
+def kernel_breakdown(events: list[tuple[str, float, float]], steps: int, top: int = 25) -> dict:
+    """Kernel time and launches per step by kind (`kernel_kind`) and for the `top` kernels by time, from
+    (name, start, end) events in microseconds: where a profiled step's GPU time goes."""
+    by_name: dict[str, list[float]] = {}
+    for name, s, e in events:
+        acc = by_name.setdefault(name, [0.0, 0])
+        acc[0], acc[1] = acc[0] + e - s, acc[1] + 1
+    kinds: dict[str, list[float]] = {}
+    for name, (us, n) in by_name.items():
+        acc = kinds.setdefault(kernel_kind(name), [0.0, 0])
+        acc[0], acc[1] = acc[0] + us, acc[1] + n
+    per_step = lambda us, n: [round(us / steps / 1000, 2), n // steps]  # noqa: E731
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"kinds_ms_launches": {k: per_step(*v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
+            "top_kernels_ms_launches": [[name[:90], *per_step(*v)] for name, v in ranked]}
+
+
 def idle_gaps(intervals: list[tuple[float, float]]) -> list[float]:
     """The gaps between the busy spans, longest first: a few long ones point at the host (step boundaries,
     waits), many short ones at launch overheads."""
@@ -151,15 +180,16 @@ class KernelTimeline:
     def summary(self, steps: int) -> dict:
         from torch.autograd import DeviceType
 
-        kernels = [(e.time_range.start, e.time_range.end) for e in self.prof.events()
-                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+        named = [(e.name, e.time_range.start, e.time_range.end) for e in self.prof.events()
+                 if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+        kernels = [(s, e) for _, s, e in named]
         total = sum(e - s for s, e in kernels)
         gaps = idle_gaps(kernels)  # microseconds
         return {"kernel_ms_per_step": round(total / steps / 1000, 2), "gpu_busy_share": round(busy_share(kernels), 4),
                 "launches_per_step": len(kernels) // steps,
                 "idle_ms_per_step": round(sum(gaps) / steps / 1000, 2),
                 "idle_ms_in_gaps_over_1ms_per_step": round(sum(g for g in gaps if g > 1000) / steps / 1000, 2),
-                "longest_gaps_ms": [round(g / 1000, 2) for g in gaps[:8]]}
+                "longest_gaps_ms": [round(g / 1000, 2) for g in gaps[:8]], **kernel_breakdown(named, steps)}
 
 
 def n_params(model) -> int:
@@ -600,7 +630,7 @@ def main() -> None:
     ap.add_argument("--lean-backward", choices=["auto", "on", "off"], default="auto",
                     help="trainer.lean_backward: frozen norms without weight gradients, SwiGLU recomputed (auto: on a GPU)")
     ap.add_argument("--kernels", action="store_true", help="the GPU kernels (torch.profiler): step mode, a table; "
-                    "--trainer, kernel time per step and the GPU's busy share of the timed steps")
+                    "--trainer, kernel time per step by kind and for the top kernels, and the GPU's busy share of the timed steps")
     ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     ap.add_argument("--trainer", action="store_true", help="time the trainer's loop end to end (train_with_kd)")

@@ -11,6 +11,7 @@
 # `... 8gb-smaller-batch`: within 8 GB without a memory limit, micro-batches of 24 and 28 against the chooser's 32, with the peer, twice.
 # `... 8gb-queue-nolimit`: the 8 GB setting without a memory limit, MLX's CUDA graphs closed at 25 or 50 MB, against the chooser's pick.
 # `... 8gb-phases`: the 8 GB setting's peak split by phase (teacher pass queued / the rest), without a limit and under the chooser's, with the peer, twice.
+# `... 8gb-profile`: where the 8 GB step's GPU time goes (kernels by kind and name, busy share) under the chooser's limit and without one; then limit 7.4 against the pick and the peer.
 set -u
 OUT=${OUT:-/tmp/bench-out}; PEER=${PEER:-.carry/b/peer_torch_kd.py}; mkdir -p "$OUT"
 P='qwen2.5-1.5b->0.5b'
@@ -174,6 +175,20 @@ if [ "$part" = 8gb-phases ]; then
     echo '{"env": "1 x 32, blocks, chunk 512, queue 100 MB, no limit"}' >> "$f"
     tr --batch 32 --grad-checkpoint --chunk 512 --queue-mb 100 --phase-peaks --steps 6 --out "$f"
     pick8 "$f" --phase-peaks
+    liger8 "$f"
+  done
+fi
+if [ "$part" = 8gb-profile ]; then
+  # Session 24: the 8 GB trainer step profiled (`--kernels`: kernel time by kind and for the top kernels, the
+  # GPU's busy share), under the chooser's limit and without one; then a limit of 7.4 against the pick and the
+  # peer (the peak ran ~0.55 GB over limits of 7.25 and 7.6).
+  f="$OUT/8gb-profile.jsonl"; s="--batch 32 --grad-checkpoint --chunk 512 --queue-mb 100 --steps 6 --out $f"
+  warmup8
+  pick8 "$f" --kernels
+  echo '{"env": "1 x 32, blocks, chunk 512, queue 100 MB, no limit, profiled"}' >> "$f"; tr $s --kernels
+  for i in 1 2; do
+    echo '{"env": "1 x 32, blocks, chunk 512, queue 100 MB, limit 7.4"}' >> "$f"; tr $s --memory-limit-gb 7.4
+    pick8 "$f"
     liger8 "$f"
   done
 fi

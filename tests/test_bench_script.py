@@ -135,6 +135,25 @@ def test_idle_gaps_are_the_holes_between_busy_spans_longest_first():
     assert idle_gaps(kernels) == [4, 2] and idle_gaps([(0, 1)]) == [] and idle_gaps([]) == []
 
 
+def test_kernel_breakdown_sums_time_and_launches_per_step_by_kind_and_name():
+    from scripts.bench_kd import kernel_breakdown, kernel_kind
+
+    assert kernel_kind("nvjet_sm90_tst_128x256_64x4_1x2_h_bz_coopA_NNN") == "matmul"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16") == "attention"
+    assert kernel_kind("mlx::core::cu::custom_kernel_conch_rope_bfloat16_t") == "ours"
+    assert kernel_kind("void mlx::core::cu::rms_norm_vjp_small_fallback<__nv_bfloat16>") == "norm"
+    assert kernel_kind("void mlx::core::cu::all_reduce<float, float, Sum, 8>") == "reduce"
+    assert kernel_kind("void mlx::core::cu::copy_v<__nv_bfloat16, float>") == "copy"
+    assert kernel_kind("void mlx::core::cu::CV2ISigmoidADV2IMultiplyACEV2OMultiplyDB") == "elementwise"
+    # two steps: a matmul twice a step (3 ms + 1 ms each step), an elementwise kernel once (0.5 ms)
+    events = [("nvjet_a", 0, 3000), ("nvjet_a", 3000, 4000), ("add", 4000, 4500),
+              ("nvjet_a", 5000, 8000), ("nvjet_a", 8000, 9000), ("add", 9000, 9500)]
+    out = kernel_breakdown(events, steps=2, top=1)
+    assert out["kinds_ms_launches"] == {"matmul": [4.0, 2], "elementwise": [0.5, 1]}
+    assert list(out["kinds_ms_launches"]) == ["matmul", "elementwise"]  # most time first
+    assert out["top_kernels_ms_launches"] == [["nvjet_a", 4.0, 2]]
+
+
 @pytest.mark.skipif(mx.cuda.is_available(), reason="on an NVIDIA GPU --kernels runs")
 def test_kernels_without_a_cuda_gpu_is_refused():
     run = subprocess.run([sys.executable, "scripts/bench_kd.py", "--trainer", "--warmup", "2", "--kernels"],
