@@ -249,9 +249,11 @@ def run(args, impl: str) -> dict:
             checkpoint_blocks(student, args.checkpoint_every, args.checkpoint_scope, args.whole_blocks)
     opt = optim.AdamW(learning_rate=1e-4)
     opt.init(student.trainable_parameters())
+    from conch_dna.training.kd.flat import FlatLayout
     from conch_dna.training.kd.trainer import make_update
 
     update = make_update(student, opt, 1.0, compiled)  # the trainer's: mean gradient, clipping, AdamW
+    layout = FlatLayout.of(student.trainable_parameters())  # the update takes the gradient as one vector
     weights_gb = mx.get_active_memory() / 2**30
     tokens = mx.random.randint(0, vocab, (batch, seq))
     mask = mx.ones((batch, seq), dtype=mx.bool_)
@@ -300,7 +302,7 @@ def run(args, impl: str) -> dict:
         targets = overlapped_targets() if teacher_stream is not None else teacher_targets()
         mx.eval(targets)
         loss, grads = loss_and_grad(student, tokens, mask, targets)
-        norm = update(grads, loss, mx.array(1.0))
+        norm = update(layout.flatten(grads), loss, mx.array(1.0))
         mx.eval(loss, norm, student.trainable_parameters(), opt.state)
         return loss
 

@@ -205,13 +205,14 @@ def test_update_is_skipped_on_the_device_when_the_loss_is_not_finite(compiled):
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_map
 
+    from conch_dna.training.kd.flat import FlatLayout
     from conch_dna.training.kd.trainer import make_update
 
     model = nn.Linear(4, 3)
     opt = optim.AdamW(learning_rate=0.1)
     opt.init(model.trainable_parameters())
     update = make_update(model, opt, max_grad_norm=1.0, compiled=compiled)
-    grads = tree_map(lambda p: mx.ones_like(p) * 2.0, model.trainable_parameters())
+    grads = FlatLayout.of(model.trainable_parameters()).flatten(tree_map(lambda p: mx.ones_like(p) * 2.0, model.trainable_parameters()))
 
     def snapshot():
         mx.eval(model.parameters(), opt.state)

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+
+from conch_dna.training.kd.flat import FlatLayout
 
 _solo = threading.local()
 
@@ -62,16 +63,10 @@ def all_sum_tree(tree):
     buffer and split back (as mlx-lm's `average_gradients` does), not one `all_sum` per leaf."""
     if size() == 1:
         return tree
-    leaves = tree_flatten(tree)
-    if not leaves:
+    layout = FlatLayout.of(tree)
+    if not layout.keys:
         return tree
-    flat = mx.concatenate([v.reshape(-1).astype(mx.float32) for _, v in leaves])
-    summed = mx.distributed.all_sum(flat)
-    out, start = [], 0
-    for k, v in leaves:
-        out.append((k, summed[start : start + v.size].reshape(v.shape).astype(v.dtype)))
-        start += v.size
-    return tree_unflatten(out)
+    return layout.unflatten(mx.distributed.all_sum(layout.flatten(tree)))
 
 
 def barrier() -> None:
