@@ -12,6 +12,7 @@
 # `... 8gb-queue-nolimit`: the 8 GB setting without a memory limit, MLX's CUDA graphs closed at 25 or 50 MB, against the chooser's pick.
 # `... 8gb-phases`: the 8 GB setting's peak split by phase (teacher pass queued / the rest), without a limit and under the chooser's, with the peer, twice.
 # `... 8gb-profile`: where the 8 GB step's GPU time goes (kernels by kind and name, busy share) under the chooser's limit and without one; then limit 7.4 against the pick and the peer.
+# `... 8gb-flat`: the update over one vector against the per-parameter one (OLD: a checkout before it), within 8 GB, with the peer, twice; then one profiled run.
 set -u
 OUT=${OUT:-/tmp/bench-out}; PEER=${PEER:-.carry/b/peer_torch_kd.py}; mkdir -p "$OUT"
 P='qwen2.5-1.5b->0.5b'
@@ -191,4 +192,18 @@ if [ "$part" = 8gb-profile ]; then
     pick8 "$f"
     liger8 "$f"
   done
+fi
+if [ "$part" = 8gb-flat ]; then
+  # Session 24: the update over one vector (flat.FlatLayout) against the per-parameter update it replaced
+  # (OLD: a checkout of the commit before, e.g. `git archive caabde1 conch_dna scripts config pyproject.toml`),
+  # the chooser's 8 GB pick each, alternated twice with the peer; then the new one profiled (`--kernels`).
+  f="$OUT/8gb-flat.jsonl"; OLD=${OLD:-/tmp/old}
+  warmup8
+  for i in 1 2; do
+    pick8 "$f"
+    echo '{"env": "per-parameter update (before session 24)"}' >> "$f"
+    (cd "$OLD" && tr --batch 32 --memory-budget-gb 8 --steps 6 --out "$f")
+    liger8 "$f"
+  done
+  pick8 "$f" --kernels
 fi
