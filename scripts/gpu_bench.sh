@@ -13,6 +13,7 @@
 # `... 8gb-phases`: the 8 GB setting's peak split by phase (teacher pass queued / the rest), without a limit and under the chooser's, with the peer, twice.
 # `... 8gb-profile`: where the 8 GB step's GPU time goes (kernels by kind and name, busy share) under the chooser's limit and without one; then limit 7.4 against the pick and the peer.
 # `... 8gb-flat`: the update over one vector against the per-parameter one (OLD: a checkout before it), within 8 GB, with the peer, twice; then one profiled run.
+# `... 8gb-flat-3`: the chooser's 8 GB pick with the flat update against the peer, three times alternated, then the per-parameter update once (OLD).
 set -u
 OUT=${OUT:-/tmp/bench-out}; PEER=${PEER:-.carry/b/peer_torch_kd.py}; mkdir -p "$OUT"
 P='qwen2.5-1.5b->0.5b'
@@ -206,4 +207,15 @@ if [ "$part" = 8gb-flat ]; then
     liger8 "$f"
   done
   pick8 "$f" --kernels
+fi
+if [ "$part" = 8gb-flat-3 ]; then
+  # Session 24, another machine start: the acceptance figure with three runs each, then OLD once.
+  f="$OUT/8gb-flat-3.jsonl"; OLD=${OLD:-/tmp/old}
+  warmup8
+  for i in 1 2 3; do
+    pick8 "$f"
+    liger8 "$f"
+  done
+  echo '{"env": "per-parameter update (before session 24)"}' >> "$f"
+  (cd "$OLD" && tr --batch 32 --memory-budget-gb 8 --steps 6 --out "$f")
 fi
