@@ -67,15 +67,20 @@ def test_failing_run_signals_failure_with_last_checkpoint(tiny_pair, kd_config, 
     teacher, student = tiny_pair
     cfg = kd_config(iters=6, checkpoint_interval=2)
     calls = {"n": 0}
-    real = trainer.optim.clip_grad_norm
+    real = trainer.make_update
 
-    def exploding(grads, max_norm):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise MemoryError("simulated out of memory in step 3")
-        return real(grads, max_norm)
+    def exploding_update(*args):
+        update = real(*args)
 
-    monkeypatch.setattr(trainer.optim, "clip_grad_norm", exploding)
+        def exploding(*step_args):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise MemoryError("simulated out of memory in step 3")
+            return update(*step_args)
+
+        return exploding
+
+    monkeypatch.setattr(trainer, "make_update", exploding_update)
     stack, events = record_all()
     with stack, pytest.raises(MemoryError):
         TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("debug", PROMPTS)
