@@ -578,6 +578,7 @@ def train_with_kd(
             validate(model, val, targets_fn, config, vocab, run, report, step=0)
         update = make_update(model, optimizer, config.max_grad_norm, use_compile(config))  # after a resume: see there
         pipeline = TargetsPipeline(train, targets_fn, config, pad_multiple)
+        layout = FlatLayout.of(model.trainable_parameters())  # how each step's gradient is gathered (`make_update`)
         start_step, t_start = run.step, time.perf_counter()
         # The host reads a step's figures only after it has queued the next step's micro-batches: while it
         # waits, reports, validates and saves, the GPU already works on that step. The update is guarded on
@@ -588,7 +589,7 @@ def train_with_kd(
             examples = pipeline.examples(step)
             if config.on_policy_lambda > 0 and student_writes is not None:
                 examples = on_policy(model, examples, config, step, student_writes)
-            grads_sum, sums = micro_batch_steps(model, loss_and_grad, pipeline.batches(step, examples))
+            grads_sum, sums = micro_batch_steps(model, loss_and_grad, pipeline.batches(step, examples), layout)
             if pending is not None:
                 done_at = finish_step(pending, model, optimizer, val, targets_fn, config, vocab, out_dir, adapter_cfg,
                                       run, report)
@@ -744,11 +745,10 @@ class TargetsPipeline:
             self.launched[(step, m)] = tokens, mask, self.targets_fn(micro, "train", tokens)
 
 
-def micro_batch_steps(model, loss_and_grad, batches) -> tuple[mx.array, dict]:
-    """The gradient (one float32 vector: `FlatLayout` of the trainable parameters) and loss sums of a step's
+def micro_batch_steps(model, loss_and_grad, batches, layout: FlatLayout) -> tuple[mx.array, dict]:
+    """The gradient (one float32 vector: `layout`, the trainable parameters') and loss sums of a step's
     micro-batches, token-weighted, summed across processes; queued on the device, not waited for. Sums
     (scalar arrays): loss, kd, ce, ul and n (tokens)."""
-    layout = FlatLayout.of(model.trainable_parameters())
     grads_sum, sums = None, None
     for tokens, mask, targets in batches:
         (_, out), grads = loss_and_grad(model, tokens, mask, targets)
