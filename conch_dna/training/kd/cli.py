@@ -1,5 +1,5 @@
-"""Command line: `python -m conch_dna.training.kd`, `python -m conch_dna.training.true_kd`,
-`scripts/distill_neurons.py`. Defaults are the offline EGO/CORTEX pair. Bad input exits with code 2."""
+"""The `conch-distill` command (also `python -m conch_dna.training.kd` and `scripts/distill_neurons.py`).
+Defaults are the offline EGO/CORTEX pair. Bad input exits with code 2 before any model is loaded."""
 
 from __future__ import annotations
 
@@ -13,47 +13,42 @@ from contextlib import contextmanager
 EXIT_BAD_INPUT = 2
 
 
-def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description="Distil the EGO teacher into CORTEX neuron LoRA adapters (true logit-level KD).")
+# Flags that set one KDConfig field: their help, type, choices, default and range come from the field itself.
+CONFIG_FLAGS = {
+    "--teacher": "teacher_model_id", "--student": "student_model_id", "--output": "output_dir",
+    "--temperature": "temperature", "--alpha": "alpha", "--divergence": "divergence", "--iters": "iters",
+    "--batch-size": "batch_size", "--learning-rate": "learning_rate", "--max-seq-length": "max_seq_length",
+    "--max-new-tokens": "generation.max_new_tokens", "--lora-rank": "lora.rank", "--lora-init": "lora.init",
+    "--seed": "seed", "--on-policy": "on_policy_lambda", "--own-answers": "own_answers",
+    "--unlikelihood": "unlikelihood", "--text": "text", "--text-share": "text_share",
+    "--memory-limit-gb": "memory_limit_gb", "--memory-budget-gb": "memory_budget_gb",
+}
+
+
+def build_parser(prog: str = "conch-distill") -> argparse.ArgumentParser:
+    from conch_dna.training.kd.config import field_info
+
+    ap = argparse.ArgumentParser(
+        prog=prog, description="Distil the EGO teacher into CORTEX neuron LoRA adapters (true logit-level KD), "
+        "judge each neuron on held-out prompts and register it in the CORTEX registry.",
+        epilog="Settings without a flag go in a TOML file (--config) or CONCH_KD_<FIELD> environment variables; "
+        "flags rank above both. The domains come from CONCH_KD_DOMAINS_FILE, else config/domains.toml of "
+        "the working directory, else the package's defaults.")
     which = ap.add_mutually_exclusive_group()
-    which.add_argument("--domain", help="one domain (from config/domains.toml, or any name with --prompts)")
-    which.add_argument("--all", action="store_true", help="every domain in config/domains.toml")
+    which.add_argument("--domain", help="one domain to distil (a domain of the domains file, or any name with --prompts)")
+    which.add_argument("--all", action="store_true", help="distil every domain of the domains file")
     which.add_argument("--list", action="store_true", help="list the CORTEX registry's neurons and versions, then exit")
     ap.add_argument("--prompts", help="prompt file: one prompt per line, or JSONL with a \"prompt\" field")
-    ap.add_argument("--temperature", type=float)
-    ap.add_argument("--alpha", type=float)
-    ap.add_argument("--divergence", choices=["forward_kl", "reverse_kl", "jsd", "tvd"])
-    ap.add_argument("--iters", type=int)
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--learning-rate", type=float)
-    ap.add_argument("--max-seq-length", type=int)
-    ap.add_argument("--max-new-tokens", type=int, help="teacher response length")
-    ap.add_argument("--lora-rank", type=int)
-    ap.add_argument("--lora-init", choices=["auto", "residual", "zero"],
-                    help="start the adapter as the correction of the student's difference from the teacher "
-                    "(residual; auto: when the student is a same-shaped copy) or as a no-op (zero)")
-    ap.add_argument("--memory-limit-gb", type=float, help="cap MLX's memory while training (see memory_limit_gb)")
-    ap.add_argument("--memory-budget-gb", type=float,
-                    help="fit training into this many GB: the fastest checkpointing, loss chunk, memory limit and "
-                    "micro-batch that fit are chosen (see memory_budget_gb)")
+    for flag, name in CONFIG_FLAGS.items():
+        info = field_info(name)
+        ap.add_argument(flag, type=info.type, choices=info.choices, metavar=info.metavar, help=info.help)
     ap.add_argument("--grad-checkpoint", choices=["block", "mlp"],
-                    help="recompute the student's blocks (or only their MLPs) in the backward pass: less memory")
-    ap.add_argument("--seed", type=int)
+                    help="recompute the student's blocks (or only their MLPs) in the backward pass: less memory, "
+                    "more time (sets grad_checkpoint and grad_checkpoint_scope; default off)")
     ap.add_argument("--from-experience", metavar="DB",
                     help="with --domain: also learn from EGO's experience database (conch_dna.ego.ExperienceStore)")
-    ap.add_argument("--on-policy", type=float, metavar="LAMBDA",
-                    help="share of training answers the student writes itself, scored by the teacher (on_policy_lambda)")
-    ap.add_argument("--own-answers", choices=["auto", "on", "off"],
-                    help="the student answers the training prompts once before training; the teacher scores those "
-                    "answers (own_answers; default auto: on when it can be)")
-    ap.add_argument("--unlikelihood", type=float, metavar="W",
-                    help="weight of the unlikelihood term on tokens that repeat a 4-gram of their answer (0 = off)")
-    ap.add_argument("--text", help="corpus KD: a text file or folder the teacher scores (dense targets, no generation)")
-    ap.add_argument("--text-share", type=float, help="with --text: share of training sequences from the corpus (1 = corpus only)")
-    ap.add_argument("--teacher", help="teacher model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
-    ap.add_argument("--student", help="student model folder or hub id (default: its 4-bit copy)")
-    ap.add_argument("--output", help="output directory (default models/distilled_neurons/adapters_kd)")
-    ap.add_argument("--config", help="TOML config file (default config/kd.toml if present)")
+    ap.add_argument("--config", help="TOML settings file (default: CONCH_KD_CONFIG_FILE, else config/kd.toml of "
+                    "the working directory if present)")
     ap.add_argument("--resume", action="store_true", help="resume each domain from its latest checkpoint")
     ap.add_argument("--spread-domains", action="store_true",
                     help="with --all under mlx.launch: deal whole domains out to the processes instead of splitting batches")
@@ -65,25 +60,18 @@ def build_parser(prog: str = "python -m conch_dna.training.kd") -> argparse.Argu
 
 def overrides_from_args(args) -> dict:
     """CLI flags that were given, as KDConfig fields (flags rank above environment and file)."""
-    out = {k: v for k, v in {
-        "temperature": args.temperature, "alpha": args.alpha, "divergence": args.divergence, "iters": args.iters,
-        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "max_seq_length": args.max_seq_length,
-        "seed": args.seed, "memory_limit_gb": args.memory_limit_gb,
-        "memory_budget_gb": args.memory_budget_gb, "teacher_model_id": args.teacher,
-        "student_model_id": args.student, "output_dir": args.output, "text": args.text, "text_share": args.text_share,
-        "on_policy_lambda": args.on_policy, "own_answers": args.own_answers, "unlikelihood": args.unlikelihood,
-    }.items() if v is not None}
+    out: dict = {}
+    for flag, name in CONFIG_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            section, _, field = name.rpartition(".")
+            (out.setdefault(section, {}) if section else out)[field] = value
     if args.grad_checkpoint is not None:
         out.update(grad_checkpoint=True, grad_checkpoint_scope=args.grad_checkpoint)
-    lora = {k: v for k, v in (("rank", args.lora_rank), ("init", args.lora_init)) if v is not None}
-    if lora:
-        out["lora"] = lora
-    if args.max_new_tokens is not None:
-        out["generation"] = {"max_new_tokens": args.max_new_tokens}
     return out
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m conch_dna.training.kd") -> int:
+def main(argv: list[str] | None = None, prog: str = "conch-distill") -> int:
     import conch_dna  # noqa: F401  (optimized BLAS before mlx)
     from conch_dna.log_setup import configure_logging
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import tomllib
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -45,7 +46,7 @@ class LoRAConfig(BaseModel):
 
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
     scale: float = Field(2.0, gt=0.0, le=100.0, description="LoRA output scale (mlx-lm's `scale`, i.e. alpha/r)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
     num_layers: int = Field(-1, ge=-1, description="adapt the last N transformer blocks; -1 = all (auto-detected)")
     keys: list[str] = Field(default_factory=lambda: list(LORA_KEYS), min_length=1,
                             description="module paths inside a block that get LoRA (attention and MLP by default)")
@@ -60,10 +61,10 @@ class GenerationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(128, ge=1, le=32768)
+    max_new_tokens: int = Field(128, ge=1, le=32768, description="length of the teacher's answers, in tokens")
     temperature: float = Field(0.7, ge=0.0, le=5.0, description="sampling temperature; 0 = greedy")
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    batch_size: int = Field(8, ge=1, le=1024)
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling of the teacher's answers")
+    batch_size: int = Field(8, ge=1, le=1024, description="prompts the teacher answers at once")
     system_prompt: str | None = Field(None, description="optional system message for the chat template")
 
 
@@ -75,16 +76,20 @@ class KDConfig(BaseSettings):
     # Models
     teacher_model_id: str = Field("default-teacher", description="EGO teacher: model folder or hub id")
     student_model_id: str = Field("default-student", description="CORTEX base student: model folder or hub id")
-    output_dir: Path = DEFAULT_OUTPUT_DIR
+    output_dir: Path = Field(DEFAULT_OUTPUT_DIR, description="folder of the adapters: one subfolder per domain")
 
     # The objective: alpha * T^2 * divergence(teacher_T, student_T) + (1 - alpha) * CE
-    temperature: float = Field(2.0, ge=0.5, le=10.0)
+    temperature: float = Field(2.0, ge=0.5, le=10.0, description="T: both distributions are softened as "
+                               "softmax(logits / T); the KD term is scaled by T^2")
     # 0.7: from the default student's residual start (lora.init), the lowest repetition of the neuron's own
     # answers at nearly the lowest held-out KL (docs/quality.md, 3 seeds: KL 0.078, repetition 0.061; alpha 1:
     # 0.073, 0.098; 0.3: 0.177, 0.084). From a zero start alpha 0.3 loops least (0.080 against 0.111).
-    alpha: float = Field(0.7, ge=0.0, le=1.0)
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
-    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
+    alpha: float = Field(0.7, ge=0.0, le=1.0, description="loss = alpha * KD + (1 - alpha) * cross-entropy on "
+                         "the teacher's tokens")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = Field(
+        "forward_kl", description="the KD term: KL(teacher||student), KL(student||teacher), generalized JSD or "
+        "total variation")
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd only: 0 = forward KL, 1 = reverse KL")
 
     # Teacher targets: online dense (exact) or cached top-k (computed once, reusable across temperatures/alphas).
     on_policy_lambda: float = Field(
@@ -108,7 +113,7 @@ class KDConfig(BaseSettings):
     teacher_targets: Literal["cache", "online"] = Field(
         "online", description="online: teacher forward every step, exact dense targets (default); cache: top-k "
         "computed once, an approximation (docs/benchmarks.md gives its error)")
-    top_k: int = Field(64, ge=1, le=4096)
+    top_k: int = Field(64, ge=1, le=4096, description="teacher_targets = cache: logits kept per position")
 
     # Different tokenizers (detected automatically): KD on exactly-mapped tokens + ULD on the remainder.
     uld_weight: float = Field(1.0, ge=0.0, le=100.0, description="weight of the sorted-probability (ULD) term "
@@ -132,15 +137,19 @@ class KDConfig(BaseSettings):
 
     # Optimisation
     # None: LEARNING_RATE[start], by how the adapter starts (lora.init; `learning_rate_for`)
-    learning_rate: float | None = Field(None, gt=0.0, le=1.0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    learning_rate: float | None = Field(None, gt=0.0, le=1.0, description="AdamW's peak learning rate; None = "
+                                         "5e-5 from a residual start, 2e-4 from a zero start")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "cosine", description="decay of the learning rate after warm-up, to 0 at the last step")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from 0")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW's decoupled weight decay")
     max_grad_norm: float = Field(1.0, ge=0.0, description="clip the global gradient norm; 0 = off")
-    batch_size: int = Field(4, ge=1, le=4096)
-    grad_accumulation: int = Field(1, ge=1, le=1024)
-    iters: int = Field(100, ge=1, le=1_000_000_000)
-    max_seq_length: int = Field(512, ge=8, le=131072)
+    batch_size: int = Field(4, ge=1, le=4096, description="sequences per optimizer step")
+    grad_accumulation: int = Field(1, ge=1, le=1024, description="micro-batches a step's batch is split into "
+                                   "(same result, less memory)")
+    iters: int = Field(100, ge=1, le=1_000_000_000, description="optimizer steps")
+    max_seq_length: int = Field(512, ge=8, le=131072, description="tokens per training sequence (prompt + "
+                                "answer); longer ones are cut")
 
     # Memory and speed
     loss_impl: Literal["fused", "reference"] = Field(
@@ -185,10 +194,11 @@ class KDConfig(BaseSettings):
 
     # Validation and checkpoints
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of prompts held out for validation")
-    val_interval: int = Field(25, ge=1)
-    checkpoint_interval: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    seed: int = Field(0, ge=0)
+    val_interval: int = Field(25, ge=1, description="validate every this many steps (and after the last)")
+    checkpoint_interval: int = Field(50, ge=1, description="save a resumable checkpoint every this many steps")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept; older ones are removed")
+    seed: int = Field(0, ge=0, description="seed of the batch order, the split and LoRA's start: a step's batch "
+                      "is a function of (seed, step), so a resumed run is the same run")
 
     @classmethod
     def settings_customise_sources(
@@ -304,3 +314,59 @@ def describe_validation_error(e: ValidationError, config_file: Path | None = Non
             lines.append(f"{field} = {err.get('input')!r}: {err['msg']}")
     where = f" (sources: arguments, CONCH_KD_* environment, {config_file})" if config_file else ""
     return "invalid KD configuration" + where + ":\n  " + "\n  ".join(lines)
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """What the CLI and the reference say of one KDConfig field (`lora.rank` for a nested one)."""
+
+    name: str
+    type: type
+    choices: tuple | None
+    default: object
+    bounds: str
+    description: str
+
+    @property
+    def metavar(self) -> str | None:
+        return None if self.choices else self.name.rpartition(".")[2].upper()
+
+    @property
+    def help(self) -> str:
+        extra = [f"default {self.default}"] + ([self.bounds] if self.bounds else [])
+        return f"{self.description} ({'; '.join(extra)})"
+
+
+def config_fields(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every settable field's dotted name, nested sections (lora, generation) expanded."""
+    model = model or KDConfig
+    names = []
+    for name, f in model.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            names += config_fields(f.annotation, f"{prefix}{name}.")
+        else:
+            names.append(prefix + name)
+    return names
+
+
+def field_info(name: str) -> FieldInfo:
+    """Type, choices, default, range and description of a KDConfig field, from its declaration."""
+    model: type[BaseModel] = KDConfig
+    *sections, last = name.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    f = model.model_fields[last]
+    annotation = f.annotation
+    if get_origin(annotation) is not Literal and type(None) in get_args(annotation):  # X | None
+        (annotation,) = [a for a in get_args(annotation) if a is not type(None)]
+    choices = get_args(annotation) if get_origin(annotation) is Literal else None
+    kind = str if choices or annotation is Path else annotation
+    default = f.get_default(call_default_factory=True)
+    bounds = []
+    for m in f.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                bounds.append(f"{sign} {getattr(m, attr)}")
+    if not f.description:
+        raise AssertionError(f"KDConfig field {name} has no description")  # the CLI and reference need one
+    return FieldInfo(name, kind, choices, default, ", ".join(bounds), f.description)

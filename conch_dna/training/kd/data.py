@@ -26,11 +26,10 @@ import structlog
 
 from conch_dna._faults import fault_point
 from conch_dna.atomic import atomic_folder, sha256_file
+from conch_dna.defaults import default_file
 from conch_dna.training.kd.losses import SparseTargets
 
 log = structlog.get_logger(__name__)
-
-_REPO_CONFIG = Path(__file__).resolve().parents[3] / "config" / "domains.toml"
 
 
 class DataError(ValueError):
@@ -41,9 +40,12 @@ class DataError(ValueError):
 
 
 def domains_file() -> Path:
-    """`config/domains.toml` of the working directory, else the one next to the package source."""
+    """The domains file in use: `CONCH_KD_DOMAINS_FILE`, else `config/domains.toml` of the working directory,
+    else the package's own (`conch_dna/defaults/domains.toml`)."""
+    if env := os.environ.get("CONCH_KD_DOMAINS_FILE"):
+        return Path(env)
     local = Path("config/domains.toml")
-    return local if local.is_file() else _REPO_CONFIG
+    return local if local.is_file() else default_file("domains.toml")
 
 
 def load_domains(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
