@@ -1,4 +1,4 @@
-"""Bad input exits 2 with a message that says what was wrong, before anything is written (issue 19)."""
+"""Bad input exits 2 with a message that says what was wrong, before anything is written."""
 
 import subprocess
 import sys
@@ -146,7 +146,7 @@ def _tiny_cli_run(tiny_pair, tmp_path, iters=2):
 
 
 def test_resume_with_another_lora_rank_is_refused_and_keeps_the_adapter(tiny_pair, tmp_path):
-    """Issue 19 item 2: `--resume --lora-rank 8` on a rank-16 run lists what differs, exits 2 before the
+    """`--resume --lora-rank 8` on a rank-16 run lists what differs, exits 2 before the
     teacher works, and never replaces the finished adapter."""
     base = [*_tiny_cli_run(tiny_pair, tmp_path), "--no-register"]
     assert cli(*base, "--lora-rank", "16").returncode == 0
@@ -184,7 +184,7 @@ def test_a_checkpoint_of_other_shapes_is_refused_when_loaded(tiny_pair, kd_confi
 
 @pytest.mark.parametrize("make", ["file", "corrupt"])
 def test_a_bad_registry_is_refused_before_the_teacher_works(tiny_pair, tmp_path, make):
-    """Issue 19 item 9: a --registry that is a file, or a corrupt manifest, exits 2 before any teacher answer."""
+    """A --registry that is a file, or a corrupt manifest, exits 2 before any teacher answer."""
     reg = tmp_path / "reg"
     if make == "file":
         reg.write_text("not a folder")

@@ -1,4 +1,4 @@
-"""scripts/bench_kd.py and block_memory.py, sources of docs/benchmarks.md's figures, run and report what they claim to."""
+"""benchmarks/bench_kd.py and block_memory.py, sources of docs/benchmarks.md's figures, run and report what they claim to."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(*args: str) -> list[dict]:
-    run = subprocess.run([sys.executable, "scripts/bench_kd.py", "--preset", "tiny", "--batch", "2", "--seq", "64", *args],
+    run = subprocess.run([sys.executable, "benchmarks/bench_kd.py", "--preset", "tiny", "--batch", "2", "--seq", "64", *args],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
@@ -44,7 +44,7 @@ def test_trainer_mode_splits_the_peak_by_phase(monkeypatch):
     the run's."""
     import argparse
 
-    import scripts.bench_kd as bench_kd
+    import benchmarks.bench_kd as bench_kd
     from conch_dna.training.kd import targets, trainer
     from conch_dna.training.kd.report import Step
 
@@ -78,7 +78,7 @@ def test_trainer_mode_splits_the_peak_by_phase(monkeypatch):
 def test_preset_weights_are_counted_from_shapes_exactly():
     """The queue's bound is decided before any model is built (building one fixes it): from the shapes alone."""
     from conch_dna.training.kd.memory import param_bytes
-    from scripts.bench_kd import PRESETS, build, preset_weights_bytes
+    from benchmarks.bench_kd import PRESETS, build, preset_weights_bytes
 
     for name, (t_shape, s_shape, vocab, _, _) in PRESETS.items():
         built = sum(param_bytes(build(shape, vocab, mx.bfloat16, materialize=False)) for shape in (t_shape, s_shape))
@@ -91,7 +91,7 @@ def test_trainer_mode_times_whole_steps_with_one_more_step_after(monkeypatch):
     and their time runs from the event of the last warm-up step to that of the last timed one."""
     import argparse
 
-    import scripts.bench_kd as bench_kd
+    import benchmarks.bench_kd as bench_kd
     from conch_dna.training.kd import trainer
     from conch_dna.training.kd.report import Step
 
@@ -118,7 +118,7 @@ def test_trainer_mode_times_whole_steps_with_one_more_step_after(monkeypatch):
 
 
 def test_busy_share_counts_overlapping_kernels_once():
-    from scripts.bench_kd import busy_share
+    from benchmarks.bench_kd import busy_share
 
     assert busy_share([]) == 0.0
     assert busy_share([(0, 10)]) == 1.0
@@ -128,7 +128,7 @@ def test_busy_share_counts_overlapping_kernels_once():
 
 
 def test_idle_gaps_are_the_holes_between_busy_spans_longest_first():
-    from scripts.bench_kd import busy_spans, idle_gaps
+    from benchmarks.bench_kd import busy_spans, idle_gaps
 
     kernels = [(16, 18), (0, 8), (5, 12), (20, 24), (21, 22)]
     assert busy_spans(kernels) == [(0, 12), (16, 18), (20, 24)]
@@ -136,7 +136,7 @@ def test_idle_gaps_are_the_holes_between_busy_spans_longest_first():
 
 
 def test_kernel_breakdown_sums_time_and_launches_per_step_by_kind_and_name():
-    from scripts.bench_kd import kernel_breakdown, kernel_kind
+    from benchmarks.bench_kd import kernel_breakdown, kernel_kind
 
     assert kernel_kind("nvjet_sm90_tst_128x256_64x4_1x2_h_bz_coopA_NNN") == "matmul"
     assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16") == "attention"
@@ -156,15 +156,15 @@ def test_kernel_breakdown_sums_time_and_launches_per_step_by_kind_and_name():
 
 @pytest.mark.skipif(mx.cuda.is_available(), reason="on an NVIDIA GPU --kernels runs")
 def test_kernels_without_a_cuda_gpu_is_refused():
-    run = subprocess.run([sys.executable, "scripts/bench_kd.py", "--trainer", "--warmup", "2", "--kernels"],
+    run = subprocess.run([sys.executable, "benchmarks/bench_kd.py", "--trainer", "--warmup", "2", "--kernels"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "--kernels profiles CUDA kernels" in run.stderr
 
 
 def test_block_memory_orders_the_checkpoint_scopes():
-    """scripts/block_memory.py: a block keeps less with its MLP recomputed, and least recomputed whole; with
+    """benchmarks/block_memory.py: a block keeps less with its MLP recomputed, and least recomputed whole; with
     the MLPs recomputed, each of the first blocks recomputed whole lowers the measured peak."""
-    run = subprocess.run([sys.executable, "scripts/block_memory.py", "--seq", "64", "--mixed", "4"], capture_output=True,
+    run = subprocess.run([sys.executable, "benchmarks/block_memory.py", "--seq", "64", "--mixed", "4"], capture_output=True,
                          text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
@@ -189,7 +189,7 @@ def test_frontier_runs_ours_and_a_peer_and_keeps_to_each_budget(tmp_path):
     peer = tmp_path / "peer.py"
     peer.write_text(FAKE_PEER)
     out = tmp_path / "frontier.jsonl"
-    run = subprocess.run([sys.executable, "scripts/bench_kd.py", "--preset", "tiny", "--seq", "64", "--frontier",
+    run = subprocess.run([sys.executable, "benchmarks/bench_kd.py", "--preset", "tiny", "--seq", "64", "--frontier",
                           "--budgets", "0.05", "1000", "--frontier-batches", "2", "--steps", "1", "--peer-liger", str(peer),
                           "--peer-batches", "2", "4", "--peer-arg", "teacher=3b", "--out", str(out)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -207,7 +207,7 @@ def test_frontier_runs_ours_and_a_peer_and_keeps_to_each_budget(tmp_path):
     best_ours = max(r["tok_s"] for r in ours)
     assert f"{best_ours / 4000:.2f}x" in table["1000 GB"]
     # The table can be rebuilt from the JSON lines alone.
-    again = subprocess.run([sys.executable, "scripts/bench_kd.py", "--summarise", str(out), "--budgets", "0.05", "1000"],
+    again = subprocess.run([sys.executable, "benchmarks/bench_kd.py", "--summarise", str(out), "--budgets", "0.05", "1000"],
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert again.returncode == 0 and table["1000 GB"] in again.stdout
     # ...also from several files (repeats split over calls): their runs pooled per setting.
@@ -215,6 +215,6 @@ def test_frontier_runs_ours_and_a_peer_and_keeps_to_each_budget(tmp_path):
     halves = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
     halves[0].write_text("".join(lines[: len(lines) // 2]))
     halves[1].write_text("".join(lines[len(lines) // 2:]))
-    split = subprocess.run([sys.executable, "scripts/bench_kd.py", "--summarise", *map(str, halves), "--budgets", "0.05", "1000"],
+    split = subprocess.run([sys.executable, "benchmarks/bench_kd.py", "--summarise", *map(str, halves), "--budgets", "0.05", "1000"],
                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert split.returncode == 0 and split.stdout == again.stdout

@@ -181,7 +181,7 @@ def test_cli_module_entry_points_are_the_same(tmp_path):
 def test_temperature_alpha_comparison_script(tiny_pair, tmp_path, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("cmp", "scripts/compare_kd_settings.py")
+    spec = importlib.util.spec_from_file_location("cmp", "benchmarks/compare_kd_settings.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     pf = tmp_path / "p.txt"

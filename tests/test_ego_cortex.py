@@ -131,7 +131,7 @@ def test_failure_registers_nothing(world):
 
 
 def test_self_distill_twice_on_the_same_data_returns_the_same_version(world):
-    """As the CLI does: re-registering the same adapter (same sha256) is a no-op, not a failure (issue 19.8)."""
+    """As the CLI does: re-registering the same adapter (same sha256) is a no-op, not a failure."""
     ego, cortex, registry = world
     first = ego.self_distill("thinking", PROMPTS)
     assert first.wait(120) and first.status == "succeeded", first.error
@@ -143,4 +143,4 @@ def test_self_distill_twice_on_the_same_data_returns_the_same_version(world):
 
     cortex.generate("thinking", "hello", max_tokens=2)
     lora = [type(m) for m in cortex.model.modules() if isinstance(m, _lora_classes()[0])]
-    assert lora and set(lora) == {_lora_classes()[1]}  # CORTEX serves with the trainer's LoRA class (issue 20)
+    assert lora and set(lora) == {_lora_classes()[1]}  # CORTEX serves with the trainer's LoRA class

@@ -1,4 +1,4 @@
-"""EGO's experience store (issue 21): concurrent writers, crash safety, refusals, the fixed held-out split,
+"""EGO's experience store: concurrent writers, crash safety, refusals, the fixed held-out split,
 and a neuron distilled from experience that beats the untrained student on the held-out experience."""
 
 import json

@@ -1,4 +1,4 @@
-"""House rules (issue 20), checked on the source: no import circle between conch_dna's modules (lazy imports
+"""House rules, checked on the source: no import circle between conch_dna's modules (lazy imports
 inside functions included), no function over 100 lines, and the training loop's top level short enough to
 read as its stages."""
 

@@ -177,7 +177,7 @@ def test_cli_refuses_a_residual_start_on_another_shape_before_any_work(tiny_pair
 def test_benchmark_neurons_start_row(tiny_pair, noisy_student, tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_neurons", "scripts/benchmark_neurons.py")
+    spec = importlib.util.spec_from_file_location("bench_neurons", "benchmarks/benchmark_neurons.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rc = mod.main(["--teacher", str(tiny_pair[0]), "--students", str(noisy_student), "--seeds", "0",

@@ -390,8 +390,8 @@ def test_sparse_tail_below_float32_resolution_keeps_reverse_kl_finite():
         assert np.isfinite(val.item()), div
 
 
-def test_the_seeds_functions_are_importable_from_true_kd():
-    """The seed's module `conch_dna.training.true_kd` keeps the seed's functions (issue 20)."""
+def test_the_loss_functions_are_importable_from_true_kd():
+    """`conch_dna.training.true_kd` exports the loss functions and the distiller."""
     from conch_dna.training import true_kd
     from conch_dna.training.kd import cross_vocab, losses
 

@@ -251,11 +251,11 @@ def test_whole_blocks_put_the_mlp_scope_between_the_two_scopes():
 
 
 def test_the_frontier_s_16_gb_budget_gets_the_fewest_whole_blocks_that_fit(monkeypatch):
-    """Issue 22's 16 GB budget for the qwen2.5-1.5b->0.5b preset (batch 32 x 1024, bf16, on a GPU): all MLPs
+    """The frontier's 16 GB budget for the qwen2.5-1.5b->0.5b preset (batch 32 x 1024, bf16, on a GPU): all MLPs
     recomputed does not fit, all blocks whole does; the chooser takes the MLP scope with the fewest whole
     blocks that fit (one fewer would not), in one micro-batch."""
     from conch_dna.training.kd import memory
-    from scripts.bench_kd import PEER_LORA, PRESETS, build
+    from benchmarks.bench_kd import PEER_LORA, PRESETS, build
 
     monkeypatch.setattr(memory, "keeps_attention_scores", lambda: False)  # a GPU's fused attention
     monkeypatch.setattr(memory.kernels, "available", lambda: True)  # and its loss kernel
@@ -277,11 +277,11 @@ def test_the_frontier_s_16_gb_budget_gets_the_fewest_whole_blocks_that_fit(monke
 def test_the_teacher_pass_counts_one_intermediate_more_with_the_swiglu_kernel(monkeypatch):
     """On NVIDIA GPUs the teacher's SwiGLU runs our kernel, whose output takes a buffer of its own (MLX's
     compiled swiglu writes into an input's): one more [tokens, intermediate] value per block and token. The
-    frontier's choices (issue 22, all four budgets) are the settings measured in session 16; at 8 GB, where the
+    frontier's choices (all four budgets) are the settings measured on an H200; at 8 GB, where the
     weights are 3.8 of it, the same setting as at 7.25 GB under a limit 1.5 GB below the budget (7.46 GB peak
     measured; under 7.25 MLX went to 8.39)."""
     from conch_dna.training.kd import memory
-    from scripts.bench_kd import PEER_LORA, PRESETS, build
+    from benchmarks.bench_kd import PEER_LORA, PRESETS, build
 
     monkeypatch.setattr(memory, "keeps_attention_scores", lambda: False)
     t_shape, s_shape, vocab, _, seq = PRESETS["qwen2.5-1.5b->0.5b"]
@@ -297,7 +297,7 @@ def test_the_teacher_pass_counts_one_intermediate_more_with_the_swiglu_kernel(mo
                                                       25: (32, "mlp", 0, 2048, 24.25), 40: (32, False, 0, 2048, 39.25)}
     # With MLX's CUDA queue bounded the limit keeps the usual 0.75 GB of headroom and a floor above it no longer
     # idles the GPU: 8 GB gets one micro-batch of 32 with every block recomputed, chunk 512, whose floor (7.41 GB
-    # measured, session 20) plus BOUNDED_OVERSHOOT_GB fits 8 GB (7.74-7.84 GB peaks measured; 74.6-81.6k
+    # measured) plus BOUNDED_OVERSHOOT_GB fits 8 GB (7.74-7.84 GB peaks measured; 74.6-81.6k
     # tokens/s against 69.6-75.1k for 2 x 16). The next faster setting (chunk 1024) would not fit; 16 GB and up
     # leave the queue unbounded (`queue_bound_pays`), so nothing else moves.
     monkeypatch.setattr(memory, "queue_bounded", lambda: True)

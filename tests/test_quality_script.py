@@ -1,4 +1,4 @@
-"""A tiny run of scripts/benchmark_neurons.py (the real one runs for minutes to hours; docs/quality.md)."""
+"""A tiny run of benchmarks/benchmark_neurons.py (the real one runs for minutes to hours; docs/quality.md)."""
 
 import importlib.util
 import json
@@ -12,7 +12,7 @@ def test_benchmark_neurons_tiny(tiny_pair, tmp_path):
     from conch_dna.training.kd import load_domains
     from conch_dna.training.kd.data import load_held_out
 
-    spec = importlib.util.spec_from_file_location("bench_neurons", "scripts/benchmark_neurons.py")
+    spec = importlib.util.spec_from_file_location("bench_neurons", "benchmarks/benchmark_neurons.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     judge = tmp_path / "judge"

@@ -1,4 +1,4 @@
-"""One reporting path (issue 20): metrics.jsonl, the signals and the log lines carry the same figures under
+"""One reporting path: metrics.jsonl, the signals and the log lines carry the same figures under
 the same names, step by step, on one process and (only rank 0 reporting) on two; the progress bar draws
 from the signals and prints log lines above itself."""
 

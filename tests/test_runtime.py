@@ -1,4 +1,4 @@
-"""The runtime loop across processes (issue 21): one process serves CORTEX requests; another runs EGO, records
+"""The runtime loop across processes: one process serves CORTEX requests; another runs EGO, records
 experience, self-distils and registers a new version; a third rolls back. The server picks up each change
 from the next request on, never fails, never serves a half-registered version, and never restarts."""
 

@@ -1,4 +1,5 @@
-"""The seed's module name: re-exports the KD API; `python -m conch_dna.training.true_kd` is the same CLI."""
+"""The KD API under one module: the distiller, its config and the loss functions; `python -m
+conch_dna.training.true_kd` is the same command as `conch-distill`."""
 
 import sys
 

@@ -32,7 +32,7 @@ _config_file: ContextVar[Path | None] = ContextVar("kd_config_file", default=Non
 
 
 # The learning rate when none is given, by the adapter's start: one that starts from the teacher's residual
-# is already close, and larger steps undo the start (docs/quality.md, alpha 1, 3 seeds: held-out KL 0.107 at
+# is already close, and larger steps undo the start (docs/benchmarks.md, alpha 1, 3 seeds: held-out KL 0.107 at
 # 2e-4, 0.070 at 5e-5, from 0.087 at the start); from a zero start 2e-4 was the best of 2e-4, 5e-4 and 1e-3.
 LEARNING_RATE = {"residual": 5e-5, "zero": 2e-4}
 
@@ -82,7 +82,7 @@ class KDConfig(BaseSettings):
     temperature: float = Field(2.0, ge=0.5, le=10.0, description="T: both distributions are softened as "
                                "softmax(logits / T); the KD term is scaled by T^2")
     # 0.7: from the default student's residual start (lora.init), the lowest repetition of the neuron's own
-    # answers at nearly the lowest held-out KL (docs/quality.md, 3 seeds: KL 0.078, repetition 0.061; alpha 1:
+    # answers at nearly the lowest held-out KL (docs/benchmarks.md, 3 seeds: KL 0.078, repetition 0.061; alpha 1:
     # 0.073, 0.098; 0.3: 0.177, 0.084). From a zero start alpha 0.3 loops least (0.080 against 0.111).
     alpha: float = Field(0.7, ge=0.0, le=1.0, description="loss = alpha * KD + (1 - alpha) * cross-entropy on "
                          "the teacher's tokens")
@@ -95,7 +95,7 @@ class KDConfig(BaseSettings):
     on_policy_lambda: float = Field(
         0.0, ge=0.0, le=1.0, description="share of training sequences whose response the current student writes "
         "(scored by the teacher online), as in GKD; needs teacher_targets = online")
-    # Against loops (docs/quality.md, "Against loops, round three"): the student's own answers show where it
+    # Against loops (docs/design.md, "The loop terms"): the student's own answers show where it
     # loops; the teacher scores them. On tokens that repeat a 4-gram of their answer, the student learns the
     # teacher as decoded under a no-repeat rule, and an unlikelihood term (Welleck et al. 2019) pushes the
     # repeat down. Measured on 60 held-out prompts, 5 seeds: repetition 0.082 -> 0.047 (SFT 0.068), KL 0.079

@@ -3,8 +3,8 @@
 The trainer updates a LoRA student's parameters as one vector: a 24-block student with 4 adapted projections
 has 192 small LoRA matrices, and clipping plus AdamW over them one by one queued ~1,900 kernels a step even
 compiled, each a few microseconds of GPU work and about as much host time to queue. At a step's end the GPU
-ran dry while the host queued them (H200, the 8 GB setting: 12-19 ms gaps each step; docs/benchmarks.md,
-session 24). Over one vector the update is a handful of kernels. The same layout packs a tree for one
+ran dry while the host queued them (H200, the 8 GB setting: 12-19 ms gaps each step; docs/design.md, "The update over one
+vector"). Over one vector the update is a handful of kernels. The same layout packs a tree for one
 collective (`distributed.all_sum_tree`).
 """
 from __future__ import annotations

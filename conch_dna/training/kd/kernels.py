@@ -235,8 +235,8 @@ def forward_kl_ce_rows_numpy(s: np.ndarray, t: np.ndarray, targets: np.ndarray, 
 # SwiGLU, silu(gate) * up, and its gradients: elementwise over [tokens, intermediate], so memory-bound; VEC values
 # a thread through 16-byte loads (one at a time where the size does not divide or a buffer is misaligned), the
 # sigmoid in float32. MLX's compiled forward and our first one-value-a-thread backward moved 2.4-3.1 TB/s of an
-# H200's 4.8 (session 15's batch-32 kernel table, docs/benchmarks.md); this version's effect on the step was
-# within a single run's resolution.
+# H200's 4.8 (`benchmarks/bench_kd.py --kernels`); this version's effect on the step was within a single run's
+# resolution.
 _SWIGLU_FORWARD = r"""
     const float g = static_cast<float>(gate[i]), u = static_cast<float>(up[i]);
     out[i] = static_cast<T>(g / (1.0f + __expf(-g)) * u);
@@ -350,7 +350,7 @@ def swiglu_mlp_class(cls: type) -> type:
 # neighbouring frequencies of one position through all H heads (H a constant: the loop unrolls, every load is
 # issued at once), V values per load where the layout allows. The angle is computed as MLX does
 # (mlx/backend/cuda/rope.cu), for the same bits (float32: every value equal on the H200). That step's RoPE
-# time: ~4.5-5 ms (session 13, docs/benchmarks.md). The output keeps the input's usual memory layout,
+# time: ~4.5-5 ms (`bench_kd.py --kernels`). The output keeps the input's usual memory layout,
 # [B, L, H, D] (what the attention reads and the gradient reshapes back into), returned as a [B, H, L, D] view.
 _ROPE = r"""
     const int B = x_shape[0], L = x_shape[2];

@@ -47,8 +47,7 @@ from conch_dna.training.kd.trainer import use_lean_backward
 
 MARGIN = 1.25
 # The floor under a memory limit (`held_student_bytes`) is not inflated by queued work or cached temporaries:
-# measured floors (H200, batch 32 x 1024, lean_backward, under limits well below them; session 13) were 0.81,
-# 1.00 and 1.07 of the formula before this margin (no recompute, MLPs recomputed, blocks recomputed).
+# measured floors were 0.81-1.07 of the formula before this margin (docs/design.md, "The memory chooser").
 HELD_MARGIN = 1.1
 
 
@@ -93,8 +92,7 @@ def teacher_forward_bytes(teacher, config, batch: int, seq: int, dtype_bytes: in
     MLX's CUDA backend held all of a pass's temporaries until it finished: ~(4 d + 2 i) values per token
     and block (Qwen2.5-1.5B, 8192 tokens: 10 GB measured, 11 GB by this formula). One i more where the
     teacher's SwiGLU runs our kernel (`kernels.teacher_kernels`), whose output cannot reuse an input's buffer
-    as MLX's compiled `swiglu` does: that pass's peak rose from 14.78 to 18.22 GB (weights included; 4.1 GB
-    more by this formula; H200, session 15)."""
+    as MLX's compiled `swiglu` does (that pass's peak rose 3.4 GB on an H200; this formula gives 4.1)."""
     t = model_shapes(teacher)
     rows = min(batch, 2 * max(1, config.teacher_pass_tokens // max(1, seq)))  # two groups in flight
     mlp_values = 3 if kernels.available() else 2
@@ -102,7 +100,7 @@ def teacher_forward_bytes(teacher, config, batch: int, seq: int, dtype_bytes: in
 
 
 # What `lean_backward` saves per token and block in the unconstrained estimate, in values: one [tokens,
-# intermediate] activation (`scripts/block_memory.py`, CPU float32, Qwen2.5-0.5B widths: a plain block kept
+# intermediate] activation (`benchmarks/block_memory.py`, CPU float32, Qwen2.5-0.5B widths: a plain block kept
 # 152.0 MiB, 133.3 with it). The floor under a limit (`held_student_bytes`) uses the H200's figure instead.
 MLP_VALUES_SAVED_BY_LEAN_BACKWARD = 1
 
@@ -169,7 +167,7 @@ def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[
 def held_student_bytes(s: Shapes, config, tokens: int, dtype_bytes: int, rows: int) -> int:
     """What the student's step holds however MLX schedules it (the floor under `memory_limit_gb`): the
     activations its blocks keep and one loss chunk. Unlike the unconstrained estimate, no allowance for work
-    queued ahead. Per token and block, as `scripts/block_memory.py` measured (Qwen2.5-0.5B widths, compiled
+    queued ahead. Per token and block, as `benchmarks/block_memory.py` measured (Qwen2.5-0.5B widths, compiled
     step; attention scores apart): ~8 d + 3.5 i values kept by a plain block, 8 d with its MLP recomputed,
     1.5 d recomputed whole; plus, with checkpointing, one recomputed part at a time (`backward_peak`). With `lean_backward` a
     plain MLP keeps 2 i, what SwiGLU's backward reads (gate and up; its frozen projections need no inputs):
@@ -204,39 +202,27 @@ def settings_fastest_first(layers: int) -> list[dict]:
     ]
 
 
-# memory_limit_gb: 0.75 GB below the budget. MLX went past its limit by 0.07 GB at 15 GB (H100, session 5) and by
-# 0.38-0.59 GB on an H200 at limits of 7.25 to 39.25 GB (sessions 12, 15 and 16: 7.63 / 7.25, 8.03 / 7.6,
-# 15.79 / 15.2, 15.8 / 15.25, 24.8 / 24.25, 38.58 / 38, 39.82 / 39.25), not growing with the limit. Where the
-# weights and optimizer take much of the budget the limit binds through the whole step and MLX went further
-# past it (session 16, 8 GB of which 3.8 fixed, 2 x 16 rows with the teacher's SwiGLU kernel: 8.39 / 7.25, 7.46 / 6.5;
-# at 16 GB, fixed 24%: 0.55): 1.5 GB where the fixed part is over TIGHT_SHARE of the budget, unless MLX's queue
-# is bounded (`bound_gpu_queue`: 7.54 / 7.25 in five runs of that setting, session 19).
+# memory_limit_gb: 0.75 GB below the budget, as MLX went past its limit by up to 0.59 GB at limits of 7.25 to
+# 39.25 GB; 1.5 GB where the weights and optimizer take over TIGHT_SHARE of the budget and the queue is not
+# bounded, as the limit then binds through the whole step and MLX went up to 1.14 GB past it
+# (docs/design.md, "The memory chooser").
 LIMIT_HEADROOM_GB, TIGHT_LIMIT_HEADROOM_GB, TIGHT_SHARE = 0.75, 1.5, 0.4
 
-# MLX's CUDA backend closes a CUDA graph every MLX_MAX_OPS_PER_BUFFER operations or MLX_MAX_MB_PER_BUFFER MB of
-# kernel inputs (100 and 1000 on an H100/H200), keeps up to 10 graphs in flight, and frees their buffers only once
-# the GPU has run them: a queue of gigabytes. Past a memory limit MLX's eval commits and waits after every
-# operation, so where the step's own floor is near the limit (the 8 GB setting: 6.66 GB measured under a 1 GB
-# limit, ~4.1 of it weights) the GPU idled while the host queued each next operation: 64.3k tokens/s under
-# 6.5 GB. Graphs of 100 MB hold ~1 GB in flight: that setting ran 71.1-74.4k without a limit (7.89 GB) and
-# 71.0-76.1k under 7.25 (7.54 GB). H200, session 19. MLX reads the variable once, when it first uses the GPU.
+# MLX's CUDA backend keeps up to 10 CUDA graphs of up to MLX_MAX_MB_PER_BUFFER MB (1000 by default) in flight
+# and frees their buffers only once the GPU has run them: a queue of gigabytes, and past a memory limit MLX
+# waits after every operation. Graphs of 100 MB hold ~1 GB in flight, so a tight budget runs without that
+# waiting (docs/design.md, "The memory chooser"). MLX reads the variable once, when it first uses the GPU.
 QUEUE_MB = 100
 
-# With the queue bounded, a step whose floor is above the memory limit no longer idled: MLX still waits after
-# each operation past the limit, but (we think) on little queued work each time. The 8 GB setting in one
-# micro-batch of 32 (every block recomputed, loss chunk 512; weights 3.8 GB) holds 7.41 GB (measured under a
-# 1 GB limit; `held_student_bytes` plus the weights: 7.41) and under the 7.25 GB limit ran 74.6-81.6k tokens/s
-# in three machine starts, peaking 0.33-0.43 GB above its floor (7.74-7.84 GB), against 69.6-75.1k for 2 x 16
-# (floor under the limit). So with the queue bounded a setting fits a budget when its floor plus this does,
-# whatever the limit (H200, session 20). The floor formula matched that setting's measured floor; it was 3%
-# under the 2 x 16 one's (6.45 vs 6.66 GB), which the limit covers there.
+# With the queue bounded, a step whose floor is above the memory limit no longer idles, and its peak stayed
+# within 0.33-0.43 GB of its floor: a setting fits a budget when its floor plus this does, whatever the limit
+# (docs/design.md, "The memory chooser").
 BOUNDED_OVERSHOOT_GB = 0.5
 
 
 def queue_bound_pays(budget_gb: float | None, weights_bytes: int | None) -> bool:
     """Where a memory budget or limit of `budget_gb` is tight, the weights over TIGHT_SHARE of it, on CUDA. With
-    room to spare the smaller graphs cost more than they save (the 40 GB setting: 91.4k and 91.9k tokens/s
-    bounded, 94.0k twice with MLX's default; H200, session 19)."""
+    room to spare the smaller graphs cost more than they save (2.5% at 40 GB: docs/design.md)."""
     tight = budget_gb is not None and weights_bytes is not None and weights_bytes > TIGHT_SHARE * budget_gb * 2**30
     return tight and on_cuda()
 

@@ -167,7 +167,7 @@ def lean_backward(model: nn.Module, norms: bool = True, mlps: bool = True) -> di
       afterwards (`_rms_norm_frozen_weight`; the forward is MLX's fused norm, same values). MLX's RMSNorm backward
       always computes the weight's gradient, a [tokens, D] product summed over tokens that nobody reads when
       the weight is frozen: on an H200 those sums were 5.7 of a Qwen2.5-0.5B student's 53 ms forward +
-      backward (8 x 1024 tokens; `scripts/profile_student.py --kernels`).
+      backward (8 x 1024 tokens; `benchmarks/profile_student.py --kernels`).
     - SwiGLU MLPs (mlx-lm's `down_proj(swiglu(gate_proj(x), up_proj(x)))`, most of its dense architectures)
       use `kernels.swiglu`, whose backward recomputes the sigmoid instead of keeping silu(gate) and
       sigmoid(gate): fewer [tokens, intermediate] activations kept per block (one measured on the CPU; on an
@@ -193,7 +193,7 @@ def _rms_norm_frozen_weight(eps: float) -> Callable:
     """f(x, w): the values of `mx.fast.rms_norm(x, w, eps)` (one kernel), with the gradient of
     `mx.fast.rms_norm(x, None, eps) * w` with respect to x only (MLX's weightless norm backward): the forward of
     that product and this are the same bits (x * r rounded, then times w rounded), so only the separate
-    multiply goes (on an H200 one [tokens, D] kernel per norm call, 2.8 ms of a batch-16 step's 249; session 20)."""
+    multiply goes (on an H200 one [tokens, D] kernel per norm call, 2.8 ms of a batch-16 step's 249)."""
 
     @mx.custom_function
     def f(x, w):

@@ -7,9 +7,9 @@ With --mixed N: also an N-block model with the MLPs recomputed and the first w b
 (grad_checkpoint_whole_blocks = w, for w = 0, 1, 2, 4, ... N), its measured peak beside what
 `memory.backward_peak` predicts from the per-block figures above.
 
-    python scripts/block_memory.py                        # CPU, float32, 1 x 1024 tokens
-    python scripts/block_memory.py --mixed 8              # and the mixed policy on 8 blocks
-    python scripts/block_memory.py --batch 8 --dtype bfloat16   # on the GPU machine
+    python benchmarks/block_memory.py                        # CPU, float32, 1 x 1024 tokens
+    python benchmarks/block_memory.py --mixed 8              # and the mixed policy on 8 blocks
+    python benchmarks/block_memory.py --batch 8 --dtype bfloat16   # on the GPU machine
 
 Prints one JSON line per measurement and a table.
 """
@@ -26,7 +26,7 @@ import mlx.nn as nn  # noqa: E402
 # isort: on
 from conch_dna.training.kd import KDConfig  # noqa: E402
 from conch_dna.training.kd.trainer import apply_lora, checkpoint_blocks, lean_backward  # noqa: E402
-from scripts.bench_kd import PEER_LORA, PRESETS, build  # noqa: E402
+from benchmarks.bench_kd import PEER_LORA, PRESETS, build  # noqa: E402
 
 VOCAB = 1000  # the head is not what is measured here
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Neurons as a user sees them: students x methods x seeds, judged on held-out prompts, with their cost.
 
-    python scripts/benchmark_neurons.py --domains thinking --students default-student \\
+    python benchmarks/benchmark_neurons.py --domains thinking --students default-student \\
         --methods untrained sft kd --seeds 0 1 2 --out docs/quality.md
 
 Every method trains on the same teacher answers to the domain's training prompts with the same budget (the
@@ -13,7 +13,7 @@ end with EOS. "KL gap closed" is (untrained - neuron) / untrained. Cost: weight 
 against the teacher's in bf16, and single-stream generation tokens/s on this machine.
 `--set name key=value ...` adds a method (e.g. `--set lr1e3 learning_rate=1e-3 temperature=1`). Method
 `untrained` is the student as it is; `start` is its adapter's residual start (lora.init) before any step.
-`--judge-dir config/judge` adds DIR/<domain>.txt's prompts (one per line, none a training prompt) to the
+`--judge-dir benchmarks/judge` adds DIR/<domain>.txt's prompts (one per line, none a training prompt) to the
 domain's held-out prompts: repetition on 10 prompts varies between seeds as much as between methods.
 """
 
@@ -34,7 +34,7 @@ PLAIN = dict(own_answers="off", unlikelihood=0.0, no_repeat_teacher=False)  # no
 METHODS = {
     "sft": dict(alpha=0.0, **PLAIN),  # CE on the teacher's answers, nothing else
     "kd": dict(),  # the defaults (config/kd.toml): what the main command runs
-    "kd_plain": dict(PLAIN),  # the defaults without the loop terms (the default before session 11)
+    "kd_plain": dict(PLAIN),  # the defaults without the loop terms
     "reverse_kl": dict(divergence="reverse_kl"),
     "jsd": dict(divergence="jsd"),
     "on_policy": dict(on_policy_lambda=0.5),
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seq-length", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=64, help="answer length on held-out prompts")
     ap.add_argument("--teacher", default="default-teacher")
-    ap.add_argument("--judge-dir", help="more held-out prompts: DIR/<domain>.txt, one per line (e.g. config/judge)")
+    ap.add_argument("--judge-dir", help="more held-out prompts: DIR/<domain>.txt, one per line (e.g. benchmarks/judge)")
     ap.add_argument("--work", default="models/benchmark_neurons")
     ap.add_argument("--out", help="write the markdown report here (and the figures as .json beside it)")
     args = ap.parse_args(argv)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
     held_out = {domain: load_held_out(domain) for domain in args.domains}  # read and checked before any model loads
     if args.judge_dir and not Path(args.judge_dir).is_dir():
-        ap.error(f"--judge-dir {args.judge_dir} is not a folder; give one holding <domain>.txt files (e.g. config/judge)")
+        ap.error(f"--judge-dir {args.judge_dir} is not a folder; give one holding <domain>.txt files (e.g. benchmarks/judge)")
     for domain, held in held_out.items():
         extra = Path(args.judge_dir or "", f"{domain}.txt")
         if args.judge_dir and extra.is_file():
@@ -184,7 +184,7 @@ def start_only(student, teacher, tok, domain: str, args) -> dict:
 
 
 def render(results: dict, args) -> str:
-    cmd = "python scripts/benchmark_neurons.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/benchmark_neurons.py " + " ".join(sys.argv[1:])
     lines = [f"Command: `{cmd}`", "",
              f"Seeds {args.seeds}; {args.iters} steps; held-out answers of {args.eval_tokens} tokens (greedy, chat "
              "template). Mean ± standard deviation over seeds.", ""]

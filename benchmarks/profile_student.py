@@ -2,8 +2,8 @@
 """Where the student's step goes on the GPU: Qwen2.5-0.5B shapes, forward / forward+backward, eager and
 compiled, without LoRA, with our LoRA layer and with mlx-lm's, plus attention and MLP matmuls alone.
 
-    python scripts/profile_student.py [--batch 8 --seq 1024]     # prints one JSON line per measurement
-    python scripts/profile_student.py --kernels                  # + the compiled LoRA step's GPU kernels
+    python benchmarks/profile_student.py [--batch 8 --seq 1024]     # prints one JSON line per measurement
+    python benchmarks/profile_student.py --kernels                  # + the compiled LoRA step's GPU kernels
 
 --kernels needs PyTorch in the same process: its profiler (CUPTI) records every CUDA kernel the process
 launches, MLX's included, and prints them grouped by name with their time per step. --lean-backward adds
@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 # isort: on
 from conch_dna.training.kd import KDConfig  # noqa: E402
 from conch_dna.training.kd.trainer import apply_lora, lean_backward  # noqa: E402
-from scripts.bench_kd import PRESETS, build, kernel_table  # noqa: E402
+from benchmarks.bench_kd import PRESETS, build, kernel_table  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--batch", type=int, default=8)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Teacher-cache size and the error of the top-k approximation, on the real default pair.
 
-    python scripts/bench_topk.py [--tokens 1024]
+    python benchmarks/bench_topk.py [--tokens 1024]
 
 The teacher and the untrained student read held-out real text; the KD loss with the teacher's dense
 logits is compared with the loss from its cached top-k (float16 logits, as stored) for several k and T.

@@ -2,7 +2,7 @@
 """Data-parallel scaling on this machine: the same KD run (same global batch, seed, steps) on 1 process and
 on N processes (mlx.launch, ring backend on localhost); training tokens/s from each run's result.json.
 
-    python scripts/bench_data_parallel.py [--procs 2] [--iters 20]
+    python benchmarks/bench_data_parallel.py [--procs 2] [--iters 20]
 """
 
 import argparse

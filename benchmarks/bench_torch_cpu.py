@@ -3,7 +3,7 @@
 peer tools do it (HF transformers + PEFT LoRA on q,k,v,o, full-vocabulary logits, float32).
 
     pip install torch==2.13.0 peft   # benchmark-only; not a project dependency
-    python scripts/bench_torch_cpu.py [--steps 3]
+    python benchmarks/bench_torch_cpu.py [--steps 3]
 """
 
 import argparse

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""The seed's usage pattern 4: a temperature x alpha comparison table for one domain.
+"""A temperature x alpha comparison table for one domain.
 
-    python scripts/compare_kd_settings.py --domain thinking --temperatures 1 2 4 --alphas 0 0.5 0.7 1 --iters 30
+    python benchmarks/compare_kd_settings.py --domain thinking --temperatures 1 2 4 --alphas 0 0.5 0.7 1 --iters 30
 
 Every cell trains a fresh LoRA adapter with the same teacher data (generated once, then read from the
 cache), the same seed and budget, and reports the held-out validation KD at T=1 (the same yardstick for every

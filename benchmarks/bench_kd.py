@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """Time the KD training step: teacher forward + student forward/backward + optimizer.
 
-    python scripts/bench_kd.py --preset tiny                      # CPU, reference and fused side by side
-    python scripts/bench_kd.py --preset qwen2.5-1.5b->0.5b --batch 8 --impl fused    # on the GPU machine
-    python scripts/bench_kd.py --preset smollm2 --real            # the real default pair (+ cache, generation)
-    python scripts/bench_kd.py --preset qwen2.5-1.5b->0.5b --frontier --peer-liger PEER.py --out F.jsonl --plot F.png
-    python scripts/bench_kd.py --preset qwen2.5-3b->0.5b --frontier --peer-liger scripts/peer_liger_kd.py --peer-arg teacher=3b
+    python benchmarks/bench_kd.py --preset tiny                      # CPU, reference and fused side by side
+    python benchmarks/bench_kd.py --preset qwen2.5-1.5b->0.5b --batch 8 --impl fused    # on a GPU
+    python benchmarks/bench_kd.py --preset smollm2 --real            # the real default pair (+ cache, generation)
+    python benchmarks/bench_kd.py --preset qwen2.5-1.5b->0.5b --frontier --peer-liger --out F.jsonl --plot F.png
+    python benchmarks/bench_kd.py --preset qwen2.5-3b->0.5b --frontier --peer-liger --peer-arg teacher=3b
                                                                   # best tokens/s per memory budget, ours and peers
 
 Prints one JSON line per run (tokens/s, peak memory, step-time split, model FLOP utilisation) and a table.
-Random weights of the preset's shapes unless --real. Shapes of `qwen2.5-1.5b->0.5b` match
-../shared/bench/peer_torch_kd.py (LoRA r=16 on q,k,v,o; forward KL T=2 + CE, alpha 0.7; vocab 151936).
+Random weights of the preset's shapes unless --real. Shapes of `qwen2.5-1.5b->0.5b` match the PyTorch peers
+beside this script, peer_torch_kd.py and peer_liger_kd.py (LoRA r=16 on q,k,v,o; forward KL T=2 + CE, alpha
+0.7; vocab 151936).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 
 # Order matters: conch_dna loads the optimized BLAS, which only works before mlx is imported.
 # isort: off
@@ -39,7 +41,7 @@ PRESETS = {
     "smollm2": (dict(layers=30, hidden=576, inter=1536, heads=9, kv=3), dict(layers=16, hidden=576, inter=1536, heads=9, kv=3), 49152, 4, 256),
     "qwen2.5-1.5b->0.5b": (dict(layers=28, hidden=1536, inter=8960, heads=12, kv=2, qwen=True),
                            dict(layers=24, hidden=896, inter=4864, heads=14, kv=2, qwen=True), 151936, 8, 1024),
-    # the larger pair of issue 22 (peer: scripts/peer_liger_kd.py with teacher=3b)
+    # the larger pair (peer: benchmarks/peer_liger_kd.py with teacher=3b)
     "qwen2.5-3b->0.5b": (dict(layers=36, hidden=2048, inter=11008, heads=16, kv=2, qwen=True),
                          dict(layers=24, hidden=896, inter=4864, heads=14, kv=2, qwen=True), 151936, 8, 1024),
 }
@@ -517,7 +519,7 @@ def run_frontier(args, report) -> list[dict]:
           "--steps", str(args.steps)] + (["--seq", str(args.seq)] if args.seq else [])
     runs = []
     ours = frontier_settings(args)
-    # One unrecorded run first: in session 8 the first run on a freshly started H200 ran past its 100 s limit
+    # One unrecorded run first: the first run on a freshly started H200 once ran past its 100 s limit
     # while the nine after it took ~28 s each (first use of the machine's CUDA kernels and caches, we think).
     child(me + ["--batch", str(args.frontier_batches[0]), "--steps", "1"], "warm-up (not recorded)", args.run_timeout)
     for r in range(args.repeats):
@@ -646,12 +648,14 @@ def main() -> None:
                     help="best tokens/s within each of --budgets, ours (--frontier-batches) and the peers', in fresh processes")
     ap.add_argument("--budgets", type=float, nargs="+", default=[8, 16, 25, 40])
     ap.add_argument("--frontier-batches", type=int, nargs="+", default=[8, 16, 32])
-    ap.add_argument("--peer-liger", help="path of ../shared/bench/peer_liger_kd.py (on the machine), or of "
-                    "scripts/peer_liger_kd.py (the same, with a teacher=3b option)")
+    ap.add_argument("--peer-liger", nargs="?", const=str(HERE / "peer_liger_kd.py"),
+                    help="run the Liger peer too (PyTorch + PEFT + Liger's kernels and chunked loss; default: "
+                    "peer_liger_kd.py beside this script)")
     ap.add_argument("--peer-arg", action="append", default=[],
                     help="an argument added to every peer run (repeatable): teacher=3b for the 3B preset")
     ap.add_argument("--peer-batches", type=int, nargs="+", default=[8, 16, 32], help="Liger peer: batches (each with and without checkpointing)")
-    ap.add_argument("--peer-torch", help="path of ../shared/bench/peer_torch_kd.py")
+    ap.add_argument("--peer-torch", nargs="?", const=str(HERE / "peer_torch_kd.py"),
+                    help="run the plain PyTorch + PEFT peer too (default: peer_torch_kd.py beside this script)")
     ap.add_argument("--peer-torch-batches", type=int, nargs="+", default=[8])
     ap.add_argument("--repeats", type=int, default=1, help="--frontier: runs of each setting")
     ap.add_argument("--run-timeout", type=float, default=240, help="--frontier: seconds per run")

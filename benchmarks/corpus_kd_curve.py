@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What a long corpus-KD run makes of a student: held-out quality against training tokens, as a curve.
 
-    python scripts/corpus_kd_curve.py --student smollm2-135m-instruct-pruned16 \\
+    python benchmarks/corpus_kd_curve.py --student smollm2-135m-instruct-pruned16 \\
         --text /usr/share/doc/python3.11/html/_sources --tokens 20000000 --points 8 --out docs/corpus_kd
 
 The teacher scores the corpus (dense targets, no generation: `KDConfig.text`, `text_share = 1`); the run

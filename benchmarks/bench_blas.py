@@ -1,7 +1,7 @@
 """Float32 1024^3 matmul GFLOP/s on MLX's CPU backend, with and without the optimized BLAS preload.
 
 Each variant runs in its own process (the BLAS must be chosen before `mlx` is imported), side by side:
-    python scripts/bench_blas.py [--size 1024] [--repeat 10]
+    python benchmarks/bench_blas.py [--size 1024] [--repeat 10]
 """
 
 import argparse

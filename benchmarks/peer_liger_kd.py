@@ -1,17 +1,18 @@
-# ruff: noqa  (a copy of the shared peer script, kept as written there)
-"""A copy of ../shared/bench/peer_liger_kd.py (issue 22's peer), unchanged but for one option: `teacher=3b`
-swaps the teacher for Qwen2.5-3B's shapes (36 blocks, width 2048, MLP 11008, 16 heads, 2 KV heads, tied), for
-`bench_kd.py --preset 'qwen2.5-3b->0.5b'`. The shared file's own text follows.
-
-The strongest PyTorch KD peer we can build here: HF transformers + PEFT LoRA, Liger's fused Triton kernels
+# ruff: noqa  (the peer's script, kept in its authors' style)
+"""The strongest PyTorch KD peer we can build here: HF transformers + PEFT LoRA, Liger's fused Triton kernels
 (RMSNorm, RoPE, SwiGLU) and Liger's chunked fused-linear distillation loss (LigerFusedLinearJSDLoss, beta=0 =
 forward KL, never materialises [B, T, V] logits), optionally torch.compile and HF gradient checkpointing.
 Same shapes as peer_torch_kd.py: teacher Qwen2.5-1.5B, student Qwen2.5-0.5B + LoRA r=16 (q,k,v,o), V=151936,
 seq 1024, bf16, random weights.
 Run on the GPU machine with the liger-kernel wheel (0.8.5, pure Python + Triton) carried there:
   python3 peer_liger_kd.py BATCH [ckpt] [chunk=N] [nopatch] [compile] [teacher=3b]  -> one JSON line.
-(`compile` failed there with Liger's patched model: torch.compile cannot trace its Triton RoPE.)"""
-import json, sys, time, torch
+(`compile` failed there with Liger's patched model: torch.compile cannot trace its Triton RoPE.)
+`teacher=3b` swaps the teacher for Qwen2.5-3B's shapes (36 blocks, width 2048, MLP 11008, 16 heads, 2 KV
+heads, tied), for `bench_kd.py --preset 'qwen2.5-3b->0.5b'`."""
+import sys
+if {"-h", "--help"} & set(sys.argv[1:]):
+    sys.exit(print(__doc__))
+import json, time, torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from peft import LoraConfig, get_peft_model
 from liger_kernel.transformers import apply_liger_kernel_to_qwen2
