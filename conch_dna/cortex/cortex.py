@@ -39,6 +39,9 @@ class NeuronAnswer:
 
 
 class Cortex:
+    """Serves the registry's active neurons on one shared base model loaded once (`base_model_id`, or a live
+    `model` and `tokenizer`): each request attaches its neuron's adapter, sha256-checked when first loaded."""
+
     def __init__(self, registry: NeuronRegistry, base_model_id: str | None = None, *, model=None, tokenizer=None):
         self.registry = registry
         self.base_model_id = base_model_id or registry.base_model or "default-student"

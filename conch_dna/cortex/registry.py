@@ -213,6 +213,10 @@ def check_adapter(adapter_dir: Path, base_shapes: dict[str, tuple[int, int]] | N
 
 
 class NeuronRegistry:
+    """The CORTEX neuron registry in folder `root`: immutable, sha256-checked versions of each neuron's adapter and
+    which one is active, in one manifest (`registry.json`) that any number of processes read and write safely.
+    `base_model`: the student the adapters are for; `quality_gate`: refuse to activate worse or looping versions."""
+
     def __init__(self, root: str | os.PathLike, base_model: str | os.PathLike | None = None, *, quality_gate: bool = False):
         self.root = Path(root)
         self.base_model = str(base_model) if base_model is not None else None
@@ -230,12 +234,15 @@ class NeuronRegistry:
     # ----------------------------------------------------------------------------------- reading
 
     def neurons(self) -> list[str]:
+        """The registered neurons' names, sorted."""
         return sorted(self._state.neurons)
 
     def versions(self, neuron: str) -> tuple[NeuronVersion, ...]:
+        """Every version of `neuron`, oldest first."""
         return self._record(neuron).versions
 
     def active(self, neuron: str) -> NeuronVersion | None:
+        """The version of `neuron` CORTEX serves, or None."""
         state = self._state  # one snapshot: active id and versions agree
         rec = state.neurons.get(neuron)
         if rec is None or rec.active is None:
@@ -243,6 +250,7 @@ class NeuronRegistry:
         return next(v for v in rec.versions if v.version == rec.active)
 
     def get(self, neuron: str, version: int) -> NeuronVersion:
+        """One version of `neuron`; `NeuronNotFoundError` if there is none."""
         for v in self._record(neuron).versions:
             if v.version == version:
                 return v

@@ -97,6 +97,9 @@ class DistillationHandle:
 
 
 class EGO:
+    """The large model that thinks (`model_id`, or a live `model` and `tokenizer`): it answers, records what it
+    answers, and distils itself into CORTEX neurons in the background."""
+
     def __init__(self, model_id: str = "default-teacher", *, model=None, tokenizer=None, cortex=None,
                  registry=None, config: KDConfig | None = None, experience: ExperienceStore | str | None = None):
         """`experience`: an `ExperienceStore` (or its database path) where `chat` records what EGO answers
@@ -117,6 +120,7 @@ class EGO:
 
     @property
     def model(self):
+        """The teacher model, loaded on first use."""
         with self.lock:
             if self._model is None:
                 self._model, self._tokenizer = load_model(self.model_id)
@@ -124,6 +128,7 @@ class EGO:
 
     @property
     def tokenizer(self):
+        """The teacher's tokenizer, loaded with the model."""
         _ = self.model
         return self._tokenizer
 

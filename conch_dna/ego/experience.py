@@ -66,6 +66,9 @@ def held_out(prompt: str, share: float) -> bool:
 
 
 class ExperienceStore:
+    """What EGO answered, per domain, in a SQLite database (WAL mode) that threads and processes write at once;
+    the data its neurons are distilled from."""
+
     def __init__(self, path: str | os.PathLike, retention: int | None = 100_000, timeout: float = 30.0):
         """`retention`: the most records kept per domain (None: no bound); `timeout`: seconds a writer waits
         for another's transaction."""
@@ -157,14 +160,17 @@ class ExperienceStore:
     # ----------------------------------------------------------------------------------------- read
 
     def records(self, domain: str, after: int = 0) -> list[Experience]:
+        """The domain's records with an id above `after`, oldest first."""
         rows = self._db().execute("SELECT id, domain, prompt, answer, answer_ids, model, created FROM experience "
                                   "WHERE domain = ? AND id > ? ORDER BY id", (domain, after)).fetchall()
         return [Experience(i, d, p, a, tuple(json.loads(ids)) if ids else None, m, c) for i, d, p, a, ids, m, c in rows]
 
     def count(self, domain: str, after: int = 0) -> int:
+        """How many records the domain has with an id above `after`."""
         return self._db().execute("SELECT COUNT(*) FROM experience WHERE domain = ? AND id > ?", (domain, after)).fetchone()[0]
 
     def domains(self) -> list[str]:
+        """The domains that have records, sorted."""
         return [r[0] for r in self._db().execute("SELECT DISTINCT domain FROM experience WHERE domain IS NOT NULL ORDER BY domain")]
 
     def split(self, domain: str, held_out_share: float = 0.2) -> tuple[list[Experience], list[Experience]]:

@@ -207,12 +207,14 @@ class TrueKnowledgeDistiller:
 
     @property
     def teacher(self):
+        """The teacher model: the live one passed in, or `teacher_model_id` loaded on first use."""
         if self._teacher is None:
             self._teacher, self._teacher_tokenizer = load_model(self.config.teacher_model_id)
         return self._teacher
 
     @property
     def teacher_tokenizer(self):
+        """The teacher's tokenizer."""
         _ = self.teacher
         return self._teacher_tokenizer
 
@@ -303,6 +305,7 @@ class TrueKnowledgeDistiller:
         return own
 
     def load_student(self):
+        """A fresh copy of the student model and its tokenizer (`student_model_id`)."""
         return load_model(self.config.student_model_id)
 
     # --------------------------------------------------------------------------------- teacher data
