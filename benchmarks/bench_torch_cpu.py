@@ -10,14 +10,15 @@ import argparse
 import json
 import time
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
-
-ap = argparse.ArgumentParser()
-ap.add_argument("--steps", type=int, default=3)
-ap.add_argument("--threads", type=int, default=0)
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's choice)")
 args = ap.parse_args()
+
+import torch  # noqa: E402  (after --help, which works without PyTorch)
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
 if args.threads:
     torch.set_num_threads(args.threads)
 V, B, T, temp, alpha = 8192, 4, 256, 2.0, 0.7
