@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cross-tokenizer KD vs SFT, on a real pair with different vocabularies.
 
-    python benchmarks/benchmark_cross_tokenizer.py --seeds 0 1 --iters 20 --out docs/cross_tokenizer.md
+    python benchmarks/benchmark_cross_tokenizer.py --seeds 0 1 --iters 20 --out /tmp/cross_tokenizer.md
 
 Teacher SmolLM2-135M-Instruct (49k byte-level BPE) answers the domains' prompts; the student Gemma-3-270m
 (262k SentencePiece, a base model) is trained as LoRA on the same teacher answers, with the same budget:

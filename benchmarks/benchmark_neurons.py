@@ -2,7 +2,7 @@
 """Neurons as a user sees them: students x methods x seeds, judged on held-out prompts, with their cost.
 
     python benchmarks/benchmark_neurons.py --domains thinking --students default-student \\
-        --methods untrained sft kd --seeds 0 1 2 --out docs/quality.md
+        --methods untrained sft kd --seeds 0 1 2 --out /tmp/neurons.md
 
 Every method trains on the same teacher answers to the domain's training prompts with the same budget (the
 README main command's: 15 steps x batch 4, LoRA rank 16 on attention + MLP, answers of up to 96 tokens,

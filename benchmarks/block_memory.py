@@ -24,9 +24,9 @@ import conch_dna  # noqa: E402,F401  (optimized BLAS before mlx)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 # isort: on
+from benchmarks.bench_kd import PEER_LORA, PRESETS, build  # noqa: E402
 from conch_dna.training.kd import KDConfig  # noqa: E402
 from conch_dna.training.kd.trainer import apply_lora, checkpoint_blocks, lean_backward  # noqa: E402
-from benchmarks.bench_kd import PEER_LORA, PRESETS, build  # noqa: E402
 
 VOCAB = 1000  # the head is not what is measured here
 

@@ -2,7 +2,7 @@
 """What a long corpus-KD run makes of a student: held-out quality against training tokens, as a curve.
 
     python benchmarks/corpus_kd_curve.py --student smollm2-135m-instruct-pruned16 \\
-        --text /usr/share/doc/python3.11/html/_sources --tokens 20000000 --points 8 --out docs/corpus_kd
+        --text /usr/share/doc/python3.11/html/_sources --tokens 20000000 --points 8 --out corpus_kd
 
 The teacher scores the corpus (dense targets, no generation: `KDConfig.text`, `text_share = 1`); the run
 checkpoints `--points` times, and each checkpoint is judged on the held-out prompts of `--domain`
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--domain", default="thinking", help="whose held-out prompts judge each checkpoint")
     ap.add_argument("--eval-tokens", type=int, default=64)
     ap.add_argument("--work", default="models/corpus_kd")
-    ap.add_argument("--out", default="docs/corpus_kd")
+    ap.add_argument("--out", default="corpus_kd")
     args = ap.parse_args(argv)
     configure_logging(json_lines=True)
     iters = max(args.points, args.tokens // (args.batch_size * args.max_seq_length))

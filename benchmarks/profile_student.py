@@ -22,9 +22,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 # isort: on
+from benchmarks.bench_kd import PRESETS, build, kernel_table  # noqa: E402
 from conch_dna.training.kd import KDConfig  # noqa: E402
 from conch_dna.training.kd.trainer import apply_lora, lean_backward  # noqa: E402
-from benchmarks.bench_kd import PRESETS, build, kernel_table  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--batch", type=int, default=8)

@@ -77,8 +77,8 @@ def test_trainer_mode_splits_the_peak_by_phase(monkeypatch):
 
 def test_preset_weights_are_counted_from_shapes_exactly():
     """The queue's bound is decided before any model is built (building one fixes it): from the shapes alone."""
-    from conch_dna.training.kd.memory import param_bytes
     from benchmarks.bench_kd import PRESETS, build, preset_weights_bytes
+    from conch_dna.training.kd.memory import param_bytes
 
     for name, (t_shape, s_shape, vocab, _, _) in PRESETS.items():
         built = sum(param_bytes(build(shape, vocab, mx.bfloat16, materialize=False)) for shape in (t_shape, s_shape))

