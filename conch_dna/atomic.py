@@ -4,15 +4,22 @@ Everything is written to a temporary file or folder in the destination's own dir
 so the final `os.replace` is atomic), flushed and fsynced, then renamed into place. A crash, a kill or a
 full disk leaves either the old version or the new one, never a mix; temporary names start with "." so
 readers never pick them up, and a failed write removes its temporary.
+
+Nothing the tool did not write is ever deleted: every folder `atomic_folder` writes lists its files in
+OWNER_FILE, and an existing destination is replaced only when it is empty or holds nothing but the files it
+lists. Any other folder is refused (`ForeignFolderError`), or, when the caller asks, kept under a new name.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +27,16 @@ from pathlib import Path
 
 class WriteError(OSError):
     """A file could not be written (disk full, quota, read-only file system); nothing was replaced."""
+
+
+class ForeignFolderError(WriteError):
+    """The destination holds files this tool did not write; it was left as it is."""
+
+
+# Written into every folder `atomic_folder` makes: the names of the files it put there.
+OWNER_FILE = ".conch_dna.json"
+# Folders written before OWNER_FILE existed list their files in their own manifest: {file: {key: {name: ...}}}.
+_LEGACY_LISTS = {"conch_model.json": "files", "state.json": "sha256"}
 
 
 # errno values that mean "this storage cannot take the write", not "the program is wrong"
@@ -71,23 +88,65 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         raise
 
 
+def foreign_entries(folder: Path) -> list[str]:
+    """What `folder` holds that this tool did not write there ([] when it is ours, or empty)."""
+    entries = {p.name for p in folder.iterdir()}
+    for name, key in ((OWNER_FILE, "files"), *_LEGACY_LISTS.items()):
+        try:
+            listed = json.loads((folder / name).read_text())[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(listed, list | dict):
+            return sorted(entries - set(listed) - {name, OWNER_FILE})
+    return sorted(entries)
+
+
+def _check_replaceable(dest: Path, keep_foreign: bool) -> Path | None:
+    """Refuse (or, with `keep_foreign`, rename aside and return the new name of) a destination this tool did
+    not write; None when `dest` may be replaced."""
+    if not dest.exists() and not dest.is_symlink():
+        return None
+    if dest.is_symlink() or not dest.is_dir():
+        raise ForeignFolderError(errno.EEXIST, f"{dest} exists and is not a folder; choose another destination")
+    foreign = foreign_entries(dest)
+    if not foreign:
+        return None
+    if not keep_foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ForeignFolderError(errno.ENOTEMPTY, f"{dest} holds files this tool did not write ({shown}); nothing was "
+                                 "changed. Choose an empty or new destination, or move those files away")
+    kept = dest.with_name(f"{dest.name}.kept-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(dest, kept)
+    return kept
+
+
 @contextmanager
-def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `dest`; on success its files are fsynced and it replaces `dest`."""
+def atomic_folder(dest: str | os.PathLike, keep_foreign: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `dest`; on success its files are fsynced and it replaces `dest`.
+
+    An existing `dest` is replaced only if it is empty or holds only what this tool wrote there; otherwise
+    `ForeignFolderError`, before any work, or with `keep_foreign` it is renamed to `<dest>.kept-<time>` (said on
+    stderr) and nothing in it is deleted."""
     dest = Path(dest)
+    if not keep_foreign:
+        _check_replaceable(dest, False)  # before the caller's work, not only at the end
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes 0700; what we write is meant to be readable
     try:
         yield tmp
+        (tmp / OWNER_FILE).write_text(json.dumps({"files": sorted(p.name for p in tmp.iterdir())}))
         for f in tmp.iterdir():
             if f.is_file():
                 f.chmod(0o644)
                 _fsync(f)
+        kept = _check_replaceable(dest, keep_foreign)
         old = _move_aside(dest) if dest.exists() else None
         os.replace(tmp, dest)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        if kept is not None:
+            print(f"kept what was in {dest} as {kept}", file=sys.stderr)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if (failure := _write_failure(e, dest)) is not None:
@@ -104,8 +163,12 @@ def _move_aside(path: Path) -> Path:
 
 
 def remove_folder(path: str | os.PathLike) -> None:
-    """Delete a folder so that no half-deleted copy is ever seen under its name (`_move_aside`, then removed)."""
-    shutil.rmtree(_move_aside(Path(path)), ignore_errors=True)
+    """Delete a folder this tool wrote so that no half-deleted copy is ever seen under its name (`_move_aside`,
+    then removed); a folder holding anything else is left alone (`ForeignFolderError`)."""
+    path = Path(path)
+    if foreign := foreign_entries(path):
+        raise ForeignFolderError(errno.ENOTEMPTY, f"not removing {path}: it holds files this tool did not write ({', '.join(foreign[:5])})")
+    shutil.rmtree(_move_aside(path), ignore_errors=True)
 
 
 def check_writable(folder: str | os.PathLike) -> None:

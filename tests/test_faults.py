@@ -45,8 +45,9 @@ def registry_is_sane(root: Path) -> None:
     reg = NeuronRegistry(root)
     v = reg.active("thinking")
     if v is not None:
-        assert sha256_file(Path(v.path) / "adapters.safetensors") == v.sha256
-        assert json.loads((Path(v.path) / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
+        folder = reg.verify(v)  # every file against its recorded sha256
+        assert sha256_file(folder / "adapters.safetensors") == v.sha256
+        assert json.loads((folder / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
 
 
 def test_sigkill_at_every_fault_point_then_resume_equals_uninterrupted(tiny_pair, tmp_path):

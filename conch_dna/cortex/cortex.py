@@ -14,17 +14,16 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import structlog
 
 from conch_dna.cortex.registry import (
-    AdapterMismatchError,
     NeuronNotFoundError,
     NeuronRegistry,
     NeuronVersion,
-    sha256_file,
+    RegistryError,
+    same_model,
 )
 from conch_dna.models import load_model
 
@@ -44,25 +43,26 @@ class Cortex:
 
     def __init__(self, registry: NeuronRegistry, base_model_id: str | None = None, *, model=None, tokenizer=None):
         self.registry = registry
-        self.base_model_id = base_model_id or registry.base_model or "default-student"
+        served = registry.base_model  # the base its manifest names, or the one it was opened for
+        if base_model_id is not None and served is not None and not same_model(base_model_id, served):
+            raise RegistryError(f"the registry at {registry.root} holds adapters of {served!r}, not {base_model_id!r}: "
+                                "serve it on its own base (leave base_model_id out)")
+        self.base_model_id = base_model_id or served or "default-student"
         if model is None:
             model, tokenizer = load_model(self.base_model_id)
         self.model, self.tokenizer = model, tokenizer
         self._lock = threading.Lock()
         self._attached: NeuronVersion | None = None
         self._lora_layout: str | None = None  # the LoRA wrapping currently on the base model
-        self._weights: dict[tuple[str, int], list] = {}  # adapter tensors by (neuron, version), verified once
+        self._weights: dict[tuple[str, int], tuple[dict, list]] = {}  # (config, tensors) by (neuron, version), verified once
 
     def _load_version(self, v: NeuronVersion) -> tuple[dict, list]:
         key = (v.neuron, v.version)
-        folder = Path(v.path)
-        config = json.loads((folder / "adapter_config.json").read_text())
         if key not in self._weights:
-            if sha256_file(folder / "adapters.safetensors") != v.sha256:
-                raise AdapterMismatchError(f"{folder / 'adapters.safetensors'} does not match its registered sha256: "
-                                           f"the file was modified or corrupted; promote another version of {v.neuron!r}")
-            self._weights[key] = list(mx.load(str(folder / "adapters.safetensors")).items())
-        return config, self._weights[key]
+            folder = self.registry.verify(v)  # every file against its registered sha256, inside the registry
+            config = json.loads((folder / "adapter_config.json").read_text())
+            self._weights[key] = (config, list(mx.load(str(folder / "adapters.safetensors")).items()))
+        return self._weights[key]
 
     def _attach(self, v: NeuronVersion) -> None:
         """Put `v`'s LoRA weights on the base model (called with the lock held)."""

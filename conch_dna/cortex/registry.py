@@ -8,8 +8,13 @@
 Design (MLflow-style aliases over immutable versions):
 * `register` copies the adapter into the registry's own store (`<root>/<neuron>/v0001/`), so retraining
   into the same output folder never changes a registered version; the copy is written to a temporary
-  folder and renamed. Its sha256 is recorded; a duplicate (same sha256 for that neuron) is rejected, and
-  so is an adapter whose files are missing/corrupt or whose shapes do not fit the base student.
+  folder and renamed. The sha256 of every file of the version is recorded; a duplicate (same adapter
+  weights for that neuron) is rejected, and so is an adapter whose files are missing/corrupt, whose shapes
+  do not fit the base student, or that was trained on another student than the registry's base.
+* Nothing read back is trusted: a version's folder is always `<root>/<neuron>/v<NNNN>` (the manifest's
+  `path` is informational and relative), only regular files inside the registry are opened, and CORTEX
+  checks every file's sha256 before it serves a version. A registry holds adapters of one base model, named
+  in its manifest; opening it for another base is refused.
 * The manifest `<root>/registry.json` is written atomically (temp file, fsync, rename) under an
   inter-process file lock, after re-reading it, so two processes never lose each other's versions.
 * In memory, writers build a new immutable `RegistryState` and swap the reference: readers never block
@@ -19,15 +24,18 @@ Design (MLflow-style aliases over immutable versions):
 * The optional quality gate refuses to activate a version that loops (its own answers to held-out prompts
   repeat themselves more than the teacher's, `loops`) or is worse than the active version (`worse_than`:
   held-out KL, agreement and repetition, or the validation KD loss when a version was not judged).
-  Compare like with like: the gate trusts that both were judged on the same held-out prompts.
+  Compare like with like: the gate trusts that both were judged on the same held-out prompts. Figures that
+  are missing or not finite are a refusal, never a pass.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
+import stat
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,13 +46,17 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from conch_dna._faults import fault_point
-from conch_dna.atomic import atomic_folder, atomic_write, sha256_file
+from conch_dna.atomic import atomic_folder, atomic_write, check_writable, sha256_file
 from conch_dna.training.kd import signals
 
 log = structlog.get_logger(__name__)
 
 MANIFEST = "registry.json"
 ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
+# A manifest larger than this is not one this registry wrote (each version adds ~1 KB).
+MANIFEST_MAX_BYTES = 64 << 20
+# Activations remembered for rollback, per neuron.
+HISTORY_LIMIT = 100
 
 
 class RegistryError(RuntimeError):
@@ -77,8 +89,9 @@ class NeuronVersion(BaseModel):
 
     neuron: str
     version: int
-    path: str
-    sha256: str
+    path: str  # relative to the registry: <neuron>/v<NNNN> (a version's folder is always there)
+    sha256: str  # of adapters.safetensors: the same weights are the same adapter
+    files: dict[str, str] = {}  # sha256 of every file of the version, checked before it is served
     metrics: dict = {}
     created: str
     teacher: str | None = None
@@ -116,10 +129,26 @@ REPETITION_MARGIN = 0.05
 TOLERANCE = {"held_out_kl": 0.02, "held_out_agreement": 0.02, "held_out_repetition": 0.02}
 
 
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def unusable_figures(metrics: dict) -> str | None:
+    """Why a version's figures cannot be judged (missing or not finite), or None. A version judged on held-out
+    prompts needs every held-out figure the gate compares; one that was not needs a finite validation KD."""
+    held = [k for k in (*TOLERANCE, "held_out_teacher_repetition") if k in metrics]
+    if held:
+        bad = [k for k in (*TOLERANCE, "held_out_teacher_repetition") if not _finite(metrics.get(k))]
+        return f"its held-out figures are missing or not finite ({', '.join(bad)})" if bad else None
+    if not _finite(metrics.get("val_kd")):
+        return "it has no finite held-out figures or validation KD to judge it by"
+    return None
+
+
 def loops(metrics: dict) -> str | None:
     """Why the neuron's own answers count as looping, or None (None also when it was not judged)."""
     rep, teacher = metrics.get("held_out_repetition"), metrics.get("held_out_teacher_repetition")
-    if rep is None or teacher is None or rep <= teacher + REPETITION_MARGIN:
+    if not _finite(rep) or not _finite(teacher) or rep <= teacher + REPETITION_MARGIN:
         return None
     return (f"loops: {rep:.2f} of the 4-grams of its held-out answers are repeats, the teacher's answers "
             f"{teacher:.2f} (allowed: + {REPETITION_MARGIN})")
@@ -127,8 +156,9 @@ def loops(metrics: dict) -> str | None:
 
 def worse_than(new: dict, old: dict) -> str | None:
     """What makes `new` worse than `old`: the held-out figures when both were judged (KL up, agreement down,
-    repetition up, each beyond `TOLERANCE`), else the validation KD loss."""
-    if all(k in new and k in old and new[k] is not None and old[k] is not None for k in TOLERANCE):
+    repetition up, each beyond `TOLERANCE`), else the validation KD loss. `new` has usable figures
+    (`unusable_figures`); where `old`'s cannot be compared, `new` is not worse."""
+    if all(_finite(new.get(k)) and _finite(old.get(k)) for k in TOLERANCE):
         problems = []
         if new["held_out_kl"] > old["held_out_kl"] + TOLERANCE["held_out_kl"]:
             problems.append(f"held-out KL {new['held_out_kl']:.4f} > {old['held_out_kl']:.4f}")
@@ -138,12 +168,28 @@ def worse_than(new: dict, old: dict) -> str | None:
             problems.append(f"repetition {new['held_out_repetition']:.3f} > {old['held_out_repetition']:.3f}")
         return "; ".join(problems) or None
     new_kd, old_kd = new.get("val_kd"), old.get("val_kd")
-    if new_kd is None or old_kd is None:
-        return "no held-out figures or val_kd metric to compare"
+    if not _finite(old_kd):
+        return None
+    if not _finite(new_kd):
+        return "no held-out figures or validation KD comparable with the active version's"
     return f"validation KD {new_kd:.4f} > {old_kd:.4f}" if new_kd > old_kd else None
 
 
 # ------------------------------------------------------------------------------- shape validation
+
+
+def same_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two model ids name the same model: equal ids, or ids that resolve to the same folder."""
+    if str(a) == str(b):
+        return True
+    from conch_dna.models import model_path
+
+    try:
+        pa, pb = model_path(str(a)), model_path(str(b))
+    except Exception:  # an id that cannot be resolved here is only equal to itself
+        return False
+    return pa is not None and pb is not None and Path(pa).resolve() == Path(pb).resolve()
+
 
 
 def base_linear_shapes(model_folder: str | os.PathLike) -> dict[str, tuple[int, int]]:
@@ -230,6 +276,47 @@ class NeuronRegistry:
         except OSError as e:
             raise RegistryError(f"cannot create the registry folder {self.root} ({e.strerror}); choose another with --registry") from e
         self.reload()
+        named = self._read_manifest().base_model
+        if named is not None and self.base_model is not None and not same_model(named, self.base_model):
+            raise RegistryError(f"the registry at {self.root} holds adapters of the base model {named!r}, not "
+                                f"{self.base_model!r}: a registry serves one base. Use another --registry for this "
+                                "student, or the registry's own base")
+        self.base_model = self.base_model or named
+
+    def check_writable(self) -> None:
+        """Refuse, before any work, a registry this process cannot write (a read-only file system, no permission)."""
+        try:
+            check_writable(self.root)
+        except OSError as e:
+            raise RegistryError(f"cannot write to the registry folder {self.root} ({e.strerror}); choose another "
+                                "with --registry, or train with --no-register") from e
+
+    def version_dir(self, v: NeuronVersion) -> Path:
+        """The folder of version `v`: always `<root>/<neuron>/v<NNNN>`, a real folder inside the registry."""
+        from conch_dna.training.kd.data import check_name
+
+        check_name(v.neuron, "neuron")
+        folder = self.root / v.neuron / f"v{v.version:04d}"
+        if folder.is_symlink() or not folder.is_dir() or not folder.resolve().is_relative_to(self.root.resolve()):
+            raise AdapterMismatchError(f"version {v.version} of neuron {v.neuron!r} has no folder {folder} in the registry: "
+                                       f"it was moved or deleted; promote another version of {v.neuron!r}")
+        return folder
+
+    def verify(self, v: NeuronVersion) -> Path:
+        """Check every file of version `v` against the sha256 recorded when it was registered; its folder."""
+        folder = self.version_dir(v)
+        expected = v.files or {"adapters.safetensors": v.sha256}  # versions registered before all files were hashed
+        for name, digest in expected.items():
+            path = folder / name
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                mode = 0
+            if Path(name).name != name or not stat.S_ISREG(mode) or sha256_file(path) != digest:
+                raise AdapterMismatchError(f"{path} is missing, not a regular file, or does not match its registered "
+                                           f"sha256: version {v.version} of {v.neuron!r} was modified after it was "
+                                           f"registered; promote another version of {v.neuron!r}")
+        return folder
 
     # ----------------------------------------------------------------------------------- reading
 
@@ -290,8 +377,13 @@ class NeuronRegistry:
 
     def _read_manifest(self) -> Manifest:
         path = self.root / MANIFEST
-        if not path.exists():
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
             return Manifest(base_model=self.base_model)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MANIFEST_MAX_BYTES:
+            raise RegistryError(f"registry manifest {path} is not a regular file of at most {MANIFEST_MAX_BYTES >> 20} MB "
+                                "(a link, a device or something else); the registry kept its previous state. Move it away")
         try:
             manifest = Manifest.model_validate(json.loads(path.read_text()))
         except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as e:
@@ -316,6 +408,9 @@ class NeuronRegistry:
         with self._write_lock, open(self.root / ".registry.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                # Manifest temporaries exist only while a writer holds this lock: any seen now was left by a kill.
+                for stale in self.root.glob(f".{MANIFEST}.*.json"):
+                    stale.unlink(missing_ok=True)
                 manifest = self._read_manifest()
                 neurons = dict(manifest.neurons)
                 yield neurons
@@ -349,6 +444,9 @@ class NeuronRegistry:
 
         check_name(neuron, "neuron")
         adapter_dir = Path(adapter_dir)
+        if student is not None and self.base_model is not None and not same_model(student, self.base_model):
+            raise AdapterMismatchError(f"{adapter_dir} was trained on the student {student!r}, but the registry at "
+                                       f"{self.root} serves the base {self.base_model!r}; use another --registry")
         check_adapter(adapter_dir, self._shapes())
         digest = sha256_file(adapter_dir / "adapters.safetensors")
         with self._transaction() as neurons:
@@ -374,15 +472,16 @@ class NeuronRegistry:
                 fault_point("register")
                 if sha256_file(tmp / "adapters.safetensors") != digest:
                     raise AdapterMismatchError(f"{adapter_dir} changed while it was being registered; try again")
-            version = NeuronVersion(neuron=neuron, version=number, path=str(dest.resolve()), sha256=digest,
-                                    metrics=dict(metrics or {}), created=datetime.now(UTC).isoformat(),
+                files = {name: sha256_file(tmp / name) for name in ADAPTER_FILES}
+            version = NeuronVersion(neuron=neuron, version=number, path=f"{neuron}/{dest.name}", sha256=digest,
+                                    files=files, metrics=dict(metrics or {}), created=datetime.now(UTC).isoformat(),
                                     teacher=teacher, student=student)
             rec = rec.model_copy(update={"versions": rec.versions + (version,)})
             active = False
             if activate:
                 refusal = self._gate_refusal(rec, version)
                 if refusal is None:
-                    rec = rec.model_copy(update={"active": number, "history": rec.history + (number,)})
+                    rec = rec.model_copy(update={"active": number, "history": (rec.history + (number,))[-HISTORY_LIMIT:]})
                     active = True
                 else:
                     log.warning("quality gate kept the new version inactive", neuron=neuron, version=number, reason=refusal)
@@ -394,6 +493,8 @@ class NeuronRegistry:
     def _gate_refusal(self, rec: NeuronRecord, candidate: NeuronVersion) -> str | None:
         if not self.quality_gate:
             return None
+        if (unusable := unusable_figures(candidate.metrics)) is not None:
+            return f"version {candidate.version} cannot be judged: {unusable}"
         if (loop := loops(candidate.metrics)) is not None:
             return f"version {candidate.version} {loop}"
         if rec.active is None:
@@ -412,18 +513,26 @@ class NeuronRegistry:
             target = next((v for v in rec.versions if v.version == version), None)
             if target is None:
                 raise NeuronNotFoundError(f"neuron {neuron!r} has no version {version}")
+            if rec.active == version:
+                return target  # already active: the history is not touched, so a rollback still goes back
+            self.verify(target)
+            check_adapter(self.version_dir(target), self._shapes())
             if (refusal := self._gate_refusal(rec, target)) is not None:
                 raise QualityGateError(f"not promoting {neuron} v{version}: {refusal}")
-            neurons[neuron] = rec.model_copy(update={"active": version, "history": rec.history + (version,)})
+            history = (rec.history + (version,))[-HISTORY_LIMIT:]
+            neurons[neuron] = rec.model_copy(update={"active": version, "history": history})
         return target
 
     def rollback(self, neuron: str) -> NeuronVersion:
         """Re-activate the version that was active before the current one."""
         with self._transaction() as neurons:
             rec = neurons.get(neuron)
-            if rec is None or len(rec.history) < 2:
+            history = list(rec.history) if rec is not None else []
+            while history and history[-1] == rec.active:  # the current one, however often it was activated
+                history.pop()
+            if not history:
                 raise RegistryError(f"neuron {neuron!r} has no earlier active version to roll back to")
-            history = rec.history[:-1]
+            history = tuple(history)
             neurons[neuron] = rec.model_copy(update={"active": history[-1], "history": history})
             previous = history[-1]
         return self.get(neuron, previous)

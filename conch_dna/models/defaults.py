@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conch_dna.atomic import atomic_write, check_writable
+from conch_dna.atomic import WriteError, atomic_write, check_writable
 from conch_dna.models.gguf_convert import (
     MANIFEST,
     GGUFError,
@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Prepare the offline default EGO/CORTEX models, or convert any GGUF to an mlx-lm folder.",
     )
     ap.add_argument("--cache-dir", help="where to prepare the default pair (default: $CONCH_CACHE_DIR or ~/.cache/conch_dna)")
-    ap.add_argument("--force", action="store_true", help="convert again even if already prepared")
+    ap.add_argument("--force", action="store_true", help="convert again even if already prepared; with --gguf, write "
+                    "into an --out folder that holds other files after keeping them under <out>.kept-<time>")
     ap.add_argument("--verify", action="store_true", help="re-hash every file against its manifest")
     ap.add_argument("--gguf", help="convert this GGUF file instead of preparing the default pair")
     ap.add_argument("--gemma3", action="store_true", help="also prepare Gemma-3-270m (another tokenizer, for cross-tokenizer KD)")
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.gguf:
             if not args.out:
                 ap.error("--gguf needs --out DEST_FOLDER")
-            print(convert_gguf(args.gguf, args.out))
+            print(convert_gguf(args.gguf, args.out, keep_foreign=args.force))
         else:
             teacher, student = prepare_default_models(args.cache_dir, force=args.force, verify=args.verify)
             out = {"teacher": str(teacher), "student": str(student)}
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.gemma3:
                 out["gemma3"] = str(prepare_gemma3(args.cache_dir, force=args.force))
             print(json.dumps({**out, "seconds": round(time.perf_counter() - t0, 2)}))
-    except (GGUFError, ValueError) as e:
+    except (GGUFError, ValueError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,13 +12,14 @@ visible under the final name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from conch_dna.atomic import atomic_folder, sha256_file
+from conch_dna.atomic import ForeignFolderError, atomic_folder, foreign_entries, sha256_file
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 MANIFEST = "conch_model.json"
@@ -334,12 +335,14 @@ GEMMA_CHAT_TEMPLATE = (
 
 def write_model_folder(
     dest: Path, config: dict, weights: dict, tokenizer_json: str, tokenizer_config: dict,
-    extra: dict | None = None, info: dict | None = None,
+    extra: dict | None = None, info: dict | None = None, keep_foreign: bool = False,
 ) -> Path:
-    """Write an mlx-lm model folder atomically: build it in a temp sibling, then rename into place."""
+    """Write an mlx-lm model folder atomically: build it in a temp sibling, then rename into place. An existing
+    `dest` that holds anything but a model folder this tool wrote is refused, or with `keep_foreign` kept under
+    another name (`atomic_folder`)."""
     from safetensors.numpy import save_file
 
-    with atomic_folder(dest) as tmp:
+    with atomic_folder(dest, keep_foreign=keep_foreign) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "tokenizer.json").write_text(tokenizer_json)
@@ -353,14 +356,30 @@ def write_model_folder(
     return dest
 
 
-def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, dtype=np.float32) -> Path:
-    """Convert `gguf_path` into an mlx-lm model folder at `dest` (replaced atomically if present)."""
-    reader = _reader(Path(gguf_path))
+def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, dtype=np.float32, keep_foreign: bool = False) -> Path:
+    """Convert `gguf_path` into an mlx-lm model folder at `dest` (a model folder this tool wrote there is replaced
+    atomically; any other non-empty folder is refused, or with `keep_foreign` kept under another name)."""
+    source, dest = Path(gguf_path), Path(dest)
+    if source.resolve().is_relative_to(dest.resolve()):
+        raise GGUFError(f"--out {dest} holds the GGUF being converted ({source}); choose a destination outside it")
+    if not keep_foreign:
+        check_destination(dest)
+    reader = _reader(source)
     cfg = _config(reader)  # validates the architecture before any heavy work
     meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
     tokenizer = build_tokenizer(meta)
     weights = _weights(reader, cfg, dtype)
     return write_model_folder(
-        Path(dest), cfg, weights, tokenizer.to_str(), _tokenizer_config(meta),
-        info={"source": str(gguf_path), "source_sha256": sha256_file(Path(gguf_path)), "tool": "conch_dna.models.gguf_convert"},
+        dest, cfg, weights, tokenizer.to_str(), _tokenizer_config(meta), keep_foreign=keep_foreign,
+        info={"source": str(source), "source_sha256": sha256_file(source), "tool": "conch_dna.models.gguf_convert"},
     )
+
+
+def check_destination(dest: Path) -> None:
+    """Refuse, before any work, a destination that is a file or holds files this tool did not write."""
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise ForeignFolderError(errno.EEXIST, f"{dest} exists and is not a folder; choose another destination")
+    if dest.is_dir() and (foreign := foreign_entries(dest)):
+        raise ForeignFolderError(errno.ENOTEMPTY, f"{dest} holds files this tool did not write ({', '.join(foreign[:5])}); "
+                                 "nothing was changed. Choose an empty or new folder, or pass --force to keep them "
+                                 f"under {dest.name}.kept-<time> and write the model there")

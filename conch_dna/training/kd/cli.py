@@ -221,7 +221,9 @@ def open_registry(registry_dir: str, config):
     """The CORTEX registry the run will register into, opened (and its manifest validated) before any work."""
     from conch_dna.cortex import NeuronRegistry
 
-    return NeuronRegistry(registry_dir, base_model=config.student_model_id, quality_gate=True)
+    registry = NeuronRegistry(registry_dir, base_model=config.student_model_id, quality_gate=True)
+    registry.check_writable()
+    return registry
 
 
 def register_results(registry, results: dict) -> dict:
@@ -255,7 +257,7 @@ def list_neurons(registry_dir: str) -> int:
         for v in registry.versions(name):
             mark = "*" if active is not None and v.version == active.version else " "
             kd = v.metrics.get("val_kd")
-            print(f"{mark} {name:12s} v{v.version:<4d} val_kd={kd if kd is None else round(kd, 4)!s:8s} {v.created}  {v.path}")
+            print(f"{mark} {name:12s} v{v.version:<4d} val_kd={kd if kd is None else round(kd, 4)!s:8s} {v.created}  {registry.root / v.path}")
     return 0
 
 

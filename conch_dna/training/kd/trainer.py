@@ -30,7 +30,7 @@ import structlog
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from conch_dna._faults import fault_point
-from conch_dna.atomic import atomic_folder, atomic_write, remove_folder, sha256_file
+from conch_dna.atomic import ForeignFolderError, atomic_folder, atomic_write, remove_folder, sha256_file
 from conch_dna.training.kd import distributed as dist
 from conch_dna.training.kd import kernels
 from conch_dna.training.kd.config import KDConfig
@@ -293,7 +293,10 @@ def save_checkpoint(model, optimizer, out_dir: Path, step: int, state: dict, con
         # state.json last: a checkpoint folder is complete iff it has one (and the rename made it visible).
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "sha256": digests}, indent=2))
     for old in checkpoint_dirs(out_dir)[:-keep]:
-        remove_folder(old)
+        try:
+            remove_folder(old)
+        except ForeignFolderError as e:  # someone put their own files there: keep the folder, say so
+            log.warning("old checkpoint kept", reason=str(e))
     return final
 
 
