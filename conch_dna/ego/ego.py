@@ -28,7 +28,7 @@ from typing import Literal
 import mlx.core as mx
 import structlog
 
-from conch_dna.ego.experience import ExperienceStore, distillation_data
+from conch_dna.ego.experience import ExperienceStore, ExperienceStoreError, distillation_data
 from conch_dna.models import load_model
 from conch_dna.training.kd import signals
 from conch_dna.training.kd.config import KDConfig
@@ -117,6 +117,7 @@ class EGO:
         self._runs: dict[str, DistillationHandle] = {}
         self._runs_lock = threading.Lock()
         self._triggers: dict[str, dict] = {}  # domain -> {"every", "min_interval_s", "after" (last id used), "started"}
+        self.unrecorded = 0  # answers the experience store could not record (disk full, read-only storage)
 
     @property
     def model(self):
@@ -152,7 +153,12 @@ class EGO:
         text = "".join(r.text for r in out)
         if self.experience is not None:
             # Every token it produced, EOS included when it stopped (students learn to stop).
-            self.experience.record(domain, prompt, text, model=self.fingerprint, answer_ids=[r.token for r in out])
+            try:
+                self.experience.record(domain, prompt, text, model=self.fingerprint, answer_ids=[r.token for r in out])
+            except ExperienceStoreError as e:  # the caller still gets its answer; the loss is logged and counted
+                self.unrecorded += 1
+                log.warning("answer not recorded", error=str(e), unrecorded=self.unrecorded)
+                return text
             if domain in self._triggers:
                 self._maybe_distill(domain)
         return text

@@ -13,6 +13,12 @@ its own connection (sqlite3 connections are not shared across threads). The sche
 
 The held-out split is a function of the prompt's text alone (a hash), so it stays fixed between runs and
 versions of a neuron are judged on the same prompts however much experience arrives later.
+
+Rows are checked when read, never trusted: a row whose fields have the wrong types or whose token ids are
+not non-negative integers makes the store refuse to give data (`ExperienceStoreError` naming the row); the
+distiller then checks the ids against the teacher's vocabulary. Training opens the database read-only
+(`read_only=True`), so a database on read-only storage is read as it is. A write the storage refuses
+(disk full, read-only) is an `ExperienceStoreError`, which EGO logs and counts without losing its answer.
 """
 
 from __future__ import annotations
@@ -69,23 +75,32 @@ class ExperienceStore:
     """What EGO answered, per domain, in a SQLite database (WAL mode) that threads and processes write at once;
     the data its neurons are distilled from."""
 
-    def __init__(self, path: str | os.PathLike, retention: int | None = 100_000, timeout: float = 30.0):
+    def __init__(self, path: str | os.PathLike, retention: int | None = 100_000, timeout: float = 30.0,
+                 read_only: bool = False):
         """`retention`: the most records kept per domain (None: no bound); `timeout`: seconds a writer waits
-        for another's transaction."""
+        for another's transaction; `read_only`: open an existing database for reading only (training does)."""
         if retention is not None and retention < 1:
             raise ValueError(f"retention must be at least 1 record (or None for no bound), not {retention}")
-        self.path, self.retention, self.timeout = Path(path), retention, timeout
+        self.path, self.retention, self.timeout, self.read_only = Path(path), retention, timeout, read_only
         self._local = threading.local()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ExperienceStoreError(f"cannot create the folder of {self.path} ({e.strerror}); choose another path") from e
+        if read_only:
+            if not self.path.is_file():
+                raise ExperienceStoreError(f"experience database {self.path} does not exist (or is not a file); give "
+                                           "the path EGO(..., experience=...) writes")
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ExperienceStoreError(f"cannot create the folder of {self.path} ({e.strerror}); choose another path") from e
         self._migrate()
 
     # ------------------------------------------------------------------------------------ connection
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
+        if db is None and self.read_only:
+            db = self._connect_read_only()
+            self._local.db = db
         if db is None:
             db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)  # explicit transactions
             db.execute("PRAGMA journal_mode=WAL")
@@ -93,11 +108,27 @@ class ExperienceStore:
             self._local.db = db
         return db
 
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """mode=ro where SQLite can keep its shared-memory file beside the database; on read-only storage,
+        where it cannot, the file is read as it is (immutable: no other process can be writing it there)."""
+        uri = self.path.resolve().as_uri()
+        for query in ("?mode=ro", "?mode=ro&immutable=1"):
+            db = sqlite3.connect(uri + query, uri=True, timeout=self.timeout, isolation_level=None)
+            try:
+                db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                return db
+            except sqlite3.OperationalError:
+                db.close()
+        return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=self.timeout, isolation_level=None)
+
     def _migrate(self) -> None:
         try:
             db = self._db()
             version = db.execute("PRAGMA user_version").fetchone()[0]
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.OperationalError as e:  # cannot open or lock it: the file may be perfectly good
+            raise ExperienceStoreError(f"cannot open {self.path} for {'reading' if self.read_only else 'writing'} ({e}); "
+                                       "check its folder's permissions and free space") from e
         except sqlite3.DatabaseError as e:
             raise ExperienceStoreError(f"{self.path} is not an experience database or is corrupt ({e}); move it "
                                        "away (a new one is created) or pass another path") from e
@@ -107,6 +138,8 @@ class ExperienceStore:
         if version == 0 and tables - {"sqlite_sequence"}:
             raise ExperienceStoreError(f"{self.path} is an SQLite database of something else (tables: "
                                        f"{', '.join(sorted(tables))}); pass another path")
+        if version < SCHEMA_VERSION and self.read_only:
+            raise ExperienceStoreError(f"{self.path} holds no experience table yet (schema {version}); nothing to read")
         if version < SCHEMA_VERSION:
             with self._transaction() as db:  # another process may have migrated meanwhile: IF NOT EXISTS
                 for statement in filter(str.strip, SCHEMA.split(";")):  # version 0 -> 1; later versions add steps
@@ -115,14 +148,21 @@ class ExperienceStore:
 
     @contextmanager
     def _transaction(self):
+        if self.read_only:
+            raise ExperienceStoreError(f"{self.path} was opened read-only; open it without read_only to record")
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock between writers
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlock between writers
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as e:  # disk full, read-only storage, a lock held too long
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise ExperienceStoreError(f"could not write to {self.path} ({e}); nothing was recorded") from e
 
     def close(self) -> None:
         """Close this thread's connection (others close when their thread's store is collected)."""
@@ -163,7 +203,25 @@ class ExperienceStore:
         """The domain's records with an id above `after`, oldest first."""
         rows = self._db().execute("SELECT id, domain, prompt, answer, answer_ids, model, created FROM experience "
                                   "WHERE domain = ? AND id > ? ORDER BY id", (domain, after)).fetchall()
-        return [Experience(i, d, p, a, tuple(json.loads(ids)) if ids else None, m, c) for i, d, p, a, ids, m, c in rows]
+        return [self._checked(row) for row in rows]
+
+    def _checked(self, row: tuple) -> Experience:
+        """A row as an `Experience`, or `ExperienceStoreError` naming the row and what is wrong with it."""
+        i, d, p, a, ids, m, c = row
+        problem = None
+        if not all(isinstance(x, str) for x in (p, a, m)) or not isinstance(c, int | float):
+            problem = "a field of the wrong type"
+        elif ids is not None:
+            try:
+                ids = json.loads(ids) if isinstance(ids, str) else None
+            except ValueError:
+                ids = None
+            if not isinstance(ids, list) or not all(type(t) is int and t >= 0 for t in ids):
+                problem = "answer_ids that are not a list of non-negative integers"
+        if problem is not None:
+            raise ExperienceStoreError(f"{self.path}: record {i} (domain {d!r}) is corrupt: {problem}. Delete that "
+                                       "row, or move the database away, before training on it")
+        return Experience(i, d, p, a, tuple(ids) if ids else None, m, c)
 
     def count(self, domain: str, after: int = 0) -> int:
         """How many records the domain has with an id above `after`."""

@@ -209,12 +209,12 @@ def experience_data(db: str, domain: str, prompts: list[str] | None, distiller) 
     if not Path(db).is_file():
         raise DataError(f"experience database {db} does not exist; give the path EGO(..., experience=...) writes")
     try:
-        store = ExperienceStore(db)
+        store = ExperienceStore(db, read_only=True)  # training only reads: read-only storage is fine
+        if not store.count(domain):
+            raise DataError(f"{db} holds no experience for domain {domain!r} (known there: {', '.join(store.domains()) or 'none'})")
+        return distillation_data(store, domain, fingerprint_model(distiller.teacher), prompts)
     except ExperienceStoreError as e:
         raise DataError(str(e)) from e
-    if not store.count(domain):
-        raise DataError(f"{db} holds no experience for domain {domain!r} (known there: {', '.join(store.domains()) or 'none'})")
-    return distillation_data(store, domain, fingerprint_model(distiller.teacher), prompts)
 
 
 def open_registry(registry_dir: str, config):

@@ -304,6 +304,19 @@ class TrueKnowledgeDistiller:
             atomic_write(path, lambda p: p.write_text(json.dumps(records)))
         return own
 
+    def _check_answer_ids(self, answered: list[tuple[str, list[int]]]) -> None:
+        """Answers given as token ids (EGO's experience) hold only ids the teacher has: an id past its
+        vocabulary would index outside the embedding."""
+        if not answered:
+            return
+        limit = tokenizer_vocab_size(self.teacher_tokenizer)
+        rows = getattr(getattr(self.teacher, "args", None), "vocab_size", None)
+        limit = min(limit, rows) if isinstance(rows, int) else limit
+        for prompt, ids in answered:
+            if bad := [t for t in ids if type(t) is not int or not 0 <= t < limit]:
+                raise DataError(f"the answer to {prompt[:60]!r} holds token id {bad[0]!r}, outside the teacher's "
+                                f"vocabulary of {limit}: it was not written by this teacher, or its record is corrupt")
+
     def load_student(self):
         """A fresh copy of the student model and its tokenizer (`student_model_id`)."""
         return load_model(self.config.student_model_id)
@@ -320,6 +333,7 @@ class TrueKnowledgeDistiller:
         answered = [(p, list(ids)) for p, ids in answered or []]
         if not prompts and not answered:
             raise DataError(f"no prompts for domain {domain!r}: pass at least one prompt")
+        self._check_answer_ids(answered)
         with self.teacher_lock:
             key = cache_key(
                 teacher=fingerprint_model(self.teacher), tokenizer=fingerprint_tokenizer(self.teacher_tokenizer),
