@@ -1,7 +1,6 @@
 """EGO's experience store trusts no row it reads back, reads databases on read-only storage, and a write the
 storage refuses never costs EGO the answer it already generated."""
 
-import json
 import shutil
 import sqlite3
 import subprocess
