@@ -151,4 +151,4 @@ def test_a_read_only_registry_is_refused_before_any_work(tiny_pair, tmp_path):
         assert run.returncode == 2 and "cannot write to the registry" in run.stderr, run.stderr[-2000:]
         assert not (tmp_path / "out").exists()
     finally:
-        subprocess.run(["umount", str(ro)], capture_output=True)
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from conch_dna.models.gguf_convert import GGUFError, convert_gguf, verify_model_folder
+from conch_dna.models.templates import ChatTemplateError, check_chat_template, check_folder_chat_templates
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -72,6 +73,7 @@ def check_model_folder(path_or_id: str | os.PathLike) -> Path | None:
     if missing:
         raise ModelNotFoundError(f"{path} is not a complete mlx-lm model folder: missing {', '.join(missing)}. "
                                  "Give a folder made by mlx_lm.convert or `python -m conch_dna.models`.")
+    check_folder_chat_templates(path)
     return path
 
 
@@ -109,6 +111,8 @@ def load_model(path_or_id: str | os.PathLike, dtype=None):
         if path is not None:
             raise
         raise ModelNotFoundError(f"could not load {name!r}: not a local folder, and downloading it failed ({type(e).__name__}: {e}). Offline? Pass a local model folder.") from e
+    if path is None:  # a hub model: its template is known once its tokenizer is loaded
+        check_chat_template(getattr(tokenizer, "chat_template", None), name)
     cast_floating(model, dtype or compute_dtype())
     import mlx.core as mx
 
@@ -135,4 +139,4 @@ def dequantize_on_cpu(model) -> bool:
     return True
 
 
-__all__ = ["GGUFError", "ModelNotFoundError", "bf16_bytes", "cast_floating", "check_model_folder", "compute_dtype", "dequantize_on_cpu", "convert_gguf", "load_model", "verify_model_folder"]
+__all__ = ["ChatTemplateError", "GGUFError", "ModelNotFoundError", "bf16_bytes", "cast_floating", "check_model_folder", "compute_dtype", "dequantize_on_cpu", "convert_gguf", "load_model", "verify_model_folder"]

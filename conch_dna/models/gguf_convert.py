@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from conch_dna.atomic import ForeignFolderError, atomic_folder, foreign_entries, sha256_file
+from conch_dna.models.templates import check_chat_template
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 MANIFEST = "conch_model.json"
@@ -367,6 +368,7 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, dtype=np
     reader = _reader(source)
     cfg = _config(reader)  # validates the architecture before any heavy work
     meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    check_chat_template(meta.get("tokenizer.chat_template"), str(source))  # it is copied into the folder
     tokenizer = build_tokenizer(meta)
     weights = _weights(reader, cfg, dtype)
     return write_model_folder(

@@ -55,13 +55,14 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
 
     from conch_dna.atomic import WriteError
     from conch_dna.cortex.registry import RegistryError
-    from conch_dna.models import ModelNotFoundError
+    from conch_dna.models import ChatTemplateError, ModelNotFoundError
     from conch_dna.models.gguf_convert import GGUFError
     from conch_dna.training.kd.memory import MemoryPreflightError
     from conch_dna.training.kd.trainer import CheckpointError
 
     return (ConfigError, DataError, OutputDirError, VocabMismatchError, ModelNotFoundError, GGUFError,
-            TrainingDivergedError, ValidationError, RegistryError, MemoryPreflightError, CheckpointError, WriteError)
+            TrainingDivergedError, ValidationError, RegistryError, MemoryPreflightError, CheckpointError, WriteError,
+            ChatTemplateError)
 
 
 __all__ = [

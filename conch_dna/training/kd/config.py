@@ -23,7 +23,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from conch_dna.inputs import read_input
+
 DEFAULT_CONFIG_FILE = Path("config/kd.toml")
+CONFIG_MAX_BYTES = 1 << 20  # a settings file; anything larger is not one
 DEFAULT_OUTPUT_DIR = Path("models/distilled_neurons/adapters_kd")
 LORA_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -221,7 +224,7 @@ class KDConfig(BaseSettings):
 
         Raises `ConfigError` with a readable message instead of pydantic's or tomllib's exceptions.
         """
-        if config_file is not None and not Path(config_file).is_file():
+        if config_file is not None and not Path(config_file).exists():
             raise ConfigError(f"config file {config_file} does not exist")
         token = _config_file.set(Path(config_file) if config_file is not None else None)
         try:
@@ -292,14 +295,11 @@ def _resolve_config_file() -> Path | None:
         path = DEFAULT_CONFIG_FILE
     if path is not None:
         try:
-            with open(path, "rb") as f:
-                tomllib.load(f)
+            tomllib.loads(read_input(path, "config file", CONFIG_MAX_BYTES, ConfigError).decode("utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}. Fix the syntax or pass another --config.") from e
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
-        except OSError as e:
-            raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from e
     return path
 
 

@@ -27,9 +27,14 @@ import structlog
 from conch_dna._faults import fault_point
 from conch_dna.atomic import atomic_folder, sha256_file
 from conch_dna.defaults import default_file
+from conch_dna.inputs import MB, read_input
 from conch_dna.training.kd.losses import SparseTargets
 
 log = structlog.get_logger(__name__)
+
+
+# Inputs larger than these are no prompt list a person wrote (`inputs.read_input` refuses them unread).
+PROMPTS_MAX_BYTES, DOMAINS_MAX_BYTES = 64 * MB, 16 * MB
 
 
 class DataError(ValueError):
@@ -52,10 +57,9 @@ def load_domains(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
     """{domain: prompts} from a domains TOML file (tables with a `prompts` list)."""
     path = Path(path) if path else domains_file()
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError as e:
-        raise DataError(f"domains file {path} not found") from e
+        data = tomllib.loads(read_input(path, "domains file", DOMAINS_MAX_BYTES, DataError).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"domains file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
     except tomllib.TOMLDecodeError as e:
         raise DataError(f"domains file {path} is not valid TOML: {e}") from e
     domains = {}
@@ -70,8 +74,7 @@ def load_domains(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
 def load_held_out(domain: str, path: str | os.PathLike | None = None) -> list[str]:
     """The domain's `held_out` prompts (never trained on; they judge the neuron's own answers), or []."""
     path = Path(path) if path else domains_file()
-    with open(path, "rb") as f:
-        table = tomllib.load(f).get(domain)
+    table = tomllib.loads(read_input(path, "domains file", DOMAINS_MAX_BYTES, DataError).decode("utf-8")).get(domain)
     held = table.get("held_out", []) if isinstance(table, dict) else []
     if not isinstance(held, list) or not all(isinstance(p, str) and p.strip() for p in held):
         raise DataError(f"domain [{domain}] in {path}: `held_out` must be a list of non-empty strings")
@@ -89,12 +92,7 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"prompt file {path} is a folder; give a file with one prompt per line (or JSONL)")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as e:
-        raise DataError(f"prompt file {path} not found") from e
-    except OSError as e:
-        raise DataError(f"prompt file {path} cannot be read ({e.strerror})") from e
+    raw = read_input(path, "prompt file", PROMPTS_MAX_BYTES, DataError)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
