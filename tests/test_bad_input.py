@@ -159,6 +159,33 @@ def test_resume_with_another_lora_rank_is_refused_and_keeps_the_adapter(tiny_pai
     assert cli(*base, "--resume", "--lora-rank", "16", "--iters", "3").returncode == 0  # the same settings resume
 
 
+def test_resume_that_would_mix_two_runs_is_refused_listing_the_differences(tiny_pair, tmp_path):
+    """A checkpoint records what it was trained on (settings, the teacher's weights, domain, data): a resume
+    with another temperature, alpha, divergence, prompt set or teacher is refused before the teacher works,
+    naming each difference; the same run resumes, with more steps."""
+    from conch_dna.models.tiny import build_tiny_model
+    from tests.conftest import PROMPTS
+
+    base = [*_tiny_cli_run(tiny_pair, tmp_path), "--no-register"]
+    assert cli(*base).returncode == 0
+    adapter = tmp_path / "out" / "thinking" / "adapters.safetensors"
+    good = adapter.read_bytes()
+    r = cli(*base, "--resume", "--iters", "4", "--temperature", "3", "--alpha", "0.5", "--divergence", "jsd")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    for difference in ("temperature: checkpoint 2.0, this run 3.0", "alpha: checkpoint 0.7, this run 0.5",
+                       "divergence: checkpoint 'forward_kl', this run 'jsd'"):
+        assert difference in r.stderr, r.stderr
+    other_prompts = tmp_path / "other.txt"
+    other_prompts.write_text("\n".join(PROMPTS[4:]))
+    r = cli(*[a if a != str(tmp_path / "p.txt") else str(other_prompts) for a in base], "--resume", "--iters", "4")
+    assert r.returncode == 2 and "data: checkpoint" in r.stderr, r.stderr
+    other_teacher = build_tiny_model(tmp_path / "teacher2", num_layers=4, hidden_size=64, seed=7, tokenizer_from=tiny_pair[0])
+    r = cli(*[a if a != str(tiny_pair[0]) else str(other_teacher) for a in base], "--resume", "--iters", "4")
+    assert r.returncode == 2 and "teacher_weights: checkpoint" in r.stderr, r.stderr
+    assert adapter.read_bytes() == good
+    assert cli(*base, "--resume", "--iters", "3").returncode == 0
+
+
 def test_a_checkpoint_of_other_shapes_is_refused_when_loaded(tiny_pair, kd_config):
     """The arrays are compared too (a checkpoint whose config was edited, or another model's): names and
     shapes, listed; nothing is loaded."""

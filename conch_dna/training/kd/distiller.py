@@ -410,8 +410,9 @@ class TrueKnowledgeDistiller:
             held_out = load_held_out(domain) if domain in domains else []
         out_dir = Path(cfg.output_dir) / domain
         _check_writable(out_dir)
+        data = cache_key(prompts=prompts, answered=[(p, list(ids)) for p, ids in answered or []])
         if resume:  # a checkpoint this run cannot continue is refused before the teacher works
-            check_resumable(out_dir, adapter_config(cfg, 0))
+            check_resumable(out_dir, adapter_config(cfg, 0, self._run_record(domain, data)))
         run_id = uuid.uuid4().hex[:12]
         report = self._reporter(domain, run_id, out_dir)
         log.info("distillation started", domain=domain, run_id=run_id, prompts=len(prompts))
@@ -425,10 +426,15 @@ class TrueKnowledgeDistiller:
             report.signal(signals.teacher_data_ready, samples=len(cache.examples),
                           tokens=sum(len(e.tokens) for e in cache.examples), seconds=float(gen_stats.get("seconds", 0.0)),
                           cached=bool(gen_stats.get("cached", False)))
-            return self._train(cache, domain, report, resume=resume, should_stop=should_stop, generation_stats=gen_stats,
+            return self._train(cache, domain, report, data, resume=resume, should_stop=should_stop, generation_stats=gen_stats,
                                held_out=held_out)
 
-    def _train(self, cache: TeacherCache, domain: str, report: Reporter, *, resume: bool = False,
+    def _run_record(self, domain: str, data: str) -> dict:
+        """What this run trains on beyond its settings: the teacher's weights, the domain and the data."""
+        with self.teacher_lock:
+            return {"teacher_weights": fingerprint_model(self.teacher), "domain": domain, "data": data}
+
+    def _train(self, cache: TeacherCache, domain: str, report: Reporter, data: str, *, resume: bool = False,
                should_stop: Callable[[], bool] | None = None, generation_stats: dict | None = None,
                held_out: list[str] | None = None) -> KDResult:
         cfg = self.config
@@ -479,7 +485,7 @@ class TrueKnowledgeDistiller:
             est = preflight(student, running_teacher, cfg.model_copy(update={"loss_impl": "reference"}) if cross else cfg,
                             cfg.batch_size, longest)
             log.info("memory preflight", estimate_gb=round(est["total"] / 2**30, 2), batch=cfg.batch_size, seq=longest)
-        acfg = adapter_config(cfg, num_layers, {"domain": domain, "run_id": run_id})
+        acfg = adapter_config(cfg, num_layers, {**self._run_record(domain, data), "run_id": run_id})
         if cross:
             targets_fn = cross_targets(self.teacher, cfg, train, val, cross["vmap"], lock=self.teacher_lock)
         else:

@@ -235,13 +235,30 @@ def adapter_config(config: KDConfig, num_layers: int, extra: dict | None = None)
         "model": str(folder.resolve()) if folder is not None else config.student_model_id,
         "conch_kd": {
             "teacher": config.teacher_model_id,
-            "temperature": config.temperature,
-            "alpha": config.alpha,
-            "divergence": config.divergence,
-            "jsd_beta": config.jsd_beta,
+            **{k: v for k, v in config.model_dump(mode="json").items() if k in RUN_SETTINGS},
+            "batch": config.batch_size * config.grad_accumulation,
             **(extra or {}),
         },
     }
+
+
+# What a run trains on, besides the adapter's shape: a resume that would change one of these mixes two runs in
+# one adapter, so it is refused (`run_differences`). Memory and speed settings, and iters, may change.
+RUN_SETTINGS = ("temperature", "alpha", "divergence", "jsd_beta", "unlikelihood", "no_repeat_teacher", "own_answers",
+                "on_policy_lambda", "teacher_targets", "top_k", "uld_weight", "uld_top_k", "text", "text_share",
+                "text_max_tokens", "seed", "max_seq_length", "learning_rate", "lr_schedule", "warmup_steps",
+                "weight_decay", "max_grad_norm", "generation")
+# Recorded for information only, or settled during the run.
+RUN_FREE = {"run_id", "teacher"}
+
+
+def run_differences(saved_cfg: dict, run_cfg: dict) -> list[str]:
+    """What a checkpoint was trained on that this run would not train on: the settings, the teacher's weights,
+    the domain and the data (`conch_kd` of the two adapter configs). Keys a checkpoint did not record, and a
+    learning rate this run has not settled yet, are not compared."""
+    saved, run = saved_cfg.get("conch_kd") or {}, run_cfg.get("conch_kd") or {}
+    return [f"{key}: checkpoint {saved[key]!r}, this run {run.get(key)!r}" for key in sorted(saved)
+            if key not in RUN_FREE and not (key == "learning_rate" and run.get(key) is None) and saved[key] != run.get(key)]
 
 
 def save_adapter(model: nn.Module, folder: Path, config_dict: dict) -> Path:
@@ -321,8 +338,9 @@ def load_checkpoint(model, optimizer, ckpt: Path, adapter_cfg: dict | None = Non
 
 
 def check_resumable(out_dir: Path, run_cfg: dict) -> None:
-    """Before any work: the latest checkpoint in `out_dir` (if any) was made with this run's LoRA settings
-    and student, else `CheckpointError` (the arrays themselves are compared when it is loaded)."""
+    """Before any work: the latest checkpoint in `out_dir` (if any) was made with this run's LoRA settings,
+    student, settings, teacher, domain and data, else `CheckpointError` listing every difference (the arrays
+    themselves are compared when it is loaded)."""
     ckpts = checkpoint_dirs(out_dir) if out_dir.is_dir() else []
     if not ckpts:
         return
@@ -330,7 +348,8 @@ def check_resumable(out_dir: Path, run_cfg: dict) -> None:
         saved = json.loads((ckpts[-1] / "adapter_config.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpts[-1]} is unreadable ({e}); delete it to resume from an earlier one") from e
-    _refuse_other_adapter(ckpts[-1], checkpoint_differences(saved, run_cfg, keys=("fine_tune_type", "lora_parameters", "model")))
+    _refuse_other_adapter(ckpts[-1], checkpoint_differences(saved, run_cfg, keys=("fine_tune_type", "lora_parameters", "model"))
+                          + run_differences(saved, run_cfg))
 
 
 def _refuse_other_adapter(ckpt: Path, differences: list[str]) -> None:
