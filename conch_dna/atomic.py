@@ -50,6 +50,8 @@ def _write_failure(e: BaseException, dest: Path) -> WriteError | None:
         reason = e.strerror or str(e)
     elif isinstance(e, RuntimeError) and "Unable to write" in str(e):
         reason = f"No space left on device? ({e})"
+    elif any(s in str(e) for s in ("No space left", "StorageFull", "os error 28")):  # safetensors' own errors
+        reason = "No space left on device"
     else:
         return None
     return WriteError(errno.ENOSPC if "space" in reason.lower() else (getattr(e, "errno", None) or errno.EIO),

@@ -185,6 +185,22 @@ def _weights(reader, cfg: dict, dtype=np.float32) -> dict[str, np.ndarray]:
     return out
 
 
+def check_shapes(cfg: dict, weights: dict[str, np.ndarray], source: Path) -> None:
+    """Refuse a GGUF whose tensors do not have the shapes its own config says (a tampered or mislabelled file)
+    at conversion, listing them, instead of writing a folder that only fails when it is loaded."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config=cfg)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model_class(args_class.from_dict(cfg)).parameters())}
+    problems = [f"{k}: {tuple(w.shape)}, the config needs {expected[k]}" for k, w in weights.items()
+                if k in expected and tuple(w.shape) != expected[k]]
+    problems += [f"{k} is missing" for k in expected if k not in weights and not k.startswith("lm_head")]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise GGUFError(f"{source}: its tensors do not fit its own config ({shown}); the file is damaged or mislabelled")
+
+
 # ------------------------------------------------------------------------------------------- tokenizer
 
 # llama.cpp pre-tokenizer names -> the split regex that precedes byte-level BPE.
@@ -202,9 +218,15 @@ PRE_TOKENIZER_RULES = {
 }
 
 
+REQUIRED_TOKENIZER_KEYS = {"gpt2": ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"), "llama": ("tokenizer.ggml.tokens",)}
+
+
 def build_tokenizer(meta: dict):
     """A `tokenizers.Tokenizer` rebuilt from GGUF metadata: byte-level BPE ("gpt2") or SentencePiece BPE ("llama")."""
     kind = meta.get("tokenizer.ggml.model")
+    if missing := [k for k in REQUIRED_TOKENIZER_KEYS.get(kind, ()) if k not in meta]:
+        raise GGUFError(f"the GGUF's {kind!r} tokenizer lacks {', '.join(missing)}: the file is incomplete or was "
+                        "written by another tool; convert this model from its Hugging Face files with mlx_lm.convert")
     if kind not in ("gpt2", "llama"):
         raise GGUFError(
         f"tokenizer type {kind!r} is not supported (supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE); "
@@ -371,6 +393,7 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, dtype=np
     check_chat_template(meta.get("tokenizer.chat_template"), str(source))  # it is copied into the folder
     tokenizer = build_tokenizer(meta)
     weights = _weights(reader, cfg, dtype)
+    check_shapes(cfg, weights, source)
     return write_model_folder(
         dest, cfg, weights, tokenizer.to_str(), _tokenizer_config(meta), keep_foreign=keep_foreign,
         info={"source": str(source), "source_sha256": sha256_file(source), "tool": "conch_dna.models.gguf_convert"},
