@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         active = registry.active(args.domain)
         for v in registry.versions(args.domain):
             mark = " (active)" if active is not None and v.version == active.version else ""
-            adapters.append((f"v{v.version}{mark}", Path(v.path)))
+            adapters.append((f"v{v.version}{mark}", registry.verify(v)))  # every file checked
     teacher, tok = load_model(args.teacher)
     t_answers = answer(teacher, tok, prompts, args.max_new_tokens)
     teacher_bf16 = bf16_bytes(teacher)
