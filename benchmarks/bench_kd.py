@@ -230,7 +230,7 @@ def run(args, impl: str) -> dict:
             if isinstance(m, LoRALinear):
                 m.__class__ = LoRALinear
     compiled = impl == "fused" and (args.compile == "on" or (args.compile == "auto" and gpu))
-    from conch_dna.training.kd.trainer import lean_backward, use_lean_backward
+    from conch_dna.training.kd.lean import lean_backward, use_lean_backward
 
     lean = use_lean_backward(KDConfig(lean_backward=args.lean_backward))
     if lean:
@@ -241,7 +241,7 @@ def run(args, impl: str) -> dict:
         kernels.use_rope_kernel(student)
     teacher_kernels = kernels.teacher_kernels if args.layer_kernels else lambda model: nullcontext()
     if args.grad_checkpoint:
-        from conch_dna.training.kd.trainer import checkpoint_blocks
+        from conch_dna.training.kd.lean import checkpoint_blocks
 
         if args.checkpoint_blocks is not None:  # only the first N blocks
             from types import SimpleNamespace
@@ -252,7 +252,7 @@ def run(args, impl: str) -> dict:
     opt = optim.AdamW(learning_rate=1e-4)
     opt.init(student.trainable_parameters())
     from conch_dna.training.kd.flat import FlatLayout
-    from conch_dna.training.kd.trainer import make_update
+    from conch_dna.training.kd.update import make_update
 
     update = make_update(student, opt, 1.0, compiled)  # the trainer's: mean gradient, clipping, AdamW
     layout = FlatLayout.of(student.trainable_parameters())  # the update takes the gradient as one vector
@@ -349,7 +349,7 @@ def run(args, impl: str) -> dict:
     flops = batch * seq * (2 * nt + 4 * ns)  # the peer's convention: LoRA needs no weight gradients
     device = mx.device_info().get("device_name", str(mx.default_device()))
     peak_tf = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
-    from conch_dna.training.kd.trainer import checkpoint_setting
+    from conch_dna.training.kd.lean import checkpoint_setting
 
     ckpt_words = checkpoint_setting(KDConfig(grad_checkpoint=True, grad_checkpoint_every=args.checkpoint_every,
                                              grad_checkpoint_scope=args.checkpoint_scope, grad_checkpoint_whole_blocks=args.whole_blocks))
@@ -375,18 +375,12 @@ def run_trainer(args) -> dict:
     import tempfile
 
     from conch_dna.training.kd import KDConfig
-    from conch_dna.training.kd.data import Example
+    from conch_dna.training.kd.checkpoints import adapter_config
+    from conch_dna.training.kd.examples import Example
+    from conch_dna.training.kd.lean import checkpoint_setting, use_lean_backward
     from conch_dna.training.kd.report import Step
     from conch_dna.training.kd.targets import online_targets
-    from conch_dna.training.kd.trainer import (
-        adapter_config,
-        apply_lora,
-        checkpoint_setting,
-        train_with_kd,
-        use_compile,
-        use_lean_backward,
-        use_prefetch,
-    )
+    from conch_dna.training.kd.trainer import apply_lora, train_with_kd, use_compile, use_prefetch
 
     t_shape, s_shape, vocab, batch, seq = PRESETS[args.preset]
     batch, seq = args.batch or batch, args.seq or seq
@@ -632,7 +626,7 @@ def main() -> None:
     ap.add_argument("--queue-mb", type=int, help="MLX_MAX_MB_PER_BUFFER for this run; 0: MLX's default (the "
                     "environment's); unset: the distiller's rule (`memory.bound_gpu_queue`)")
     ap.add_argument("--lean-backward", choices=["auto", "on", "off"], default="auto",
-                    help="trainer.lean_backward: frozen norms without weight gradients, SwiGLU recomputed (auto: on a GPU)")
+                    help="lean.lean_backward: frozen norms without weight gradients, SwiGLU recomputed (auto: on a GPU)")
     ap.add_argument("--kernels", action="store_true", help="the GPU kernels (torch.profiler): step mode, a table; "
                     "--trainer, kernel time per step by kind and for the top kernels, and the GPU's busy share of the timed steps")
     ap.add_argument("--stock-lora", action="store_true", help="mlx-lm's LoRA layer (float32 LoRA matmuls)")

@@ -21,7 +21,7 @@ import mlx.core as mx  # noqa: E402
 # isort: on
 from conch_dna.models import load_model  # noqa: E402
 from conch_dna.training.kd import SparseTargets, compute_kd_loss, topk_targets  # noqa: E402
-from conch_dna.training.kd.data import tail_logsumexp  # noqa: E402
+from conch_dna.training.kd.teacher_cache import tail_logsumexp
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--tokens", type=int, default=1024)

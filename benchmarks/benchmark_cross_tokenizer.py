@@ -35,7 +35,7 @@ def measure(distiller, student, s_tok, held_cache, batch_size: int) -> dict:
     """Held-out figures of `student` against the teacher's answers (T = 1, both loss parts reported)."""
     from conch_dna.training.kd.cross_vocab import compare_tokenizers
     from conch_dna.training.kd.targets import cross_targets
-    from conch_dna.training.kd.trainer import evaluate
+    from conch_dna.training.kd.validation import evaluate
 
     examples, cross = distiller._cross_setup(held_cache, student, s_tok, compare_tokenizers(distiller.teacher_tokenizer, s_tok))
     fn = cross_targets(distiller.teacher, distiller.config, [], examples, cross["vmap"])

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from conch_dna.models import bf16_bytes, load_model, model_path
     from conch_dna.models.defaults import weight_bytes
     from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller, load_domains
-    from conch_dna.training.kd.data import load_held_out, load_prompts
+    from conch_dna.training.kd.domains import load_held_out, load_prompts
     from conch_dna.training.kd.evaluate import (
         answer,
         answer_figures,
@@ -170,7 +170,7 @@ def start_only(student, teacher, tok, domain: str, args) -> dict:
     """Put `student` where training would start with lora.init = "residual": LoRA calibrated on the same
     teacher answers (seed 0's training split) as the trained methods, no step taken."""
     from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller, load_domains
-    from conch_dna.training.kd.data import split_examples
+    from conch_dna.training.kd.examples import split_examples
     from conch_dna.training.kd.lora_init import CALIBRATION_EXAMPLES, residual_start
     from conch_dna.training.kd.trainer import apply_lora
 

@@ -26,7 +26,8 @@ import mlx.nn as nn  # noqa: E402
 # isort: on
 from benchmarks.bench_kd import PEER_LORA, PRESETS, build  # noqa: E402
 from conch_dna.training.kd import KDConfig  # noqa: E402
-from conch_dna.training.kd.trainer import apply_lora, checkpoint_blocks, lean_backward  # noqa: E402
+from conch_dna.training.kd.lean import checkpoint_blocks, lean_backward
+from conch_dna.training.kd.trainer import apply_lora
 
 VOCAB = 1000  # the head is not what is measured here
 
@@ -63,7 +64,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--lean-backward", choices=["on", "off"], default="on", help="trainer.lean_backward (on = default)")
+    ap.add_argument("--lean-backward", choices=["on", "off"], default="on", help="lean.lean_backward (on = default)")
     ap.add_argument("--mixed", type=int, metavar="N", help="also N blocks, MLPs recomputed, the first w whole")
     args = ap.parse_args()
     dtype = getattr(mx, args.dtype)

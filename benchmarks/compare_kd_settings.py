@@ -21,7 +21,7 @@ import conch_dna  # noqa: E402,F401
 def main(argv=None) -> int:
     from conch_dna.log_setup import configure_logging
     from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller, load_domains, load_prompts
-    from conch_dna.training.kd.trainer import evaluate
+    from conch_dna.training.kd.validation import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--domain", default="thinking")
@@ -50,8 +50,9 @@ def main(argv=None) -> int:
             r = d.distill_domain(f"{args.domain}-T{T:g}-a{alpha:g}", prompts)
             # Re-evaluate every cell at T=1, alpha=0.5 so the columns compare like with like.
             from conch_dna.models import load_model
-            from conch_dna.training.kd.data import TeacherCache, split_examples
+            from conch_dna.training.kd.examples import split_examples
             from conch_dna.training.kd.targets import teacher_targets
+            from conch_dna.training.kd.teacher_cache import TeacherCache
             from conch_dna.training.kd.trainer import apply_lora
 
             cache = TeacherCache.load(Path(cfg.output_dir) / "teacher_cache" / r.generation.get("cache_key", ""))

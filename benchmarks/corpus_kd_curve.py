@@ -30,9 +30,9 @@ def main(argv=None) -> int:
     from conch_dna.log_setup import configure_logging
     from conch_dna.models import load_model
     from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
-    from conch_dna.training.kd.data import load_held_out
+    from conch_dna.training.kd.checkpoints import checkpoint_dirs
+    from conch_dna.training.kd.domains import load_held_out
     from conch_dna.training.kd.evaluate import answer, generation_metrics
-    from conch_dna.training.kd.trainer import checkpoint_dirs
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="default-teacher")

@@ -7,7 +7,7 @@ compiled, without LoRA, with our LoRA layer and with mlx-lm's, plus attention an
 
 --kernels needs PyTorch in the same process: its profiler (CUPTI) records every CUDA kernel the process
 launches, MLX's included, and prints them grouped by name with their time per step. --lean-backward adds
-the same step after `trainer.lean_backward` (frozen norms without their weight gradient, SwiGLU recomputed).
+the same step after `lean.lean_backward` (frozen norms without their weight gradient, SwiGLU recomputed).
 """
 import argparse
 import json
@@ -24,14 +24,15 @@ from mlx.utils import tree_flatten  # noqa: E402
 # isort: on
 from benchmarks.bench_kd import PRESETS, build, kernel_table  # noqa: E402
 from conch_dna.training.kd import KDConfig  # noqa: E402
-from conch_dna.training.kd.trainer import apply_lora, lean_backward  # noqa: E402
+from conch_dna.training.kd.lean import lean_backward
+from conch_dna.training.kd.trainer import apply_lora
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--batch", type=int, default=8)
 ap.add_argument("--seq", type=int, default=1024)
 ap.add_argument("--kernels", action="store_true", help="profile the compiled LoRA step's kernels (needs torch)")
 ap.add_argument("--lean-backward", choices=["norms", "mlps", "all"],
-                help="also time the step with trainer.lean_backward (its norm part, its MLP part, or both)")
+                help="also time the step with lean.lean_backward (its norm part, its MLP part, or both)")
 ap.add_argument("--only-lora", action="store_true", help="skip the measurements without LoRA and the pieces")
 args = ap.parse_args()
 B, L = args.batch, args.seq

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     from conch_dna.log_setup import configure_logging
     from conch_dna.models import bf16_bytes, load_model, model_path
     from conch_dna.models.defaults import weight_bytes
-    from conch_dna.training.kd.data import load_held_out, load_prompts
+    from conch_dna.training.kd.domains import load_held_out, load_prompts
     from conch_dna.training.kd.evaluate import answer, generation_metrics
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from conch_dna.cortex import NeuronRegistry
-from conch_dna.training.kd.data import DataError, check_name, load_prompts
+from conch_dna.neuron import DataError, check_name
+from conch_dna.training.kd.domains import load_prompts
 
 
 def cli(*args, cwd=None):
@@ -192,7 +193,7 @@ def test_a_checkpoint_of_other_shapes_is_refused_when_loaded(tiny_pair, kd_confi
     import json
 
     from conch_dna.training.kd import TrueKnowledgeDistiller
-    from conch_dna.training.kd.trainer import CheckpointError
+    from conch_dna.training.kd.checkpoints import CheckpointError
     from tests.conftest import PROMPTS
 
     cfg = kd_config(iters=2, checkpoint_interval=2)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conch_dna.training.kd import ConfigError, DataError, KDConfig, load_prompts
 from conch_dna.training.kd.cli import main
-from conch_dna.training.kd.data import load_domains
+from conch_dna.training.kd.domains import load_domains
 from tests.conftest import PROMPTS
 
 

@@ -7,15 +7,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conch_dna.training.kd.cross_examples import align_spans, boundaries, encode_with_offsets
 from conch_dna.training.kd.cross_vocab import (
     CrossTokenizerError,
     VocabMap,
-    align_spans,
-    boundaries,
     build_vocab_map,
     compare_tokenizers,
     cross_token_divergence,
-    encode_with_offsets,
     token_bytes,
     vmap_arrays,
 )

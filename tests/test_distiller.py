@@ -16,7 +16,8 @@ from conch_dna.training.kd import (
     TrueKnowledgeDistiller,
     signals,
 )
-from conch_dna.training.kd.data import Example, TeacherCache, split_examples
+from conch_dna.training.kd.examples import Example, split_examples
+from conch_dna.training.kd.teacher_cache import TeacherCache
 from tests.conftest import PROMPTS
 
 
@@ -206,7 +207,7 @@ def test_update_is_skipped_on_the_device_when_the_loss_is_not_finite(compiled):
     from mlx.utils import tree_flatten, tree_map
 
     from conch_dna.training.kd.flat import FlatLayout
-    from conch_dna.training.kd.trainer import make_update
+    from conch_dna.training.kd.update import make_update
 
     model = nn.Linear(4, 3)
     opt = optim.AdamW(learning_rate=0.1)
@@ -302,7 +303,7 @@ def test_compiled_step_trains_the_same_adapter(tiny_pair, kd_config, tmp_path, t
 
 @pytest.mark.parametrize("multiple", [1, 8, 32])
 def test_pad_batch_rounds_the_length_and_masks_the_padding(multiple):
-    from conch_dna.training.kd.data import Example, pad_batch
+    from conch_dna.training.kd.examples import Example, pad_batch
 
     batch = [Example(tuple(range(1, 11)), 4), Example(tuple(range(1, 4)), 1)]
     tokens, mask = pad_batch(batch, pad_id=0, multiple=multiple)

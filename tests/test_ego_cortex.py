@@ -139,8 +139,8 @@ def test_self_distill_twice_on_the_same_data_returns_the_same_version(world):
     assert again.wait(120) and again.status == "succeeded", again.error
     assert again.version == first.version and len(registry.versions("thinking")) == 1
     assert first.result.held_out is not None and "repetition" in first.result.held_out  # judged like the CLI's
-    from conch_dna.training.kd.trainer import _lora_classes
+    from conch_dna.neuron import lora_layer_classes
 
     cortex.generate("thinking", "hello", max_tokens=2)
-    lora = [type(m) for m in cortex.model.modules() if isinstance(m, _lora_classes()[0])]
-    assert lora and set(lora) == {_lora_classes()[1]}  # CORTEX serves with the trainer's LoRA class
+    lora = [type(m) for m in cortex.model.modules() if isinstance(m, lora_layer_classes()[0])]
+    assert lora and set(lora) == {lora_layer_classes()[1]}  # CORTEX serves with the trainer's LoRA class

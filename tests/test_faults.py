@@ -178,7 +178,7 @@ def test_nan_teacher_stops_with_a_clear_error(tiny_pair, kd_config, monkeypatch)
 
 def test_corrupt_teacher_cache_shard_is_detected(tiny_pair, kd_config):
     from conch_dna.training.kd import DataError, TrueKnowledgeDistiller
-    from conch_dna.training.kd.data import TeacherCache
+    from conch_dna.training.kd.teacher_cache import TeacherCache
 
     cfg = kd_config()
     d = TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg)

@@ -1,4 +1,4 @@
-"""The trainer's update over one vector (`flat.FlatLayout`, `trainer.make_update`): the same steps as mlx's
+"""The trainer's update over one vector (`flat.FlatLayout`, `update.make_update`): the same steps as mlx's
 optimizer over each parameter, a few kernels however many LoRA matrices, checkpoints per parameter."""
 import io
 import re
@@ -11,9 +11,9 @@ from mlx.utils import tree_flatten, tree_map
 
 from conch_dna.training.kd import KDConfig
 from conch_dna.training.kd.flat import FlatLayout
-from conch_dna.training.kd.trainer import (
+from conch_dna.training.kd.trainer import apply_lora
+from conch_dna.training.kd.update import (
     FLAT,
-    apply_lora,
     build_optimizer,
     flat_optimizer_state,
     make_update,
@@ -129,7 +129,7 @@ def test_compiled_update_runs_a_few_kernels_however_many_matrices():
 
 
 def test_checkpoint_keeps_the_optimizer_state_per_parameter(tmp_path):
-    from conch_dna.training.kd.trainer import load_checkpoint, save_checkpoint
+    from conch_dna.training.kd.checkpoints import load_checkpoint, save_checkpoint
 
     model = lora_student()
     opt = build_optimizer(KDConfig())

@@ -232,7 +232,7 @@ def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every, scope, wh
     """Gradient checkpointing (all blocks, or every other one; whole blocks, their MLPs only, or the MLPs with
     the first picked block whole) recomputes instead of storing: same loss and gradients; only the student's
     own modules change class, not a teacher's of the same architecture."""
-    from conch_dna.training.kd.trainer import checkpoint_blocks
+    from conch_dna.training.kd.lean import checkpoint_blocks
 
     teacher, plain, ckpt = teacher_and_twin_students(tiny_pair)
     n = checkpoint_blocks(ckpt, every, scope, whole)
@@ -261,7 +261,7 @@ def test_lean_backward_gives_the_same_gradients(tiny_pair, scope):
     """lean_backward (frozen norms without their weight gradient, SwiGLU recomputing its sigmoid), alone and
     under checkpointing, compiled: same loss and gradients; a trainable norm keeps its gradient; the teacher
     of the same architecture is not touched."""
-    from conch_dna.training.kd.trainer import checkpoint_blocks, lean_backward
+    from conch_dna.training.kd.lean import checkpoint_blocks, lean_backward
 
     teacher, plain, lean = teacher_and_twin_students(tiny_pair, trainable_norm=True)
     assert lean_backward(lean) == {"norms": 2 * len(lean.layers), "mlps": len(lean.layers)}
@@ -288,7 +288,7 @@ def test_lean_backward_gives_the_same_gradients(tiny_pair, scope):
 def test_lean_norm_is_mlx_s_fused_norm_forward_and_the_weightless_norm_s_gradient(dtype):
     """The frozen-weight norm: the same bits as normalising without the weight and multiplying by it, forward
     and backward (so only the separate multiply goes), and as mx.fast.rms_norm with the weight, forward."""
-    from conch_dna.training.kd.trainer import _rms_norm_frozen_weight
+    from conch_dna.training.kd.lean import _rms_norm_frozen_weight
 
     k = mx.random.split(mx.random.key(3), 3)
     x = (mx.random.normal((2, 5, 96), key=k[0]) * 2 + 0.3).astype(dtype)
@@ -309,7 +309,7 @@ def test_rope_kernel_gives_the_same_gradients_and_leaves_the_teacher_as_it_was(t
     exactness is tests/test_kernels.py's, on the GPU)."""
     from conch_dna.training.kd import kernels
     from conch_dna.training.kd.fused import TeacherStates, model_parts, teacher_hidden
-    from conch_dna.training.kd.trainer import checkpoint_blocks
+    from conch_dna.training.kd.lean import checkpoint_blocks
 
     teacher, plain, fast = teacher_and_twin_students(tiny_pair)
     assert len(kernels.use_rope_kernel(fast)) == len(fast.layers)
@@ -338,7 +338,8 @@ def test_rope_kernel_gives_the_same_gradients_and_leaves_the_teacher_as_it_was(t
 
 @pytest.mark.parametrize("setting", ["auto", "on", "off"])
 def test_build_step_applies_lean_backward_as_configured(tiny_pair, setting):
-    from conch_dna.training.kd.trainer import build_step, use_lean_backward
+    from conch_dna.training.kd.lean import use_lean_backward
+    from conch_dna.training.kd.trainer import build_step
 
     student, _ = load_model(tiny_pair[1], F32)
     config = KDConfig(lora={"rank": 4}, lean_backward=setting)
@@ -369,7 +370,7 @@ def test_kernels_swiglu_matches_autodiff(dtype):
 def test_checkpoint_scope_errors_are_specific(tiny_pair):
     from types import SimpleNamespace
 
-    from conch_dna.training.kd.trainer import checkpoint_blocks
+    from conch_dna.training.kd.lean import checkpoint_blocks
 
     student, _ = load_model(tiny_pair[1])
     with pytest.raises(ValueError, match="'block' or 'mlp', not 'attention'"):

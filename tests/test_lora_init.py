@@ -16,8 +16,8 @@ import pytest
 from conch_dna.models import load_model
 from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
 from conch_dna.training.kd.config import LEARNING_RATE, ConfigError
-from conch_dna.training.kd.data import Example
 from conch_dna.training.kd.evaluate import compare_to_teacher
+from conch_dna.training.kd.examples import Example
 from conch_dna.training.kd.lora_init import input_covariances, residual_factors, residual_start, top_singular
 from conch_dna.training.kd.trainer import apply_lora
 from tests.conftest import PROMPTS, cli_config

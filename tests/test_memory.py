@@ -225,18 +225,19 @@ def test_lean_backward_estimate_keeps_fewer_intermediate_activations(tiny_pair):
 
 
 def test_whole_blocks_put_the_mlp_scope_between_the_two_scopes():
-    """grad_checkpoint_whole_blocks: `block_kinds` mirrors `checkpoint_blocks` (the first picked blocks
+    """grad_checkpoint_whole_blocks: `block_kinds_for` mirrors `checkpoint_blocks` (the first picked blocks
     whole); the estimates fall as more blocks are whole, from the MLP scope's to at most the block scope's;
     and the first blocks are the ones to recompute whole, since the backward pass meets them last, when the
     later blocks' activations are gone (`backward_peak`)."""
-    from conch_dna.training.kd.memory import Shapes, backward_peak, block_kinds, held_student_bytes
+    from conch_dna.training.kd.lean import block_kinds_for
+    from conch_dna.training.kd.memory import Shapes, backward_peak, held_student_bytes
 
     def cfg(**kw):
         return KDConfig(grad_checkpoint=True, grad_checkpoint_scope="mlp", **kw)
 
-    assert block_kinds(5, cfg(grad_checkpoint_every=2, grad_checkpoint_whole_blocks=2)) == ["whole", "plain", "whole", "plain", "mlp"]
-    assert block_kinds(3, cfg(grad_checkpoint_whole_blocks=7)) == ["whole"] * 3
-    assert block_kinds(3, KDConfig(grad_checkpoint=True)) == ["whole"] * 3 and block_kinds(2, KDConfig()) == ["plain"] * 2
+    assert block_kinds_for(cfg(grad_checkpoint_every=2, grad_checkpoint_whole_blocks=2), 5) == ["whole", "plain", "whole", "plain", "mlp"]
+    assert block_kinds_for(cfg(grad_checkpoint_whole_blocks=7), 3) == ["whole"] * 3
+    assert block_kinds_for(KDConfig(grad_checkpoint=True), 3) == ["whole"] * 3 and block_kinds_for(KDConfig(), 2) == ["plain"] * 2
     shapes = Shapes(layers=24, hidden=896, intermediate=4864, heads=14, vocab=151936)  # Qwen2.5-0.5B
 
     def held(**kw):

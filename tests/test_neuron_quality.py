@@ -13,9 +13,10 @@ from conch_dna.cortex import NeuronRegistry
 from conch_dna.cortex.registry import loops, worse_than
 from conch_dna.models import cast_floating, load_model
 from conch_dna.models.defaults import quantize_folder, weight_bytes
+from conch_dna.neuron import DataError
 from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
 from conch_dna.training.kd.corpus import Mixed, corpus_windows, tokenize_corpus
-from conch_dna.training.kd.data import DataError, load_held_out
+from conch_dna.training.kd.domains import load_held_out
 from conch_dna.training.kd.evaluate import answer, generation_metrics, repeated_ngram_share
 from tests.conftest import PROMPTS
 

@@ -70,7 +70,7 @@ def test_the_public_api_and_the_packaged_domains(installed, tmp_path):
             "from conch_dna.training.kd import DOMAIN_PROMPTS, KDConfig, TrueKnowledgeDistiller, signals\n"
             "from conch_dna.cortex import Cortex, NeuronRegistry\n"
             "from conch_dna.ego import EGO\n"
-            "from conch_dna.training.kd.data import load_held_out\n"
+            "from conch_dna.training.kd.domains import load_held_out\n"
             "print(sorted(DOMAIN_PROMPTS), len(load_held_out('thinking')), KDConfig().alpha)\n")
     out = run_installed(installed, "python", "-c", code, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -10,7 +10,7 @@ from conch_dna.training.kd.evaluate import compare_to_teacher, text_perplexity
 
 def test_benchmark_neurons_tiny(tiny_pair, tmp_path):
     from conch_dna.training.kd import load_domains
-    from conch_dna.training.kd.data import load_held_out
+    from conch_dna.training.kd.domains import load_held_out
 
     spec = importlib.util.spec_from_file_location("bench_neurons", "benchmarks/benchmark_neurons.py")
     mod = importlib.util.module_from_spec(spec)
@@ -44,7 +44,7 @@ def test_benchmark_neurons_tiny(tiny_pair, tmp_path):
 
 def test_evaluation_functions_are_consistent(tiny_pair):
     from conch_dna.models import load_model
-    from conch_dna.training.kd.data import Example
+    from conch_dna.training.kd.examples import Example
 
     t, tok = load_model(tiny_pair[0])
     s, _ = load_model(tiny_pair[1])

@@ -50,7 +50,7 @@ def test_the_default_4bit_student_starts_close_to_the_teacher(default_pair):
     """The held-out judgement on real models: the untrained 4-bit copy is near the teacher, the 16-layer
     pruned copy far from it (docs/benchmarks.md has the students' table)."""
     from conch_dna.models import load_model
-    from conch_dna.training.kd.data import load_held_out
+    from conch_dna.training.kd.domains import load_held_out
     from conch_dna.training.kd.evaluate import answer, generation_metrics
 
     teacher, tok = load_model(default_pair[0])

@@ -26,6 +26,7 @@ from conch_dna.cortex.registry import (
     same_model,
 )
 from conch_dna.models import load_model
+from conch_dna.neuron import add_lora_layers, chat_prompt_ids
 
 log = structlog.get_logger(__name__)
 
@@ -66,9 +67,7 @@ class Cortex:
 
     def _attach(self, v: NeuronVersion) -> None:
         """Put `v`'s LoRA weights on the base model (called with the lock held)."""
-        from mlx_lm.tuner.utils import linear_to_lora_layers, remove_lora_layers
-
-        from conch_dna.training.kd.trainer import use_our_lora
+        from mlx_lm.tuner.utils import remove_lora_layers
 
         if self._attached == v:
             return
@@ -76,8 +75,7 @@ class Cortex:
         layout = json.dumps([config.get("num_layers"), config.get("lora_parameters")], sort_keys=True)
         if layout != self._lora_layout:
             remove_lora_layers(self.model)
-            linear_to_lora_layers(self.model, config["num_layers"], config["lora_parameters"])
-            use_our_lora(self.model)  # the trainer's LoRA class: serving computes what training did
+            add_lora_layers(self.model, config["num_layers"], config["lora_parameters"])  # as training computed
             self._lora_layout = layout
         self.model.load_weights(weights, strict=False)
         mx.eval(self.model.parameters())
@@ -89,7 +87,6 @@ class Cortex:
         """Answer `prompt` with the domain's active neuron (greedy)."""
         from mlx_lm import generate
 
-        from conch_dna.training.kd.data import chat_prompt_ids
 
         self.registry.refresh()  # another process may have registered, promoted or rolled back
         version = self.registry.active(domain)  # fixed for this request

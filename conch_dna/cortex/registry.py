@@ -293,7 +293,7 @@ class NeuronRegistry:
 
     def version_dir(self, v: NeuronVersion) -> Path:
         """The folder of version `v`: always `<root>/<neuron>/v<NNNN>`, a real folder inside the registry."""
-        from conch_dna.training.kd.data import check_name
+        from conch_dna.neuron import check_name
 
         check_name(v.neuron, "neuron")
         folder = self.root / v.neuron / f"v{v.version:04d}"
@@ -440,7 +440,7 @@ class NeuronRegistry:
 
         An adapter already registered for this neuron (same sha256) is an error, or, with `exist_ok`, returns
         that version unchanged (what a resumed run that was killed after registering needs)."""
-        from conch_dna.training.kd.data import check_name
+        from conch_dna.neuron import check_name
 
         check_name(neuron, "neuron")
         adapter_dir = Path(adapter_dir)

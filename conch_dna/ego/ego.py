@@ -30,14 +30,11 @@ import structlog
 
 from conch_dna.ego.experience import ExperienceStore, ExperienceStoreError, distillation_data
 from conch_dna.models import load_model
+from conch_dna.neuron import chat_prompt_ids, check_name
 from conch_dna.training.kd import signals
 from conch_dna.training.kd.config import KDConfig
-from conch_dna.training.kd.data import (
-    chat_prompt_ids,
-    check_name,
-    fingerprint_model,
-)
 from conch_dna.training.kd.distiller import KDResult, TrueKnowledgeDistiller, registry_metrics
+from conch_dna.training.kd.teacher_cache import fingerprint_model
 from conch_dna.training.kd.trainer import TrainingCancelled
 
 log = structlog.get_logger(__name__)

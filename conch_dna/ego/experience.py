@@ -176,7 +176,7 @@ class ExperienceStore:
                answer_ids: list[int] | None = None) -> int:
         """Store one answer EGO served; returns its id. One transaction: all of it or nothing."""
         if domain is not None:
-            from conch_dna.training.kd.data import check_name
+            from conch_dna.neuron import check_name
 
             check_name(domain)
         with self._transaction() as db:
@@ -191,7 +191,7 @@ class ExperienceStore:
 
     def tag(self, ids: list[int], domain: str) -> int:
         """Put records (e.g. answers served before anyone knew their domain) into `domain`; returns how many."""
-        from conch_dna.training.kd.data import check_name
+        from conch_dna.neuron import check_name
 
         check_name(domain)
         with self._transaction() as db:
@@ -264,7 +264,7 @@ def distillation_data(store: ExperienceStore | None, domain: str, fingerprint: s
     """`distill_domain`'s data for `domain`: `prompts` (default: the domain's own, config/domains.toml), its
     held-out prompts, plus, with a `store`, its experience (`training_data`): what EGO and the CLI's
     `--from-experience` both train on."""
-    from conch_dna.training.kd.data import load_domains, load_held_out
+    from conch_dna.training.kd.domains import load_domains, load_held_out
 
     domains = load_domains()
     data = {"prompts": list(domains.get(domain, [])) if prompts is None else list(prompts), "answered": [],

@@ -1,39 +1,49 @@
 """True knowledge distillation from the EGO teacher into CORTEX neurons (LoRA students).
 
-Data flows one way: teacher -> targets/cache (`data`) -> trainer (`trainer`, using `losses`) -> adapter ->
-registry. `TrueKnowledgeDistiller` (`distiller`) runs that flow per domain.
+Data flows one way: teacher answers (`examples`, `teacher_cache`) -> targets (`targets`) -> trainer
+(`trainer`, using `losses` and `fused`) -> adapter (`checkpoints`) -> registry. `TrueKnowledgeDistiller`
+(`distiller`) runs that flow per domain.
+
+The public names below are imported on first use: importing one module of this package (the signals, for
+the registry) loads that module alone, never the trainer.
 """
 
 from collections.abc import Mapping
+from importlib import import_module
 
-from conch_dna.training.kd.config import ConfigError, KDConfig
-from conch_dna.training.kd.cross_vocab import (
-    CrossTokenizerError,
-    align_vocab_sizes,
-    build_vocab_map,
-    compare_tokenizers,
-)
-from conch_dna.training.kd.data import DataError, load_domains, load_prompts
-from conch_dna.training.kd.distiller import KDResult, OutputDirError, TrueKnowledgeDistiller
-from conch_dna.training.kd.losses import (
-    DIVERGENCES,
-    SparseTargets,
-    compute_ce_loss,
-    compute_kd_loss,
-    kd_objective,
-    masked_mean,
-    next_token_view,
-    token_divergence,
-    topk_targets,
-)
-from conch_dna.training.kd.trainer import TrainingCancelled, TrainingDivergedError
-from conch_dna.training.kd.vocab import VocabMismatchError, check_same_tokenizer
+# Public name -> the module that holds it.
+_PUBLIC = {
+    **dict.fromkeys(("KDConfig", "ConfigError"), "conch_dna.training.kd.config"),
+    "DataError": "conch_dna.neuron",
+    **dict.fromkeys(("CrossTokenizerError", "align_vocab_sizes", "build_vocab_map", "compare_tokenizers"),
+                    "conch_dna.training.kd.cross_vocab"),
+    **dict.fromkeys(("KDResult", "OutputDirError", "TrueKnowledgeDistiller"), "conch_dna.training.kd.distiller"),
+    **dict.fromkeys(("load_domains", "load_prompts"), "conch_dna.training.kd.domains"),
+    **dict.fromkeys(("DIVERGENCES", "SparseTargets", "compute_ce_loss", "compute_kd_loss", "kd_objective", "masked_mean",
+                     "next_token_view", "token_divergence", "topk_targets"), "conch_dna.training.kd.losses"),
+    **dict.fromkeys(("TrainingCancelled", "TrainingDivergedError"), "conch_dna.training.kd.trainer"),
+    **dict.fromkeys(("VocabMismatchError", "check_same_tokenizer"), "conch_dna.training.kd.vocab"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])
 
 
 class _DomainPrompts(Mapping):
-    """{domain: prompts} from config/domains.toml, read on first use (never at import)."""
+    """{domain: prompts} from the domains file in use (`domains.domains_file`), read on first use."""
 
     def _data(self):
+        from conch_dna.training.kd.domains import load_domains
+
         return load_domains()
 
     def __getitem__(self, key):
@@ -48,26 +58,4 @@ class _DomainPrompts(Mapping):
 
 DOMAIN_PROMPTS = _DomainPrompts()
 
-
-def bad_input_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean "the user's input is wrong" (the CLI exits 2 with the message)."""
-    from pydantic import ValidationError
-
-    from conch_dna.atomic import WriteError
-    from conch_dna.cortex.registry import RegistryError
-    from conch_dna.models import ChatTemplateError, ModelNotFoundError
-    from conch_dna.models.gguf_convert import GGUFError
-    from conch_dna.training.kd.memory import MemoryPreflightError
-    from conch_dna.training.kd.trainer import CheckpointError
-
-    return (ConfigError, DataError, OutputDirError, VocabMismatchError, ModelNotFoundError, GGUFError,
-            TrainingDivergedError, ValidationError, RegistryError, MemoryPreflightError, CheckpointError, WriteError,
-            ChatTemplateError)
-
-
-__all__ = [
-    "DIVERGENCES", "DOMAIN_PROMPTS", "ConfigError", "DataError", "KDConfig", "KDResult", "OutputDirError",
-    "CrossTokenizerError", "SparseTargets", "TrainingCancelled", "TrainingDivergedError", "TrueKnowledgeDistiller", "VocabMismatchError",
-    "align_vocab_sizes", "bad_input_errors", "build_vocab_map", "check_same_tokenizer", "compare_tokenizers", "compute_ce_loss", "compute_kd_loss",
-    "kd_objective", "load_domains", "load_prompts", "masked_mean", "next_token_view", "token_divergence", "topk_targets",
-]
+__all__ = ["DOMAIN_PROMPTS", *sorted(_PUBLIC)]

@@ -89,13 +89,14 @@ def main(argv: list[str] | None = None, prog: str = "conch-distill") -> int:
         print("error: --prompts applies to one --domain; --all distils every domain of config/domains.toml with its "
               "own prompts", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from conch_dna.neuron import check_name
     from conch_dna.progress import ProgressBar
-    from conch_dna.training.kd import TrainingCancelled, bad_input_errors
     from conch_dna.training.kd import distributed as dist
     from conch_dna.training.kd.config import KDConfig
-    from conch_dna.training.kd.data import check_name, load_prompts
     from conch_dna.training.kd.distiller import TrueKnowledgeDistiller
+    from conch_dna.training.kd.domains import load_prompts
     from conch_dna.training.kd.memory import bound_gpu_queue, stored_weights_bytes
+    from conch_dna.training.kd.trainer import TrainingCancelled
 
     stop = StopRequest()
     try:
@@ -141,6 +142,27 @@ def main(argv: list[str] | None = None, prog: str = "conch-distill") -> int:
                           "training_seconds": round(r.training_seconds, 1),
                           "registered_version": v.version if v else None, "active": active}))
     return 0
+
+
+def bad_input_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean "the user's input is wrong" (the CLI exits 2 with the message)."""
+    from pydantic import ValidationError
+
+    from conch_dna.atomic import WriteError
+    from conch_dna.cortex.registry import RegistryError
+    from conch_dna.models import ChatTemplateError, ModelNotFoundError
+    from conch_dna.models.gguf_convert import GGUFError
+    from conch_dna.neuron import DataError
+    from conch_dna.training.kd.checkpoints import CheckpointError
+    from conch_dna.training.kd.config import ConfigError
+    from conch_dna.training.kd.distiller import OutputDirError
+    from conch_dna.training.kd.memory import MemoryPreflightError
+    from conch_dna.training.kd.trainer import TrainingDivergedError
+    from conch_dna.training.kd.vocab import VocabMismatchError
+
+    return (ConfigError, DataError, OutputDirError, VocabMismatchError, ModelNotFoundError, GGUFError,
+            TrainingDivergedError, ValidationError, RegistryError, MemoryPreflightError, CheckpointError, WriteError,
+            ChatTemplateError)
 
 
 def summary(name: str, r, version, active: bool) -> str:
@@ -204,7 +226,8 @@ def experience_data(db: str, domain: str, prompts: list[str] | None, distiller) 
     from pathlib import Path
 
     from conch_dna.ego.experience import ExperienceStore, ExperienceStoreError, distillation_data
-    from conch_dna.training.kd.data import DataError, fingerprint_model
+    from conch_dna.neuron import DataError
+    from conch_dna.training.kd.teacher_cache import fingerprint_model
 
     if not Path(db).is_file():
         raise DataError(f"experience database {db} does not exist; give the path EGO(..., experience=...) writes")

@@ -172,7 +172,7 @@ class KDConfig(BaseSettings):
         "recompute time than recomputing every block whole")
     lean_backward: Literal["auto", "on", "off"] = Field(
         "auto", description="frozen RMSNorms skip their weight's gradient and SwiGLU MLPs recompute their sigmoid "
-        "in the backward pass instead of keeping it (trainer.lean_backward): same values, less memory and GPU "
+        "in the backward pass instead of keeping it (lean.lean_backward): same values, less memory and GPU "
         "time; auto = on a GPU (on 2 CPU cores no gain was measurable)")
     teacher_pass_tokens: int = Field(
         4096, ge=1, description="the online teacher's forward runs on groups of whole rows of at most this many "

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from conch_dna.atomic import atomic_write
-from conch_dna.training.kd.data import DataError, Example
+from conch_dna.neuron import DataError
+from conch_dna.training.kd.examples import Example
 
 CHUNK_CHARS = 1 << 20  # text handed to the tokenizer at once: bounded memory, few calls
 TOKENS_FILE = "tokens.u32"
@@ -82,7 +83,7 @@ def tokenize_corpus(tokenizer, source: str | os.PathLike, cache: str | os.PathLi
                     max_tokens: int | None = None, eos: int | None = None) -> Path:
     """Token ids of the corpus `source` in `cache`/<corpus_key>/tokens.u32 (uint32), written once; returns
     its path. Reuses the file when its meta.json says it is complete. Stops after `max_tokens` tokens if given."""
-    from conch_dna.training.kd.data import fingerprint_tokenizer
+    from conch_dna.training.kd.teacher_cache import fingerprint_tokenizer
 
     files = corpus_files(source)
     key = corpus_key(fingerprint_tokenizer(tokenizer), files, max_tokens)

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from conch_dna.neuron import eos_id, hf_tokenizer
 from conch_dna.training.kd.losses import (
     _check,
     _divergence_from_logprobs,
@@ -53,13 +54,6 @@ class CrossTokenizerError(VocabMismatchError):
 
 
 # ----------------------------------------------------------------------------------------- detection
-
-
-def _hf(tokenizer):
-    """The Hugging Face tokenizer: mlx-lm's TokenizerWrapper holds one in `_tokenizer` (a HF tokenizer's own
-    `_tokenizer` is its Rust backend, which is not what we want)."""
-    inner = vars(tokenizer).get("_tokenizer")
-    return inner if hasattr(inner, "backend_tokenizer") else tokenizer
 
 
 def compare_tokenizers(teacher_tokenizer, student_tokenizer, probes=PROBE_TEXTS) -> dict:
@@ -119,7 +113,7 @@ def token_bytes(tokenizer) -> tuple[list[bytes | None], list[bool]]:
     """For every id: the bytes of text the token stands for (None for special tokens), and whether it is a
     SentencePiece byte-fallback piece (<0xNN>, a duplicate spelling of a byte that may also be a normal piece).
     """
-    hf = _hf(tokenizer)
+    hf = hf_tokenizer(tokenizer)
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
         raise CrossTokenizerError(f"{type(hf).__name__} is not a fast (Rust) tokenizer: its tokens have no "
@@ -181,7 +175,7 @@ def build_vocab_map(teacher_tokenizer, student_tokenizer, teacher_width: int | N
     s_table, s_bp = token_bytes(student_tokenizer)
     t_by, s_by = _by_bytes(t_table, t_bp), _by_bytes(s_table, s_bp)
     pairs = sorted((t_by[b], s_by[b]) for b in t_by.keys() & s_by.keys())
-    t_eos, s_eos = end_token(teacher_tokenizer), end_token(student_tokenizer)
+    t_eos, s_eos = eos_id(teacher_tokenizer), eos_id(student_tokenizer)
     if t_eos is not None and s_eos is not None:
         pairs.append((t_eos, s_eos))
     t_ids = np.array([p[0] for p in pairs], np.int32)
@@ -194,109 +188,6 @@ def build_vocab_map(teacher_tokenizer, student_tokenizer, teacher_width: int | N
         raise CrossTokenizerError("no token of the teacher spells the same text as a token of the student; "
                                   "these tokenizers cannot be mapped")
     return VocabMap(t_ids, s_ids, tv, sv, figures)
-
-
-def end_token(tokenizer) -> int | None:
-    """The end-of-sequence id appended to finished responses (the lowest of the tokenizer's EOS ids)."""
-    ids = getattr(tokenizer, "eos_token_ids", None)  # mlx-lm: a set; a HF tokenizer: maybe one int
-    if isinstance(ids, int):
-        return ids
-    if ids:
-        return sorted(ids)[0]
-    return getattr(_hf(tokenizer), "eos_token_id", None)
-
-
-def stop_tokens(tokenizer) -> set[int]:
-    ids = getattr(tokenizer, "eos_token_ids", None)
-    if isinstance(ids, int):
-        return {ids}
-    return set(ids) if ids else ({end_token(tokenizer)} - {None})
-
-
-# ------------------------------------------------------------------------------------ alignment
-
-
-def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of `text` (no special tokens added) and each token's character span in `text`."""
-    hf = _hf(tokenizer)
-    if not getattr(hf, "is_fast", False):
-        raise CrossTokenizerError(f"{type(hf).__name__} gives no character offsets (not a fast tokenizer); "
-                                  "cross-tokenizer alignment needs a tokenizer.json")
-    enc = hf(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-
-
-def boundaries(offsets: list[tuple[int, int]]) -> dict[int, int]:
-    """Character offset -> index of the token that ends there, for offsets where one token ends and the
-    next begins (-1: before the first token). Tokens inside one character (byte pieces of an emoji) share
-    its span and are not boundaries until the last of them.
-    """
-    out = {0: -1}
-    for i, (_, end) in enumerate(offsets):
-        nxt = offsets[i + 1][0] if i + 1 < len(offsets) else None
-        if nxt is None or nxt >= end:
-            out[end] = i
-    return out
-
-
-def align_spans(teacher_offsets, student_offsets, text_len: int) -> list[tuple[int, int, int]]:
-    """(offset, teacher token index, student token index) at every shared boundary before the end."""
-    bt, bs = boundaries(teacher_offsets), boundaries(student_offsets)
-    return [(c, bt[c], bs[c]) for c in sorted(bt.keys() & bs.keys()) if c < text_len]
-
-
-@dataclass(frozen=True)
-class CrossExample:
-    """One response in both tokenizations. `pairs` holds (teacher position, student position) whose logits
-    predict the same text; the student's Example is what the trainer batches (its CE uses every token)."""
-
-    student: object  # data.Example
-    teacher: object  # data.Example
-    pairs: tuple[tuple[int, int], ...]
-
-    @property
-    def tokens(self):
-        return self.student.tokens
-
-    @property
-    def prompt_len(self):
-        return self.student.prompt_len
-
-
-def cross_examples(teacher_examples, teacher_tokenizer, student_tokenizer, max_seq_length: int,
-                   system_prompt: str | None = None) -> tuple[list[CrossExample], dict]:
-    """Re-tokenize the teacher's responses for the student and align both; returns examples and figures."""
-    from conch_dna.training.kd.data import DataError, Example, chat_prompt_ids
-
-    t_eos, s_eos = end_token(teacher_tokenizer), end_token(student_tokenizer)
-    t_stop = stop_tokens(teacher_tokenizer)
-    out, n_resp_tokens, n_aligned = [], 0, 0
-    for ex in teacher_examples:
-        if not ex.prompt:
-            raise DataError("teacher data has no prompt texts (made by an older version): delete the teacher "
-                            "cache folder so that it is generated again")
-        resp = list(ex.tokens[ex.prompt_len:])
-        finished = bool(resp) and resp[-1] in t_stop
-        text = teacher_tokenizer.decode(resp[:-1] if finished else resp)
-        t_ids, t_off = encode_with_offsets(teacher_tokenizer, text)
-        s_ids, s_off = encode_with_offsets(student_tokenizer, text)
-        t_prompt = list(ex.tokens[: ex.prompt_len])
-        s_prompt = chat_prompt_ids(student_tokenizer, ex.prompt, system_prompt)
-        t_seq = (t_prompt + t_ids + ([t_eos] if finished else []))[:max_seq_length]
-        s_seq = (s_prompt + s_ids + ([s_eos] if finished else []))[:max_seq_length]
-        pairs = [(len(t_prompt) + ti, len(s_prompt) + si) for _, ti, si in align_spans(t_off, s_off, len(text))]
-        if finished:  # both predict their end-of-sequence token after the last character
-            pairs.append((len(t_prompt) + len(t_ids) - 1, len(s_prompt) + len(s_ids) - 1))
-        # A position is usable only if the token it predicts is inside both (truncated) sequences.
-        pairs = tuple((t, s) for t, s in pairs if t + 1 < len(t_seq) and s + 1 < len(s_seq))
-        if len(s_seq) <= len(s_prompt):
-            continue
-        out.append(CrossExample(Example(tuple(s_seq), len(s_prompt), ex.prompt), Example(tuple(t_seq), len(t_prompt), ex.prompt), pairs))
-        n_resp_tokens += len(s_seq) - len(s_prompt)
-        n_aligned += len(pairs)
-    stats = {"examples": len(out), "student_response_tokens": n_resp_tokens, "aligned_positions": n_aligned,
-             "positions_aligned": round(n_aligned / max(n_resp_tokens, 1), 4)}
-    return out, stats
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -418,23 +309,9 @@ def cross_agreement(student_logits: mx.array, targets: CrossTargets) -> tuple[mx
     return agree.sum(), targets.valid.sum()
 
 
-def pad_pairs(examples: list[CrossExample]) -> tuple[mx.array, mx.array, mx.array]:
-    """teacher positions, student positions [B, P] and validity, P = the most pairs in the batch."""
-    width = max(1, max(len(e.pairs) for e in examples))
-    t_pos = np.zeros((len(examples), width), np.int32)
-    s_pos = np.zeros((len(examples), width), np.int32)
-    valid = np.zeros((len(examples), width), bool)
-    for b, e in enumerate(examples):
-        if e.pairs:
-            p = np.array(e.pairs, np.int32)
-            t_pos[b, : len(p)], s_pos[b, : len(p)], valid[b, : len(p)] = p[:, 0], p[:, 1], True
-    return mx.array(t_pos), mx.array(s_pos), mx.array(valid)
-
-
 __all__ = [
-    "CrossExample", "CrossTargets", "CrossTokenizerError", "VocabMap", "align_spans", "boundaries", "build_vocab_map",
-    "bucket_logits", "compare_tokenizers", "cross_agreement", "cross_examples", "cross_objective", "cross_token_divergence",
-    "encode_with_offsets", "pad_pairs", "token_bytes", "vmap_arrays",
+    "CrossTargets", "CrossTokenizerError", "VocabMap", "build_vocab_map", "bucket_logits", "compare_tokenizers",
+    "cross_agreement", "cross_objective", "cross_token_divergence", "token_bytes", "vmap_arrays",
 ]
 
 
@@ -458,7 +335,7 @@ def align_vocab_sizes(
       "mapped" different tokenizers: both become logits over {tokens that spell the same text in both
                vocabularies} + {one remainder bucket}, so that softmax(result / temperature) is each
                side's softmax(logits / temperature) coarse-grained to those buckets (`cross_vocab`).
-               The rows must already be aligned positions (`cross_vocab.align_spans`).
+               The rows must already be aligned positions (`cross_examples.align_spans`).
     Equal widths are returned unchanged by "slice"/"pad". Otherwise both tokenizers are required and verified
     first with `check_same_tokenizer`; a mismatch raises `VocabMismatchError` instead of producing wrong targets.
     """

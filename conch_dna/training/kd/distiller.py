@@ -27,32 +27,19 @@ from pydantic import BaseModel
 
 from conch_dna.atomic import atomic_write, check_writable
 from conch_dna.models import load_model
+from conch_dna.neuron import DataError, check_name
 from conch_dna.training.kd import distributed as dist
 from conch_dna.training.kd import signals
+from conch_dna.training.kd.checkpoints import adapter_config, check_resumable, checkpoint_dirs, save_adapter
 from conch_dna.training.kd.config import ConfigError, KDConfig
+from conch_dna.training.kd.cross_examples import cross_examples
 from conch_dna.training.kd.cross_vocab import (
     CrossTokenizerError,
     build_vocab_map,
     compare_tokenizers,
-    cross_examples,
     vmap_arrays,
 )
-from conch_dna.training.kd.data import (
-    DataError,
-    Example,
-    TeacherCache,
-    answered_examples,
-    cache_key,
-    check_name,
-    compute_sparse_targets,
-    continue_prompts,
-    fingerprint_model,
-    fingerprint_tokenizer,
-    generate_examples,
-    load_domains,
-    load_held_out,
-    split_examples,
-)
+from conch_dna.training.kd.domains import load_domains, load_held_out
 from conch_dna.training.kd.evaluate import (
     answer,
     answer_figures,
@@ -61,20 +48,25 @@ from conch_dna.training.kd.evaluate import (
     generation_metrics,
     repeated_ngram_share,
 )
+from conch_dna.training.kd.examples import (
+    Example,
+    answered_examples,
+    continue_prompts,
+    generate_examples,
+    split_examples,
+)
 from conch_dna.training.kd.lora_init import CALIBRATION_EXAMPLES, matching_layers, residual_start
 from conch_dna.training.kd.memory import param_bytes, preflight, queue_advice, settings_for_budget
 from conch_dna.training.kd.report import Reporter
 from conch_dna.training.kd.targets import cross_targets, teacher_targets
-from conch_dna.training.kd.trainer import (
-    TrainingCancelled,
-    TrainingDivergedError,
-    adapter_config,
-    apply_lora,
-    check_resumable,
-    checkpoint_dirs,
-    save_adapter,
-    use_prefetch,
+from conch_dna.training.kd.teacher_cache import (
+    TeacherCache,
+    cache_key,
+    compute_sparse_targets,
+    fingerprint_model,
+    fingerprint_tokenizer,
 )
+from conch_dna.training.kd.trainer import TrainingCancelled, TrainingDivergedError, apply_lora, use_prefetch
 from conch_dna.training.kd.trainer import train_with_kd as run_training
 from conch_dna.training.kd.vocab import tokenizer_vocab_size
 

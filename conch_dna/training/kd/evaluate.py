@@ -20,7 +20,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from conch_dna.training.kd.data import Example, chat_prompt_ids, eos_id, pad_batch
+from conch_dna.neuron import chat_prompt_ids, eos_id
+from conch_dna.training.kd.examples import Example, pad_batch
 from conch_dna.training.kd.losses import next_token_view, token_cross_entropy, token_divergence
 
 

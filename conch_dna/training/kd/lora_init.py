@@ -24,7 +24,7 @@ import numpy as np
 import structlog
 
 from conch_dna.training.kd.config import ConfigError
-from conch_dna.training.kd.data import Example
+from conch_dna.training.kd.examples import Example
 from conch_dna.training.kd.fused import model_parts, parts_match
 
 log = structlog.get_logger(__name__)

@@ -42,8 +42,7 @@ from mlx.utils import tree_flatten
 
 from conch_dna.training.kd import kernels
 from conch_dna.training.kd.kernels import on_cuda
-from conch_dna.training.kd.trainer import block_kinds as trainer_block_kinds
-from conch_dna.training.kd.trainer import use_lean_backward
+from conch_dna.training.kd.lean import block_kinds_for, use_lean_backward
 
 MARGIN = 1.25
 # The floor under a memory limit (`held_student_bytes`) is not inflated by queued work or cached temporaries:
@@ -105,14 +104,6 @@ def teacher_forward_bytes(teacher, config, batch: int, seq: int, dtype_bytes: in
 MLP_VALUES_SAVED_BY_LEAN_BACKWARD = 1
 
 
-def block_kinds(layers: int, config) -> list[str]:
-    """What gradient checkpointing does to each block under `config` (`trainer.block_kinds`)."""
-    if not config.grad_checkpoint:
-        return ["plain"] * layers
-    return trainer_block_kinds(layers, config.grad_checkpoint_every, config.grad_checkpoint_scope,
-                               config.grad_checkpoint_whole_blocks)
-
-
 def backward_peak(kinds: list[str], kept: dict[str, float], recomputed: dict[str, float]) -> float:
     """The most the blocks hold during the backward pass, which runs from the last block to the first: when it
     reaches block j, blocks 0..j still keep what they kept, and block j's recomputed part is alive too. So
@@ -139,7 +130,7 @@ def estimate_peak_bytes(student, teacher, config, batch: int, seq: int) -> dict[
     mlp_token = mlp_values * s.intermediate * dtype_bytes
     # Plain blocks hold their activations; recomputed MLPs keep their input (the rest of their block, its 22 d,
     # stays); blocks recomputed whole keep their input; in the backward pass, one recomputed part at a time.
-    kinds = block_kinds(s.layers, config)
+    kinds = block_kinds_for(config, s.layers)
     d = s.hidden * dtype_bytes
     activations = tokens * backward_peak(kinds, {"plain": per_block_token, "mlp": per_block_token - mlp_token + d, "whole": d},
                                          {"plain": 0, "mlp": mlp_token, "whole": per_block_token})
@@ -177,7 +168,7 @@ def held_student_bytes(s: Shapes, config, tokens: int, dtype_bytes: int, rows: i
     loss)."""
     mlp = (2.0 if use_lean_backward(config) else 3.5) * s.intermediate
     plain = 8 * s.hidden + mlp
-    values = backward_peak(block_kinds(s.layers, config), {"plain": plain, "mlp": 8 * s.hidden, "whole": 1.5 * s.hidden},
+    values = backward_peak(block_kinds_for(config, s.layers), {"plain": plain, "mlp": 8 * s.hidden, "whole": 1.5 * s.hidden},
                            {"plain": 0, "mlp": mlp, "whole": plain})
     fused = config.loss_impl == "fused"
     loss_bytes_per_value = 4 * dtype_bytes if fused and kernels.available() else 24  # 3 buffers + room for the matmul

@@ -44,7 +44,7 @@ class Step:
 
 @dataclass(frozen=True)
 class Validation:
-    """Validation figures at `step` (0: the untrained student), from `trainer.evaluate`."""
+    """Validation figures at `step` (0: the untrained student), from `validation.evaluate`."""
 
     step: int
     figures: dict = field(default_factory=dict)  # val_kd, val_ce, val_loss, val_agreement, val_tokens (+ cross)

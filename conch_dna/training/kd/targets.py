@@ -13,16 +13,23 @@ and kept in memory, so that later epochs skip the teacher's forward pass (still 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import mlx.core as mx
 
 from conch_dna.training.kd import kernels
 from conch_dna.training.kd.config import KDConfig
-from conch_dna.training.kd.cross_vocab import CrossTargets, pad_pairs
-from conch_dna.training.kd.data import Example, TeacherCache, pad_batch, pad_sparse, teacher_logits
+from conch_dna.training.kd.cross_examples import pad_pairs
+from conch_dna.training.kd.cross_vocab import CrossTargets
+from conch_dna.training.kd.examples import Example, pad_batch
 from conch_dna.training.kd.fused import TeacherStates, model_parts, parts_match, teacher_hidden
+from conch_dna.training.kd.losses import SparseTargets
+from conch_dna.training.kd.teacher_cache import TeacherCache, pad_sparse, teacher_logits
+
+# targets_fn(indices into the data split, "train" | "val", padded tokens [B, L]) -> what the loss takes:
+# the teacher's hidden states (`TeacherStates`), dense logits, `SparseTargets` or `CrossTargets`
+TargetsFn = Callable[[list[int], str, mx.array], "TeacherStates | mx.array | SparseTargets | CrossTargets"]
 
 
 def online_targets(teacher, config: KDConfig, vocab: int | None = None, lock: threading.Lock | None = None,
