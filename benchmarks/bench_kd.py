@@ -202,8 +202,14 @@ def n_params(model) -> int:
 
 def run(args, impl: str) -> dict:
     from conch_dna.training.kd import KDConfig
-    from conch_dna.training.kd.fused import TeacherStates, fused_objective, model_parts, teacher_hidden
-    from conch_dna.training.kd.losses import kd_objective
+    from conch_dna.training.kd.fused import (
+        Chunking,
+        TeacherStates,
+        fused_objective,
+        model_parts,
+        teacher_hidden,
+    )
+    from conch_dna.training.kd.losses import LossSpec, kd_objective
     from conch_dna.training.kd.trainer import apply_lora
 
     t_shape, s_shape, vocab, batch, seq = PRESETS[args.preset]
@@ -271,10 +277,9 @@ def run(args, impl: str) -> dict:
 
     def loss_fn(model, tokens, mask, targets):
         if impl == "fused":
-            out = fused_objective(model, targets, tokens, mask, alpha=0.7, temperature=2.0, chunk_size=args.chunk,
-                                  compiled=compiled)
+            out = fused_objective(model, targets, tokens, mask, LossSpec(0.7, 2.0), Chunking(args.chunk, compiled=compiled))
         else:
-            out = kd_objective(model(tokens), targets, tokens, mask, 0.7, 2.0)
+            out = kd_objective(model(tokens), targets, tokens, mask, LossSpec(0.7, 2.0))
         return out["loss"]
 
     loss_and_grad = nn.value_and_grad(student, loss_fn)
@@ -333,12 +338,11 @@ def run(args, impl: str) -> dict:
         mx.eval(h, tt)
 
         def only_loss(hh):
-            from conch_dna.training.kd.fused import fused_kd_loss
+            from conch_dna.training.kd.fused import Chunking, Rows, fused_kd_loss
 
             B, L, D = hh.shape
-            return fused_kd_loss(hh[:, :-1].reshape(-1, D), s_head, tt.hidden[:, :-1].reshape(B * (L - 1), -1),
-                                 tokens[:, 1:].reshape(-1), mask[:, 1:].reshape(-1), teacher_head=tt.head,
-                                 chunk_size=args.chunk)["loss"]
+            return fused_kd_loss(hh[:, :-1].reshape(-1, D), s_head, TeacherStates(tt.hidden[:, :-1].reshape(B * (L - 1), -1), tt.head),
+                                 Rows(tokens[:, 1:].reshape(-1), mask[:, 1:].reshape(-1)), chunking=Chunking(args.chunk))["loss"]
 
         g = mx.grad(only_loss)
         mx.eval(g(h))

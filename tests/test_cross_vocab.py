@@ -17,7 +17,7 @@ from conch_dna.training.kd.cross_vocab import (
     token_bytes,
     vmap_arrays,
 )
-from conch_dna.training.kd.losses import DIVERGENCES, token_divergence
+from conch_dna.training.kd.losses import DIVERGENCES, LossSpec, token_divergence
 
 TRICKY = [
     "Hello, world! The quick brown fox.",
@@ -261,11 +261,11 @@ def test_identity_mapping_equals_the_same_tokenizer_loss(divergence):
     t = mx.random.normal((3, 5, 40), key=mx.random.key(2)) * 3
     s = mx.random.normal((3, 5, 40), key=mx.random.key(3)) * 3
     vm = _identity_vmap(40)
-    got = cross_token_divergence(t, s, vm, 2.0, divergence)
+    got = cross_token_divergence(t, s, vm, LossSpec(temperature=2.0, divergence=divergence))
     want = token_divergence(t, s, 2.0, divergence)
     assert mx.allclose(got["kd"], want, rtol=1e-5, atol=1e-6)
     assert mx.all(got["uld"] == 0).item() and mx.allclose(got["coverage"], mx.ones((3, 5)), atol=1e-6)
-    g_got = mx.grad(lambda x: cross_token_divergence(t, x, vm, 2.0, divergence)["kd"].sum())(s)
+    g_got = mx.grad(lambda x: cross_token_divergence(t, x, vm, LossSpec(temperature=2.0, divergence=divergence))["kd"].sum())(s)
     g_want = mx.grad(lambda x: token_divergence(t, x, 2.0, divergence).sum())(s)
     assert mx.allclose(g_got, g_want, rtol=1e-4, atol=1e-6)
 
@@ -277,8 +277,8 @@ def test_mapped_part_against_a_float64_reference():
     s_ids = np.array([7, 1, 40, 2, 33], np.int32)
     vm = vmap_arrays(VocabMap(t_ids, s_ids, vt, vs))
     t, s = rng.normal(size=(4, vt)) * 2, rng.normal(size=(4, vs)) * 2
-    got = cross_token_divergence(mx.array(t, dtype=mx.float32), mx.array(s, dtype=mx.float32), vm, 1.5,
-                                 uld_weight=0.0)["kd"]
+    got = cross_token_divergence(mx.array(t, dtype=mx.float32), mx.array(s, dtype=mx.float32), vm,
+                                 LossSpec(temperature=1.5, uld_weight=0.0))["kd"]
 
     def softmax(x):
         e = np.exp(x - x.max(-1, keepdims=True))
@@ -295,10 +295,10 @@ def test_uld_is_blind_to_which_unmapped_token_holds_the_mass():
     vm = vmap_arrays(VocabMap(np.arange(4, dtype=np.int32), np.arange(4, dtype=np.int32), 12, 12))
     t = mx.array([[2.0, 1.0, 0.5, 0.0, 3.0, 2.5, -1.0, 0.0, 1.0, -2.0, 0.3, 0.1]])
     perm = mx.array([0, 1, 2, 3, 11, 10, 9, 8, 7, 6, 5, 4])
-    same = cross_token_divergence(t, t[:, perm], vm, 1.0)
+    same = cross_token_divergence(t, t[:, perm], vm, LossSpec(temperature=1.0))
     assert same["kd"].item() < 1e-6
     flat = mx.concatenate([t[:, :4], mx.full((1, 8), float(mx.logsumexp(t[:, 4:]).item() - math.log(8)))], axis=-1)
-    moved = cross_token_divergence(t, flat, vm, 1.0)
+    moved = cross_token_divergence(t, flat, vm, LossSpec(temperature=1.0))
     assert moved["mapped"].item() < 1e-5 and moved["uld"].item() > 0.05  # same remainder mass, other shape
 
 
@@ -313,10 +313,10 @@ def test_cross_objective_masks_padding_rows():
     garbage = mx.concatenate([rows[:, :2], mx.full((1, 1, 16), mx.inf)], axis=1)  # padding row holds inf
     tg = CrossTargets(garbage, mx.array([[1, 3, 0]]), mx.array([[True, True, False]]), vm)
     ref = CrossTargets(rows[:, :2], mx.array([[1, 3]]), mx.array([[True, True]]), vm)
-    out = cross_objective(s, tg, tokens, mask, 0.7, 2.0)
-    want = cross_objective(s, ref, tokens, mask, 0.7, 2.0)
+    out = cross_objective(s, tg, tokens, mask)
+    want = cross_objective(s, ref, tokens, mask)
     assert mx.allclose(out["loss"], want["loss"]).item() and out["aligned"].item() == 2
-    g = mx.grad(lambda x: cross_objective(x, tg, tokens, mask, 0.7, 2.0)["loss"])(s)
+    g = mx.grad(lambda x: cross_objective(x, tg, tokens, mask)["loss"])(s)
     assert mx.all(mx.isfinite(g)).item()
 
 

@@ -179,18 +179,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_pair, kd_config, mon
 
     teacher, student = tiny_pair
     cfg = kd_config(iters=6, checkpoint_interval=2, compile_step="off")  # compiled, the loss is traced once
-    real = trainer._loss_fn
+    real = trainer.make_objective
     calls = {"n": 0}
 
-    def poisoned(*a, **kw):
-        calls["n"] += 1
-        loss, out = real(*a, **kw)
-        if calls["n"] >= 4:  # the 4th training step's loss becomes NaN
-            loss = loss * mx.array(float("nan"))
-            out = {**out, "loss": loss}
-        return loss, out
+    def poisoned_objective(*args):
+        objective = real(*args)
 
-    monkeypatch.setattr(trainer, "_loss_fn", poisoned)
+        def poisoned(*a):
+            calls["n"] += 1
+            loss, out = objective(*a)
+            if calls["n"] >= 4:  # the 4th training step's loss becomes NaN
+                loss = loss * mx.array(float("nan"))
+                out = {**out, "loss": loss}
+            return loss, out
+
+        return poisoned
+
+    monkeypatch.setattr(trainer, "make_objective", poisoned_objective)
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {"val_kd": 0.0, "val_ce": 0.0, "val_loss": 0.0, "val_agreement": 0.0, "val_tokens": 0})
     with pytest.raises(TrainingDivergedError, match="step 4") as e:
         TrueKnowledgeDistiller(str(teacher), str(student), cfg).distill_domain("thinking", PROMPTS)

@@ -9,7 +9,8 @@ from mlx.utils import tree_flatten, tree_map
 from conch_dna.models import load_model
 from conch_dna.models.tiny import build_tiny_model
 from conch_dna.training.kd import DIVERGENCES, KDConfig, kd_objective, topk_targets
-from conch_dna.training.kd.fused import fused_objective
+from conch_dna.training.kd.fused import Chunking, Rows, TeacherStates, fused_objective
+from conch_dna.training.kd.losses import LossSpec
 from conch_dna.training.kd.trainer import apply_lora
 
 # The bar is <= 1e-4 relative in float32 (models loaded as float32 here). On a GPU, MLX's CUDA backend runs
@@ -76,9 +77,8 @@ def test_dense_online_matches_reference(models, div, head, alpha):
     tokens, mask = batch()
     compare(
         s,
-        lambda m: pack(kd_objective(m(tokens), teacher(tokens), tokens, mask, alpha, 2.0, div, 0.3)),
-        lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, alpha=alpha, temperature=2.0,
-                                       divergence=div, beta=0.3, chunk_size=10)),
+        lambda m: pack(kd_objective(m(tokens), teacher(tokens), tokens, mask, LossSpec(alpha, 2.0, div, 0.3))),
+        lambda m: pack(fused_objective(m, teacher, tokens, mask, LossSpec(alpha, 2.0, div, 0.3), Chunking(10))),
     )
 
 
@@ -89,8 +89,8 @@ def test_sparse_targets_match_reference(models, div):
     sp = topk_targets(teacher(tokens), 16)
     compare(
         students["tied"],
-        lambda m: pack(kd_objective(m(tokens), sp, tokens, mask, 0.7, 4.0, div)),
-        lambda m: pack(fused_objective(m, sp, tokens, mask, alpha=0.7, temperature=4.0, divergence=div, chunk_size=13)),
+        lambda m: pack(kd_objective(m(tokens), sp, tokens, mask, LossSpec(0.7, 4.0, div))),
+        lambda m: pack(fused_objective(m, sp, tokens, mask, LossSpec(0.7, 4.0, div), Chunking(13))),
     )
 
 
@@ -102,15 +102,15 @@ def test_quantized_teacher_matches_reference(tiny_pair, models):
     tokens, mask = batch(2)
     compare(
         students["untied"],
-        lambda m: pack(kd_objective(m(tokens), qt(tokens), tokens, mask, 0.7, 2.0)),
-        lambda m: pack(fused_objective(m, None, tokens, mask, teacher=qt, alpha=0.7, temperature=2.0, chunk_size=16)),
+        lambda m: pack(kd_objective(m(tokens), qt(tokens), tokens, mask)),
+        lambda m: pack(fused_objective(m, qt, tokens, mask, chunking=Chunking(16))),
     )
 
 
 def test_chunk_size_does_not_change_the_result(models):
     teacher, students = models
     tokens, mask = batch(3)
-    outs = [fused_objective(students["tied"], None, tokens, mask, teacher=teacher, chunk_size=c)["loss"].item()
+    outs = [fused_objective(students["tied"], teacher, tokens, mask, chunking=Chunking(c))["loss"].item()
             for c in (1, 7, 46, 4096)]
     assert max(outs) - min(outs) <= (1e-5 if ON_CPU else TOL) * abs(outs[0])
 
@@ -138,17 +138,19 @@ def test_closed_form_paths_equal_generic_path(models, backend, loops, monkeypatc
         tokens = mx.where(mx.arange(24)[None, :] >= 6, mx.array([[5, 6, 7, 8] * 6, [9, 10, 11] * 8]), tokens)
         repeated = loop_rows(tokens, mask).reshape(-1)
         assert 4 < repeated.sum().item() < repeated.size
-        loop_kw = dict(repeated=repeated, unlikelihood=0.5, no_repeat_teacher=True)
+        loop_kw = dict(repeated=repeated, spec=LossSpec(unlikelihood=0.5, no_repeat_teacher=True))
     for s in students.values():
         body, head = model_parts(s)
         t_body, t_head = model_parts(teacher)
         assert _head_weight(head) is not None and _head_weight(t_head) is not None
         h, ht = body(tokens)[:, :-1], t_body(tokens)[:, :-1]
-        args = (h.reshape(-1, h.shape[-1]), head, ht.reshape(-1, ht.shape[-1]), tokens[:, 1:].reshape(-1), mask[:, 1:].reshape(-1))
+        teacher_states = TeacherStates(ht.reshape(-1, ht.shape[-1]), t_head)
+        rows = Rows(tokens[:, 1:].reshape(-1), mask[:, 1:].reshape(-1), loop_kw.get("repeated"))
+        spec = loop_kw.get("spec", LossSpec())
 
         def run(fast):
-            f = lambda x: fused_kd_loss(x, *args[1:], teacher_head=t_head, chunk_size=9, fast=fast, **loop_kw)["loss"]  # noqa: E731
-            return mx.value_and_grad(f)(args[0])
+            f = lambda x: fused_kd_loss(x, head, teacher_states, rows, spec, Chunking(9, fast))["loss"]  # noqa: E731
+            return mx.value_and_grad(f)(h.reshape(-1, h.shape[-1]))
 
         (v1, g1), (v2, g2) = run(True), run(False)
         assert rel(v1.item(), v2.item()) <= TOL and rel(np.array(g1), np.array(g2)) <= TOL
@@ -160,7 +162,7 @@ def test_compiled_step_equals_eager_and_sees_parameter_updates(models):
     for online hidden states and cached top-k targets, and reads the current LoRA weights (model state is a
     compiled input, not a baked-in constant)."""
     from conch_dna.training.kd.fused import TeacherStates, model_parts
-    from conch_dna.training.kd.trainer import _loss_fn, compile_loss_and_grad
+    from conch_dna.training.kd.trainer import compile_loss_and_grad, make_objective
 
     teacher, students = models
     s = students["untied"]
@@ -169,8 +171,8 @@ def test_compiled_step_equals_eager_and_sees_parameter_updates(models):
     t_body, t_head = model_parts(teacher)
     online = TeacherStates(t_body(tokens), t_head)
     cached = topk_targets(teacher(tokens), 16)
-    eager = nn.value_and_grad(s, lambda m, *a: _loss_fn(m, *a, cfg, None, True, False))
-    traced = compile_loss_and_grad(s, nn.value_and_grad(s, lambda m, *a: _loss_fn(m, *a, cfg, None, True, True)))
+    eager = nn.value_and_grad(s, make_objective(cfg, None, True, False))
+    traced = compile_loss_and_grad(s, nn.value_and_grad(s, make_objective(cfg, None, True, True)))
     losses = []
     for step, targets in enumerate((online, cached, online, cached)):
         if step == 2:  # what an optimizer step does: new LoRA weights, same compiled functions
@@ -246,7 +248,7 @@ def test_checkpointed_blocks_give_the_same_gradients(tiny_pair, every, scope, wh
     others = list(plain.layers) + list(teacher.layers) + [b.mlp for b in list(plain.layers) + list(teacher.layers)]
     assert not any(checkpointed(m) for m in others)
     tokens, mask = batch(6)
-    f = lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, chunk_size=16))  # noqa: E731
+    f = lambda m: pack(fused_objective(m, teacher, tokens, mask, chunking=Chunking(16)))  # noqa: E731
     (l1, _), g1 = nn.value_and_grad(plain, f)(plain)
     (l2, _), g2 = nn.value_and_grad(ckpt, f)(ckpt)
     g1, g2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
@@ -271,9 +273,8 @@ def test_lean_backward_gives_the_same_gradients(tiny_pair, scope):
     if scope:
         checkpoint_blocks(lean, 1, scope)
     tokens, mask = batch(6)
-    f = lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, chunk_size=16))  # noqa: E731
-    f_compiled = lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, chunk_size=16,  # noqa: E731
-                                                 compiled=True))
+    f = lambda m: pack(fused_objective(m, teacher, tokens, mask, chunking=Chunking(16)))  # noqa: E731
+    f_compiled = lambda m: pack(fused_objective(m, teacher, tokens, mask, chunking=Chunking(16, compiled=True)))  # noqa: E731
     (l1, _), g1 = nn.value_and_grad(plain, f)(plain)
     state = [lean.state]
     step = mx.compile(lambda: nn.value_and_grad(lean, f_compiled)(lean), inputs=state, outputs=state)
@@ -324,11 +325,11 @@ def test_rope_kernel_gives_the_same_gradients_and_leaves_the_teacher_as_it_was(t
     with pytest.raises(RuntimeError, match="boom"), kernels.teacher_kernels(teacher):
         raise RuntimeError("boom")
     assert all(type(b.self_attn.rope) is nn.RoPE for b in teacher.layers)
-    f = lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, chunk_size=16))  # noqa: E731
+    f = lambda m: pack(fused_objective(m, teacher, tokens, mask, chunking=Chunking(16)))  # noqa: E731
     (l1, _), g1 = nn.value_and_grad(plain, f)(plain)
     state = [fast.state]
     step = mx.compile(lambda t: nn.value_and_grad(fast, lambda m: pack(fused_objective(
-        m, TeacherStates(t, head), tokens, mask, chunk_size=16, compiled=True)))(fast), inputs=state, outputs=state)
+        m, TeacherStates(t, head), tokens, mask, chunking=Chunking(16, compiled=True))))(fast), inputs=state, outputs=state)
     (l2, _), g2 = step(states.hidden)
     g1, g2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
     assert g1.keys() == g2.keys() and rel(l2.item(), l1.item()) <= TOL
@@ -407,15 +408,14 @@ def test_loop_terms_match_reference(models, alpha, ul, no_repeat):
     tokens, mask = batch(4)
     loop = mx.array([[5, 6, 7, 8] * 6, [9, 10, 11] * 8])  # repeated 4-grams in both rows' responses
     tokens = mx.where(mx.arange(24)[None, :] >= 6, loop, tokens)
-    kw = dict(unlikelihood=ul, no_repeat_teacher=no_repeat)
-    ref = lambda m: pack(kd_objective(m(tokens), teacher(tokens), tokens, mask, alpha, 2.0, **kw))  # noqa: E731
-    plain = kd_objective(students["tied"](tokens), teacher(tokens), tokens, mask, alpha, 2.0)
+    spec = LossSpec(alpha, 2.0, unlikelihood=ul, no_repeat_teacher=no_repeat)
+    ref = lambda m: pack(kd_objective(m(tokens), teacher(tokens), tokens, mask, spec))  # noqa: E731
+    plain = kd_objective(students["tied"](tokens), teacher(tokens), tokens, mask, LossSpec(alpha, 2.0))
     out = ref(students["tied"])[1]
     assert (out["ul"].item() > 0) == (ul > 0)
     if alpha > 0:
         assert (abs(out["kd"].item() - plain["kd"].item()) > 1e-5) == no_repeat
-    compare(students["tied"], ref, lambda m: pack(fused_objective(m, None, tokens, mask, teacher=teacher, alpha=alpha,
-                                                                  temperature=2.0, chunk_size=10, **kw)))
+    compare(students["tied"], ref, lambda m: pack(fused_objective(m, teacher, tokens, mask, spec, Chunking(10))))
     sp = topk_targets(teacher(tokens), 16)
-    compare(students["tied"], lambda m: pack(kd_objective(m(tokens), sp, tokens, mask, alpha, 2.0, **kw)),
-            lambda m: pack(fused_objective(m, sp, tokens, mask, alpha=alpha, temperature=2.0, chunk_size=7, **kw)))
+    compare(students["tied"], lambda m: pack(kd_objective(m(tokens), sp, tokens, mask, spec)),
+            lambda m: pack(fused_objective(m, sp, tokens, mask, spec, Chunking(7))))

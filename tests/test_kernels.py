@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 
 from conch_dna.training.kd import kernels
-from conch_dna.training.kd.fused import fused_kd_loss
+from conch_dna.training.kd.fused import Chunking, Rows, TeacherStates, fused_kd_loss
 from conch_dna.training.kd.losses import kd_objective
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs MLX's CUDA backend (an NVIDIA GPU)")
@@ -71,8 +71,8 @@ def test_fused_loss_with_kernel_matches_reference_values_and_gradients():
     mask = mx.arange(B * L) % 7 != 3
 
     def fused(x):
-        return fused_kd_loss(x, lambda a: a @ w_s.T, ht, y, mask, teacher_head=lambda a: a @ w_t.T, alpha=0.7,
-                             temperature=2.0, chunk_size=64)["loss"]
+        return fused_kd_loss(x, lambda a: a @ w_s.T, TeacherStates(ht, lambda a: a @ w_t.T), Rows(y, mask),
+                             chunking=Chunking(64))["loss"]
 
     def reference(x):
         s = (x @ w_s.T)[None]
@@ -80,7 +80,7 @@ def test_fused_loss_with_kernel_matches_reference_values_and_gradients():
         tokens = mx.concatenate([mx.zeros((1, 1), mx.int32), y[None]], axis=1)
         m = mx.concatenate([mx.zeros((1, 1), mx.bool_), mask[None]], axis=1)
         pad = mx.zeros((1, 1, V))
-        return kd_objective(mx.concatenate([s, pad], 1), mx.concatenate([t, pad], 1), tokens, m, 0.7, 2.0)["loss"]
+        return kd_objective(mx.concatenate([s, pad], 1), mx.concatenate([t, pad], 1), tokens, m)["loss"]
 
     (a, ga), (b, gb) = mx.value_and_grad(fused)(h), mx.value_and_grad(reference)(h)
     assert abs(a.item() - b.item()) <= 1e-4 * abs(b.item())

@@ -23,6 +23,7 @@ from conch_dna.training.kd import (
     kd_objective,
     topk_targets,
 )
+from conch_dna.training.kd.losses import LossSpec
 
 TOL = 1e-5
 TEMPERATURES = (0.5, 1.0, 2.0, 10.0)
@@ -181,7 +182,7 @@ def test_objective_matches_reference_with_shift_and_mask(alpha, T):
     loss_mask[1, 2:5] = True  # prompt of 2, response of 3, then 2 padding tokens
 
     def f_mx(s_):
-        out = kd_objective(s_, mx.array(t, mx.float32), mx.array(tokens), mx.array(loss_mask), alpha, T)
+        out = kd_objective(s_, mx.array(t, mx.float32), mx.array(tokens), mx.array(loss_mask), LossSpec(alpha, T))
         return out["loss"], out
 
     (val, out), grad = mx.value_and_grad(f_mx)(mx.array(s, mx.float32))
@@ -220,7 +221,7 @@ def test_prompt_and_padding_tokens_change_nothing():
     unscored[:, :-1] = ~loss_mask[:, 1:]
 
     def run(t_, s_, tok):
-        f = lambda x: kd_objective(x, mx.array(t_, mx.float32), mx.array(tok), mx.array(loss_mask), 0.5, 2.0)["loss"]  # noqa: E731
+        f = lambda x: kd_objective(x, mx.array(t_, mx.float32), mx.array(tok), mx.array(loss_mask), LossSpec(0.5, 2.0))["loss"]  # noqa: E731
         v, g = mx.value_and_grad(f)(mx.array(s_, mx.float32))
         return v.item(), np.array(g)
 
@@ -252,7 +253,7 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="differ"):
         compute_kd_loss(t, mx.zeros((1, 2, 5)))
     with pytest.raises(ValueError, match="alpha"):
-        kd_objective(t, t, mx.zeros((1, 2), mx.int32), mx.ones((1, 2)), alpha=1.2)
+        kd_objective(t, t, mx.zeros((1, 2), mx.int32), mx.ones((1, 2)), LossSpec(alpha=1.2))
 
 
 # ------------------------------------------------------------------------------------- JSD limits
@@ -439,8 +440,8 @@ def test_unlikelihood_pushes_down_only_the_tokens_that_repeat():
     mask = mx.array([[0, 0] + [1] * 11]).astype(mx.bool_)
     logits = mx.array(np.random.default_rng(0).normal(size=(1, 13, 9)).astype(np.float32))
     teacher = mx.array(np.random.default_rng(1).normal(size=(1, 13, 9)).astype(np.float32))
-    base = kd_objective(logits, teacher, tokens, mask, 0.7, 2.0)
-    out = kd_objective(logits, teacher, tokens, mask, 0.7, 2.0, unlikelihood=2.0)
+    base = kd_objective(logits, teacher, tokens, mask)
+    out = kd_objective(logits, teacher, tokens, mask, LossSpec(unlikelihood=2.0))
     logq = np.array(logits[0, :-1]) - np.log(np.exp(np.array(logits[0, :-1])).sum(-1, keepdims=True))
     p = np.exp(logq[np.arange(12), np.array(tokens[0, 1:])])
     rows = np.array(repeated_ngram_rows(tokens, mask))[0]
@@ -449,7 +450,7 @@ def test_unlikelihood_pushes_down_only_the_tokens_that_repeat():
     assert abs(out["loss"].item() - (base["loss"].item() + 2.0 * expected)) < 1e-5
 
     def ul_only(x):
-        return kd_objective(x, teacher, tokens, mask, 0.7, 2.0, unlikelihood=1.0)["ul"]
+        return kd_objective(x, teacher, tokens, mask, LossSpec(unlikelihood=1.0))["ul"]
 
     g = np.array(mx.grad(ul_only)(logits))[0, :-1]
     assert not np.abs(g[~rows]).any()  # rows without a repeat get no gradient

@@ -32,7 +32,8 @@ import numpy as np
 
 from conch_dna.neuron import eos_id, hf_tokenizer
 from conch_dna.training.kd.losses import (
-    _check,
+    DEFAULT_LOSS,
+    LossSpec,
     _divergence_from_logprobs,
     masked_mean,
     next_token_view,
@@ -236,19 +237,18 @@ def _split_logprobs(logits: mx.array, ids: mx.array, unmapped: mx.array, tempera
     return b - lse, mx.where(top > -1e29, top - lse, -mx.inf)
 
 
-def cross_token_divergence(teacher_rows: mx.array, student_rows: mx.array, vmap: dict, temperature: float = 2.0,
-                           divergence: str = "forward_kl", beta: float = 0.5, uld_weight: float = 1.0,
-                           uld_top_k: int = 64) -> dict[str, mx.array]:
+def cross_token_divergence(teacher_rows: mx.array, student_rows: mx.array, vmap: dict,
+                           spec: LossSpec = DEFAULT_LOSS) -> dict[str, mx.array]:
     """Per-row T^2-scaled divergence between a teacher row [.., Vt] and a student row [.., Vs].
 
     `vmap` holds mx arrays "t_ids", "s_ids" (paired ids) and "t_unmapped", "s_unmapped" (bool per id).
     Returns {"kd": mapped + uld_weight * uld, "mapped": ..., "uld": ..., "coverage": teacher mass on
-    paired tokens at T = 1}. ULD compares the uld_top_k largest remainder probabilities of each side,
+    paired tokens at T = 1}, with `spec`'s temperature, divergence and ULD settings. ULD compares the uld_top_k largest remainder probabilities of each side,
     sorted: the L1 distance of the sorted lists (Boizard et al.), without renormalising (the remainder's
     total mass is already matched by the mapped term's remainder bucket).
     """
-    _check(divergence, temperature, beta)
-    k = uld_top_k if uld_weight > 0 else 0
+    temperature, divergence, beta, uld_weight = spec.temperature, spec.divergence, spec.beta, spec.uld_weight
+    k = spec.uld_top_k if uld_weight > 0 else 0
     bucket_t, top_t = _split_logprobs(mx.stop_gradient(teacher_rows), vmap["t_ids"], vmap["t_unmapped"], temperature, k)
     bucket_s, top_s = _split_logprobs(student_rows, vmap["s_ids"], vmap["s_unmapped"], temperature, k)
     mapped = mx.maximum(_divergence_from_logprobs(bucket_t, bucket_s, divergence, beta), 0.0)
@@ -273,15 +273,13 @@ def vmap_arrays(vmap: VocabMap) -> dict:
 
 
 def cross_objective(student_logits: mx.array, targets: CrossTargets, tokens: mx.array, loss_mask: mx.array,
-                    alpha: float = 0.7, temperature: float = 2.0, divergence: str = "forward_kl", beta: float = 0.5,
-                    uld_weight: float = 1.0, uld_top_k: int = 64) -> dict[str, mx.array]:
+                    spec: LossSpec = DEFAULT_LOSS) -> dict[str, mx.array]:
     """alpha * KD (at aligned positions) + (1 - alpha) * CE (the student's own next tokens, every response token).
 
     Returns {"loss", "kd", "ce", "ntokens", "mapped", "uld", "coverage", "aligned"}; "ntokens" counts the
     CE positions (the trainer's weighting), "aligned" the KD positions.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    alpha = spec.alpha
     s_next, next_ids, mask = next_token_view(student_logits, tokens, loss_mask)
     ce = masked_mean(token_cross_entropy(s_next, next_ids), mask)
     rows = mx.take_along_axis(student_logits, targets.student_pos[..., None].astype(mx.int32), axis=1)
@@ -289,7 +287,7 @@ def cross_objective(student_logits: mx.array, targets: CrossTargets, tokens: mx.
     # Padding rows (valid false) are neutralised to equal uniform rows: divergence 0, finite gradient.
     rows = mx.where(valid[..., None], rows, 0.0)
     t_rows = mx.where(valid[..., None], targets.logits, 0.0)
-    d = cross_token_divergence(t_rows, rows, targets.vmap, temperature, divergence, beta, uld_weight, uld_top_k)
+    d = cross_token_divergence(t_rows, rows, targets.vmap, spec)
     kd = masked_mean(d["kd"], valid)
     return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce, "ntokens": mask.astype(mx.float32).sum(),
             "mapped": masked_mean(d["mapped"], valid), "uld": masked_mean(d["uld"], valid),

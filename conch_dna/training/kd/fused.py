@@ -28,7 +28,9 @@ import numpy as np
 
 from conch_dna.training.kd import kernels
 from conch_dna.training.kd.losses import (
+    DEFAULT_LOSS,
     REPEAT_PENALTY,
+    LossSpec,
     SparseTargets,
     _warn_if_empty,
     loop_rows,
@@ -95,9 +97,32 @@ def parts_match(model, vocab_size: int | None = None) -> bool:
         return False
 
 
-def _chunk_loss(s_logits, t, targets, w_kd, w_ce, w_ul, no_repeat, temperature, divergence, beta):
-    """sum over the chunk of w_kd * KD_token + w_ce * CE_token + w_ul * UL_token (the weights fold in the
-    masks and 1/n); `no_repeat`: the chunk's repeated rows, where the teacher's target is `without_repeats`."""
+class Rows(NamedTuple):
+    """The scored rows of a fused loss: the token each row predicts [N], whether it counts [N], and (for the
+    loop terms) whether it repeats a 4-gram of its answer [N] (`losses.loop_rows`)."""
+
+    targets: mx.array
+    mask: mx.array
+    repeated: mx.array | None = None
+
+
+class Chunking(NamedTuple):
+    """How a fused loss walks its rows: `size` rows per chunk; `fast`: the closed-form chunk where it applies;
+    `compiled`: the caller traces the step under `mx.compile` (no NumPy chunk, no row selection)."""
+
+    size: int = 1024
+    fast: bool = True
+    compiled: bool = False
+
+
+DEFAULT_CHUNKING = Chunking()
+
+
+def _chunk_loss(s_logits, t, targets, weights, spec: LossSpec):
+    """sum over the chunk of w_kd * KD_token + w_ce * CE_token + w_ul * UL_token (`weights` = (w_kd, w_ce,
+    w_ul, no_repeat); they fold in the masks and 1/n); `no_repeat`: the chunk's repeated rows, where the
+    teacher's target is `without_repeats`."""
+    w_kd, w_ce, w_ul, no_repeat = weights
     total = mx.array(0.0)
     kd_sum = ce_sum = ul_sum = mx.array(0.0)
     if no_repeat is not None:
@@ -105,7 +130,7 @@ def _chunk_loss(s_logits, t, targets, w_kd, w_ce, w_ul, no_repeat, temperature, 
     # where, not multiply: a masked (padding) row may be inf, and inf * 0 = NaN.
     if w_kd is not None:
         t, s_kd = neutralise_masked_rows(t, s_logits, w_kd > 0)
-        kd_tok = token_divergence(t, s_kd, temperature, divergence, beta)
+        kd_tok = token_divergence(t, s_kd, spec.temperature, spec.divergence, spec.beta)
         kd_sum = mx.where(w_kd > 0, kd_tok * w_kd, 0.0).sum()
         total = total + kd_sum
     ce_tok = token_cross_entropy(s_logits, targets) if w_ce is not None or w_ul is not None else None
@@ -118,100 +143,34 @@ def _chunk_loss(s_logits, t, targets, w_kd, w_ce, w_ul, no_repeat, temperature, 
     return total, (kd_sum, ce_sum, ul_sum)
 
 
-def _autograd_chunk(head, hs, t, y, weights, temperature, divergence, beta):
+def _autograd_chunk(head, hs, t, y, weights, spec: LossSpec):
     """(total, kd, ce, ul, dL/dhs) of one chunk, differentiated by MLX: every divergence and target kind."""
     def f(h):
-        return _chunk_loss(head(h), t, y, *weights, temperature, divergence, beta)
+        return _chunk_loss(head(h), t, y, weights, spec)
 
     (total, (kd, ce, ul)), g = mx.value_and_grad(f)(hs)
     return total, kd, ce, ul, g
 
 
-def fused_kd_loss(
-    h_student: mx.array,
-    student_head: Head,
-    teacher: mx.array | SparseTargets,
-    targets: mx.array,
-    mask: mx.array,
-    *,
-    teacher_head: Head | None = None,
-    alpha: float = 0.7,
-    temperature: float = 2.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    chunk_size: int = 1024,
-    fast: bool = True,
-    compiled: bool = False,
-    repeated: mx.array | None = None,
-    unlikelihood: float = 0.0,
-    no_repeat_teacher: bool = False,
-) -> dict[str, mx.array]:
-    """alpha * KD + (1 - alpha) * CE (+ unlikelihood * UL on the `repeated` rows [N]) over masked
-    positions, from hidden states, chunk by chunk.
+def fused_kd_loss(h_student: mx.array, student_head: Head, teacher: TeacherStates | SparseTargets, rows: Rows,
+                  spec: LossSpec = DEFAULT_LOSS, chunking: Chunking = DEFAULT_CHUNKING) -> dict[str, mx.array]:
+    """alpha * KD + (1 - alpha) * CE (+ unlikelihood * UL on the repeated rows) over the scored rows, from
+    hidden states, chunk by chunk.
 
     h_student [N, D]: the student's final hidden states for the N scored positions (already shifted: row i
-    predicts targets[i]). `teacher` is either the teacher's hidden states [N, Dt] (with `teacher_head`) or
-    `SparseTargets` [N, k]. mask [N] selects the positions that count. Differentiable w.r.t. h_student only
-    (the teacher is a target). Returns {"loss", "kd", "ce", "ul", "ntokens"} like `losses.kd_objective`.
-    `compiled`: the caller traces this under `mx.compile`, so the CPU's NumPy chunk (which reads arrays)
-    gives way to the compiled MLX chunk.
+    predicts rows.targets[i]). `teacher` is either the teacher's hidden states [N, Dt] with its head
+    (`TeacherStates`) or `SparseTargets` [N, k]. Differentiable w.r.t. h_student only (the teacher is a
+    target). Returns {"loss", "kd", "ce", "ul", "ntokens"} like `losses.kd_objective`.
     """
-    if isinstance(teacher, SparseTargets) == (teacher_head is not None):
-        raise ValueError("pass teacher hidden states with teacher_head, or SparseTargets without it")
-    n_rows = h_student.shape[0]
-    n, w_kd, w_ce, w_ul, no_repeat = _row_weights(mask, alpha, repeated, unlikelihood, no_repeat_teacher)
-
-    # The default objective (dense teacher, forward KL + CE, plain output matrices) has a closed-form
-    # gradient, a difference of softmaxes; compiled, its elementwise passes over [C, V] fuse into few kernels.
-    w_student = _head_weight(student_head) if fast else None
-    w_teacher = _head_weight(teacher_head) if fast and teacher_head is not None else None
-    use_fast = w_student is not None and w_teacher is not None and divergence == "forward_kl"
-    if use_fast:  # its weights are arrays even where a part is off (a compiled chunk takes arrays only)
-        loops = w_ul is not None or no_repeat is not None
-        fast_chunk = _fast_forward_kl_ce(w_student, w_teacher, temperature, traced=compiled, loops=loops)
-        zeros = mx.zeros(mask.shape, mx.float32)
-        fast_w = [zeros if w is None else w for w in (w_kd, w_ce)]
-        if loops:
-            fast_w += [zeros if w_ul is None else w_ul, zeros > 0 if no_repeat is None else no_repeat]
-
-    def forward(h_s, *teacher_arrays):
-        totals, kds, ces, uls, grads = [], [], [], [], []
-        after = None  # a zero that depends on the previous chunk's results
-        for start in range(0, n_rows, chunk_size):
-            sl = slice(start, min(start + chunk_size, n_rows))
-            hs = h_s[sl]
-            if after is not None:
-                hs = hs + after.astype(hs.dtype)
-            if use_fast:
-                total, kd, ce, ul, g = fast_chunk(hs, mx.stop_gradient(teacher_arrays[0][sl]), targets[sl],
-                                                  *(w[sl] for w in fast_w))
-            else:
-                if teacher_head is not None:
-                    t = mx.stop_gradient(teacher_head(teacher_arrays[0][sl]))
-                else:
-                    t = SparseTargets(*(x[sl] for x in teacher_arrays))
-                weights = [None if w is None else w[sl] for w in (w_kd, w_ce, w_ul, no_repeat)]
-                total, kd, ce, ul, g = _autograd_chunk(student_head, hs, t, targets[sl], weights, temperature,
-                                                       divergence, beta)
-            # Chain the chunks: chunk i+1 cannot start before chunk i's gradient exists, so MLX's scheduler
-            # runs them one after another and each [C, V] buffer is freed before the next is allocated.
-            # (Evaluating each chunk eagerly would not free them: inside a grad transform every evaluated
-            # array keeps its graph.) where(x == x, 0, 0) is an exact zero even for inf/NaN.
-            after = mx.stop_gradient(mx.where(g[:1, :1] == g[:1, :1], 0.0, 0.0)[0, 0])
-            totals.append(total)
-            kds.append(kd)
-            ces.append(ce)
-            uls.append(ul)
-            grads.append(g)
-        loss = mx.stack(totals).sum()
-        grad_h = mx.concatenate(grads, axis=0) if grads else mx.zeros_like(h_s)
-        return loss, mx.stack(kds).sum(), mx.stack(ces).sum(), mx.stack(uls).sum(), grad_h
-
-    teacher_arrays = (teacher,) if teacher_head is not None else tuple(teacher)
+    if spec.loop_terms and rows.repeated is None:
+        raise ValueError("unlikelihood > 0 and no_repeat_teacher need the repeated rows (losses.loop_rows)")
+    n, *weights = _row_weights(rows, spec)
+    chunk_fn = _chunk_function(student_head, teacher, rows, weights, spec, chunking)
+    teacher_arrays = (teacher.hidden,) if isinstance(teacher, TeacherStates) else tuple(teacher)
 
     @mx.custom_function
     def loss_fn(h_s, *t_arrays):
-        return forward(h_s, *t_arrays)
+        return _chained_chunks(h_s, t_arrays, chunk_fn, chunking.size)
 
     @loss_fn.vjp
     def loss_vjp(primals, cotangents, outputs):
@@ -221,16 +180,75 @@ def fused_kd_loss(
 
     loss, kd_w, ce_w, ul_w, _ = loss_fn(h_student, *teacher_arrays)
     # The parts carry their weights; report them unweighted, as kd_objective does.
-    kd = kd_w / alpha if alpha > 0 else mx.array(0.0)
-    ce = ce_w / (1.0 - alpha) if alpha < 1 else mx.array(0.0)
-    ul = ul_w / unlikelihood if unlikelihood > 0 else mx.array(0.0)
+    kd = kd_w / spec.alpha if spec.alpha > 0 else mx.array(0.0)
+    ce = ce_w / (1.0 - spec.alpha) if spec.alpha < 1 else mx.array(0.0)
+    ul = ul_w / spec.unlikelihood if spec.unlikelihood > 0 else mx.array(0.0)
     return {"loss": loss, "kd": mx.stop_gradient(kd), "ce": mx.stop_gradient(ce), "ul": mx.stop_gradient(ul),
             "ntokens": n}
 
 
-def _row_weights(mask, alpha, repeated, unlikelihood, no_repeat_teacher):
+def _chunk_function(student_head, teacher, rows: Rows, weights: list, spec: LossSpec, chunking: Chunking):
+    """chunk(hs, teacher arrays, row slice) -> (total, kd, ce, ul, dL/dhs): the closed-form chunk for the default
+    objective (dense teacher, forward KL + CE, plain output matrices), MLX's autograd for every other."""
+    w_student = _head_weight(student_head) if chunking.fast else None
+    w_teacher = _head_weight(teacher.head) if chunking.fast and isinstance(teacher, TeacherStates) else None
+    w_kd, w_ce, w_ul, no_repeat = weights
+    if w_student is not None and w_teacher is not None and spec.divergence == "forward_kl":
+        # Compiled, its elementwise passes over [C, V] fuse into few kernels. Its weights are arrays even
+        # where a part is off (a compiled chunk takes arrays only).
+        loops = w_ul is not None or no_repeat is not None
+        fast_chunk = _fast_forward_kl_ce(w_student, w_teacher, spec.temperature, traced=chunking.compiled, loops=loops)
+        zeros = mx.zeros(rows.mask.shape, mx.float32)
+        fast_w = [zeros if w is None else w for w in (w_kd, w_ce)]
+        if loops:
+            fast_w += [zeros if w_ul is None else w_ul, zeros > 0 if no_repeat is None else no_repeat]
+
+        def fast(hs, t_arrays, sl):
+            return fast_chunk(hs, mx.stop_gradient(t_arrays[0][sl]), rows.targets[sl], *(w[sl] for w in fast_w))
+
+        return fast
+
+    def general(hs, t_arrays, sl):
+        if isinstance(teacher, TeacherStates):
+            t = mx.stop_gradient(teacher.head(t_arrays[0][sl]))
+        else:
+            t = SparseTargets(*(x[sl] for x in t_arrays))
+        return _autograd_chunk(student_head, hs, t, rows.targets[sl], [None if w is None else w[sl] for w in weights], spec)
+
+    return general
+
+
+def _chained_chunks(h_s, t_arrays, chunk_fn, chunk_size: int):
+    """(loss, kd, ce, ul, dL/dh_s) summed over the chunks of rows, each chunk's [C, V] logits freed before
+    the next chunk's exist."""
+    n_rows = h_s.shape[0]
+    totals, kds, ces, uls, grads = [], [], [], [], []
+    after = None  # a zero that depends on the previous chunk's results
+    for start in range(0, n_rows, chunk_size):
+        sl = slice(start, min(start + chunk_size, n_rows))
+        hs = h_s[sl]
+        if after is not None:
+            hs = hs + after.astype(hs.dtype)
+        total, kd, ce, ul, g = chunk_fn(hs, t_arrays, sl)
+        # Chain the chunks: chunk i+1 cannot start before chunk i's gradient exists, so MLX's scheduler
+        # runs them one after another and each [C, V] buffer is freed before the next is allocated.
+        # (Evaluating each chunk eagerly would not free them: inside a grad transform every evaluated
+        # array keeps its graph.) where(x == x, 0, 0) is an exact zero even for inf/NaN.
+        after = mx.stop_gradient(mx.where(g[:1, :1] == g[:1, :1], 0.0, 0.0)[0, 0])
+        totals.append(total)
+        kds.append(kd)
+        ces.append(ce)
+        uls.append(ul)
+        grads.append(g)
+    loss = mx.stack(totals).sum()
+    grad_h = mx.concatenate(grads, axis=0) if grads else mx.zeros_like(h_s)
+    return loss, mx.stack(kds).sum(), mx.stack(ces).sum(), mx.stack(uls).sum(), grad_h
+
+
+def _row_weights(rows: Rows, spec: LossSpec):
     """(n, w_kd, w_ce, w_ul, no_repeat): the scored rows' count and each part's per-row weight (mask, alpha
     and 1/n folded in; None where a part is off), and the loop rows that get the no-repeat teacher."""
+    alpha, mask = spec.alpha, rows.mask
     maskf = mask.astype(mx.float32)
     n = maskf.sum()
     _warn_if_empty(n)
@@ -238,13 +256,11 @@ def _row_weights(mask, alpha, repeated, unlikelihood, no_repeat_teacher):
     w_kd = maskf * (alpha * inv_n) if alpha > 0 else None
     w_ce = maskf * ((1.0 - alpha) * inv_n) if alpha < 1 else None
     w_ul = no_repeat = None
-    if unlikelihood > 0 or no_repeat_teacher:
-        if repeated is None:
-            raise ValueError("unlikelihood > 0 and no_repeat_teacher need the repeated rows (losses.loop_rows)")
-        repeated = repeated & mask
-        if unlikelihood > 0:
-            w_ul = repeated.astype(mx.float32) * (unlikelihood * inv_n)
-        if no_repeat_teacher:
+    if spec.loop_terms:
+        repeated = rows.repeated & mask
+        if spec.unlikelihood > 0:
+            w_ul = repeated.astype(mx.float32) * (spec.unlikelihood * inv_n)
+        if spec.no_repeat_teacher:
             no_repeat = repeated
             if w_ce is not None:  # a loop's token is no text to imitate
                 w_ce = mx.where(repeated, 0.0, w_ce)
@@ -280,56 +296,70 @@ def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, traced
     no loop terms: with them, the compiled MLX chunk runs there.
     """
     T = float(temperature)
-
-    def ul_parts(ce_tok, wu, xp):
-        """(-log(1 - p), c) per row from CE = -log p, clamped as `losses.token_unlikelihood` (c = 0 there)."""
-        p = xp.exp(-ce_tok)
-        live = p < 1.0 - 1e-6
-        p = xp.minimum(p, 1.0 - 1e-6)
-        return -xp.log1p(-p), xp.where(live, p / (1.0 - p), 0.0) * wu
-
     if kernels.available() and not loops:
-        def kernel_chunk(hs, ht, y, wk, wc):
-            s = hs @ w_s.T
-            t = ht @ w_t.T
-            g_s, kd_tok, ce_tok = kernels.forward_kl_ce_rows(s, t, y, wk, wc, T)
-            g_h = g_s.astype(hs.dtype) @ w_s
-            kd = mx.where(wk > 0, kd_tok * wk, 0.0).sum()
-            ce = mx.where(wc > 0, ce_tok * wc, 0.0).sum()
-            return kd + ce, kd, ce, mx.array(0.0), g_h
-
-        return kernel_chunk
-
+        return _kernel_chunk(w_s, w_t, T)
     if not traced and kernels.numpy_available():
-        def numpy_chunk(hs, ht, y, wk, wc, wu=None, no_repeat=None):
-            import numpy as np
+        return _numpy_chunk(w_s, w_t, T)
+    # Under an outer mx.compile (`traced`) the chunk is fused there. A nested compiled function would be
+    # freed from inside the outer one's cache and abort MLX 0.32 ("Resource deadlock avoided").
+    chunk = _mlx_chunk(w_s, w_t, T)
+    return chunk if traced else mx.compile(chunk)
 
-            s, t = np.array((hs @ w_s.T).astype(mx.float32)), np.array((ht @ w_t.T).astype(mx.float32))
-            y, wk, wc = np.asarray(y), np.asarray(wk), np.asarray(wc)
-            ul_tok = None
-            if no_repeat is not None:
-                r = np.flatnonzero(np.asarray(no_repeat))
-                t[r, y[r]] -= REPEAT_PENALTY
-            if wu is not None:
-                wu = np.asarray(wu)
-                r = np.flatnonzero(wu > 0)
-                sr = s[r]
-                top = sr.max(axis=-1)
-                ce_r = top + np.log(np.exp(sr - top[:, None]).sum(axis=-1)) - sr[np.arange(r.size), y[r]]
-                ul_tok, c = ul_parts(ce_r, wu[r], np)
-                ul_sum = float((ul_tok * wu[r]).sum())
-                wc_grad = wc.copy()
-                wc_grad[r] -= c
-            g_s, kd_tok, ce_tok = kernels.forward_kl_ce_rows_numpy(s, t, y, wk, wc if ul_tok is None else wc_grad, T)
-            g_h = mx.array(g_s).astype(hs.dtype) @ w_s
-            kd = mx.array(float(np.where(wk > 0, kd_tok * wk, 0.0).sum()))
-            ce = mx.array(float(np.where(wc > 0, ce_tok * wc, 0.0).sum()))
-            ul = mx.array(ul_sum if ul_tok is not None else 0.0)
-            mx.eval(g_h)  # now, so that this chunk's [C, V] gradient is freed before the next chunk
-            return kd + ce + ul, kd, ce, ul, g_h
 
-        return numpy_chunk
+def _ul_parts(ce_tok, wu, xp):
+    """(-log(1 - p), c) per row from CE = -log p, clamped as `losses.token_unlikelihood` (c = 0 there)."""
+    p = xp.exp(-ce_tok)
+    live = p < 1.0 - 1e-6
+    p = xp.minimum(p, 1.0 - 1e-6)
+    return -xp.log1p(-p), xp.where(live, p / (1.0 - p), 0.0) * wu
 
+
+def _kernel_chunk(w_s: mx.array, w_t: mx.array, T: float):
+    """The chunk through the CUDA kernel (`kernels.forward_kl_ce_rows`): no loop terms."""
+    def kernel_chunk(hs, ht, y, wk, wc):
+        s = hs @ w_s.T
+        t = ht @ w_t.T
+        g_s, kd_tok, ce_tok = kernels.forward_kl_ce_rows(s, t, y, wk, wc, T)
+        g_h = g_s.astype(hs.dtype) @ w_s
+        kd = mx.where(wk > 0, kd_tok * wk, 0.0).sum()
+        ce = mx.where(wc > 0, ce_tok * wc, 0.0).sum()
+        return kd + ce, kd, ce, mx.array(0.0), g_h
+
+    return kernel_chunk
+
+
+def _numpy_chunk(w_s: mx.array, w_t: mx.array, T: float):
+    """The chunk with its elementwise middle in NumPy (the CPU: MLX's CPU `exp` is scalar there)."""
+    def numpy_chunk(hs, ht, y, wk, wc, wu=None, no_repeat=None):
+        s, t = np.array((hs @ w_s.T).astype(mx.float32)), np.array((ht @ w_t.T).astype(mx.float32))
+        y, wk, wc = np.asarray(y), np.asarray(wk), np.asarray(wc)
+        ul_tok = None
+        if no_repeat is not None:
+            r = np.flatnonzero(np.asarray(no_repeat))
+            t[r, y[r]] -= REPEAT_PENALTY
+        if wu is not None:
+            wu = np.asarray(wu)
+            r = np.flatnonzero(wu > 0)
+            sr = s[r]
+            top = sr.max(axis=-1)
+            ce_r = top + np.log(np.exp(sr - top[:, None]).sum(axis=-1)) - sr[np.arange(r.size), y[r]]
+            ul_tok, c = _ul_parts(ce_r, wu[r], np)
+            ul_sum = float((ul_tok * wu[r]).sum())
+            wc_grad = wc.copy()
+            wc_grad[r] -= c
+        g_s, kd_tok, ce_tok = kernels.forward_kl_ce_rows_numpy(s, t, y, wk, wc if ul_tok is None else wc_grad, T)
+        g_h = mx.array(g_s).astype(hs.dtype) @ w_s
+        kd = mx.array(float(np.where(wk > 0, kd_tok * wk, 0.0).sum()))
+        ce = mx.array(float(np.where(wc > 0, ce_tok * wc, 0.0).sum()))
+        ul = mx.array(ul_sum if ul_tok is not None else 0.0)
+        mx.eval(g_h)  # now, so that this chunk's [C, V] gradient is freed before the next chunk
+        return kd + ce + ul, kd, ce, ul, g_h
+
+    return numpy_chunk
+
+
+def _mlx_chunk(w_s: mx.array, w_t: mx.array, T: float):
+    """The chunk in MLX operations (compiled by the caller): every device, loop terms included."""
     def chunk(hs, ht, y, wk, wc, wu=None, no_repeat=None):
         s = (hs @ w_s.T).astype(mx.float32)
         t = (ht @ w_t.T).astype(mx.float32)
@@ -345,7 +375,7 @@ def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, traced
         ul = mx.array(0.0)
         wc_grad = wc
         if wu is not None:
-            ul_tok, c = ul_parts(ce_tok, wu, mx)
+            ul_tok, c = _ul_parts(ce_tok, wu, mx)
             ul = mx.where(wu > 0, ul_tok * wu, 0.0).sum()
             wc_grad = wc - c
         g_s = wk[:, None] * (T * (q - p)) + wc_grad[:, None] * (mx.exp(s - lse) - onehot)
@@ -354,45 +384,38 @@ def _fast_forward_kl_ce(w_s: mx.array, w_t: mx.array, temperature: float, traced
         ce = mx.where(wc > 0, ce_tok * wc, 0.0).sum()
         return kd + ce + ul, kd, ce, ul, g_h
 
-    # Under an outer mx.compile (`traced`) the chunk is fused there. A nested compiled function would be
-    # freed from inside the outer one's cache and abort MLX 0.32 ("Resource deadlock avoided").
-    return chunk if traced else mx.compile(chunk)
+    return chunk
 
 
-def fused_objective(
-    student, teacher_targets, tokens: mx.array, loss_mask: mx.array, *, alpha=0.7, temperature=2.0,
-    divergence="forward_kl", beta=0.5, chunk_size=1024, vocab: int | None = None, teacher=None, compiled=False,
-    unlikelihood: float = 0.0, no_repeat_teacher: bool = False,
-) -> dict[str, mx.array]:
+def fused_objective(student, teacher, tokens: mx.array, loss_mask: mx.array, spec: LossSpec = DEFAULT_LOSS,
+                    chunking: Chunking = DEFAULT_CHUNKING, vocab: int | None = None) -> dict[str, mx.array]:
     """`kd_objective`'s drop-in: runs the student to its final hidden states only.
 
-    `teacher_targets`: `SparseTargets` [B, L, k] (cached), `TeacherStates` (online: the teacher's hidden
-    states and head), or None with `teacher` (a model, run here to hidden states). Shift and mask follow
-    `losses.next_token_view`: row t predicts token t+1.
+    `teacher`: `SparseTargets` [B, L, k] (cached), `TeacherStates` (online: the teacher's hidden states and
+    head), or a teacher model, run here to its hidden states. Shift and mask follow `losses.next_token_view`:
+    row t predicts token t+1. `vocab`: the width logits are cut to (the real vocabulary of a padded head).
     """
     body, head = model_parts(student)
-    head = _cut(head, vocab)
+    head = _logits_up_to(head, vocab)
     h = body(tokens)[:, :-1]
     B, L1, D = h.shape
     targets = tokens[:, 1:].reshape(-1)
     mask = loss_mask[:, 1:].reshape(-1)
-    kw = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta, chunk_size=chunk_size,
-              compiled=compiled, unlikelihood=unlikelihood, no_repeat_teacher=no_repeat_teacher)
-    if teacher_targets is None:
+    if not isinstance(teacher, TeacherStates | SparseTargets):
         t_body, t_head = model_parts(teacher)
-        teacher_targets = TeacherStates(mx.stop_gradient(t_body(tokens)), t_head)
+        teacher = TeacherStates(mx.stop_gradient(t_body(tokens)), t_head)
     # Only the scored rows go through the output heads: prompts and padding are about half of a chat batch,
     # and the heads are most of the loss's cost. Not when compiled: the row count would change the shapes.
-    rows = None if compiled else scored_rows(mask)
-    pick = (lambda x: x) if rows is None else (lambda x: x[rows])
-    h, targets, mask = pick(h.reshape(B * L1, D)), pick(targets), pick(mask)
-    if unlikelihood > 0 or no_repeat_teacher:
-        kw["repeated"] = pick(loop_rows(tokens, loss_mask).reshape(-1))
-    if isinstance(teacher_targets, TeacherStates):
-        h_t = pick(teacher_targets.hidden[:, :-1].reshape(B * L1, -1))
-        return fused_kd_loss(h, head, h_t, targets, mask, teacher_head=_cut(teacher_targets.head, vocab), **kw)
-    t = SparseTargets(*(pick(x[:, :-1].reshape(B * L1, *x.shape[2:])) for x in teacher_targets))
-    return fused_kd_loss(h, head, t, targets, mask, **kw)
+    picked = None if chunking.compiled else scored_rows(mask)
+    pick = (lambda x: x) if picked is None else (lambda x: x[picked])
+    repeated = pick(loop_rows(tokens, loss_mask).reshape(-1)) if spec.loop_terms else None
+    rows = Rows(pick(targets), pick(mask), repeated)
+    h = pick(h.reshape(B * L1, D))
+    if isinstance(teacher, TeacherStates):
+        teacher = TeacherStates(pick(teacher.hidden[:, :-1].reshape(B * L1, -1)), _logits_up_to(teacher.head, vocab))
+    else:
+        teacher = SparseTargets(*(pick(x[:, :-1].reshape(B * L1, *x.shape[2:])) for x in teacher))
+    return fused_kd_loss(h, head, teacher, rows, spec, chunking)
 
 
 def scored_rows(mask: mx.array) -> mx.array | None:
@@ -401,7 +424,7 @@ def scored_rows(mask: mx.array) -> mx.array | None:
     return mx.array(keep.astype(np.int32)) if 0 < keep.size < mask.size else None
 
 
-def _cut(head: Head, vocab: int | None) -> Head:
+def _logits_up_to(head: Head, vocab: int | None) -> Head:
     """Cut logits to the real vocabulary when the embedding matrix is padded wider."""
     if vocab is None:
         return head

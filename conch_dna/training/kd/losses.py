@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -330,17 +331,48 @@ def compute_ce_loss(logits: mx.array, targets: mx.array, ignore_index: int = IGN
     return masked_mean(token_cross_entropy(logits, safe_targets), valid)
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """The objective's settings, passed whole to each implementation of it (`kd_objective`,
+    `fused.fused_objective`, `cross_vocab.cross_objective`): alpha * T^2 * divergence(teacher_T, student_T)
+    + (1 - alpha) * CE (+ unlikelihood * UL on tokens that repeat a 4-gram of their answer, where with
+    `no_repeat_teacher` the teacher's target is its no-repeat version). `beta`: JSD's mixing weight;
+    `uld_weight`, `uld_top_k`: the sorted-probability term across tokenizers. Checked when made."""
+
+    alpha: float = 0.7
+    temperature: float = 2.0
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    unlikelihood: float = 0.0
+    no_repeat_teacher: bool = False
+    uld_weight: float = 1.0
+    uld_top_k: int = 64
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        _check(self.divergence, self.temperature, self.beta)
+
+    @classmethod
+    def of(cls, config) -> LossSpec:
+        """The loss settings of a `KDConfig`."""
+        return cls(config.alpha, config.temperature, config.divergence, config.jsd_beta, config.unlikelihood,
+                   config.no_repeat_teacher, config.uld_weight, config.uld_top_k)
+
+    @property
+    def loop_terms(self) -> bool:
+        return self.unlikelihood > 0 or self.no_repeat_teacher
+
+
+DEFAULT_LOSS = LossSpec()
+
+
 def kd_objective(
     student_logits: mx.array,
     teacher_logits: mx.array | SparseTargets,
     tokens: mx.array,
     loss_mask: mx.array,
-    alpha: float = 0.7,
-    temperature: float = 2.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    unlikelihood: float = 0.0,
-    no_repeat_teacher: bool = False,
+    spec: LossSpec = DEFAULT_LOSS,
 ) -> dict[str, mx.array]:
     """The combined objective alpha * KD + (1 - alpha) * CE (+ unlikelihood * UL) on the response tokens.
 
@@ -352,12 +384,11 @@ def kd_objective(
     "kd", "ce", "ul", "ntokens"}: the parts are returned so that each can be logged. A part whose weight is 0
     is not computed (alpha = 1 needs no CE, alpha = 0 needs no teacher).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    alpha, unlikelihood, no_repeat_teacher = spec.alpha, spec.unlikelihood, spec.no_repeat_teacher
     s_logits, targets, mask = next_token_view(student_logits, tokens, loss_mask)
     n = mask.astype(mx.float32).sum()
     zero = mx.array(0.0)
-    repeated = loop_rows(tokens, loss_mask) & mask if unlikelihood > 0 or no_repeat_teacher else None
+    repeated = loop_rows(tokens, loss_mask) & mask if spec.loop_terms else None
     ce_tok = token_cross_entropy(s_logits, targets) if alpha < 1.0 or unlikelihood > 0 else None
     ce_mask = mask & ~repeated if no_repeat_teacher else mask  # a loop's token is no text to imitate
     ce = masked_mean(mx.where(ce_mask, ce_tok, 0.0), mask) if alpha < 1.0 else zero
@@ -372,7 +403,7 @@ def kd_objective(
             t = teacher_logits[:, :-1]
         if no_repeat_teacher:
             t = without_repeats(t, targets, repeated)
-        kd = compute_kd_loss(t, s_logits, temperature, mask, divergence, beta)
+        kd = compute_kd_loss(t, s_logits, spec.temperature, mask, spec.divergence, spec.beta)
     return {"loss": alpha * kd + (1.0 - alpha) * ce + unlikelihood * ul, "kd": kd, "ce": ce, "ul": ul, "ntokens": n}
 
 

@@ -38,9 +38,9 @@ from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.cross_vocab import CrossTargets, cross_objective
 from conch_dna.training.kd.examples import Example, batch_order, pad_batch
 from conch_dna.training.kd.flat import FlatLayout
-from conch_dna.training.kd.fused import TeacherStates, fused_objective, parts_match
+from conch_dna.training.kd.fused import Chunking, TeacherStates, fused_objective, parts_match
 from conch_dna.training.kd.lean import checkpoint_blocks, checkpoint_setting, lean_backward, use_lean_backward
-from conch_dna.training.kd.losses import SparseTargets, kd_objective
+from conch_dna.training.kd.losses import LossSpec, SparseTargets, kd_objective
 from conch_dna.training.kd.report import Checkpoint, Event, Reporter, Step, Validation, quiet
 from conch_dna.training.kd.targets import TargetsFn
 from conch_dna.training.kd.update import build_optimizer, make_update
@@ -84,22 +84,23 @@ def _seed_for(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**31)
 
 
-def _loss_fn(model, tokens, loss_mask, targets, cfg: KDConfig, vocab: int | None = None, fused: bool = False,
-             compiled: bool = False):
-    if isinstance(targets, CrossTargets):  # different tokenizers: aligned positions, mapped vocabularies
-        out = cross_objective(model(tokens), targets, tokens, loss_mask, cfg.alpha, cfg.temperature, cfg.divergence,
-                              cfg.jsd_beta, cfg.uld_weight, cfg.uld_top_k)
+def make_objective(config: KDConfig, vocab: int | None, fused: bool, compiled: bool) -> Callable:
+    """objective(model, tokens, loss_mask, targets) -> (loss, parts): the loss for whatever targets a batch
+    has: across tokenizers the aligned-position loss, else the fused loss from hidden states (`fused`), else
+    the reference loss on full logits cut to `vocab`."""
+    spec = LossSpec.of(config)
+    chunking = Chunking(config.loss_chunk_size, compiled=compiled)
+
+    def objective(model, tokens, loss_mask, targets):
+        if isinstance(targets, CrossTargets):  # different tokenizers: aligned positions, mapped vocabularies
+            out = cross_objective(model(tokens), targets, tokens, loss_mask, spec)
+        elif fused and not isinstance(targets, mx.array):
+            out = fused_objective(model, targets, tokens, loss_mask, spec, chunking, vocab)
+        else:
+            out = kd_objective(student_logits(model, tokens, vocab), dense_targets(targets, vocab), tokens, loss_mask, spec)
         return out["loss"], out
-    if fused and not isinstance(targets, mx.array):
-        out = fused_objective(model, targets, tokens, loss_mask, alpha=cfg.alpha, temperature=cfg.temperature,
-                              divergence=cfg.divergence, beta=cfg.jsd_beta, chunk_size=cfg.loss_chunk_size, vocab=vocab,
-                              compiled=compiled, unlikelihood=cfg.unlikelihood,
-                              no_repeat_teacher=cfg.no_repeat_teacher)
-        return out["loss"], out
-    logits = student_logits(model, tokens, vocab)
-    out = kd_objective(logits, dense_targets(targets, vocab), tokens, loss_mask, cfg.alpha, cfg.temperature,
-                       cfg.divergence, cfg.jsd_beta, cfg.unlikelihood, cfg.no_repeat_teacher)
-    return out["loss"], out
+
+    return objective
 
 
 def use_compile(config: KDConfig) -> bool:
@@ -259,7 +260,7 @@ def build_step(model: nn.Module, config: KDConfig, vocab: int | None) -> tuple[C
     if config.grad_checkpoint:
         checkpoint_blocks(model, config.grad_checkpoint_every, config.grad_checkpoint_scope, config.grad_checkpoint_whole_blocks)
     compiled = fused and use_compile(config)
-    loss_and_grad = nn.value_and_grad(model, lambda m, *a: _loss_fn(m, *a, config, vocab, fused, compiled))
+    loss_and_grad = nn.value_and_grad(model, make_objective(config, vocab, fused, compiled))
     if compiled:
         loss_and_grad = compile_loss_and_grad(model, loss_and_grad)
     if dist.is_writer():

@@ -4,13 +4,15 @@ examples, with the same targets and loss as training.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlx.core as mx
 
 from conch_dna.training.kd.config import KDConfig
 from conch_dna.training.kd.cross_vocab import CrossTargets, cross_agreement, cross_objective
 from conch_dna.training.kd.examples import Example, pad_batch
 from conch_dna.training.kd.fused import TeacherStates
-from conch_dna.training.kd.losses import SparseTargets, kd_objective, next_token_view
+from conch_dna.training.kd.losses import LossSpec, SparseTargets, kd_objective, next_token_view
 from conch_dna.training.kd.targets import TargetsFn
 
 
@@ -42,6 +44,8 @@ def top1_agreement(student_logits, targets, tokens, loss_mask) -> tuple[mx.array
 
 def evaluate(model, examples: list[Example], targets_fn: TargetsFn, cfg: KDConfig, batch_size: int, vocab: int | None = None) -> dict:
     """Token-weighted validation losses and teacher-student top-1 agreement over all of `examples`."""
+    # Both parts are always measured (alpha 0.5), whatever alpha trains: an SFT run's KD is reported too.
+    spec = replace(LossSpec.of(cfg), alpha=0.5, unlikelihood=0.0, no_repeat_teacher=False)
     sums = {"kd": 0.0, "ce": 0.0, "loss": 0.0}
     n_tok = n_agree = 0.0
     cross = {"aligned": 0.0, "agree": 0.0, "coverage": 0.0}
@@ -52,8 +56,7 @@ def evaluate(model, examples: list[Example], targets_fn: TargetsFn, cfg: KDConfi
         logits = student_logits(model, tokens, vocab)
         if isinstance(targets, CrossTargets):
             # KD is a mean over aligned positions, CE over response tokens: each weighted by its own count.
-            out = cross_objective(logits, targets, tokens, mask, 0.5, cfg.temperature, cfg.divergence, cfg.jsd_beta,
-                                  cfg.uld_weight, cfg.uld_top_k)
+            out = cross_objective(logits, targets, tokens, mask, spec)
             agree, n_al = cross_agreement(logits, targets)
             mx.eval(out, agree, n_al)
             n, n_al = out["ntokens"].item(), n_al.item()
@@ -64,8 +67,7 @@ def evaluate(model, examples: list[Example], targets_fn: TargetsFn, cfg: KDConfi
             cross["agree"] += agree.item()
             cross["coverage"] += out["coverage"].item() * n_al
             continue
-        # Both parts are always measured (alpha 0.5), whatever alpha trains: an SFT run's KD is reported too.
-        out = kd_objective(logits, targets, tokens, mask, 0.5, cfg.temperature, cfg.divergence, cfg.jsd_beta)
+        out = kd_objective(logits, targets, tokens, mask, spec)
         out["loss"] = cfg.alpha * out["kd"] + (1.0 - cfg.alpha) * out["ce"]
         agree, n = top1_agreement(logits, targets, tokens, mask)
         mx.eval(out, agree, n)
