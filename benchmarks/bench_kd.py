@@ -384,7 +384,14 @@ def run_trainer(args) -> dict:
     from conch_dna.training.kd.lean import checkpoint_setting, use_lean_backward
     from conch_dna.training.kd.report import Step
     from conch_dna.training.kd.targets import online_targets
-    from conch_dna.training.kd.trainer import apply_lora, train_with_kd, use_compile, use_prefetch
+    from conch_dna.training.kd.trainer import (
+        Hooks,
+        TrainingData,
+        apply_lora,
+        train_with_kd,
+        use_compile,
+        use_prefetch,
+    )
 
     t_shape, s_shape, vocab, batch, seq = PRESETS[args.preset]
     batch, seq = args.batch or batch, args.seq or seq
@@ -445,8 +452,8 @@ def run_trainer(args) -> dict:
                 timeline.stop()
 
     with tempfile.TemporaryDirectory() as out:
-        train_with_kd(student, train, [], targets_fn, cfg, Path(out), adapter_cfg=adapter_config(cfg, n_blocks),
-                      reporter=on_event)
+        train_with_kd(student, TrainingData(train, [], targets_fn), cfg, Path(out), adapter_cfg=adapter_config(cfg, n_blocks),
+                      hooks=Hooks(reporter=on_event))
     read_peak("rest")
     dt = (times[args.warmup + args.steps - 1] - times[args.warmup - 1]) / args.steps
     if timeline:  # the timed steps ran under the profiler: compare their tokens/s only with other profiled runs

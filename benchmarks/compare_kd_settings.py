@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             apply_lora(student, cfg)
             student.load_weights(str(Path(r.adapter_path) / "adapters.safetensors"), strict=False)
             val = [cache.examples[i] for i in val_idx]
-            targets = teacher_targets(d.teacher, cfg, cache, [], val_idx)
+            targets = teacher_targets(d.teacher, cfg, (cache, [], val_idx))
             yard = cfg.model_copy(update={"temperature": 1.0, "alpha": 0.5})
             m = evaluate(student, val, targets, yard, cfg.batch_size)
             rows.append({"temperature": T, "alpha": alpha, "val_kd_T1": m["val_kd"], "val_ce": m["val_ce"],

@@ -53,12 +53,12 @@ def test_trainer_mode_splits_the_peak_by_phase(monkeypatch):
             mx.eval(mx.ones((16, 2**20)))  # 64 MB alive while "the teacher's pass" is queued
         return fn
 
-    def fake_train(student, train, val, targets_fn, cfg, out, *, adapter_cfg, reporter):
+    def fake_train(student, data, cfg, out, *, adapter_cfg, hooks):
         for k in range(1, cfg.iters + 1):
-            targets_fn([0], "train", None)
+            data.targets_fn([0], "train", None)
             mx.eval(mx.ones((4, 2**20)))  # 16 MB for "the student's step"
-            reporter(Step(step=k, iters=cfg.iters, loss=1.0, kd=1.0, ce=1.0, ul=0.0, lr=1e-4, grad_norm=1.0,
-                          tokens_per_second=0.0, peak_memory_gb=0.0, tokens=0))
+            hooks.reporter(Step(step=k, iters=cfg.iters, loss=1.0, kd=1.0, ce=1.0, ul=0.0, lr=1e-4, grad_norm=1.0,
+                                tokens_per_second=0.0, peak_memory_gb=0.0, tokens=0))
 
     monkeypatch.setattr(targets, "online_targets", teacher_of_64_mb)
     monkeypatch.setattr(trainer, "train_with_kd", fake_train)
@@ -98,12 +98,12 @@ def test_trainer_mode_times_whole_steps_with_one_more_step_after(monkeypatch):
     clock = {"t": 0.0}
     seen = {}
 
-    def fake_train(student, train, val, targets_fn, cfg, out, *, adapter_cfg, reporter):
+    def fake_train(student, data, cfg, out, *, adapter_cfg, hooks):
         seen["iters"] = cfg.iters
         for k in range(1, cfg.iters + 1):
             clock["t"] += 1.0 if k <= 3 else 10.0 * k  # warm-up steps fast; then steps 4, 5, 6 and one more
-            reporter(Step(step=k, iters=cfg.iters, loss=1.0, kd=1.0, ce=1.0, ul=0.0, lr=1e-4, grad_norm=1.0,
-                          tokens_per_second=0.0, peak_memory_gb=0.0, tokens=0))
+            hooks.reporter(Step(step=k, iters=cfg.iters, loss=1.0, kd=1.0, ce=1.0, ul=0.0, lr=1e-4, grad_norm=1.0,
+                                tokens_per_second=0.0, peak_memory_gb=0.0, tokens=0))
         return {}
 
     monkeypatch.setattr(trainer, "train_with_kd", fake_train)

@@ -429,9 +429,9 @@ def test_kept_states_are_not_used_for_on_policy_sequences(tiny_pair, kd_config):
     teacher, _ = tiny_pair
     model, _ = load_model(str(teacher))
     examples = {"train": [Example((1, 2, 3), 1)], "val": []}
-    assert teacher_targets(model, kd_config(), None, [0], [], examples=examples).__name__ == kept_states(None, {}).__name__
-    assert teacher_targets(model, kd_config(on_policy_lambda=0.5), None, [0], [], examples=examples).__name__ == "online"
-    assert teacher_targets(model, kd_config(), None, [0], [], examples=None).__name__ == "online"
+    assert teacher_targets(model, kd_config(), None, examples=examples).__name__ == kept_states(None, {}).__name__
+    assert teacher_targets(model, kd_config(on_policy_lambda=0.5), None, examples=examples).__name__ == "online"
+    assert teacher_targets(model, kd_config(), None, examples=None).__name__ == "online"
 
 
 def test_own_answers_join_training_and_a_resume_reuses_them(tiny_pair, kd_config, tmp_path, monkeypatch):
@@ -444,9 +444,9 @@ def test_own_answers_join_training_and_a_resume_reuses_them(tiny_pair, kd_config
     calls = []
     real = distiller.continue_prompts
 
-    def spy(model, tok, examples, max_new, temperature, *a, **k):
-        calls.append((len(examples), temperature))
-        return real(model, tok, examples, max_new, temperature, *a, **k)
+    def spy(model, tok, examples, gen, *a, **k):
+        calls.append((len(examples), gen.temperature))
+        return real(model, tok, examples, gen, *a, **k)
 
     monkeypatch.setattr(distiller, "continue_prompts", spy)
     full = kd_config(iters=6, output_dir=str(tmp_path / "full"), own_answers="on", unlikelihood=1.0)

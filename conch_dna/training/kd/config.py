@@ -276,6 +276,13 @@ class KDConfig(BaseSettings):
                              "holds sequences the student has not written yet); use 'auto' or 'off'")
         return self
 
+    def updated(self, **changes) -> KDConfig:
+        """A copy with `changes`, validated as any configuration is (pydantic's model_copy would not)."""
+        try:
+            return type(self).model_validate({**self.model_dump(), **changes})
+        except ValidationError as e:
+            raise ConfigError(describe_validation_error(e)) from e
+
     def learning_rate_for(self, residual_start: bool) -> float:
         """`learning_rate`, or when unset the default for how the adapter starts (LEARNING_RATE)."""
         if self.learning_rate is not None:

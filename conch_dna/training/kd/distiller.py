@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -66,8 +67,15 @@ from conch_dna.training.kd.teacher_cache import (
     fingerprint_model,
     fingerprint_tokenizer,
 )
-from conch_dna.training.kd.trainer import TrainingCancelled, TrainingDivergedError, apply_lora, use_prefetch
-from conch_dna.training.kd.trainer import train_with_kd as run_training
+from conch_dna.training.kd.trainer import (
+    Hooks,
+    TrainingCancelled,
+    TrainingData,
+    TrainingDivergedError,
+    apply_lora,
+    train_with_kd,
+    use_prefetch,
+)
 from conch_dna.training.kd.vocab import tokenizer_vocab_size
 
 log = structlog.get_logger(__name__)
@@ -171,6 +179,36 @@ def _check_writable(folder: Path) -> None:
         check_writable(folder)
     except OSError as e:
         raise OutputDirError(f"output directory {folder} is not writable ({e.strerror}); choose another with --output") from e
+
+
+@dataclass
+class DomainJob:
+    """One domain's distillation as its stages share it: what the caller asked (domain, data fingerprint,
+    resume, stop, held-out prompts), where it goes, the settings as the run settles them, and the student's
+    data as the stages build it."""
+
+    domain: str
+    report: Reporter
+    data: str  # fingerprint of the prompts and answers trained on (a resume must see the same)
+    resume: bool
+    should_stop: Callable[[], bool] | None
+    held_out: list[str]
+    generation_stats: dict
+    out_dir: Path
+    config: KDConfig
+    cross: dict | None = None  # across tokenizers: the vocabulary map and coverage figures
+    vocab: int | None = None  # the width student logits are cut to
+    train: list = field(default_factory=list)
+    val: list = field(default_factory=list)
+    train_idx: list[int] = field(default_factory=list)
+    val_idx: list[int] = field(default_factory=list)
+    own: list = field(default_factory=list)  # the student's own answers to its training prompts
+    longest: int = 0
+    lora_start: dict | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.report.context["run_id"]
 
 
 class TrueKnowledgeDistiller:
@@ -285,8 +323,8 @@ class TrueKnowledgeDistiller:
                 asked.append(e)
         t0 = time.perf_counter()
         student.eval()
-        written = continue_prompts(student, tokenizer, asked, cfg.generation.max_new_tokens, 0.0, 1.0,
-                                   cfg.max_seq_length)
+        greedy = type(cfg.generation).model_validate({**cfg.generation.model_dump(), "temperature": 0.0, "top_p": 1.0})
+        written = continue_prompts(student, tokenizer, asked, greedy, cfg.max_seq_length)
         student.train()
         own = [w for w, e in zip(written, asked) if w is not e]
         log.info("student answered its training prompts", answers=len(own), seconds=round(time.perf_counter() - t0, 1),
@@ -418,110 +456,131 @@ class TrueKnowledgeDistiller:
             report.signal(signals.teacher_data_ready, samples=len(cache.examples),
                           tokens=sum(len(e.tokens) for e in cache.examples), seconds=float(gen_stats.get("seconds", 0.0)),
                           cached=bool(gen_stats.get("cached", False)))
-            return self._train(cache, domain, report, data, resume=resume, should_stop=should_stop, generation_stats=gen_stats,
-                               held_out=held_out)
+            job = DomainJob(domain, report, data, resume, should_stop, held_out, gen_stats, out_dir, cfg)
+            return self._train(job, cache)
 
     def _run_record(self, domain: str, data: str) -> dict:
         """What this run trains on beyond its settings: the teacher's weights, the domain and the data."""
         with self.teacher_lock:
             return {"teacher_weights": fingerprint_model(self.teacher), "domain": domain, "data": data}
 
-    def _train(self, cache: TeacherCache, domain: str, report: Reporter, data: str, *, resume: bool = False,
-               should_stop: Callable[[], bool] | None = None, generation_stats: dict | None = None,
-               held_out: list[str] | None = None) -> KDResult:
-        cfg = self.config
-        gen_stats = generation_stats or {}
-        out_dir, run_id = Path(cfg.output_dir) / domain, report.context["run_id"]
+    def _train(self, job: DomainJob, cache: TeacherCache) -> KDResult:
+        """The domain's stages after the teacher's answers: the student and its data, its settings, the
+        teacher's targets, the training loop, then the adapter judged and recorded."""
         student, student_tok = self.load_student()
-        examples, cross = cache.examples, None
+        self._student_data(job, cache, student, student_tok)
+        num_layers = self._settle(job, student, student_tok)
+        acfg = adapter_config(job.config, num_layers, {**self._run_record(job.domain, job.data), "run_id": job.run_id})
+        targets_fn = self._targets_fn(job, cache)
+        cfg, g = job.config, job.config.generation
+
+        def student_writes(examples):
+            return continue_prompts(student, student_tok, examples, g, cfg.max_seq_length)
+
+        hooks = Hooks(job.report, job.should_stop, student_writes if cfg.on_policy_lambda > 0 else None)
+        summary = train_with_kd(student, TrainingData(job.train, job.val, targets_fn, job.vocab), cfg, job.out_dir,
+                                adapter_cfg=acfg, resume=job.resume, hooks=hooks)
+        if dist.is_writer():
+            save_adapter(student, job.out_dir, acfg)
+        quality = None
+        if job.held_out and cfg.eval_max_new_tokens > 0 and not job.cross and dist.is_writer():
+            quality = self.judge(student, job.held_out, job.vocab)
+        return self._record_result(job, summary, quality)
+
+    def _student_data(self, job: DomainJob, cache: TeacherCache, student, student_tok) -> None:
+        """The examples the student learns from, split into training and validation, in its tokenization (with
+        the teacher's aligned across tokenizers), and with the corpus's windows when there is one."""
+        cfg, examples = job.config, cache.examples
         relation = compare_tokenizers(self.teacher_tokenizer, student_tok)
         if relation["relation"] == "different":
-            examples, cross = self._cross_setup(cache, student, student_tok, relation)
-            vocab = None
+            examples, job.cross = self._cross_setup(cache, student, student_tok, relation)
         else:
-            vocab = self._shared_vocab(student, student_tok, relation)
-        indices = list(range(len(examples)))
-        train_idx, val_idx = split_examples(indices, cfg.val_fraction, cfg.seed)
-        train = [examples[i] for i in train_idx]
-        val = [examples[i] for i in val_idx]
-        longest = max((len(e.tokens) for e in train + val), default=0)
+            job.vocab = self._shared_vocab(student, student_tok, relation)
+        job.train_idx, job.val_idx = split_examples(list(range(len(examples))), cfg.val_fraction, cfg.seed)
+        job.train = [examples[i] for i in job.train_idx]
+        job.val = [examples[i] for i in job.val_idx]
+        job.longest = max((len(e.tokens) for e in job.train + job.val), default=0)
         if cfg.text is not None:
-            if cross:
+            if job.cross:
                 raise CrossTokenizerError("corpus KD (text) is not supported across tokenizers yet: the teacher "
                                           "would score another tokenization of each window; unset text")
-            train, val = self._with_corpus(train, val, student_tok)
-            longest = max(longest, cfg.max_seq_length)
+            job.train, job.val = self._with_corpus(job.train, job.val, student_tok)
+            job.longest = max(job.longest, cfg.max_seq_length)
+
+    def _settle(self, job: DomainJob, student, student_tok) -> int:
+        """The adapter added and started, the settings the run settles (learning rate, memory), the student's
+        own answers added; returns the number of adapted blocks."""
+        cfg = job.config
         # LoRA's A matrices are random: seed them, so that a run is reproducible whether or not this process
         # generated the teacher data (which also draws random numbers), and data-parallel ranks start equal.
         mx.random.seed(cfg.seed)
         num_layers = apply_lora(student, cfg)
-        lora_start = self._start_lora(student, train, out_dir, resume)
+        job.lora_start = self._start_lora(student, job.train, job.out_dir, job.resume)
         if cfg.learning_rate is None:  # settled by the start, and recorded so that a resumed run uses the same
-            cfg = cfg.model_copy(update={"learning_rate": cfg.learning_rate_for(bool(lora_start) and "skipped" not in lora_start)})
-        own = []
-        if cfg.own_answers == "on" or (cfg.own_answers == "auto" and cfg.teacher_targets == "online" and not cross
+            residual = bool(job.lora_start) and "skipped" not in job.lora_start
+            cfg = cfg.updated(learning_rate=cfg.learning_rate_for(residual))
+        if cfg.own_answers == "on" or (cfg.own_answers == "auto" and cfg.teacher_targets == "online" and not job.cross
                                        and cfg.text is None):
-            own = self._own_answers(student, student_tok, train, out_dir, resume)
-            train = train + own
-            longest = max([longest] + [len(e.tokens) for e in own])
+            job.own = self._own_answers(student, student_tok, job.train, job.out_dir, job.resume)
+            job.train = job.train + job.own
+            job.longest = max([job.longest] + [len(e.tokens) for e in job.own])
+        job.config = self._fit_memory(cfg, student, job)
+        return num_layers
+
+    def _fit_memory(self, cfg: KDConfig, student, job: DomainJob) -> KDConfig:
+        """The settings a memory budget chooses, and the preflight that refuses settings that cannot fit."""
         running_teacher = self.teacher if cfg.teacher_targets == "online" else None
         if cfg.memory_budget_gb is not None:
-            update = settings_for_budget(student, running_teacher, cfg, longest, cfg.memory_budget_gb)
+            update = settings_for_budget(student, running_teacher, cfg, job.longest, cfg.memory_budget_gb)
             log.info("memory budget", budget_gb=cfg.memory_budget_gb, **update)
-            cfg = cfg.model_copy(update=update)
+            cfg = cfg.updated(**update)
         weights = param_bytes(student) + (param_bytes(running_teacher) if running_teacher is not None else 0)
         if (advice := queue_advice(cfg.memory_budget_gb or cfg.memory_limit_gb, weights)) is not None:
             log.warning("gpu queue unbounded", advice=advice)
         if cfg.memory_preflight:
             # Across tokenizers the student's full logits exist (the reference loss): estimate that.
-            est = preflight(student, running_teacher, cfg.model_copy(update={"loss_impl": "reference"}) if cross else cfg,
-                            cfg.batch_size, longest)
-            log.info("memory preflight", estimate_gb=round(est["total"] / 2**30, 2), batch=cfg.batch_size, seq=longest)
-        acfg = adapter_config(cfg, num_layers, {**self._run_record(domain, data), "run_id": run_id})
-        if cross:
-            targets_fn = cross_targets(self.teacher, cfg, train, val, cross["vmap"], lock=self.teacher_lock)
-        else:
-            fixed = None if cfg.text is not None else {"train": train, "val": val}  # a corpus streams
-            targets_fn = teacher_targets(self.teacher, cfg, cache, train_idx, val_idx, vocab, lock=self.teacher_lock,
-                                         prefetch=use_prefetch(cfg), examples=fixed)
+            est = preflight(student, running_teacher, cfg.updated(loss_impl="reference") if job.cross else cfg,
+                            cfg.batch_size, job.longest)
+            log.info("memory preflight", estimate_gb=round(est["total"] / 2**30, 2), batch=cfg.batch_size, seq=job.longest)
+        return cfg
 
-        def student_writes(examples):
-            g = cfg.generation
-            return continue_prompts(student, student_tok, examples, g.max_new_tokens, g.temperature, g.top_p, cfg.max_seq_length)
+    def _targets_fn(self, job: DomainJob, cache: TeacherCache):
+        """The teacher's targets for the run's batches: across tokenizers, cached, or online."""
+        cfg = job.config
+        if job.cross:
+            return cross_targets(self.teacher, cfg, job.train, job.val, job.cross["vmap"], lock=self.teacher_lock)
+        fixed = None if cfg.text is not None else {"train": job.train, "val": job.val}  # a corpus streams
+        return teacher_targets(self.teacher, cfg, (cache, job.train_idx, job.val_idx), job.vocab,
+                               lock=self.teacher_lock, prefetch=use_prefetch(cfg), examples=fixed)
 
-        summary = run_training(student, train, val, targets_fn, cfg, out_dir, adapter_cfg=acfg, resume=resume,
-                               vocab=vocab, reporter=report, should_stop=should_stop,
-                               student_writes=student_writes if cfg.on_policy_lambda > 0 else None)
-        adapter = out_dir / "adapters.safetensors"
-        if dist.is_writer():
-            save_adapter(student, out_dir, acfg)
-        quality = None
-        if held_out and cfg.eval_max_new_tokens > 0 and not cross and dist.is_writer():
-            quality = self.judge(student, held_out, vocab)
-        final, best = summary["final"], summary["best"]
+    def _record_result(self, job: DomainJob, summary: dict, quality: dict | None) -> KDResult:
+        """The domain's `KDResult`, written as result.json, logged and signalled (`domain_completed`)."""
+        cfg, final, best = job.config, summary["final"], summary["best"]
+        adapter = job.out_dir / "adapters.safetensors"
+        cross = job.cross
         result = KDResult(
-            domain=domain, run_id=run_id, teacher_model_id=cfg.teacher_model_id, student_model_id=cfg.student_model_id,
-            num_train_samples=len(train), num_val_samples=len(val), num_own_answers=len(own),
+            domain=job.domain, run_id=job.run_id, teacher_model_id=cfg.teacher_model_id, student_model_id=cfg.student_model_id,
+            num_train_samples=len(job.train), num_val_samples=len(job.val), num_own_answers=len(job.own),
             final_train_kd=final["kd"], final_train_ce=final["ce"], final_train_loss=final["loss"],
             best_train_loss=best["train_loss"],
             final_val_kd=final.get("val_kd"), final_val_ce=final.get("val_ce"), final_val_loss=final.get("val_loss"),
             best_val_kd=_finite_or_none(best.get("val_kd")), best_val_ce=_finite_or_none(best.get("val_ce")),
             best_val_loss=_finite_or_none(best.get("val_loss")), val_agreement=final.get("val_agreement"),
-            initial_val_kd=_finite_or_none(best.get("initial_val_kd")), lora_start=lora_start,
+            initial_val_kd=_finite_or_none(best.get("initial_val_kd")), lora_start=job.lora_start,
             held_out=quality, cost=self.cost(adapter),
             cross_tokenizer={**cross["figures"], **{k: final[k] for k in ("val_coverage",) if k in final}} if cross else None,
             adapter_path=str(adapter.parent), iterations=cfg.iters, tokens_processed=summary["tokens"],
-            training_seconds=summary["train_seconds"], generation=gen_stats, config=cfg.model_dump(mode="json"),
+            training_seconds=summary["train_seconds"], generation=job.generation_stats, config=cfg.model_dump(mode="json"),
             timestamp=datetime.now(UTC).isoformat(),
         )
         if dist.is_writer():
-            atomic_write(out_dir / "result.json", lambda p: p.write_text(result.model_dump_json(indent=2)))
+            atomic_write(job.out_dir / "result.json", lambda p: p.write_text(result.model_dump_json(indent=2)))
         dist.barrier()
-        log.info("domain completed", domain=domain, adapter=result.adapter_path, val_kd=result.final_val_kd,
+        log.info("domain completed", domain=job.domain, adapter=result.adapter_path, val_kd=result.final_val_kd,
                  val_agreement=result.val_agreement, seconds=round(result.training_seconds, 1),
                  **{f"held_out_{k}": round(v, 4) for k, v in (quality or {}).items() if isinstance(v, float)})
-        if report.wants(signals.domain_completed):
-            report.signal(signals.domain_completed, result=result.model_dump(mode="json"), adapter_path=result.adapter_path)
+        if job.report.wants(signals.domain_completed):
+            job.report.signal(signals.domain_completed, result=result.model_dump(mode="json"), adapter_path=result.adapter_path)
         return result
 
     def distill_all(self, domains: dict[str, list[str]] | None = None, *, resume: bool = False,

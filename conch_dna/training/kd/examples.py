@@ -90,9 +90,10 @@ def answered_examples(tokenizer, answered: list[tuple[str, list[int]]], system_p
     return out
 
 
-def continue_prompts(model, tokenizer, examples: list[Example], max_new_tokens: int, temperature: float,
-                     top_p: float, max_seq_length: int, lock=None) -> list[Example]:
-    """New examples: the same prompts, answered by `model` (on-policy data: the student writes)."""
+def continue_prompts(model, tokenizer, examples: list[Example], gen, max_seq_length: int, lock=None) -> list[Example]:
+    """New examples: the same prompts, answered by `model` (on-policy data: the student writes) as `gen` (a
+    `GenerationConfig`: max_new_tokens, temperature, top_p) says."""
+    max_new_tokens, temperature, top_p = gen.max_new_tokens, gen.temperature, gen.top_p
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 

@@ -108,15 +108,16 @@ def cached_targets(cache: TeacherCache, train_idx: list[int], val_idx: list[int]
     return from_cache
 
 
-def teacher_targets(teacher, config: KDConfig, cache: TeacherCache | None, train_idx: list[int], val_idx: list[int],
-                    vocab: int | None = None, lock: threading.Lock | None = None, prefetch: bool = False,
+def teacher_targets(teacher, config: KDConfig, cached: tuple[TeacherCache, list[int], list[int]] | None,
+                    vocab: int | None = None, *, lock: threading.Lock | None = None, prefetch: bool = False,
                     examples: dict[str, Sequence[Example]] | None = None):
     """The targets `config.teacher_targets` asks for, teacher and student sharing a tokenizer: `cached_targets`
-    ("cache") or `online_targets` ("online"); online states are kept (`kept_states`) when `examples` (the
+    ("cache": `cached` is the cache and the indices of the training and validation examples in it) or
+    `online_targets` ("online"); online states are kept (`kept_states`) when `examples` (the
     fixed "train" and "val" lists) are given, no sequence is written during training, the teacher's output
     splits into hidden states and a head, and their states fit `config.teacher_states_memory_gb`."""
     if config.teacher_targets == "cache":
-        return cached_targets(cache, train_idx, val_idx)
+        return cached_targets(*cached)
     online = online_targets(teacher, config, vocab, lock=lock, prefetch=prefetch)
     if examples is None or config.on_policy_lambda > 0 or not parts_match(teacher):
         return online

@@ -1,6 +1,6 @@
 """The KD training loop for LoRA students, in the style of mlx-lm's tuner: plain functions, no Trainer class.
 
-`train_with_kd(model, train, val, targets_fn, config, out_dir)` runs AdamW on the LoRA parameters with the
+`train_with_kd(model, data, config, out_dir)` runs AdamW on the LoRA parameters with the
 combined objective from `losses.kd_objective`, validates every `val_interval` steps, checkpoints every
 `checkpoint_interval` steps and at the end, and resumes exactly from the latest checkpoint.
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import structlog
 
@@ -165,11 +166,44 @@ def compile_loss_and_grad(model: nn.Module, loss_and_grad: Callable) -> Callable
     return call
 
 
-@dataclass
-class RunState:
-    """What the loop carries from step to step (and a checkpoint restores): the step reached, the best
-    losses, the tokens seen, the last step's figures and the newest checkpoint."""
+@dataclass(frozen=True)
+class TrainingData:
+    """What a run learns from: the training and validation examples, the teacher's targets for a batch of
+    them (`targets.TargetsFn`), and the width student logits are cut to (a padded vocabulary's real one)."""
 
+    train: list[Example]
+    val: list[Example]
+    targets_fn: TargetsFn
+    vocab: int | None = None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """How a run talks to its caller: `reporter` gets the typed events (`report.Step`, `Validation`,
+    `Checkpoint`; default: metrics.jsonl and the log), `should_stop()` asks for a clean stop,
+    `student_writes(examples)` has the current student answer prompts (on-policy KD)."""
+
+    reporter: Callable[[Event], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    student_writes: Callable[[list[Example]], list[Example]] | None = None
+
+
+NO_HOOKS = Hooks()
+
+
+@dataclass
+class Run:
+    """One training run: what its stages share (model, optimizer, settings, data, output folder, reporter) and
+    what it carries from step to step and restores from a checkpoint (the step reached, the best losses,
+    the tokens seen, the last step's figures, the newest checkpoint)."""
+
+    model: nn.Module
+    optimizer: optim.Optimizer
+    config: KDConfig
+    data: TrainingData
+    out_dir: Path
+    adapter_cfg: dict
+    report: Callable[[Event], None]
     step: int = 0
     best: dict = field(default_factory=lambda: {"train_loss": math.inf, "val_loss": math.inf, "val_kd": math.inf,
                                                 "val_ce": math.inf})
@@ -179,46 +213,29 @@ class RunState:
     train_seconds: float = 0.0
 
 
-def train_with_kd(
-    model: nn.Module,
-    train: list[Example],
-    val: list[Example],
-    targets_fn: TargetsFn,
-    config: KDConfig,
-    out_dir: Path,
-    *,
-    adapter_cfg: dict,
-    resume: bool = False,
-    vocab: int | None = None,
-    reporter: Callable[[Event], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    student_writes: Callable[[list[Example]], list[Example]] | None = None,
-) -> dict:
+def train_with_kd(model: nn.Module, data: TrainingData, config: KDConfig, out_dir: Path, *, adapter_cfg: dict,
+                  resume: bool = False, hooks: Hooks = NO_HOOKS) -> dict:
     """Train the (already LoRA-wrapped) `model`; returns a summary of losses, tokens and time.
 
     Stages, top to bottom: build the step, start or resume, validate the untrained student, then per step:
     queue its batch's micro-batches (teacher targets, gradients, reduced across processes), finish the step
-    before (wait for its figures, report, validate and save), queue the update. `reporter` gets the typed
-    events (`report.Step`, `Validation`, `Checkpoint`); the default writes metrics.jsonl in `out_dir` and logs. Raises `TrainingDivergedError` on a non-finite loss
-    and `TrainingCancelled` when `should_stop()` is true (after saving a checkpoint at the step reached).
+    before (wait for its figures, report, validate and save), queue the update. Raises
+    `TrainingDivergedError` on a non-finite loss and `TrainingCancelled` when `hooks.should_stop()` is true
+    (after saving a checkpoint at the step reached).
     """
-    global_batch = config.batch_size * config.grad_accumulation
-    if not train:
-        raise ValueError("no training examples: give more prompts or lower val_fraction")
-    if global_batch < dist.size():
-        raise ValueError(f"batch_size x grad_accumulation = {global_batch} is smaller than the {dist.size()} processes; "
-                         "every process needs at least one example per step")
+    _check_batch(data.train, config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = (reporter or Reporter(out_dir / "metrics.jsonl", log_every=config.iters // 10)) if dist.is_writer() else quiet
+    report = (hooks.reporter or Reporter(out_dir / "metrics.jsonl", log_every=config.iters // 10)) if dist.is_writer() else quiet
     with memory_limit(config.memory_limit_gb):
-        loss_and_grad, pad_multiple = build_step(model, config, vocab)
+        loss_and_grad, pad_multiple = build_step(model, config, data.vocab)
         optimizer = build_optimizer(config)
         optimizer.init(model.trainable_parameters())
-        run = start_or_resume(model, optimizer, out_dir, config, adapter_cfg, resume, report)
-        if run.step == 0 and val:
-            validate(model, val, targets_fn, config, vocab, run, report, step=0)
+        run = Run(model, optimizer, config, data, out_dir, adapter_cfg, report)
+        start_or_resume(run, resume)
+        if run.step == 0 and data.val:
+            validate(run, step=0)
         update = make_update(model, optimizer, config.max_grad_norm, use_compile(config))  # after a resume: see there
-        pipeline = TargetsPipeline(train, targets_fn, config, pad_multiple)
+        pipeline = TargetsPipeline(data.train, data.targets_fn, config, pad_multiple)
         layout = FlatLayout.of(model.trainable_parameters())  # how each step's gradient is gathered (`make_update`)
         start_step, t_start = run.step, time.perf_counter()
         # The host reads a step's figures only after it has queued the next step's micro-batches: while it
@@ -228,23 +245,31 @@ def train_with_kd(
         for step in range(run.step, config.iters):
             mx.random.seed(_seed_for(config.seed, step))
             examples = pipeline.examples(step)
-            if config.on_policy_lambda > 0 and student_writes is not None:
-                examples = on_policy(model, examples, config, step, student_writes)
+            if config.on_policy_lambda > 0 and hooks.student_writes is not None:
+                examples = on_policy(model, examples, config, step, hooks.student_writes)
             grads_sum, sums = micro_batch_steps(model, loss_and_grad, pipeline.batches(step, examples), layout)
             if pending is not None:
-                done_at = finish_step(pending, model, optimizer, val, targets_fn, config, vocab, out_dir, adapter_cfg,
-                                      run, report)
-            if should_stop is not None and should_stop():
-                save(model, optimizer, out_dir, config, adapter_cfg, run, report, force=True)
+                done_at = finish_step(run, pending)
+            if hooks.should_stop is not None and hooks.should_stop():
+                save(run, force=True)
                 raise TrainingCancelled(f"cancelled before step {step + 1}; resume from {run.last_checkpoint}")
             grad_norm = update(grads_sum, sums["loss"], sums["n"])
             mx.async_eval(grad_norm, model.trainable_parameters(), optimizer.state)
             pending = QueuedStep(step + 1, sums, grad_norm, started=done_at)
         if pending is not None:
-            finish_step(pending, model, optimizer, val, targets_fn, config, vocab, out_dir, adapter_cfg, run, report)
+            finish_step(run, pending)
     return {"final": run.last, "best": run.best, "tokens": run.tokens, "train_seconds": run.train_seconds,
             "wall_seconds": time.perf_counter() - t_start, "start_step": start_step,
             "last_checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None}
+
+
+def _check_batch(train: list[Example], config: KDConfig) -> None:
+    global_batch = config.batch_size * config.grad_accumulation
+    if not train:
+        raise ValueError("no training examples: give more prompts or lower val_fraction")
+    if global_batch < dist.size():
+        raise ValueError(f"batch_size x grad_accumulation = {global_batch} is smaller than the {dist.size()} processes; "
+                         "every process needs at least one example per step")
 
 
 def build_step(model: nn.Module, config: KDConfig, vocab: int | None) -> tuple[Callable, int]:
@@ -269,54 +294,55 @@ def build_step(model: nn.Module, config: KDConfig, vocab: int | None) -> tuple[C
     return loss_and_grad, 32 if compiled else 1
 
 
-def start_or_resume(model, optimizer, out_dir: Path, config: KDConfig, adapter_cfg: dict, resume: bool,
-                    report) -> RunState:
-    """A fresh state, or the latest checkpoint's (adapter and optimizer loaded into `model`/`optimizer`)."""
+def start_or_resume(run: Run, resume: bool) -> None:
+    """A fresh run, or the latest checkpoint's state (adapter and optimizer loaded into the run's model and
+    optimizer)."""
+    out_dir = run.out_dir
     if dist.is_writer():
         # left by a crash while saving, or while removing an old checkpoint
         for stale in [*out_dir.glob(".checkpoint_*.tmp-*"), *out_dir.glob(".checkpoint_*.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
     ckpts = checkpoint_dirs(out_dir)
-    run = RunState(last_checkpoint=ckpts[-1] if ckpts else None)
+    run.last_checkpoint = ckpts[-1] if ckpts else None
     if resume and ckpts:
-        state = load_checkpoint(model, optimizer, ckpts[-1], adapter_cfg)
-        if state["step"] > config.iters:
-            raise CheckpointError(f"the checkpoint in {out_dir} is at step {state['step']}, past iters={config.iters}; "
+        state = load_checkpoint(run.model, run.optimizer, ckpts[-1], run.adapter_cfg)
+        if state["step"] > run.config.iters:
+            raise CheckpointError(f"the checkpoint in {out_dir} is at step {state['step']}, past iters={run.config.iters}; "
                                   "raise --iters, or start afresh without --resume")
         run.step, run.tokens, run.last = state["step"], state.get("tokens", 0), state.get("last", {})
         run.best = state.get("best", run.best)
         log.info("resumed", checkpoint=str(ckpts[-1]), step=run.step)
-    if isinstance(report, Reporter):
-        report.resumed(run.step)
-    return run
+    if isinstance(run.report, Reporter):
+        run.report.resumed(run.step)
 
 
-def validate(model, val, targets_fn, config: KDConfig, vocab, run: RunState, report, step: int) -> dict:
+def validate(run: Run, step: int) -> dict:
     """Validation figures at `step`; step 0 (the untrained student) is the baseline, later ones count for
     the best losses."""
-    figures = evaluate(model, val, targets_fn, config, config.batch_size, vocab)
+    data = run.data
+    figures = evaluate(run.model, data.val, data.targets_fn, run.config, run.config.batch_size, data.vocab)
     if step == 0:
         run.best["initial_val_kd"], run.best["initial_val_loss"] = figures["val_kd"], figures["val_loss"]
     else:
         for k in ("val_loss", "val_kd", "val_ce"):
             run.best[k] = min(run.best[k], figures[k])
-    report(Validation(step, figures))
+    run.report(Validation(step, figures))
     return figures
 
 
-def save(model, optimizer, out_dir: Path, config: KDConfig, adapter_cfg: dict, run: RunState, report,
-         force: bool = False) -> None:
+def save(run: Run, force: bool = False) -> None:
     """A checkpoint every `checkpoint_interval` steps, at the end, and (`force`) when stopping early; rank 0
     writes it, every process waits for it."""
+    config = run.config
     due = run.step % config.checkpoint_interval == 0 or run.step == config.iters
     done = run.last_checkpoint is not None and run.last_checkpoint.name == f"checkpoint_{run.step:06d}"
     if not (due or force) or done or run.step == 0:
         return
     if dist.is_writer():
-        run.last_checkpoint = save_checkpoint(model, optimizer, out_dir, run.step,
+        run.last_checkpoint = save_checkpoint(run.model, run.optimizer, run.out_dir, run.step,
                                               {"best": run.best, "tokens": run.tokens, "last": run.last},
-                                              adapter_cfg, config.keep_checkpoints)
-        report(Checkpoint(run.step, str(run.last_checkpoint)))
+                                              run.adapter_cfg, config.keep_checkpoints)
+        run.report(Checkpoint(run.step, str(run.last_checkpoint)))
     dist.barrier()
 
 
@@ -416,8 +442,7 @@ class QueuedStep:
     started: float
 
 
-def finish_step(queued: QueuedStep, model, optimizer, val, targets_fn, config: KDConfig, vocab, out_dir: Path,
-                adapter_cfg: dict, run: RunState, report) -> float:
+def finish_step(run: Run, queued: QueuedStep) -> float:
     """Waits for a queued step's figures; raises on a non-finite loss (its update was skipped) or a batch
     without response tokens; reports the step, then validates and saves when due. Returns when it was done."""
     sums = {k: v.item() for k, v in queued.sums.items()}
@@ -429,13 +454,13 @@ def finish_step(queued: QueuedStep, model, optimizer, val, targets_fn, config: K
     fault_point("step")
     dt = time.perf_counter() - queued.started
     run.step, run.tokens, run.train_seconds = queued.step, run.tokens + int(sums["n"]), run.train_seconds + dt
-    event = Step(step=run.step, iters=config.iters, loss=loss_value, kd=sums["kd"] / sums["n"],
-                 ce=sums["ce"] / sums["n"], ul=sums["ul"] / sums["n"], lr=optimizer.learning_rate.item(),
+    event = Step(step=run.step, iters=run.config.iters, loss=loss_value, kd=sums["kd"] / sums["n"],
+                 ce=sums["ce"] / sums["n"], ul=sums["ul"] / sums["n"], lr=run.optimizer.learning_rate.item(),
                  grad_norm=queued.grad_norm.item(), tokens_per_second=sums["n"] / dt,
                  peak_memory_gb=mx.get_peak_memory() / 1e9, tokens=run.tokens)
     run.last, run.best["train_loss"] = asdict(event), min(run.best["train_loss"], loss_value)
-    report(event)
-    if val and (run.step % config.val_interval == 0 or run.step == config.iters):
-        run.last.update(validate(model, val, targets_fn, config, vocab, run, report, step=run.step))
-    save(model, optimizer, out_dir, config, adapter_cfg, run, report)
+    run.report(event)
+    if run.data.val and (run.step % run.config.val_interval == 0 or run.step == run.config.iters):
+        run.last.update(validate(run, step=run.step))
+    save(run)
     return time.perf_counter()
