@@ -13,7 +13,7 @@ from conch_dna.training.kd import KDConfig
 from conch_dna.training.kd.flat import FlatLayout
 from conch_dna.training.kd.trainer import apply_lora
 from conch_dna.training.kd.update import (
-    FLAT,
+    FLAT_STATE_KEY,
     build_optimizer,
     flat_optimizer_state,
     make_update,
@@ -93,8 +93,8 @@ def test_optimizer_state_flattens_and_back_exactly():
     opt.state = tree_map(lambda a: mx.random.normal(a.shape) if a.ndim else a, opt.state)  # m, v not zeros
     before = {k: np.array(v) for k, v in tree_flatten(opt.state)}
     flat = flat_optimizer_state(opt.state, layout)
-    assert set(flat[FLAT]) == {"m", "v"} and flat[FLAT]["m"].shape == (sum(layout.sizes()),)
-    assert {k for k in flat if k != FLAT} == {"step", "learning_rate"}
+    assert set(flat[FLAT_STATE_KEY]) == {"m", "v"} and flat[FLAT_STATE_KEY]["m"].shape == (sum(layout.sizes()),)
+    assert {k for k in flat if k != FLAT_STATE_KEY} == {"step", "learning_rate"}
     assert flat_optimizer_state(flat, layout) is flat
     after = {k: np.array(v) for k, v in tree_flatten(per_parameter_state(flat, layout))}
     assert after.keys() == before.keys()
@@ -122,7 +122,7 @@ def test_compiled_update_runs_a_few_kernels_however_many_matrices():
         mx.eval(grads)
         mx.eval(update(grads, mx.array(1.0), mx.array(2.0)), model.parameters(), opt.state)  # gathers the state once
         norm = update(grads, mx.array(1.0), mx.array(2.0))
-        counts.append(kernels_in(norm, opt.state[FLAT]["m"], opt.state[FLAT]["v"],
+        counts.append(kernels_in(norm, opt.state[FLAT_STATE_KEY]["m"], opt.state[FLAT_STATE_KEY]["v"],
                                  *(v for _, v in tree_flatten(model.trainable_parameters()))))
         mx.eval(norm, model.parameters(), opt.state)
     assert counts[0] == counts[1] and counts[0] < 20, counts
@@ -140,13 +140,13 @@ def test_checkpoint_keeps_the_optimizer_state_per_parameter(tmp_path):
     mx.eval(model.parameters(), opt.state)
     ckpt = save_checkpoint(model, opt, tmp_path, 1, {}, {"fine_tune_type": "lora"}, keep=2)
     on_disk = mx.load(str(ckpt / "optimizer.safetensors"))
-    assert not any(FLAT in k for k in on_disk) and "step" in on_disk
+    assert not any(FLAT_STATE_KEY in k for k in on_disk) and "step" in on_disk
     assert {k.rsplit(".", 1)[0] for k in on_disk if k.endswith(".m")} == set(layout.keys)
     fresh, fresh_opt = lora_student(), build_optimizer(KDConfig())
     fresh_opt.init(fresh.trainable_parameters())
     load_checkpoint(fresh, fresh_opt, ckpt)
     resumed = flat_optimizer_state(fresh_opt.state, layout)
     for name in ("m", "v"):
-        assert np.array_equal(np.array(resumed[FLAT][name]), np.array(opt.state[FLAT][name]))
+        assert np.array_equal(np.array(resumed[FLAT_STATE_KEY][name]), np.array(opt.state[FLAT_STATE_KEY][name]))
     for (k, a), (_, b) in zip(tree_flatten(fresh.trainable_parameters()), tree_flatten(model.trainable_parameters())):
         assert np.array_equal(np.array(a), np.array(b)), k

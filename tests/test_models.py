@@ -22,6 +22,7 @@ from conch_dna.models.defaults import (
     weight_bytes,
 )
 from conch_dna.models.gguf_convert import GGUFError, convert_gguf, read_metadata, verify_model_folder
+from conch_dna.training.kd.cross_vocab import byte_alphabet
 
 TRICKY_TEXTS = [
     "Hello, world!",
@@ -39,18 +40,6 @@ HELD_OUT = Path("/usr/share/doc/python3.11/html/_sources/tutorial/controlflow.rs
 # ------------------------------------------------------------- independent reference tokenizer (GGUF)
 
 
-def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 # llama.cpp's SmolLM pre-tokenizer: each digit alone, then GPT-2's split.
 _GPT2 = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
@@ -61,7 +50,7 @@ def reference_encode(text: str, meta: dict) -> list[int]:
     vocab = {t: i for i, t in enumerate(tokens)}
     ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(meta["tokenizer.ggml.merges"])}
     specials = [t for t, ty in zip(tokens, meta["tokenizer.ggml.token_type"]) if ty == 3]
-    b2u = _bytes_to_unicode()
+    b2u = byte_alphabet()
     ids = []
     for part in regex.split("(" + "|".join(map(regex.escape, specials)) + ")", text):
         if not part:
@@ -86,7 +75,7 @@ def reference_encode(text: str, meta: dict) -> list[int]:
 
 
 def reference_decode(ids: list[int], meta: dict) -> str:
-    u2b = {u: b for b, u in _bytes_to_unicode().items()}
+    u2b = {u: b for b, u in byte_alphabet().items()}
     tokens = meta["tokenizer.ggml.tokens"]
     out = bytearray()
     for i in ids:

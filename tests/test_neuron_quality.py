@@ -15,7 +15,7 @@ from conch_dna.models import cast_floating, load_model
 from conch_dna.models.defaults import quantize_folder, weight_bytes
 from conch_dna.neuron import DataError
 from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
-from conch_dna.training.kd.corpus import Mixed, corpus_windows, tokenize_corpus
+from conch_dna.training.kd.corpus import CorpusWithAnswers, corpus_windows, tokenize_corpus
 from conch_dna.training.kd.domains import load_held_out
 from conch_dna.training.kd.evaluate import answer, generation_metrics, repeated_ngram_share
 from tests.conftest import PROMPTS
@@ -159,7 +159,7 @@ def test_tokenize_corpus_streams_and_caches(tiny_pair, tmp_path, monkeypatch):
 def test_mixed_share():
     corpus = list(range(1000))
     answers = ["a", "b", "c", "d"]
-    mixed = Mixed(corpus, answers, 0.25)
+    mixed = CorpusWithAnswers(corpus, answers, 0.25)
     share = sum(isinstance(mixed[i], str) for i in range(len(mixed))) / len(mixed)
     assert share == pytest.approx(0.25, abs=0.01)
     assert mixed[len(corpus)] == "a" and mixed[-1] in answers

@@ -33,7 +33,7 @@ from conch_dna.models import load_model
 from conch_dna.neuron import chat_prompt_ids, check_name
 from conch_dna.training.kd import signals
 from conch_dna.training.kd.config import KDConfig
-from conch_dna.training.kd.distiller import KDResult, TrueKnowledgeDistiller, registry_metrics
+from conch_dna.training.kd.distiller import KDResult, TrueKnowledgeDistiller, register_result
 from conch_dna.training.kd.teacher_cache import fingerprint_model
 from conch_dna.training.kd.trainer import TrainingCancelled
 
@@ -199,7 +199,7 @@ class EGO:
                 return running
             handle = DistillationHandle(domain)
             self._runs[domain] = handle
-        cfg = (config or self.config or KDConfig.load()).model_copy(update={"teacher_model_id": self.model_id})
+        cfg = (config or self.config or KDConfig.load()).updated(teacher_model_id=self.model_id)
         data = self._training_data(domain, prompts)
         handle._thread = threading.Thread(target=self._run, args=(handle, domain, data, cfg), name=f"self-distill-{domain}",
                                           daemon=True)
@@ -247,10 +247,7 @@ class EGO:
                 raise TrainingCancelled("cancelled after training, before registration")
             version = None
             if self.registry is not None:
-                version = self.registry.register(
-                    domain, result.adapter_path,
-                    metrics=registry_metrics(result), exist_ok=True, teacher=cfg.teacher_model_id, student=cfg.student_model_id,
-                )
+                version, _ = register_result(self.registry, domain, result)
         except Exception as e:  # cancelled late, or the registry refused the adapter: nothing registered
             # The distillation itself completed (domain_completed was sent); not registering it is the handle's
             # news (status, error) and the log's, not a second end signal.

@@ -35,6 +35,7 @@ from conch_dna.models.gguf_convert import (
     MANIFEST,
     GGUFError,
     convert_gguf,
+    tokenizer_files,
     verify_model_folder,
     write_model_folder,
 )
@@ -153,11 +154,10 @@ def prune_layers(teacher: Path, dest: Path, keep: tuple[int, ...], info: dict | 
         else:
             out[name] = w
     config = {**config, "num_hidden_layers": len(keep), "conch_pruned_from_layers": list(keep)}
-    extra = {f: (teacher / f).read_text() for f in ("tokenizer.json", "tokenizer_config.json")}
-    return write_model_folder(
-        dest, config, out, extra.pop("tokenizer.json"), json.loads(extra.pop("tokenizer_config.json")),
-        info={"pruned_from": str(teacher), "layers_kept": list(keep), **(info or {})},
-    )
+    files = tokenizer_files((teacher / "tokenizer.json").read_text(),
+                            json.loads((teacher / "tokenizer_config.json").read_text()))
+    return write_model_folder(dest, config, out, files,
+                              info={"pruned_from": str(teacher), "layers_kept": list(keep), **(info or {})})
 
 
 def quantize_folder(src: Path, dest: Path, bits: int, group_size: int, info: dict | None = None) -> Path:

@@ -356,11 +356,10 @@ GEMMA_CHAT_TEMPLATE = (
 # ------------------------------------------------------------------------------------------ convert
 
 
-def write_model_folder(
-    dest: Path, config: dict, weights: dict, tokenizer_json: str, tokenizer_config: dict,
-    extra: dict | None = None, info: dict | None = None, keep_foreign: bool = False,
-) -> Path:
-    """Write an mlx-lm model folder atomically: build it in a temp sibling, then rename into place. An existing
+def write_model_folder(dest: Path, config: dict, weights: dict, files: dict[str, str], info: dict | None = None,
+                       keep_foreign: bool = False) -> Path:
+    """Write an mlx-lm model folder atomically: build it in a temp sibling, then rename into place. `files`:
+    the tokenizer's (tokenizer.json, tokenizer_config.json) and any other text files, by name. An existing
     `dest` that holds anything but a model folder this tool wrote is refused, or with `keep_foreign` kept under
     another name (`atomic_folder`)."""
     from safetensors.numpy import save_file
@@ -368,15 +367,18 @@ def write_model_folder(
     with atomic_folder(dest, keep_foreign=keep_foreign) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "tokenizer.json").write_text(tokenizer_json)
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-        for fname, content in (extra or {}).items():
+        for fname, content in files.items():
             (tmp / fname).write_text(content)
         # The manifest lists every file's sha256; it is written last, so its presence (after the rename)
         # means the folder is complete, and `verify_model_folder` can detect later corruption.
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"files": files, **(info or {})}, indent=2))
     return dest
+
+
+def tokenizer_files(tokenizer_json: str, tokenizer_config: dict) -> dict[str, str]:
+    """A model folder's tokenizer files, by name."""
+    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": json.dumps(tokenizer_config, indent=2)}
 
 
 def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, dtype=np.float32, keep_foreign: bool = False) -> Path:
@@ -395,7 +397,7 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, dtype=np
     weights = _weights(reader, cfg, dtype)
     check_shapes(cfg, weights, source)
     return write_model_folder(
-        dest, cfg, weights, tokenizer.to_str(), _tokenizer_config(meta), keep_foreign=keep_foreign,
+        dest, cfg, weights, tokenizer_files(tokenizer.to_str(), _tokenizer_config(meta)), keep_foreign=keep_foreign,
         info={"source": str(source), "source_sha256": sha256_file(source), "tool": "conch_dna.models.gguf_convert"},
     )
 

@@ -7,11 +7,12 @@ models (mlx-lm folder, chat template, LoRA, adapters) without any download.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from conch_dna.models.gguf_convert import write_model_folder
+from conch_dna.models.gguf_convert import tokenizer_files, write_model_folder
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -42,23 +43,29 @@ def build_tokenizer(vocab_size: int = 384):
     return tok
 
 
-def build_tiny_model(
-    dest: str | Path,
-    *,
-    num_layers: int = 2,
-    hidden_size: int = 64,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 128,
-    vocab_size: int = 384,
-    tie_word_embeddings: bool = True,
-    seed: int = 0,
-    tokenizer_from: str | Path | None = None,
-) -> Path:
-    """Write a random-weight llama model folder at `dest`; share `tokenizer_from`'s tokenizer if given."""
+@dataclass(frozen=True)
+class TinyShape:
+    """The shape of a tiny llama model."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vocab_size: int = 384
+    tie_word_embeddings: bool = True
+
+
+def build_tiny_model(dest: str | Path, *, seed: int = 0, tokenizer_from: str | Path | None = None, **shape) -> Path:
+    """Write a random-weight llama model folder at `dest` of the `TinyShape` given by `shape` (its fields as
+    keywords); share `tokenizer_from`'s tokenizer if given."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
+
+    s = TinyShape(**shape)  # an unknown keyword is a TypeError naming it
+    num_layers, hidden_size, num_heads, num_kv_heads = s.num_layers, s.hidden_size, s.num_heads, s.num_kv_heads
+    intermediate_size, vocab_size, tie_word_embeddings = s.intermediate_size, s.vocab_size, s.tie_word_embeddings
 
     if tokenizer_from is not None:
         src = Path(tokenizer_from)
@@ -99,4 +106,5 @@ def build_tiny_model(
         "clean_up_tokenization_spaces": False,
         "model_max_length": 2048,
     }
-    return write_model_folder(Path(dest), config, weights, tokenizer_json, tokenizer_config, info={"tiny": True, "seed": seed})
+    return write_model_folder(Path(dest), config, weights, tokenizer_files(tokenizer_json, tokenizer_config),
+                              info={"tiny": True, "seed": seed})

@@ -79,50 +79,16 @@ def main(argv: list[str] | None = None, prog: str = "conch-distill") -> int:
     configure_logging(json_lines=True if args.log_json else None)
     if args.list:
         return list_neurons(args.registry)
-    if not args.domain and not args.all:
-        print("error: give --domain NAME or --all (or --list)", file=sys.stderr)
+    if (problem := flag_problem(args)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.all and args.from_experience:
-        print("error: --from-experience applies to one --domain (its experience); give --domain NAME", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.all and args.prompts:
-        print("error: --prompts applies to one --domain; --all distils every domain of config/domains.toml with its "
-              "own prompts", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    from conch_dna.neuron import check_name
-    from conch_dna.progress import ProgressBar
     from conch_dna.training.kd import distributed as dist
-    from conch_dna.training.kd.config import KDConfig
-    from conch_dna.training.kd.distiller import TrueKnowledgeDistiller
-    from conch_dna.training.kd.domains import load_prompts
-    from conch_dna.training.kd.memory import bound_gpu_queue, stored_weights_bytes
     from conch_dna.training.kd.trainer import TrainingCancelled
 
     stop = StopRequest()
     try:
         with stop.installed():
-            # Every input is checked before the first expensive step (the teacher's answers).
-            if args.domain:
-                check_name(args.domain)
-            config = KDConfig.load(args.config, **_merge_nested(args))
-            # Before a model is loaded: MLX reads the queue's bound when it first uses the GPU.
-            bound_gpu_queue(config.memory_budget_gb or config.memory_limit_gb,
-                            stored_weights_bytes(config.teacher_model_id, config.student_model_id))
-            prompts = load_prompts(args.prompts) if args.prompts else None
-            distiller = TrueKnowledgeDistiller(config=config)
-            distiller.check_models()
-            registry = None if args.no_register or not dist.is_writer() else open_registry(args.registry, config)
-            with ProgressBar():
-                if args.all:
-                    results = distiller.distill_all(resume=args.resume, spread=args.spread_domains, should_stop=stop)
-                else:
-                    data = experience_data(args.from_experience, args.domain, prompts, distiller) \
-                        if args.from_experience else {"prompts": prompts}
-                    results = {args.domain: distiller.distill_domain(args.domain, resume=args.resume, should_stop=stop,
-                                                                     **data)}
-            registered = register_results(registry, results) if registry is not None else {}
-            if not dist.is_writer():
-                return 0  # rank 0 reports for a data-parallel run
+            results, registered = distil(args, stop)
     except bad_input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -130,18 +96,67 @@ def main(argv: list[str] | None = None, prog: str = "conch-distill") -> int:
         print(f"stopped by {stop.name}: {e or 'interrupted'}. Run the same command with --resume to continue.",
               file=sys.stderr)
         return 128 + stop.signum
+    if not dist.is_writer():
+        return 0  # rank 0 reports for a data-parallel run
     for name, r in results.items():
         v, active = registered.get(name, (None, False))
-        held = {k: round(x, 4) for k, x in (r.held_out or {}).items() if isinstance(x, float)}
-        share = (r.cost or {}).get("share_of_teacher_bf16")
         print(summary(name, r, v, active), file=sys.stderr)
-        print(json.dumps({"domain": name, "adapter": r.adapter_path, "final_train_loss": round(r.final_train_loss, 4),
-                          "initial_val_kd": r.initial_val_kd, "final_val_kd": r.final_val_kd, "final_val_ce": r.final_val_ce,
-                          "val_agreement": r.val_agreement, "held_out": held or None,
-                          "share_of_teacher_bf16": round(share, 4) if share is not None else None,
-                          "training_seconds": round(r.training_seconds, 1),
-                          "registered_version": v.version if v else None, "active": active}))
+        print(json.dumps(result_line(name, r, v, active)))
     return 0
+
+
+def flag_problem(args) -> str | None:
+    """What is wrong with a combination of flags, or None."""
+    if not args.domain and not args.all:
+        return "give --domain NAME or --all (or --list)"
+    if args.all and args.from_experience:
+        return "--from-experience applies to one --domain (its experience); give --domain NAME"
+    if args.all and args.prompts:
+        return "--prompts applies to one --domain; --all distils every domain of config/domains.toml with its own prompts"
+    return None
+
+
+def distil(args, stop: StopRequest) -> tuple[dict, dict]:
+    """Every input checked before the first expensive step (the teacher's answers), then the run, then the
+    registration: (results, {name: (version, active)})."""
+    from conch_dna.neuron import check_name
+    from conch_dna.progress import ProgressBar
+    from conch_dna.training.kd import distributed as dist
+    from conch_dna.training.kd.config import KDConfig
+    from conch_dna.training.kd.distiller import TrueKnowledgeDistiller
+    from conch_dna.training.kd.domains import load_prompts
+    from conch_dna.training.kd.memory import bound_gpu_queue, stored_weights_bytes
+
+    if args.domain:
+        check_name(args.domain)
+    config = KDConfig.load(args.config, **_merge_nested(args))
+    # Before a model is loaded: MLX reads the queue's bound when it first uses the GPU.
+    bound_gpu_queue(config.memory_budget_gb or config.memory_limit_gb,
+                    stored_weights_bytes(config.teacher_model_id, config.student_model_id))
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    distiller = TrueKnowledgeDistiller(config=config)
+    distiller.check_models()
+    registry = None if args.no_register or not dist.is_writer() else open_registry(args.registry, config)
+    with ProgressBar():
+        if args.all:
+            results = distiller.distill_all(resume=args.resume, spread=args.spread_domains, should_stop=stop)
+        else:
+            data = experience_data(args.from_experience, args.domain, prompts, distiller) \
+                if args.from_experience else {"prompts": prompts}
+            results = {args.domain: distiller.distill_domain(args.domain, resume=args.resume, should_stop=stop, **data)}
+    return results, register_results(registry, results) if registry is not None else {}
+
+
+def result_line(name: str, r, version, active: bool) -> dict:
+    """The JSON line the CLI prints per domain."""
+    held = {k: round(x, 4) for k, x in (r.held_out or {}).items() if isinstance(x, float)}
+    share = (r.cost or {}).get("share_of_teacher_bf16")
+    return {"domain": name, "adapter": r.adapter_path, "final_train_loss": round(r.final_train_loss, 4),
+            "initial_val_kd": r.initial_val_kd, "final_val_kd": r.final_val_kd, "final_val_ce": r.final_val_ce,
+            "val_agreement": r.val_agreement, "held_out": held or None,
+            "share_of_teacher_bf16": round(share, 4) if share is not None else None,
+            "training_seconds": round(r.training_seconds, 1),
+            "registered_version": version.version if version else None, "active": active}
 
 
 def bad_input_errors() -> tuple[type[Exception], ...]:
@@ -252,17 +267,10 @@ def open_registry(registry_dir: str, config):
 def register_results(registry, results: dict) -> dict:
     """Register each trained adapter as the next version of its neuron in the CORTEX registry, behind the
     quality gate; {name: (version, whether it is active)}."""
-    from conch_dna.training.kd.distiller import registry_metrics
+    from conch_dna.training.kd.distiller import register_result
 
     registry.reload()  # another process may have registered while this one trained
-    # exist_ok: re-running a finished run with --resume (e.g. after a kill while registering) is idempotent.
-    out = {}
-    for name, r in results.items():
-        v = registry.register(name, r.adapter_path, teacher=r.teacher_model_id, student=r.student_model_id,
-                              exist_ok=True, metrics=registry_metrics(r))
-        active = registry.active(name)
-        out[name] = (v, active is not None and active.version == v.version)
-    return out
+    return {name: register_result(registry, name, r) for name, r in results.items()}
 
 
 def list_neurons(registry_dir: str) -> int:

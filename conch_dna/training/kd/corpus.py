@@ -177,7 +177,7 @@ def corpus_windows(tokens_path: str | os.PathLike, window: int, val_windows: int
     return train, CorpusWindows(tokens_path, window, train.count * window, val_windows)
 
 
-class Mixed(Sequence):
+class CorpusWithAnswers(Sequence):
     """Corpus windows and a domain's teacher answers in one index space, the answers repeated so that about
     `answer_share` of uniformly drawn indices are answers (a large corpus would otherwise drown them)."""
 

@@ -83,8 +83,8 @@ def compare_tokenizers(teacher_tokenizer, student_tokenizer, probes=PROBE_TEXTS)
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: printable stand-in character -> byte."""
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: byte -> the printable character that stands for it in token strings."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -93,7 +93,13 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return dict(zip(bs, map(chr, cs)))
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """`byte_alphabet` reversed: printable stand-in character -> byte."""
+    return {c: b for b, c in byte_alphabet().items()}
 
 
 def _scheme(spec: dict) -> str:

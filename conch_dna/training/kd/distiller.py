@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from conch_dna.atomic import atomic_write, check_writable
 from conch_dna.models import load_model
-from conch_dna.neuron import DataError, check_name
+from conch_dna.neuron import DataError, check_name, eos_id
 from conch_dna.training.kd import distributed as dist
 from conch_dna.training.kd import signals
 from conch_dna.training.kd.checkpoints import adapter_config, check_resumable, checkpoint_dirs, save_adapter
@@ -42,10 +42,10 @@ from conch_dna.training.kd.cross_vocab import (
 )
 from conch_dna.training.kd.domains import load_domains, load_held_out
 from conch_dna.training.kd.evaluate import (
+    Judging,
     answer,
     answer_figures,
     decoded_responses,
-    eos_id,
     generation_metrics,
     repeated_ngram_share,
 )
@@ -168,6 +168,16 @@ def registry_metrics(result: KDResult) -> dict:
             "initial_val_kd": result.initial_val_kd, **held, "share_of_teacher_bf16": share}
 
 
+def register_result(registry, name: str, result: KDResult):
+    """Register a trained adapter as the next version of neuron `name` in a CORTEX `NeuronRegistry`, with the
+    figures its quality gate reads; the same adapter registered again returns its version (a resumed run
+    killed after registering is idempotent). Returns (version, whether it is active)."""
+    v = registry.register(name, result.adapter_path, teacher=result.teacher_model_id, student=result.student_model_id,
+                          exist_ok=True, metrics=registry_metrics(result))
+    active = registry.active(name)
+    return v, active is not None and active.version == v.version
+
+
 def _finite_or_none(x):
     return None if x is None or x != x or x in (float("inf"), float("-inf")) else float(x)
 
@@ -226,7 +236,7 @@ class TrueKnowledgeDistiller:
     ):
         config = config or KDConfig.load()
         updates = {k: v for k, v in (("teacher_model_id", teacher_model_id), ("student_model_id", student_model_id)) if v}
-        self.config = config.model_copy(update=updates) if updates else config
+        self.config = config.updated(**updates) if updates else config
         if (teacher is None) != (teacher_tokenizer is None):
             raise ValueError("pass both teacher and teacher_tokenizer (a live model), or neither")
         self._teacher, self._teacher_tokenizer = teacher, teacher_tokenizer
@@ -381,21 +391,7 @@ class TrueKnowledgeDistiller:
             dist.barrier()
             log.info("teacher cache hit", domain=domain, folder=str(folder), samples=len(cache.examples))
             return cache, {**cache.meta.get("generation_stats", {}), "cached": True, "cache_key": key}
-        def on_batch(done: int) -> None:
-            if report is not None:
-                report.signal(signals.teacher_progress, done=done, total=len(prompts))
-            if should_stop is not None and should_stop():
-                raise TrainingCancelled(f"cancelled during teacher generation ({done} of {len(prompts)} prompts "
-                                        "answered); nothing was cached, a new run starts it again")
-
-        examples, stats = generate_examples(self.teacher, self.teacher_tokenizer, prompts, cfg.generation,
-                                            cfg.max_seq_length, cfg.seed, lock=self.teacher_lock,
-                                            on_batch=on_batch) if prompts else ([], {"seconds": 0.0, "tokens_per_second": 0.0})
-        if answered:  # EGO's own earlier answers: no regeneration
-            examples += answered_examples(self.teacher_tokenizer, answered, cfg.generation.system_prompt, cfg.max_seq_length)
-            stats.update(samples=len(examples), answered=len(answered), tokens=sum(len(e.tokens) for e in examples))
-        if not examples:
-            raise DataError(f"the teacher produced no responses for domain {domain!r}")
+        examples, stats = self._teacher_answers(prompts, domain, report, should_stop, answered)
         targets = []
         if cfg.teacher_targets == "cache":  # online training scores every batch itself: store answers only
             t0 = time.perf_counter()
@@ -415,6 +411,28 @@ class TrueKnowledgeDistiller:
         log.info("teacher data ready", domain=domain, samples=len(examples), tokens=stats["tokens"],
                  seconds=round(stats["seconds"], 2), gen_tokens_per_second=round(stats["tokens_per_second"], 1))
         return cache, {**stats, "cached": False, "cache_key": key}
+
+    def _teacher_answers(self, prompts: list[str], domain: str, report: Reporter | None,
+                         should_stop: Callable[[], bool] | None, answered: list[tuple[str, list[int]]]):
+        """The teacher's answers to `prompts` (reported batch by batch, cancellable between batches) and the
+        answers it already wrote (`answered`), as examples; and the generation's figures."""
+        cfg = self.config
+
+        def on_batch(done: int) -> None:
+            if report is not None:
+                report.signal(signals.teacher_progress, done=done, total=len(prompts))
+            if should_stop is not None and should_stop():
+                raise TrainingCancelled(f"cancelled during teacher generation ({done} of {len(prompts)} prompts "
+                                        "answered); nothing was cached, a new run starts it again")
+
+        examples, stats = generate_examples(self.teacher, self.teacher_tokenizer, prompts, cfg, lock=self.teacher_lock,
+                                            on_batch=on_batch) if prompts else ([], {"seconds": 0.0, "tokens_per_second": 0.0})
+        if answered:  # EGO's own earlier answers: no regeneration
+            examples += answered_examples(self.teacher_tokenizer, answered, cfg.generation.system_prompt, cfg.max_seq_length)
+            stats.update(samples=len(examples), answered=len(answered), tokens=sum(len(e.tokens) for e in examples))
+        if not examples:
+            raise DataError(f"the teacher produced no responses for domain {domain!r}")
+        return examples, stats
 
     # ------------------------------------------------------------------------------------ training
 
@@ -648,7 +666,7 @@ class TrueKnowledgeDistiller:
         student.eval()
         figures = generation_metrics(student, self.teacher, self.teacher_tokenizer, held_out,
                                      teacher_answers=teacher_answers, max_new_tokens=n,
-                                     system_prompt=g.system_prompt, vocab=vocab, teacher_lock=self.teacher_lock)
+                                     judging=Judging(g.system_prompt, vocab, self.teacher_lock))
         figures.update({f"teacher_{k}": v for k, v in answer_figures(teacher_answers, self.teacher_tokenizer).items()})
         teacher_text = decoded_responses(teacher_answers, self.teacher_tokenizer)
         figures["examples"] = [{"prompt": p, "neuron": a, "teacher": t}
@@ -673,7 +691,7 @@ class TrueKnowledgeDistiller:
 
     def _with_corpus(self, train: list[Example], val: list[Example], tokenizer):
         """The domain's examples with corpus windows (`corpus.py`): mixed at `text_share`, or alone."""
-        from conch_dna.training.kd.corpus import Mixed, corpus_windows, tokenize_corpus
+        from conch_dna.training.kd.corpus import CorpusWithAnswers, corpus_windows, tokenize_corpus
 
         cfg = self.config
         tokens = tokenize_corpus(tokenizer, cfg.text, Path(cfg.output_dir) / "corpus_cache",
@@ -683,7 +701,7 @@ class TrueKnowledgeDistiller:
                  window=cfg.max_seq_length)
         if cfg.text_share >= 1 or not train:
             return text_train, list(val) + list(text_val)
-        return Mixed(text_train, train, 1 - cfg.text_share), list(val) + list(text_val)
+        return CorpusWithAnswers(text_train, train, 1 - cfg.text_share), list(val) + list(text_val)
 
 
     def _shared_vocab(self, student, student_tok, relation: dict) -> int | None:

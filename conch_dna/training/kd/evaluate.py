@@ -17,6 +17,7 @@ import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -135,9 +136,20 @@ def response_nll(model, examples: list[Example], batch_size: int = 4, vocab: int
     return total / max(n, 1.0)
 
 
+class Judging(NamedTuple):
+    """How a judgement runs: the system prompt the answers are asked with, the width logits are cut to (a
+    padded vocabulary's real one), and the lock held around a shared live teacher."""
+
+    system_prompt: str | None = None
+    vocab: int | None = None
+    teacher_lock: object = None
+
+
+NO_JUDGING = Judging()
+
+
 def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher_answers: list[Example] | None = None,
-                       max_new_tokens: int = 64, system_prompt: str | None = None, vocab: int | None = None,
-                       teacher_lock=None) -> dict:
+                       max_new_tokens: int = 64, judging: Judging = NO_JUDGING) -> dict:
     """What a user sees of `model` on held-out `prompts`, beside the teacher (same tokenizer):
 
     * on the teacher's greedy answers: `kl` (KL(teacher || model), T = 1) and top-1 `agreement`;
@@ -146,10 +158,12 @@ def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher
       `max_new_tokens`).
 
     Pass `teacher_answers` (from `answer(teacher, ...)`) when scoring several models on the same prompts.
-    `teacher_lock` is held around the teacher's passes only (a live EGO keeps answering while the model writes).
+    `judging.teacher_lock` is held around the teacher's passes only (a live EGO keeps answering while the
+    model writes).
     Returns the figures, each answer's own `repetitions` and the model's `answers` (text)."""
     if not prompts:
         raise ValueError("generation_metrics needs at least one held-out prompt")
+    system_prompt, vocab, teacher_lock = judging
     with teacher_lock or nullcontext():
         if teacher_answers is None:
             teacher_answers = answer(teacher, tokenizer, prompts, max_new_tokens, system_prompt)

@@ -28,9 +28,9 @@ class Example:
     prompt: str = field(default="", compare=False)  # the prompt's text (re-tokenized for another tokenizer)
 
 
-def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length: int, seed: int = 0,
-                      lock=None, on_batch=None) -> tuple[list[Example], dict]:
-    """The teacher answers each prompt (batched sampling); returns examples and throughput figures.
+def generate_examples(model, tokenizer, prompts: list[str], config, lock=None, on_batch=None) -> tuple[list[Example], dict]:
+    """The teacher answers each prompt (batched sampling, as `config.generation` says, seeded by `config.seed`);
+    returns examples and throughput figures.
 
     A prompt that leaves no room for a response within `max_seq_length` is an error naming it.
     Responses that end with EOS keep the EOS token, so students learn to stop. `lock` (if given) is held
@@ -41,6 +41,7 @@ def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length:
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
+    gen, max_seq_length = config.generation, config.max_seq_length
     if not prompts:
         raise DataError("no prompts given: pass at least one prompt (or use a domain from config/domains.toml)")
     prompt_ids = [chat_prompt_ids(tokenizer, p, gen.system_prompt) for p in prompts]
@@ -51,7 +52,7 @@ def generate_examples(model, tokenizer, prompts: list[str], gen, max_seq_length:
                 f"{p[:60]!r}... Shorten it or raise max_seq_length."
             )
     eos = eos_id(tokenizer)
-    mx.random.seed(seed)
+    mx.random.seed(config.seed)
     sampler = make_sampler(temp=gen.temperature, top_p=gen.top_p if gen.temperature > 0 else 0.0)
     examples, n_gen = [], 0
     t0 = time.perf_counter()

@@ -33,13 +33,13 @@ def build_optimizer(config: KDConfig) -> optim.Optimizer:
 
 # The key of the optimizer's state that holds its per-parameter entries (AdamW's m and v) as one vector each
 # while training (`flat_optimizer_state`); checkpoints keep them per parameter (`per_parameter_state`).
-FLAT = "flat_trainable_parameters"
+FLAT_STATE_KEY = "flat_trainable_parameters"
 
 
 def flat_optimizer_state(state: dict, layout: FlatLayout) -> dict:
     """`state` (an mlx optimizer's, per parameter) with each per-parameter entry gathered into one vector in
-    `layout`'s order under FLAT; the rest (step, learning rate) as it was. As is if already flat."""
-    if FLAT in state or not layout.keys:
+    `layout`'s order under FLAT_STATE_KEY; the rest (step, learning rate) as it was. As is if already flat."""
+    if FLAT_STATE_KEY in state or not layout.keys:
         return state
     entries = dict(tree_flatten(state))
     first = layout.keys[0] + "."
@@ -48,15 +48,15 @@ def flat_optimizer_state(state: dict, layout: FlatLayout) -> dict:
     for name in names:
         named = FlatLayout(tuple(f"{k}.{name}" for k in layout.keys), layout.shapes, layout.dtypes)
         flat[name] = named.flatten({k: entries.pop(k) for k in named.keys})
-    return {**tree_unflatten(list(entries.items())), FLAT: flat}
+    return {**tree_unflatten(list(entries.items())), FLAT_STATE_KEY: flat}
 
 
 def per_parameter_state(state: dict, layout: FlatLayout) -> dict:
     """The inverse of `flat_optimizer_state`: the optimizer's state as mlx keeps it, per parameter."""
-    if FLAT not in state:
+    if FLAT_STATE_KEY not in state:
         return state
-    entries = dict(tree_flatten({k: v for k, v in state.items() if k != FLAT}))
-    for name, vector in state[FLAT].items():
+    entries = dict(tree_flatten({k: v for k, v in state.items() if k != FLAT_STATE_KEY}))
+    for name, vector in state[FLAT_STATE_KEY].items():
         entries.update((f"{k}.{name}", v) for k, v in tree_flatten(layout.unflatten(vector)))
     return tree_unflatten(list(entries.items()))
 
@@ -73,7 +73,7 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: flo
     then (the optimizer's state becomes flat, `flat_optimizer_state`)."""
     layout = FlatLayout.of(model.trainable_parameters())
     optimizer.state = flat_optimizer_state(optimizer.state, layout)
-    held = {"params": layout.flatten(model.trainable_parameters())}
+    vector = {"params": layout.flatten(model.trainable_parameters())}
 
     def step(grads_sum, loss_sum, n):
         apply = mx.isfinite(loss_sum) & (n > 0)
@@ -81,25 +81,25 @@ def make_update(model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: flo
         norm = mx.sqrt(grads.square().sum())
         if max_grad_norm > 0:  # as mlx's optim.clip_grad_norm
             grads = grads * mx.minimum(max_grad_norm / (norm + 1e-6), 1.0)
-        params, state = held["params"], tree_map(lambda x: x, optimizer.state)
-        new = optimizer.apply_gradients({FLAT: grads}, {FLAT: params})[FLAT]
-        held["params"] = mx.where(apply, new, params)
-        _keep_unless(apply, optimizer.state, state)
+        params, state = vector["params"], tree_map(lambda x: x, optimizer.state)
+        new = optimizer.apply_gradients({FLAT_STATE_KEY: grads}, {FLAT_STATE_KEY: params})[FLAT_STATE_KEY]
+        vector["params"] = mx.where(apply, new, params)
+        _revert_where_refused(apply, optimizer.state, state)
         return norm
 
     if compiled:
-        captured = [held, optimizer.state]
+        captured = [vector, optimizer.state]
         step = mx.compile(step, inputs=captured, outputs=captured)
 
     def update(grads_sum, loss_sum, n):
         norm = step(grads_sum, loss_sum, n)
-        model.update(layout.unflatten(held["params"]))
+        model.update(layout.unflatten(vector["params"]))
         return norm
 
     return update
 
 
-def _keep_unless(apply: mx.array, tree, before) -> None:
+def _revert_where_refused(apply: mx.array, tree, before) -> None:
     """In place (a compiled update keeps the optimizer's state objects): each array of `tree` becomes
     its new value where `apply`, the one in `before` otherwise. Entries the update added (an optimizer
     initialising its state after a resume) are kept."""
@@ -107,6 +107,6 @@ def _keep_unless(apply: mx.array, tree, before) -> None:
         if isinstance(tree, dict) and k not in before:
             continue
         if isinstance(tree[k], (dict, list)):
-            _keep_unless(apply, tree[k], before[k])
+            _revert_where_refused(apply, tree[k], before[k])
         elif isinstance(tree[k], mx.array):
             tree[k] = mx.where(apply, tree[k], before[k])
