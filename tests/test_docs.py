@@ -4,6 +4,7 @@ its commands are the ones CI runs, and no tracked file speaks of how the softwar
 import importlib.util
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,21 @@ def test_every_docs_path_the_tree_mentions_exists():
             if not target.exists() and not list(ROOT.glob(name.rstrip(".") + "*")):
                 missing.append(f"{path.relative_to(ROOT)}: {name}")
     assert not missing, missing
+
+
+def test_the_readmes_python_runs_as_written(tiny_pair, tmp_path):
+    """The README's Python blocks, run as they are on the tiny models (fewer steps, shorter answers, the
+    quality gate off: random tiny models loop as much as their teacher)."""
+    teacher, student = tiny_pair
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    small = ('KDConfig(batch_size=2, max_seq_length=128, val_interval=1, eval_max_new_tokens=8, '
+             'generation={"max_new_tokens": 8, "batch_size": 8}, ')
+    for n, block in enumerate(blocks):
+        code = (block.replace('"default-teacher"', repr(str(teacher))).replace('"default-student"', repr(str(student)))
+                .replace("quality_gate=True", "quality_gate=False").replace("KDConfig(", small))
+        code = re.sub(r"iters=\d+", "iters=2", code)
+        script = tmp_path / f"readme_{n}.py"
+        script.write_text(code)
+        run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, (n, run.stderr[-3000:])

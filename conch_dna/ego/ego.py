@@ -191,7 +191,9 @@ class EGO:
         The data: `prompts` if given, else the domain's prompts (config/domains.toml) when it has some, plus,
         with an experience store, the domain's stored experience (deduplicated; its answers reused when this
         model wrote them). The neuron is judged on the domain's held-out prompts plus the experience's fixed
-        held-out split. One run per domain at a time: asking again while one is active returns its handle.
+        held-out split. The student is the base model its registry serves, unless the config names one
+        (a registry refuses adapters of another base). One run per domain at a time: asking again while one
+        is active returns its handle.
         """
         with self._runs_lock:
             running = self._runs.get(domain)
@@ -199,7 +201,12 @@ class EGO:
                 return running
             handle = DistillationHandle(domain)
             self._runs[domain] = handle
-        cfg = (config or self.config or KDConfig.load()).updated(teacher_model_id=self.model_id)
+        base = config or self.config or KDConfig.load()
+        changes = {"teacher_model_id": self.model_id}
+        served = getattr(self.registry, "base_model", None)
+        if served is not None and "student_model_id" not in base.model_fields_set:
+            changes["student_model_id"] = served  # the neuron is trained on the base its registry serves
+        cfg = base.updated(**changes)
         data = self._training_data(domain, prompts)
         handle._thread = threading.Thread(target=self._run, args=(handle, domain, data, cfg), name=f"self-distill-{domain}",
                                           daemon=True)
