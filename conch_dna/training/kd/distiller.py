@@ -207,7 +207,7 @@ class DomainJob:
     out_dir: Path
     config: KDConfig
     cross: dict | None = None  # across tokenizers: the vocabulary map and coverage figures
-    vocab: int | None = None  # the width student logits are cut to
+    logits_width: int | None = None  # the width student logits are cut to
     train: list = field(default_factory=list)
     val: list = field(default_factory=list)
     train_idx: list[int] = field(default_factory=list)
@@ -496,13 +496,13 @@ class TrueKnowledgeDistiller:
             return continue_prompts(student, student_tok, examples, g, cfg.max_seq_length)
 
         hooks = Hooks(job.report, job.should_stop, student_writes if cfg.on_policy_lambda > 0 else None)
-        summary = train_with_kd(student, TrainingData(job.train, job.val, targets_fn, job.vocab), cfg, job.out_dir,
+        summary = train_with_kd(student, TrainingData(job.train, job.val, targets_fn, job.logits_width), cfg, job.out_dir,
                                 adapter_cfg=acfg, resume=job.resume, hooks=hooks)
         if dist.is_writer():
             save_adapter(student, job.out_dir, acfg)
         quality = None
         if job.held_out and cfg.eval_max_new_tokens > 0 and not job.cross and dist.is_writer():
-            quality = self.judge(student, job.held_out, job.vocab)
+            quality = self.judge(student, job.held_out, job.logits_width)
         return self._record_result(job, summary, quality)
 
     def _student_data(self, job: DomainJob, cache: TeacherCache, student, student_tok) -> None:
@@ -513,7 +513,7 @@ class TrueKnowledgeDistiller:
         if relation["relation"] == "different":
             examples, job.cross = self._cross_setup(cache, student, student_tok, relation)
         else:
-            job.vocab = self._shared_vocab(student, student_tok, relation)
+            job.logits_width = self._shared_vocab(student, student_tok, relation)
         job.train_idx, job.val_idx = split_examples(list(range(len(examples))), cfg.val_fraction, cfg.seed)
         job.train = [examples[i] for i in job.train_idx]
         job.val = [examples[i] for i in job.val_idx]
@@ -568,7 +568,7 @@ class TrueKnowledgeDistiller:
         if job.cross:
             return cross_targets(self.teacher, cfg, job.train, job.val, job.cross["vmap"], lock=self.teacher_lock)
         fixed = None if cfg.text is not None else {"train": job.train, "val": job.val}  # a corpus streams
-        return teacher_targets(self.teacher, cfg, (cache, job.train_idx, job.val_idx), job.vocab,
+        return teacher_targets(self.teacher, cfg, (cache, job.train_idx, job.val_idx), job.logits_width,
                                lock=self.teacher_lock, prefetch=use_prefetch(cfg), examples=fixed)
 
     def _record_result(self, job: DomainJob, summary: dict, quality: dict | None) -> KDResult:
@@ -655,7 +655,7 @@ class TrueKnowledgeDistiller:
 
     # ------------------------------------------------------------------------------------- judging
 
-    def judge(self, student, held_out: list[str], vocab: int | None = None) -> dict:
+    def judge(self, student, held_out: list[str], logits_width: int | None = None) -> dict:
         """The student's figures on held-out prompts (`generation_metrics`) with the teacher's own beside them
         (`teacher_repetition`, `teacher_eos_rate`: what the student's are compared with), and a few answers."""
         g = self.config.generation
@@ -666,7 +666,7 @@ class TrueKnowledgeDistiller:
         student.eval()
         figures = generation_metrics(student, self.teacher, self.teacher_tokenizer, held_out,
                                      teacher_answers=teacher_answers, max_new_tokens=n,
-                                     judging=Judging(g.system_prompt, vocab, self.teacher_lock))
+                                     judging=Judging(g.system_prompt, logits_width, self.teacher_lock))
         figures.update({f"teacher_{k}": v for k, v in answer_figures(teacher_answers, self.teacher_tokenizer).items()})
         teacher_text = decoded_responses(teacher_answers, self.teacher_tokenizer)
         figures["examples"] = [{"prompt": p, "neuron": a, "teacher": t}

@@ -26,15 +26,15 @@ from conch_dna.training.kd.examples import Example, pad_batch
 from conch_dna.training.kd.losses import next_token_view, token_cross_entropy, token_divergence
 
 
-def compare_to_teacher(student, teacher, examples: list[Example], batch_size: int = 4, vocab: int | None = None) -> dict:
+def compare_to_teacher(student, teacher, examples: list[Example], batch_size: int = 4, logits_width: int | None = None) -> dict:
     """{"kl": mean KL(teacher||student), "agreement": top-1 agreement, "response_ppl": student perplexity,
     "tokens": scored tokens} over the response tokens of `examples`."""
     kl = ce = agree = n = 0.0
     for start in range(0, len(examples), batch_size):
         tokens, mask = pad_batch(examples[start : start + batch_size])
         s_logits, t_logits = student(tokens), teacher(tokens)
-        if vocab is not None:
-            s_logits, t_logits = s_logits[..., :vocab], t_logits[..., :vocab]
+        if logits_width is not None:
+            s_logits, t_logits = s_logits[..., :logits_width], t_logits[..., :logits_width]
         s, targets, m = next_token_view(s_logits, tokens, mask)
         t = t_logits[:, :-1]
         mf = m.astype(mx.float32)
@@ -120,14 +120,14 @@ def decoded_responses(answers: list[Example], tokenizer) -> list[str]:
     return [tokenizer.decode([t for t in e.tokens[e.prompt_len :] if t != eos]) for e in answers]
 
 
-def response_nll(model, examples: list[Example], batch_size: int = 4, vocab: int | None = None) -> float:
+def response_nll(model, examples: list[Example], batch_size: int = 4, logits_width: int | None = None) -> float:
     """`model`'s mean per-token negative log-likelihood of the examples' responses: the teacher scoring the
     student's own answers says how likely the teacher finds what the student writes."""
     total = n = 0.0
     for start in range(0, len(examples), batch_size):
         tokens, mask = pad_batch(examples[start : start + batch_size])
         logits = model(tokens)
-        logits = logits[..., :vocab] if vocab is not None else logits
+        logits = logits[..., :logits_width] if logits_width is not None else logits
         s, targets, m = next_token_view(logits, tokens, mask)
         mf = m.astype(mx.float32)
         parts = [(token_cross_entropy(s, targets) * mf).sum(), mf.sum()]
@@ -141,7 +141,7 @@ class Judging(NamedTuple):
     padded vocabulary's real one), and the lock held around a shared live teacher."""
 
     system_prompt: str | None = None
-    vocab: int | None = None
+    logits_width: int | None = None
     teacher_lock: object = None
 
 
@@ -163,14 +163,14 @@ def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher
     Returns the figures, each answer's own `repetitions` and the model's `answers` (text)."""
     if not prompts:
         raise ValueError("generation_metrics needs at least one held-out prompt")
-    system_prompt, vocab, teacher_lock = judging
+    system_prompt, logits_width, teacher_lock = judging
     with teacher_lock or nullcontext():
         if teacher_answers is None:
             teacher_answers = answer(teacher, tokenizer, prompts, max_new_tokens, system_prompt)
-        on_teacher = compare_to_teacher(model, teacher, teacher_answers, vocab=vocab)
+        on_teacher = compare_to_teacher(model, teacher, teacher_answers, logits_width=logits_width)
     own = answer(model, tokenizer, prompts, max_new_tokens, system_prompt)
     with teacher_lock or nullcontext():
-        nll = response_nll(teacher, own, vocab=vocab)
+        nll = response_nll(teacher, own, logits_width=logits_width)
     return {
         "kl": on_teacher["kl"], "agreement": on_teacher["agreement"], **answer_figures(own, tokenizer),
         "teacher_nll": nll,

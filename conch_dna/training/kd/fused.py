@@ -388,15 +388,15 @@ def _mlx_chunk(w_s: mx.array, w_t: mx.array, T: float):
 
 
 def fused_objective(student, teacher, tokens: mx.array, loss_mask: mx.array, spec: LossSpec = DEFAULT_LOSS,
-                    chunking: Chunking = DEFAULT_CHUNKING, vocab: int | None = None) -> dict[str, mx.array]:
+                    chunking: Chunking = DEFAULT_CHUNKING, logits_width: int | None = None) -> dict[str, mx.array]:
     """`kd_objective`'s drop-in: runs the student to its final hidden states only.
 
     `teacher`: `SparseTargets` [B, L, k] (cached), `TeacherStates` (online: the teacher's hidden states and
     head), or a teacher model, run here to its hidden states. Shift and mask follow `losses.next_token_view`:
-    row t predicts token t+1. `vocab`: the width logits are cut to (the real vocabulary of a padded head).
+    row t predicts token t+1. `logits_width`: the width logits are cut to (the real vocabulary of a padded head).
     """
     body, head = model_parts(student)
-    head = _logits_up_to(head, vocab)
+    head = _logits_up_to(head, logits_width)
     h = body(tokens)[:, :-1]
     B, L1, D = h.shape
     targets = tokens[:, 1:].reshape(-1)
@@ -412,7 +412,7 @@ def fused_objective(student, teacher, tokens: mx.array, loss_mask: mx.array, spe
     rows = Rows(pick(targets), pick(mask), repeated)
     h = pick(h.reshape(B * L1, D))
     if isinstance(teacher, TeacherStates):
-        teacher = TeacherStates(pick(teacher.hidden[:, :-1].reshape(B * L1, -1)), _logits_up_to(teacher.head, vocab))
+        teacher = TeacherStates(pick(teacher.hidden[:, :-1].reshape(B * L1, -1)), _logits_up_to(teacher.head, logits_width))
     else:
         teacher = SparseTargets(*(pick(x[:, :-1].reshape(B * L1, *x.shape[2:])) for x in teacher))
     return fused_kd_loss(h, head, teacher, rows, spec, chunking)
@@ -424,8 +424,8 @@ def scored_rows(mask: mx.array) -> mx.array | None:
     return mx.array(keep.astype(np.int32)) if 0 < keep.size < mask.size else None
 
 
-def _logits_up_to(head: Head, vocab: int | None) -> Head:
+def _logits_up_to(head: Head, logits_width: int | None) -> Head:
     """Cut logits to the real vocabulary when the embedding matrix is padded wider."""
-    if vocab is None:
+    if logits_width is None:
         return head
-    return lambda h: head(h)[..., :vocab]
+    return lambda h: head(h)[..., :logits_width]

@@ -6,7 +6,7 @@ cached on disk, and, for a teacher with another tokenizer, its logits at the pos
 student's tokenization. `kept_states` wraps the online source: a fixed example's states are computed once
 and kept in memory, so that later epochs skip the teacher's forward pass (still exact, dense targets).
 
-    targets_fn = online_targets(teacher, config, vocab=None, lock=teacher_lock)
+    targets_fn = online_targets(teacher, config, logits_width=None, lock=teacher_lock)
     targets = targets_fn([0, 1, 2], "train", padded_tokens)
 """
 
@@ -32,11 +32,11 @@ from conch_dna.training.kd.teacher_cache import TeacherCache, pad_sparse, teache
 TargetsFn = Callable[[list[int], str, mx.array], "TeacherStates | mx.array | SparseTargets | CrossTargets"]
 
 
-def online_targets(teacher, config: KDConfig, vocab: int | None = None, lock: threading.Lock | None = None,
+def online_targets(teacher, config: KDConfig, logits_width: int | None = None, lock: threading.Lock | None = None,
                    prefetch: bool = False):
     """The teacher scores each batch as it comes. When its body and head split (`parts_match`) it stops at its
     final hidden states (`TeacherStates`) and the loss makes logits chunk by chunk; otherwise full logits,
-    cut to the shared vocabulary `vocab`. `lock` is held around the teacher (a live EGO model is shared).
+    cut to the shared vocabulary `logits_width`. `lock` is held around the teacher (a live EGO model is shared).
     With `prefetch`, training batches are queued without waiting (the trainer evaluates them later)."""
     split_ok = parts_match(teacher)
     lock = lock or nullcontext()
@@ -51,7 +51,7 @@ def online_targets(teacher, config: KDConfig, vocab: int | None = None, lock: th
                 with kernels.teacher_kernels(teacher):
                     return TeacherStates(teacher_hidden(body, tokens, config.teacher_pass_tokens, wait), head)
             logits = teacher_logits(teacher, tokens)
-            logits = logits[..., :vocab] if vocab is not None else logits
+            logits = logits[..., :logits_width] if logits_width is not None else logits
             mx.eval(logits)
         return mx.stop_gradient(logits)
 
@@ -109,7 +109,7 @@ def cached_targets(cache: TeacherCache, train_idx: list[int], val_idx: list[int]
 
 
 def teacher_targets(teacher, config: KDConfig, cached: tuple[TeacherCache, list[int], list[int]] | None,
-                    vocab: int | None = None, *, lock: threading.Lock | None = None, prefetch: bool = False,
+                    logits_width: int | None = None, *, lock: threading.Lock | None = None, prefetch: bool = False,
                     examples: dict[str, Sequence[Example]] | None = None):
     """The targets `config.teacher_targets` asks for, teacher and student sharing a tokenizer: `cached_targets`
     ("cache": `cached` is the cache and the indices of the training and validation examples in it) or
@@ -118,7 +118,7 @@ def teacher_targets(teacher, config: KDConfig, cached: tuple[TeacherCache, list[
     splits into hidden states and a head, and their states fit `config.teacher_states_memory_gb`."""
     if config.teacher_targets == "cache":
         return cached_targets(*cached)
-    online = online_targets(teacher, config, vocab, lock=lock, prefetch=prefetch)
+    online = online_targets(teacher, config, logits_width, lock=lock, prefetch=prefetch)
     if examples is None or config.on_policy_lambda > 0 or not parts_match(teacher):
         return online
     size = kept_states_bytes(teacher, examples)

@@ -85,10 +85,10 @@ def _seed_for(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**31)
 
 
-def make_objective(config: KDConfig, vocab: int | None, fused: bool, compiled: bool) -> Callable:
+def make_objective(config: KDConfig, logits_width: int | None, fused: bool, compiled: bool) -> Callable:
     """objective(model, tokens, loss_mask, targets) -> (loss, parts): the loss for whatever targets a batch
     has: across tokenizers the aligned-position loss, else the fused loss from hidden states (`fused`), else
-    the reference loss on full logits cut to `vocab`."""
+    the reference loss on full logits cut to `logits_width`."""
     spec = LossSpec.of(config)
     chunking = Chunking(config.loss_chunk_size, compiled=compiled)
 
@@ -96,9 +96,9 @@ def make_objective(config: KDConfig, vocab: int | None, fused: bool, compiled: b
         if isinstance(targets, CrossTargets):  # different tokenizers: aligned positions, mapped vocabularies
             out = cross_objective(model(tokens), targets, tokens, loss_mask, spec)
         elif fused and not isinstance(targets, mx.array):
-            out = fused_objective(model, targets, tokens, loss_mask, spec, chunking, vocab)
+            out = fused_objective(model, targets, tokens, loss_mask, spec, chunking, logits_width)
         else:
-            out = kd_objective(student_logits(model, tokens, vocab), dense_targets(targets, vocab), tokens, loss_mask, spec)
+            out = kd_objective(student_logits(model, tokens, logits_width), dense_targets(targets, logits_width), tokens, loss_mask, spec)
         return out["loss"], out
 
     return objective
@@ -174,7 +174,7 @@ class TrainingData:
     train: list[Example]
     val: list[Example]
     targets_fn: TargetsFn
-    vocab: int | None = None
+    logits_width: int | None = None
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ def train_with_kd(model: nn.Module, data: TrainingData, config: KDConfig, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     report = (hooks.reporter or Reporter(out_dir / "metrics.jsonl", log_every=config.iters // 10)) if dist.is_writer() else quiet
     with memory_limit(config.memory_limit_gb):
-        loss_and_grad, pad_multiple = build_step(model, config, data.vocab)
+        loss_and_grad, pad_multiple = build_step(model, config, data.logits_width)
         optimizer = build_optimizer(config)
         optimizer.init(model.trainable_parameters())
         run = Run(model, optimizer, config, data, out_dir, adapter_cfg, report)
@@ -272,7 +272,7 @@ def _check_batch(train: list[Example], config: KDConfig) -> None:
                          "every process needs at least one example per step")
 
 
-def build_step(model: nn.Module, config: KDConfig, vocab: int | None) -> tuple[Callable, int]:
+def build_step(model: nn.Module, config: KDConfig, logits_width: int | None) -> tuple[Callable, int]:
     """loss_and_grad(model, tokens, mask, targets) -> ((loss, parts), grads), and the multiple that batches
     are padded to: fused loss when the model splits into body and head, gradient checkpointing, compiled on
     GPUs (few distinct shapes, few compilations)."""
@@ -285,7 +285,7 @@ def build_step(model: nn.Module, config: KDConfig, vocab: int | None) -> tuple[C
     if config.grad_checkpoint:
         checkpoint_blocks(model, config.grad_checkpoint_every, config.grad_checkpoint_scope, config.grad_checkpoint_whole_blocks)
     compiled = fused and use_compile(config)
-    loss_and_grad = nn.value_and_grad(model, make_objective(config, vocab, fused, compiled))
+    loss_and_grad = nn.value_and_grad(model, make_objective(config, logits_width, fused, compiled))
     if compiled:
         loss_and_grad = compile_loss_and_grad(model, loss_and_grad)
     if dist.is_writer():
@@ -320,7 +320,7 @@ def validate(run: Run, step: int) -> dict:
     """Validation figures at `step`; step 0 (the untrained student) is the baseline, later ones count for
     the best losses."""
     data = run.data
-    figures = evaluate(run.model, data.val, data.targets_fn, run.config, run.config.batch_size, data.vocab)
+    figures = evaluate(run.model, data.val, data.targets_fn, run.config, run.config.batch_size, data.logits_width)
     if step == 0:
         run.best["initial_val_kd"], run.best["initial_val_loss"] = figures["val_kd"], figures["val_loss"]
     else:

@@ -16,17 +16,17 @@ from conch_dna.training.kd.losses import LossSpec, SparseTargets, kd_objective, 
 from conch_dna.training.kd.targets import TargetsFn
 
 
-def student_logits(model, tokens, vocab: int | None = None):
+def student_logits(model, tokens, logits_width: int | None = None):
     """The student's logits, cut to the shared real vocabulary when its embedding matrix is padded wider."""
     logits = model(tokens)
-    return logits[..., :vocab] if vocab is not None and vocab < logits.shape[-1] else logits
+    return logits[..., :logits_width] if logits_width is not None and logits_width < logits.shape[-1] else logits
 
 
-def dense_targets(targets, vocab: int | None = None):
+def dense_targets(targets, logits_width: int | None = None):
     """Teacher targets as the reference loss takes them: `TeacherStates` become logits here."""
     if isinstance(targets, TeacherStates):
         logits = targets.head(targets.hidden).astype(mx.float32)
-        return logits[..., :vocab] if vocab is not None else logits
+        return logits[..., :logits_width] if logits_width is not None else logits
     return targets
 
 
@@ -42,7 +42,7 @@ def top1_agreement(student_logits, targets, tokens, loss_mask) -> tuple[mx.array
     return agree.sum(), mask.sum()
 
 
-def evaluate(model, examples: list[Example], targets_fn: TargetsFn, cfg: KDConfig, batch_size: int, vocab: int | None = None) -> dict:
+def evaluate(model, examples: list[Example], targets_fn: TargetsFn, cfg: KDConfig, batch_size: int, logits_width: int | None = None) -> dict:
     """Token-weighted validation losses and teacher-student top-1 agreement over all of `examples`."""
     # Both parts are always measured (alpha 0.5), whatever alpha trains: an SFT run's KD is reported too.
     spec = replace(LossSpec.of(cfg), alpha=0.5, unlikelihood=0.0, no_repeat_teacher=False)
@@ -52,8 +52,8 @@ def evaluate(model, examples: list[Example], targets_fn: TargetsFn, cfg: KDConfi
     for start in range(0, len(examples), batch_size):
         idx = list(range(start, min(start + batch_size, len(examples))))
         tokens, mask = pad_batch([examples[i] for i in idx])
-        targets = dense_targets(targets_fn(idx, "val", tokens), vocab)
-        logits = student_logits(model, tokens, vocab)
+        targets = dense_targets(targets_fn(idx, "val", tokens), logits_width)
+        logits = student_logits(model, tokens, logits_width)
         if isinstance(targets, CrossTargets):
             # KD is a mean over aligned positions, CE over response tokens: each weighted by its own count.
             out = cross_objective(logits, targets, tokens, mask, spec)
