@@ -16,11 +16,11 @@ LAYERS = {
              "conch_dna.defaults", "conch_dna.log_setup"],
     "models": ["conch_dna.models", "conch_dna.models.__main__", "conch_dna.models.defaults",
                "conch_dna.models.gguf_convert", "conch_dna.models.templates", "conch_dna.models.tiny"],
-    "core": [KD + m for m in ("losses", "kernels", "fused", "vocab", "cross_vocab", "flat", "config")]
+    "core": [KD + m for m in ("losses", "kernels", "fused", "vocab", "cross_vocab", "flat", "distributed", "config")]
     + ["conch_dna.neuron"],
-    "data": [KD + m for m in ("domains", "examples", "teacher_cache", "cross_examples", "corpus", "targets")],
-    "training": [KD + m for m in ("trainer", "lean", "checkpoints", "update", "validation", "memory", "distributed",
-                                  "report", "signals", "lora_init")],
+    "data": [KD + m for m in ("domains", "examples", "teacher_cache", "teacher_data", "cross_examples", "corpus",
+                              "targets")],
+    "training": [KD + m for m in ("trainer", "lean", "checkpoints", "update", "validation", "memory", "report", "signals", "lora_init")],
     "application": [KD + m for m in ("distiller", "evaluate", "cli", "__main__")]
     + ["conch_dna.training", "conch_dna.training.kd", "conch_dna.training.true_kd", "conch_dna.ego",
        "conch_dna.ego.ego", "conch_dna.ego.experience", "conch_dna.cortex", "conch_dna.cortex.cortex",

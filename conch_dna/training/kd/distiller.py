@@ -51,9 +51,7 @@ from conch_dna.training.kd.evaluate import (
 )
 from conch_dna.training.kd.examples import (
     Example,
-    answered_examples,
     continue_prompts,
-    generate_examples,
     split_examples,
 )
 from conch_dna.training.kd.lora_init import CALIBRATION_EXAMPLES, matching_layers, residual_start
@@ -63,10 +61,9 @@ from conch_dna.training.kd.targets import cross_targets, teacher_targets
 from conch_dna.training.kd.teacher_cache import (
     TeacherCache,
     cache_key,
-    compute_sparse_targets,
     fingerprint_model,
-    fingerprint_tokenizer,
 )
+from conch_dna.training.kd.teacher_data import Teacher, teacher_data
 from conch_dna.training.kd.trainer import (
     Hooks,
     TrainingCancelled,
@@ -344,19 +341,6 @@ class TrueKnowledgeDistiller:
             atomic_write(path, lambda p: p.write_text(json.dumps(records)))
         return own
 
-    def _check_answer_ids(self, answered: list[tuple[str, list[int]]]) -> None:
-        """Answers given as token ids (EGO's experience) hold only ids the teacher has: an id past its
-        vocabulary would index outside the embedding."""
-        if not answered:
-            return
-        limit = tokenizer_vocab_size(self.teacher_tokenizer)
-        rows = getattr(getattr(self.teacher, "args", None), "vocab_size", None)
-        limit = min(limit, rows) if isinstance(rows, int) else limit
-        for prompt, ids in answered:
-            if bad := [t for t in ids if type(t) is not int or not 0 <= t < limit]:
-                raise DataError(f"the answer to {prompt[:60]!r} holds token id {bad[0]!r}, outside the teacher's "
-                                f"vocabulary of {limit}: it was not written by this teacher, or its record is corrupt")
-
     def load_student(self):
         """A fresh copy of the student model and its tokenizer (`student_model_id`)."""
         return load_model(self.config.student_model_id)
@@ -366,57 +350,10 @@ class TrueKnowledgeDistiller:
     def generate_training_data(self, prompts: list[str], domain: str, report: Reporter | None = None,
                                should_stop: Callable[[], bool] | None = None,
                                answered: list[tuple[str, list[int]]] | None = None) -> tuple[TeacherCache, dict]:
-        """Teacher responses and top-k soft targets for `prompts`, from the cache when inputs are unchanged.
-        `answered`: (prompt, answer token ids) the teacher already wrote (EGO's experience), used as they are.
-        `report` gets `teacher_progress` after each batch; `should_stop()` cancels between batches."""
-        cfg = self.config
-        answered = [(p, list(ids)) for p, ids in answered or []]
-        if not prompts and not answered:
-            raise DataError(f"no prompts for domain {domain!r}: pass at least one prompt")
-        self._check_answer_ids(answered)
-        with self.teacher_lock:
-            key = cache_key(
-                teacher=fingerprint_model(self.teacher), tokenizer=fingerprint_tokenizer(self.teacher_tokenizer),
-                prompts=prompts, generation=cfg.generation.model_dump(), max_seq_length=cfg.max_seq_length,
-                targets=cfg.top_k if cfg.teacher_targets == "cache" else None, seed=cfg.seed,
-                **({"answered": answered} if answered else {}),
-            )
-        folder = Path(cfg.output_dir) / "teacher_cache" / key
-        if not dist.is_writer():  # rank 0 writes the teacher data once; the other processes read it
-            dist.barrier()
-            cache = TeacherCache.load(folder)
-            return cache, {**cache.meta.get("generation_stats", {}), "cached": True, "cache_key": key}
-        if (folder / "meta.json").is_file():
-            cache = TeacherCache.load(folder)
-            dist.barrier()
-            log.info("teacher cache hit", domain=domain, folder=str(folder), samples=len(cache.examples))
-            return cache, {**cache.meta.get("generation_stats", {}), "cached": True, "cache_key": key}
-        examples, stats = self._teacher_answers(prompts, domain, report, should_stop, answered)
-        targets = []
-        if cfg.teacher_targets == "cache":  # online training scores every batch itself: store answers only
-            t0 = time.perf_counter()
-            targets = compute_sparse_targets(self.teacher, examples, cfg.top_k, cfg.generation.batch_size, lock=self.teacher_lock)
-            stats["target_seconds"] = time.perf_counter() - t0
-        vocab = tokenizer_vocab_size(self.teacher_tokenizer)
-        cache = TeacherCache(examples, targets, {"key": key, "domain": domain, "teacher": cfg.teacher_model_id,
-                                                  "top_k": cfg.top_k, "vocab_size": vocab, "generation_stats": stats})
-        cache.save(folder)
-        dist.barrier()
-        # Train from what was stored (float16 logits), so a fresh run and a resumed or cached run see
-        # exactly the same targets.
-        cache = TeacherCache.load(folder)
-        if targets:
-            stats["cache_bytes_per_token"] = cache.bytes_per_token()
-            stats["dense_bf16_bytes_per_token"] = 2 * vocab
-        log.info("teacher data ready", domain=domain, samples=len(examples), tokens=stats["tokens"],
-                 seconds=round(stats["seconds"], 2), gen_tokens_per_second=round(stats["tokens_per_second"], 1))
-        return cache, {**stats, "cached": False, "cache_key": key}
-
-    def _teacher_answers(self, prompts: list[str], domain: str, report: Reporter | None,
-                         should_stop: Callable[[], bool] | None, answered: list[tuple[str, list[int]]]):
-        """The teacher's answers to `prompts` (reported batch by batch, cancellable between batches) and the
-        answers it already wrote (`answered`), as examples; and the generation's figures."""
-        cfg = self.config
+        """Teacher responses and top-k soft targets for `prompts`, from the cache when inputs are unchanged
+        (`teacher_data.teacher_data`). `answered`: (prompt, answer token ids) the teacher already wrote (EGO's
+        experience), used as they are. `report` gets `teacher_progress` after each batch; `should_stop()`
+        cancels between batches."""
 
         def on_batch(done: int) -> None:
             if report is not None:
@@ -425,14 +362,8 @@ class TrueKnowledgeDistiller:
                 raise TrainingCancelled(f"cancelled during teacher generation ({done} of {len(prompts)} prompts "
                                         "answered); nothing was cached, a new run starts it again")
 
-        examples, stats = generate_examples(self.teacher, self.teacher_tokenizer, prompts, cfg, lock=self.teacher_lock,
-                                            on_batch=on_batch) if prompts else ([], {"seconds": 0.0, "tokens_per_second": 0.0})
-        if answered:  # EGO's own earlier answers: no regeneration
-            examples += answered_examples(self.teacher_tokenizer, answered, cfg.generation.system_prompt, cfg.max_seq_length)
-            stats.update(samples=len(examples), answered=len(answered), tokens=sum(len(e.tokens) for e in examples))
-        if not examples:
-            raise DataError(f"the teacher produced no responses for domain {domain!r}")
-        return examples, stats
+        teacher = Teacher(self.teacher, self.teacher_tokenizer, self.teacher_lock)
+        return teacher_data(teacher, self.config, prompts, domain, answered or [], on_batch)
 
     # ------------------------------------------------------------------------------------ training
 
