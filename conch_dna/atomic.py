@@ -17,12 +17,15 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 
 class WriteError(OSError):
@@ -103,23 +106,28 @@ def foreign_entries(folder: Path) -> list[str]:
     return sorted(entries)
 
 
-def _check_replaceable(dest: Path, keep_foreign: bool) -> Path | None:
-    """Refuse (or, with `keep_foreign`, rename aside and return the new name of) a destination this tool did
-    not write; None when `dest` may be replaced."""
+def check_replaceable(dest: str | os.PathLike, hint: str = "move those files away") -> None:
+    """Refuse (`ForeignFolderError`, saying `hint` as what else to do) a destination that is not a folder, or
+    holds files this tool did not write; an absent or empty one, or one this tool wrote, may be replaced."""
+    dest = Path(dest)
     if not dest.exists() and not dest.is_symlink():
-        return None
+        return
     if dest.is_symlink() or not dest.is_dir():
         raise ForeignFolderError(errno.EEXIST, f"{dest} exists and is not a folder; choose another destination")
-    foreign = foreign_entries(dest)
-    if not foreign:
-        return None
-    if not keep_foreign:
+    if foreign := foreign_entries(dest):
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ForeignFolderError(errno.ENOTEMPTY, f"{dest} holds files this tool did not write ({shown}); nothing was "
-                                 "changed. Choose an empty or new destination, or move those files away")
-    kept = dest.with_name(f"{dest.name}.kept-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    os.replace(dest, kept)
-    return kept
+                                 f"changed. Choose an empty or new destination, or {hint}")
+
+
+def _replace_or_keep(dest: Path, keep_foreign: bool) -> Path | None:
+    """`check_replaceable`, or with `keep_foreign` a folder holding other files renamed aside; its new name."""
+    if keep_foreign and dest.is_dir() and not dest.is_symlink() and foreign_entries(dest):
+        kept = dest.with_name(f"{dest.name}.kept-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.replace(dest, kept)
+        return kept
+    check_replaceable(dest)
+    return None
 
 
 @contextmanager
@@ -127,11 +135,11 @@ def atomic_folder(dest: str | os.PathLike, keep_foreign: bool = False) -> Iterat
     """Yield a temporary folder beside `dest`; on success its files are fsynced and it replaces `dest`.
 
     An existing `dest` is replaced only if it is empty or holds only what this tool wrote there; otherwise
-    `ForeignFolderError`, before any work, or with `keep_foreign` it is renamed to `<dest>.kept-<time>` (said on
-    stderr) and nothing in it is deleted."""
+    `ForeignFolderError`, before any work, or with `keep_foreign` it is renamed to `<dest>.kept-<time>` (logged)
+    and nothing in it is deleted."""
     dest = Path(dest)
     if not keep_foreign:
-        _check_replaceable(dest, False)  # before the caller's work, not only at the end
+        check_replaceable(dest)  # before the caller's work, not only at the end
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes 0700; what we write is meant to be readable
@@ -142,13 +150,13 @@ def atomic_folder(dest: str | os.PathLike, keep_foreign: bool = False) -> Iterat
             if f.is_file():
                 f.chmod(0o644)
                 _fsync(f)
-        kept = _check_replaceable(dest, keep_foreign)
+        kept = _replace_or_keep(dest, keep_foreign)
         old = _move_aside(dest) if dest.exists() else None
         os.replace(tmp, dest)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if kept is not None:
-            print(f"kept what was in {dest} as {kept}", file=sys.stderr)
+            log.warning("kept what was in the destination under another name", destination=str(dest), kept=str(kept))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if (failure := _write_failure(e, dest)) is not None:

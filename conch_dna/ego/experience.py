@@ -112,13 +112,12 @@ class ExperienceStore:
         """mode=ro where SQLite can keep its shared-memory file beside the database; on read-only storage,
         where it cannot, the file is read as it is (immutable: no other process can be writing it there)."""
         uri = self.path.resolve().as_uri()
-        for query in ("?mode=ro", "?mode=ro&immutable=1"):
-            db = sqlite3.connect(uri + query, uri=True, timeout=self.timeout, isolation_level=None)
-            try:
-                db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-                return db
-            except sqlite3.OperationalError:
-                db.close()
+        db = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=self.timeout, isolation_level=None)
+        try:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.OperationalError:
+            db.close()
         return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=self.timeout, isolation_level=None)
 
     def _migrate(self) -> None:

@@ -12,14 +12,13 @@ visible under the final name.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from conch_dna.atomic import ForeignFolderError, atomic_folder, foreign_entries, sha256_file
+from conch_dna.atomic import atomic_folder, check_replaceable, sha256_file
 from conch_dna.models.templates import check_chat_template
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
@@ -387,8 +386,8 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, dtype=np
     source, dest = Path(gguf_path), Path(dest)
     if source.resolve().is_relative_to(dest.resolve()):
         raise GGUFError(f"--out {dest} holds the GGUF being converted ({source}); choose a destination outside it")
-    if not keep_foreign:
-        check_destination(dest)
+    if not keep_foreign:  # before any work
+        check_replaceable(dest, hint=f"pass --force to keep them under {dest.name}.kept-<time> and write the model there")
     reader = _reader(source)
     cfg = _config(reader)  # validates the architecture before any heavy work
     meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
@@ -400,13 +399,3 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, dtype=np
         dest, cfg, weights, tokenizer_files(tokenizer.to_str(), _tokenizer_config(meta)), keep_foreign=keep_foreign,
         info={"source": str(source), "source_sha256": sha256_file(source), "tool": "conch_dna.models.gguf_convert"},
     )
-
-
-def check_destination(dest: Path) -> None:
-    """Refuse, before any work, a destination that is a file or holds files this tool did not write."""
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise ForeignFolderError(errno.EEXIST, f"{dest} exists and is not a folder; choose another destination")
-    if dest.is_dir() and (foreign := foreign_entries(dest)):
-        raise ForeignFolderError(errno.ENOTEMPTY, f"{dest} holds files this tool did not write ({', '.join(foreign[:5])}); "
-                                 "nothing was changed. Choose an empty or new folder, or pass --force to keep them "
-                                 f"under {dest.name}.kept-<time> and write the model there")

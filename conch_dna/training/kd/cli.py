@@ -242,7 +242,6 @@ def experience_data(db: str, domain: str, prompts: list[str] | None, distiller) 
 
     from conch_dna.ego.experience import ExperienceStore, ExperienceStoreError, distillation_data
     from conch_dna.neuron import DataError
-    from conch_dna.training.kd.teacher_cache import fingerprint_model
 
     if not Path(db).is_file():
         raise DataError(f"experience database {db} does not exist; give the path EGO(..., experience=...) writes")
@@ -250,7 +249,7 @@ def experience_data(db: str, domain: str, prompts: list[str] | None, distiller) 
         store = ExperienceStore(db, read_only=True)  # training only reads: read-only storage is fine
         if not store.count(domain):
             raise DataError(f"{db} holds no experience for domain {domain!r} (known there: {', '.join(store.domains()) or 'none'})")
-        return distillation_data(store, domain, fingerprint_model(distiller.teacher), prompts)
+        return distillation_data(store, domain, distiller.teacher_fingerprint, prompts)
     except ExperienceStoreError as e:
         raise DataError(str(e)) from e
 

@@ -237,6 +237,7 @@ class TrueKnowledgeDistiller:
         if (teacher is None) != (teacher_tokenizer is None):
             raise ValueError("pass both teacher and teacher_tokenizer (a live model), or neither")
         self._teacher, self._teacher_tokenizer = teacher, teacher_tokenizer
+        self._teacher_fingerprint: str | None = None
         # A live teacher may be shared with other threads (EGO answering prompts): hold this lock around it.
         self.teacher_lock = teacher_lock or threading.Lock()
 
@@ -254,6 +255,15 @@ class TrueKnowledgeDistiller:
         """The teacher's tokenizer."""
         _ = self.teacher
         return self._teacher_tokenizer
+
+    @property
+    def teacher_fingerprint(self) -> str:
+        """The teacher's content fingerprint (`fingerprint_model`), computed once: the teacher is frozen while it
+        teaches, and the fingerprint keys its cached answers and marks what a checkpoint was trained on."""
+        if self._teacher_fingerprint is None:
+            with self.teacher_lock:
+                self._teacher_fingerprint = fingerprint_model(self.teacher)
+        return self._teacher_fingerprint
 
     def check_models(self) -> None:
         """Refuse, before any work, model folders that cannot work (`check_model_folder`) and a
@@ -362,7 +372,7 @@ class TrueKnowledgeDistiller:
                 raise TrainingCancelled(f"cancelled during teacher generation ({done} of {len(prompts)} prompts "
                                         "answered); nothing was cached, a new run starts it again")
 
-        teacher = Teacher(self.teacher, self.teacher_tokenizer, self.teacher_lock)
+        teacher = Teacher(self.teacher, self.teacher_tokenizer, self.teacher_lock, self.teacher_fingerprint)
         return teacher_data(teacher, self.config, prompts, domain, answered or [], on_batch)
 
     # ------------------------------------------------------------------------------------ training
@@ -410,8 +420,7 @@ class TrueKnowledgeDistiller:
 
     def _run_record(self, domain: str, data: str) -> dict:
         """What this run trains on beyond its settings: the teacher's weights, the domain and the data."""
-        with self.teacher_lock:
-            return {"teacher_weights": fingerprint_model(self.teacher), "domain": domain, "data": data}
+        return {"teacher_weights": self.teacher_fingerprint, "domain": domain, "data": data}
 
     def _train(self, job: DomainJob, cache: TeacherCache) -> KDResult:
         """The domain's stages after the teacher's answers: the student and its data, its settings, the

@@ -21,7 +21,6 @@ from conch_dna.training.kd.teacher_cache import (
     TeacherCache,
     cache_key,
     compute_sparse_targets,
-    fingerprint_model,
     fingerprint_tokenizer,
 )
 from conch_dna.training.kd.vocab import tokenizer_vocab_size
@@ -31,12 +30,13 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class Teacher:
-    """The teacher as its data needs it: the model, its tokenizer, and the lock held around it (a live EGO
-    model is shared with the threads that answer users)."""
+    """The teacher as its data needs it: the model, its tokenizer, the lock held around it (a live EGO model
+    is shared with the threads that answer users) and its content fingerprint (`fingerprint_model`)."""
 
     model: object
     tokenizer: object
     lock: object
+    fingerprint: str
 
 
 def teacher_data(teacher: Teacher, config: KDConfig, prompts: list[str], domain: str,
@@ -49,13 +49,12 @@ def teacher_data(teacher: Teacher, config: KDConfig, prompts: list[str], domain:
     if not prompts and not answered:
         raise DataError(f"no prompts for domain {domain!r}: pass at least one prompt")
     check_answer_ids(teacher, answered)
-    with teacher.lock:
-        key = cache_key(
-            teacher=fingerprint_model(teacher.model), tokenizer=fingerprint_tokenizer(teacher.tokenizer),
-            prompts=prompts, generation=config.generation.model_dump(), max_seq_length=config.max_seq_length,
-            targets=config.top_k if config.teacher_targets == "cache" else None, seed=config.seed,
-            **({"answered": answered} if answered else {}),
-        )
+    key = cache_key(
+        teacher=teacher.fingerprint, tokenizer=fingerprint_tokenizer(teacher.tokenizer),
+        prompts=prompts, generation=config.generation.model_dump(), max_seq_length=config.max_seq_length,
+        targets=config.top_k if config.teacher_targets == "cache" else None, seed=config.seed,
+        **({"answered": answered} if answered else {}),
+    )
     folder = Path(config.output_dir) / "teacher_cache" / key
     if not dist.is_writer():  # rank 0 writes the teacher data once; the other processes read it
         dist.barrier()
