@@ -78,10 +78,16 @@ def add_lora_layers(model: nn.Module, num_layers: int, lora_parameters: dict) ->
 def chat_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
     """The token ids of `prompt` as a user turn through the tokenizer's chat template, ready for the answer."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": prompt}]
+    return chat_ids(tokenizer, messages)
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids of a conversation ({"role", "content"} turns) through the tokenizer's chat template, ready
+    for the assistant's answer; without a template, the turns' text one after another."""
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    return list(tokenizer.encode(prompt))
+    return list(tokenizer.encode("\n".join(m["content"] for m in messages)))
 
 
 def hf_tokenizer(tokenizer):

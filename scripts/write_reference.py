@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the generated parts of docs/reference.md from the code: every `conch-distill` flag, every KDConfig
+"""Write the generated parts of docs/reference.md from the code: every `conch-distill` and `conch-cortex serve` flag, every KDConfig
 field, every signal's keyword arguments and the public API of the registry, CORTEX, EGO and the distiller.
 
     python3 scripts/write_reference.py            # rewrite the blocks between the GENERATED markers
@@ -32,8 +32,19 @@ def _cell(text: str) -> str:
 def cli_flags() -> str:
     from conch_dna.training.kd.cli import build_parser
 
+    return flag_table(build_parser())
+
+
+def cortex_flags() -> str:
+    from conch_dna.cortex.server import parser
+
+    serve = next(a for a in parser()._actions if a.choices and "serve" in a.choices).choices["serve"]
+    return flag_table(serve)
+
+
+def flag_table(parser) -> str:
     rows = ["| flag | value | what it does |", "|---|---|---|"]
-    for action in build_parser()._actions:
+    for action in parser._actions:
         if not action.option_strings:
             continue
         value = "{" + ", ".join(map(str, action.choices)) + "}" if action.choices else (action.metavar or "")
@@ -125,18 +136,18 @@ def _first_line(obj) -> str:
 
 
 def python_api() -> str:
-    from conch_dna.cortex import Cortex, NeuronRegistry
+    from conch_dna.cortex import AnswerStream, Cortex, NeuronRegistry
     from conch_dna.ego import EGO
     from conch_dna.ego.experience import ExperienceStore
     from conch_dna.training.kd import TrueKnowledgeDistiller
 
     rows = []
-    for cls in (TrueKnowledgeDistiller, NeuronRegistry, Cortex, EGO, ExperienceStore):
+    for cls in (TrueKnowledgeDistiller, NeuronRegistry, Cortex, AnswerStream, EGO, ExperienceStore):
         rows += [f"### `{cls.__module__}.{cls.__name__}`", "", *_public_api(cls), ""]
     return "\n".join(rows).rstrip()
 
 
-GENERATORS = {"cli_flags": cli_flags, "config_fields": config_fields, "signals": signal_table, "python_api": python_api}
+GENERATORS = {"cli_flags": cli_flags, "cortex_flags": cortex_flags, "config_fields": config_fields, "signals": signal_table, "python_api": python_api}
 
 
 def render(text: str) -> str:

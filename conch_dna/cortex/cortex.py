@@ -1,23 +1,24 @@
-"""CORTEX: one base student in memory, any neuron served by attaching that neuron's active adapter.
+"""CORTEX: one base student in memory serving every neuron at once.
 
-`generate(domain, prompt)` first notices a registry manifest changed by any process (`registry.refresh`:
-one stat per request, no polling thread), reads the active version once, then attaches that version's LoRA
-weights to the shared base model (switching adapters never reloads the base) and answers. Requests are
-serialised on the base model by a lock, so a request in flight finishes on the version it started with; a
-version registered, promoted or rolled back meanwhile, here or in another process, is used by the next
-request, with no restart. Versions are complete before the manifest names them (the registry copies the
-adapter first), so a request never sees a half-registered version.
+A request names a neuron (or the bare base). Its version is fixed when it is submitted: the registry manifest
+is checked for changes by any process first (`registry.refresh`: one stat, no polling thread), so a version
+registered, promoted or rolled back anywhere is used from the next request on, and a request in flight keeps
+the version it started with to its last token. Requests from any number of threads share one continuous batch
+(`engine.Engine`), each row decoding with its own neuron's adapter (`adapters.MultiLoRALinear`); adapters are
+sha256-checked when first loaded and kept within a memory budget. Versions are complete before the manifest
+names them (the registry copies the adapter first), so a request never sees a half-registered version.
 """
 
 from __future__ import annotations
 
-import json
-import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import mlx.core as mx
 import structlog
 
+from conch_dna.cortex.engine import Engine, Request
 from conch_dna.cortex.registry import (
     NeuronNotFoundError,
     NeuronRegistry,
@@ -26,23 +27,109 @@ from conch_dna.cortex.registry import (
     same_model,
 )
 from conch_dna.models import load_model
-from conch_dna.neuron import add_lora_layers, chat_prompt_ids
+from conch_dna.neuron import chat_ids
 
 log = structlog.get_logger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    """The prompt and the tokens asked for do not fit the base model's context."""
 
 
 @dataclass(frozen=True)
 class NeuronAnswer:
     text: str
     neuron: str
-    version: int
+    version: int | None  # None: the bare base model answered
+    finish_reason: str = "stop"  # "stop" (the end token or a stop string) or "length" (max_tokens)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@cache
+def _sampler(temperature: float, top_p: float):
+    """One sampler object per setting, so that a batch sharing one samples all rows in one call."""
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(temp=temperature, top_p=0.0 if top_p >= 1.0 else top_p)
+
+
+class AnswerStream:
+    """The text of one answer as it is decoded: iterate for pieces of text. `finish_reason` and the token counts
+    are set when it ends; `close()` (or leaving a `with` block) stops decoding and frees the request's slot."""
+
+    def __init__(self, request: Request, neuron: str, stop: Sequence[str]):
+        self.request, self.neuron, self.stop = request, neuron, [s for s in stop if s]
+        self.version = request.version.version if request.version is not None else None
+        self.prompt_tokens = len(request.ids)
+        self.finish_reason: str | None = None
+        self._held = ""  # text that may be the start of a stop string, not yet given out
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens of the answer decoded so far (the end token not counted)."""
+        return self.request.completion_tokens
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        """The next piece of the answer's text (never empty); StopIteration when it has ended."""
+        while self.finish_reason is None:
+            event = self.request.events.get()
+            if isinstance(event, Exception):
+                self.close()
+                raise event
+            if event is None:  # cancelled before it finished
+                self.close()
+                break
+            text, reason = event
+            piece = self._release(text, final=reason is not None)
+            if self.finish_reason is None and reason is not None:
+                self.finish_reason = reason
+            if piece:
+                return piece
+        self.close()
+        raise StopIteration
+
+    def _release(self, text: str, final: bool) -> str:
+        """The part of the text so far that is surely the answer's (text that may begin a stop string is held
+        back until it is clear); a stop string ends the answer before it."""
+        held = self._held + text
+        hits = [at for at in (held.find(s) for s in self.stop) if at >= 0]
+        if hits:
+            self.finish_reason = "stop"
+            self.request.cancelled.set()
+            self._held = ""
+            return held[: min(hits)]
+        keep = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+        self._held = held[len(held) - keep:]
+        return held[: len(held) - keep]
+
+    def close(self) -> None:
+        """Stop decoding (if it has not ended) and free the request's place in the batch."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+        self.request.cancelled.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def text(self) -> str:
+        """The rest of the answer, waited for."""
+        return "".join(self)
 
 
 class Cortex:
     """Serves the registry's active neurons on one shared base model loaded once (`base_model_id`, or a live
-    `model` and `tokenizer`): each request attaches its neuron's adapter, sha256-checked when first loaded."""
+    `model` and `tokenizer`). Thread-safe: concurrent callers share one batch. `max_batch`: requests decoded at
+    once; `adapter_memory_mb`: adapters kept loaded (least recently used evicted)."""
 
-    def __init__(self, registry: NeuronRegistry, base_model_id: str | None = None, *, model=None, tokenizer=None):
+    def __init__(self, registry: NeuronRegistry, base_model_id: str | None = None, *, model=None, tokenizer=None,
+                 max_batch: int = 32, adapter_memory_mb: int = 256):
         self.registry = registry
         served = registry.base_model  # the base its manifest names, or the one it was opened for
         if base_model_id is not None and served is not None and not same_model(base_model_id, served):
@@ -51,49 +138,69 @@ class Cortex:
         self.base_model_id = base_model_id or served or "default-student"
         if model is None:
             model, tokenizer = load_model(self.base_model_id)
+        # Weights still lazy (a dequantized load) belong to this thread's stream, which the engine's cannot use.
+        mx.eval(model.parameters())
         self.model, self.tokenizer = model, tokenizer
-        self._lock = threading.Lock()
-        self._attached: NeuronVersion | None = None
-        self._lora_layout: str | None = None  # the LoRA wrapping currently on the base model
-        self._weights: dict[tuple[str, int], tuple[dict, list]] = {}  # (config, tensors) by (neuron, version), verified once
+        self.context_length = context_length(model)
+        self.engine = Engine(model, tokenizer, registry.verify, max_batch=max_batch,
+                             adapter_budget_bytes=adapter_memory_mb << 20)
 
-    def _load_version(self, v: NeuronVersion) -> tuple[dict, list]:
-        key = (v.neuron, v.version)
-        if key not in self._weights:
-            folder = self.registry.verify(v)  # every file against its registered sha256, inside the registry
-            config = json.loads((folder / "adapter_config.json").read_text())
-            self._weights[key] = (config, list(mx.load(str(folder / "adapters.safetensors")).items()))
-        return self._weights[key]
-
-    def _attach(self, v: NeuronVersion) -> None:
-        """Put `v`'s LoRA weights on the base model (called with the lock held)."""
-        from mlx_lm.tuner.utils import remove_lora_layers
-
-        if self._attached == v:
-            return
-        config, weights = self._load_version(v)
-        layout = json.dumps([config.get("num_layers"), config.get("lora_parameters")], sort_keys=True)
-        if layout != self._lora_layout:
-            remove_lora_layers(self.model)
-            add_lora_layers(self.model, config["num_layers"], config["lora_parameters"])  # as training computed
-            self._lora_layout = layout
-        self.model.load_weights(weights, strict=False)
-        mx.eval(self.model.parameters())
-        self.model.eval()
-        self._attached = v
-        log.debug("neuron attached", neuron=v.neuron, version=v.version)
-
-    def generate(self, domain: str, prompt: str, max_tokens: int = 128, system_prompt: str | None = None) -> NeuronAnswer:
-        """Answer `prompt` with the domain's active neuron (greedy)."""
-        from mlx_lm import generate
-
-
+    def version_for(self, neuron: str | None) -> NeuronVersion | None:
+        """The version a request for `neuron` keeps to its end (None, or the base model's id: the bare base)."""
+        if neuron is None or neuron == self.base_model_id:
+            return None
         self.registry.refresh()  # another process may have registered, promoted or rolled back
-        version = self.registry.active(domain)  # fixed for this request
+        version = self.registry.active(neuron)
         if version is None:
-            raise NeuronNotFoundError(f"neuron {domain!r} has no active version; distil it first (known: {', '.join(self.registry.neurons()) or 'none'})")
-        ids = chat_prompt_ids(self.tokenizer, prompt, system_prompt)
-        with self._lock:
-            self._attach(version)
-            text = generate(self.model, self.tokenizer, ids, max_tokens=max_tokens)
-        return NeuronAnswer(text, domain, version.version)
+            known = ", ".join(self.registry.neurons()) or "none"
+            raise NeuronNotFoundError(f"neuron {neuron!r} has no active version; distil it first (known: {known})")
+        return version
+
+    def stream(self, neuron: str | None, prompt: str | list, *, max_tokens: int = 128, system_prompt: str | None = None,
+               temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = ()) -> AnswerStream:
+        """Start answering `prompt` with `neuron`'s active version: a user turn (str), a conversation (list of
+        {"role", "content"}) or token ids (list of int, used as they are)."""
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if prompt and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            ids = chat_ids(self.tokenizer, ([{"role": "system", "content": system_prompt}] if system_prompt else []) + turns)
+        if len(ids) + max_tokens > self.context_length:
+            raise PromptTooLongError(f"the prompt is {len(ids)} tokens and {max_tokens} more were asked for: the base "
+                                     f"model's context is {self.context_length} tokens; shorten the prompt or max_tokens")
+        version = self.version_for(neuron)
+        request = Request(ids, version, max_tokens, _sampler(float(temperature), float(top_p)),
+                          self.tokenizer.detokenizer)
+        return AnswerStream(self.engine.submit(request), neuron or self.base_model_id, stop)
+
+    def generate(self, domain: str | None, prompt: str | list, max_tokens: int = 128, system_prompt: str | None = None,
+                 **sampling) -> NeuronAnswer:
+        """Answer `prompt` with the domain's active neuron (greedy unless `temperature` is given)."""
+        answer = self.stream(domain, prompt, max_tokens=max_tokens, system_prompt=system_prompt, **sampling)
+        text = answer.text()
+        return NeuronAnswer(text, answer.neuron, answer.version, answer.finish_reason, answer.prompt_tokens,
+                            answer.completion_tokens)
+
+    def close(self) -> None:
+        """Stop the engine thread (requests in flight fail); a later request starts it again."""
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def context_length(model) -> int:
+    """The longest sequence the base model was trained for (its config's max_position_embeddings)."""
+    args = getattr(model, "args", None)
+    for name in ("max_position_embeddings", "context_length", "max_seq_len"):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 16
