@@ -113,3 +113,75 @@ def test_cortex_in_another_process_picks_up_register_and_rollback(tiny_pair, tmp
     # v1, then v2 from the request after the registration on, then v1 again after the rollback: no other order.
     changes = [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
     assert changes == [1, 2, 1], changes
+
+
+BATCHED_SERVER = """
+import json, sys, threading, time
+from pathlib import Path
+import conch_dna
+from conch_dna.cortex import Cortex, NeuronRegistry
+registry, log, stop = sys.argv[1:4]
+cortex = Cortex(NeuronRegistry(registry))
+lock = threading.Lock()
+def client(i):
+    with open(log, "a") as out:
+        while not Path(stop).exists():
+            t = time.time_ns()
+            answer = cortex.stream("thinking", "question %d" % (i % 2), max_tokens=24)
+            text = answer.text()
+            with lock:
+                out.write(json.dumps({"start_ns": t, "end_ns": time.time_ns(), "version": answer.version, "q": i % 2,
+                                      "text": text, "finish": answer.finish_reason}) + "\\n")
+                out.flush()
+threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+for t in threads: t.start()
+for t in threads: t.join()
+"""
+
+PROMOTE = """
+import sys
+from conch_dna.cortex import NeuronRegistry
+print(NeuronRegistry(sys.argv[1]).promote("thinking", int(sys.argv[2])).version)
+"""
+
+
+def test_batched_requests_keep_their_version_while_another_process_promotes_and_rolls_back(tiny_pair, tmp_path):
+    """Six concurrent clients share one batch in a server process while other processes promote and roll back:
+    every answer is exactly its version's answer (no token from the other), requests that start after a
+    change get the new version, and none fails."""
+    from tests.conftest import random_adapter
+    from tests.test_cortex_batching import alone
+
+    _, student = tiny_pair
+    reg_dir = tmp_path / "registry"
+    registry = NeuronRegistry(reg_dir, base_model=student)
+    registry.register("thinking", random_adapter(student, tmp_path / "a1", seed=1))
+    registry.register("thinking", random_adapter(student, tmp_path / "a2", seed=2, rank=8), activate=False)
+    expected = {}
+    for version in (1, 2):
+        registry.promote("thinking", version)
+        expected.update({(version, q): alone(student, registry, "thinking", f"question {q}", 24) for q in (0, 1)})
+    registry.promote("thinking", 1)
+    assert expected[1, 0] != expected[2, 0]
+
+    log, stop = tmp_path / "served.jsonl", tmp_path / "stop"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    server = subprocess.Popen([sys.executable, "-c", BATCHED_SERVER, str(reg_dir), str(log), str(stop)],
+                              stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for_requests_after(log, 0, n=6)
+        straddling = []
+        for version, script in ((2, PROMOTE), (1, ROLLBACK)):
+            changed = subprocess.run([sys.executable, "-c", script, str(reg_dir), "2"], capture_output=True, text=True, env=env)
+            assert changed.returncode == 0 and changed.stdout.strip() == str(version), changed.stderr
+            changed_ns = time.time_ns()
+            assert all(r["version"] == version for r in wait_for_requests_after(log, changed_ns, n=6))
+            straddling += [r for r in served(log) if r["start_ns"] < changed_ns < r["end_ns"]]
+    finally:
+        stop.touch()
+        err = server.communicate(timeout=60)[1]
+    assert server.returncode == 0, err[-3000:]  # no request failed
+    rows = served(log)
+    assert straddling and all(r["finish"] in ("length", "stop") for r in rows)
+    for r in rows:  # in flight across a change or not, each answer is all its own version's
+        assert r["text"] == expected[r["version"], r["q"]], r

@@ -119,19 +119,27 @@ class Engine:
                 self._thread = threading.Thread(target=self._run, name="cortex-engine", daemon=True)
                 self._thread.start()
                 atexit.register(_close, weakref.ref(self))
-        self._incoming.put(request)
+            self._incoming.put(request)
         return request
 
     def close(self) -> None:
-        self._stop = True
-        self._incoming.put(None)
-        if self._thread is not None:
-            self._thread.join(30)
+        """Fail what is waiting or decoding, free the batch and end the thread (a later request starts it)."""
+        with self._start_lock:
+            self._stop = True
+            self._incoming.put(None)
+            if self._thread is not None:
+                self._thread.join(30)
 
     # ------------------------------------------------------------------------------- the engine thread
 
     def _run(self) -> None:
-        stream = mx.default_stream(mx.default_device())  # this thread's own, as mlx_lm.server does
+        try:
+            self._serve(mx.default_stream(mx.default_device()))  # this thread's own, as mlx_lm.server does
+        finally:
+            # MLX asks every thread to destroy its streams before it ends (else the process can abort at exit).
+            mx.clear_streams()
+
+    def _serve(self, stream) -> None:
         generator = self._new_generator(stream)
         while not self._stop:
             self._take_incoming(block=not self._running and not self._waiting)
@@ -156,8 +164,7 @@ class Engine:
             self._finish(request, RuntimeError("CORTEX was closed before the request finished"))
         self._waiting.clear()
         self._running.clear()
-        # The batch's caches live on this thread's stream: free them here, as mlx_lm.server does (freed later
-        # on another thread, MLX aborts the process at exit).
+        # The batch's caches live on this thread's stream: free them here, as mlx_lm.server does.
         del generator
         gc.collect()
 
@@ -223,7 +230,7 @@ class Engine:
 
 
 def _close(engine_ref) -> None:
-    """At exit: stop an engine still running, so that its thread frees what it holds."""
+    """At exit: end an engine's thread while the interpreter can still run it, so it destroys its streams."""
     engine = engine_ref()
     if engine is not None:
         engine.close()
