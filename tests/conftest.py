@@ -65,24 +65,6 @@ def isolated_kd_settings(monkeypatch, tmp_path_factory):
 
 def random_adapter(student, dest, *, seed: int, rank: int = 4, num_layers: int = 2, keys=None, scale: float = 10.0):
     """An mlx-lm LoRA adapter folder for `student` with random A and B (a neuron that answers unlike the base)."""
-    import json
+    from conch_dna.models.tiny import build_random_adapter
 
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    from conch_dna.models import load_model
-    from conch_dna.neuron import add_lora_layers
-
-    params = {"rank": rank, "scale": scale, "dropout": 0.0}
-    if keys is not None:
-        params["keys"] = list(keys)
-    model, _ = load_model(str(student))
-    model.freeze()
-    add_lora_layers(model, num_layers, params)
-    mx.random.seed(seed)
-    weights = {k: mx.random.normal(v.shape) * 0.3 for k, v in tree_flatten(model.trainable_parameters())}
-    dest.mkdir(parents=True)
-    mx.save_safetensors(str(dest / "adapters.safetensors"), weights)
-    (dest / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": num_layers,
-                                                          "lora_parameters": params}))
-    return dest
+    return build_random_adapter(student, dest, seed=seed, rank=rank, num_layers=num_layers, keys=keys, scale=scale)

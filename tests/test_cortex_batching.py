@@ -81,6 +81,7 @@ def test_streaming_and_stop_strings(neurons):
         stop = full.text[len(full.text) // 2:][:3]
         cut = cortex.generate("thinking", QUESTIONS[0], max_tokens=16, stop=[stop])
         assert cut.text == full.text[: full.text.index(stop)] and cut.finish_reason == "stop"
+        assert cortex.generate("thinking", QUESTIONS[0], max_tokens=300, ignore_eos=True).completion_tokens == 300
         # closing a stream early frees its slot in the batch
         early = cortex.stream("task", QUESTIONS[1], max_tokens=2000)
         next(iter(early))

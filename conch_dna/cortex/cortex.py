@@ -157,9 +157,10 @@ class Cortex:
         return version
 
     def stream(self, neuron: str | None, prompt: str | list, *, max_tokens: int = 128, system_prompt: str | None = None,
-               temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = ()) -> AnswerStream:
+               temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), ignore_eos: bool = False) -> AnswerStream:
         """Start answering `prompt` with `neuron`'s active version: a user turn (str), a conversation (list of
-        {"role", "content"}) or token ids (list of int, used as they are)."""
+        {"role", "content"}) or token ids (list of int, used as they are). `ignore_eos`: decode all `max_tokens`
+        (for benchmarks)."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if max_tokens < 1:
@@ -174,7 +175,7 @@ class Cortex:
                                      f"model's context is {self.context_length} tokens; shorten the prompt or max_tokens")
         version = self.version_for(neuron)
         request = Request(ids, version, max_tokens, _sampler(float(temperature), float(top_p)),
-                          self.tokenizer.detokenizer)
+                          self.tokenizer.detokenizer, ignore_eos=ignore_eos)
         return AnswerStream(self.engine.submit(request), neuron or self.base_model_id, stop)
 
     def generate(self, domain: str | None, prompt: str | list, max_tokens: int = 128, system_prompt: str | None = None,

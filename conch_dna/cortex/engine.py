@@ -26,6 +26,12 @@ from conch_dna.cortex.registry import NeuronVersion
 log = structlog.get_logger(__name__)
 
 
+def _no_stop():
+    from mlx_lm.generate import StopSequences
+
+    return StopSequences(None)
+
+
 class SlotCache:
     """Not a KV cache: the adapter slot of each row, carried in a request's cache list so that mlx-lm's batching
     keeps it in step with the rows' KV caches."""
@@ -88,6 +94,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     completion_tokens: int = 0
     slot: int | None = None
+    ignore_eos: bool = False  # decode all max_tokens (benchmarks): the end token does not stop it
 
 
 class Engine:
@@ -210,7 +217,7 @@ class Engine:
             self._waiting.popleft()
             request.slot = slot
             (uid,) = generator.insert([request.ids], [request.max_tokens], caches=[[*self._make_cache(), SlotCache([slot])]],
-                                      samplers=[request.sampler])
+                                      samplers=[request.sampler], stop_sequences=[_no_stop()] if request.ignore_eos else None)
             self._running[uid] = request
 
     def _deliver(self, request: Request, r) -> None:

@@ -108,3 +108,27 @@ def build_tiny_model(dest: str | Path, *, seed: int = 0, tokenizer_from: str | P
     }
     return write_model_folder(Path(dest), config, weights, tokenizer_files(tokenizer_json, tokenizer_config),
                               info={"tiny": True, "seed": seed})
+
+
+def build_random_adapter(model_folder: str | Path, dest: str | Path, *, seed: int, rank: int = 8, num_layers: int = 2,
+                         keys: list[str] | None = None, scale: float = 10.0, std: float = 0.3) -> Path:
+    """Write an mlx-lm LoRA adapter folder for the model at `model_folder` with random A and B: a neuron that
+    answers unlike its base, for tests and serving benchmarks (no training needed)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from conch_dna.models import load_model
+
+    params = {"rank": rank, "scale": scale, "dropout": 0.0, **({"keys": list(keys)} if keys is not None else {})}
+    model, _ = load_model(str(model_folder))
+    model.freeze()
+    linear_to_lora_layers(model, num_layers, params)
+    mx.random.seed(seed)
+    weights = {k: mx.random.normal(v.shape) * std for k, v in tree_flatten(model.trainable_parameters())}
+    dest = Path(dest)
+    dest.mkdir(parents=True)
+    mx.save_safetensors(str(dest / "adapters.safetensors"), weights)
+    config = {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
+    (dest / "adapter_config.json").write_text(json.dumps(config))
+    return dest
