@@ -15,7 +15,8 @@ MLP layers of every block, random weights). Ways:
 Prints total generated tokens/s and per-request latency (p50 / p95) as the median over --repeats runs with
 their range, and the ratios batched / one-neuron and batched / switch. `--model random-smollm2` builds a
 random-weight model of SmolLM2-135M's shape (with the tokenizer of --tokenizer-from) for machines without the
-offline models. The base computes in float32 on the CPU and bfloat16 on a GPU.
+offline models. The base computes in float32 on the CPU and bfloat16 on a GPU. `--lora-products` times only
+the per-row LoRA product: gather_mm (what CORTEX uses), gathering the matrices then multiplying, one adapter.
 """
 
 from __future__ import annotations
@@ -126,6 +127,24 @@ def run_clients(ask, neurons: list[str], clients: int, per_client: int, ids: lis
     return sum(tokens), time.perf_counter() - start, latencies
 
 
+def lora_products(rows: int = 16, slots: int = 8, d_in: int = 576, rank: int = 8, d_out: int = 1536, reps: int = 500):
+    """Microseconds per LoRA update of a batch whose rows use different adapters, three ways."""
+    import mlx.core as mx
+
+    a, b = mx.random.normal((slots, d_in, rank)), mx.random.normal((slots, rank, d_out))
+    x, idx = mx.random.normal((rows, 1, d_in)), mx.array([i % 6 for i in range(rows)])
+    ways = {"gather_mm (CORTEX)": lambda: mx.gather_mm(mx.gather_mm(x, a, rhs_indices=idx), b, rhs_indices=idx),
+            "take + matmul": lambda: (x @ a[idx]) @ b[idx],
+            "one adapter for all rows": lambda: (x @ a[0]) @ b[0]}
+    for name, fn in ways.items():
+        for _ in range(10):
+            mx.eval(fn())
+        t = time.perf_counter()
+        for _ in range(reps):
+            mx.eval(fn())
+        print(f"{name:<26} {(time.perf_counter() - t) / reps * 1e6:8.1f} us  ({rows} rows, {d_in} x {rank} x {d_out})")
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
@@ -158,7 +177,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ways", nargs="+", default=["batched", "one-neuron", "switch"])
     ap.add_argument("--json", type=Path, help="also write every row as a JSON line here")
+    ap.add_argument("--lora-products", action="store_true", help="only time the per-row LoRA product three ways")
     args = ap.parse_args(argv)
+    if args.lora_products:
+        lora_products()
+        return 0
 
     import mlx.core as mx
 

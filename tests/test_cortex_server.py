@@ -186,3 +186,21 @@ def test_cli_serves_a_registry_and_refuses_bad_input(served, tiny_pair, tmp_path
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_openai_client_talks_to_it(served):
+    """The official OpenAI Python client, as a user would point it at the server."""
+    from openai import NotFoundError, OpenAI
+
+    port, cortex, _ = served
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    assert {m.id for m in client.models.list()} >= set(NEURONS)
+    expected = cortex.generate("thinking", "plan a small task", max_tokens=10).text
+    reply = client.chat.completions.create(model="thinking", max_tokens=10,
+                                           messages=[{"role": "user", "content": "plan a small task"}])
+    assert reply.choices[0].message.content == expected and reply.system_fingerprint == "thinking-v1"
+    stream = client.chat.completions.create(model="thinking", max_tokens=10, stream=True,
+                                            messages=[{"role": "user", "content": "plan a small task"}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected
+    with pytest.raises(NotFoundError, match="known: "):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])

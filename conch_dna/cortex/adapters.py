@@ -3,7 +3,7 @@
 Every linear layer some loaded adapter adapts is wrapped once in a `MultiLoRALinear`, which holds the A and B
 matrices of all loaded adapters stacked by *slot* (slot 0 is the bare base: zeros). Before each forward pass the
 batch's rows name their slots, and the layer adds `x @ A[slot] @ B[slot]` per row with MLX's `gather_mm`
-(faster than gathering the matrices and multiplying, on CPU; `benchmarks/bench_cortex.py`). One neuron's
+(faster than gathering the matrices and multiplying: `benchmarks/bench_cortex.py --lora-products`). One neuron's
 answers are thus exactly what that neuron computes alone with mlx-lm's LoRA layer.
 
 `AdapterSlots` loads a registry version into a free slot (sha256-checked once, shapes checked against the base),

@@ -122,23 +122,36 @@ class RegistryState:
 # ------------------------------------------------------------------------------------ quality gate
 
 # A neuron loops when its own answers repeat more 4-grams than the teacher's answers to the same held-out
-# prompts by more than this (the issue's acceptance bar; greedy 64-token answers of SmolLM2: 0.04-0.13).
+# prompts by more than this (greedy 64-token answers of SmolLM2: 0.04-0.13).
 REPETITION_MARGIN = 0.05
-# Greedy answers to ~10 held-out prompts move by this much between equally good runs: smaller differences
-# are not "worse".
+# Versions judged without intervals: greedy answers to ~10 held-out prompts move by this much between equally
+# good runs, so smaller differences are not "worse".
 TOLERANCE = {"held_out_kl": 0.02, "held_out_agreement": 0.02, "held_out_repetition": 0.02}
+# Versions judged with intervals over their held-out prompts (`evaluate.intervals`, 90%): the gate decides on
+# these instead. "lower" says which way is better.
+INTERVALS = {"held_out_kl": "lower", "held_out_agreement": "higher", "held_out_repetition": "lower"}
+EXCESS = "held_out_repetition_excess"
 
 
 def _finite(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _has_intervals(metrics: dict) -> bool:
+    return f"{EXCESS}_high" in metrics
+
+
+def _interval_keys() -> list[str]:
+    return [f"{k}_{end}" for k in (*INTERVALS, EXCESS) for end in ("low", "high")]
+
+
 def unusable_figures(metrics: dict) -> str | None:
     """Why a version's figures cannot be judged (missing or not finite), or None. A version judged on held-out
-    prompts needs every held-out figure the gate compares; one that was not needs a finite validation KD."""
-    held = [k for k in (*TOLERANCE, "held_out_teacher_repetition") if k in metrics]
-    if held:
-        bad = [k for k in (*TOLERANCE, "held_out_teacher_repetition") if not _finite(metrics.get(k))]
+    prompts needs every held-out figure the gate compares (and their intervals, when it was judged with them);
+    one that was not needs a finite validation KD."""
+    needed = [*TOLERANCE, "held_out_teacher_repetition"] + (_interval_keys() if _has_intervals(metrics) else [])
+    if any(k in metrics for k in needed):
+        bad = [k for k in needed if not _finite(metrics.get(k))]
         return f"its held-out figures are missing or not finite ({', '.join(bad)})" if bad else None
     if not _finite(metrics.get("val_kd")):
         return "it has no finite held-out figures or validation KD to judge it by"
@@ -146,7 +159,17 @@ def unusable_figures(metrics: dict) -> str | None:
 
 
 def loops(metrics: dict) -> str | None:
-    """Why the neuron's own answers count as looping, or None (None also when it was not judged)."""
+    """Why the neuron's own answers count as looping, or None (None also when it was not judged). Judged with
+    intervals, a neuron passes only when the whole interval of its repetition over the teacher's is within the
+    margin: a looping neuron does not pass by luck of the prompts."""
+    if _has_intervals(metrics):
+        low, high, excess = (metrics.get(f"{EXCESS}{end}") for end in ("_low", "_high", ""))
+        if high <= REPETITION_MARGIN:
+            return None
+        verdict = "loops" if low > REPETITION_MARGIN else "may loop (its interval reaches past the bar)"
+        shown = f"{excess:+.3f} " if _finite(excess) else ""
+        return (f"{verdict}: its held-out answers repeat {shown}(90% interval {low:+.3f} to {high:+.3f}) of their "
+                f"4-grams beyond the teacher's answers; allowed: + {REPETITION_MARGIN}")
     rep, teacher = metrics.get("held_out_repetition"), metrics.get("held_out_teacher_repetition")
     if not _finite(rep) or not _finite(teacher) or rep <= teacher + REPETITION_MARGIN:
         return None
@@ -155,9 +178,18 @@ def loops(metrics: dict) -> str | None:
 
 
 def worse_than(new: dict, old: dict) -> str | None:
-    """What makes `new` worse than `old`: the held-out figures when both were judged (KL up, agreement down,
-    repetition up, each beyond `TOLERANCE`), else the validation KD loss. `new` has usable figures
-    (`unusable_figures`); where `old`'s cannot be compared, `new` is not worse."""
+    """What makes `new` worse than `old`. Both judged with intervals: a figure whose interval lies wholly on the
+    worse side of the other's (noise never refuses a version). Judged on held-out prompts without: a figure
+    worse beyond `TOLERANCE`. Else the validation KD loss. `new` has usable figures (`unusable_figures`);
+    where `old`'s cannot be compared, `new` is not worse."""
+    if _has_intervals(new) and _has_intervals(old) and all(_finite(old.get(k)) for k in _interval_keys()):
+        problems = []
+        for k, better in INTERVALS.items():
+            clearly = new[f"{k}_low"] > old[f"{k}_high"] if better == "lower" else new[f"{k}_high"] < old[f"{k}_low"]
+            if clearly:
+                problems.append(f"{k.removeprefix('held_out_')} {new[k]:.3f} ({new[f'{k}_low']:.3f}-{new[f'{k}_high']:.3f}) "
+                                f"against {old[k]:.3f} ({old[f'{k}_low']:.3f}-{old[f'{k}_high']:.3f})")
+        return "; ".join(problems) or None
     if all(_finite(new.get(k)) and _finite(old.get(k)) for k in TOLERANCE):
         problems = []
         if new["held_out_kl"] > old["held_out_kl"] + TOLERANCE["held_out_kl"]:

@@ -180,14 +180,23 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
             ChatTemplateError)
 
 
+def _interval(figures: dict, name: str, fmt: str = ".3f") -> str:
+    low, high = figures.get(f"{name}_low"), figures.get(f"{name}_high")
+    return f" [{low:{fmt}}, {high:{fmt}}]" if low is not None and high is not None else ""
+
+
 def summary(name: str, r, version, active: bool) -> str:
     """What a person reads at the end of a run: how the neuron answers held-out prompts, beside the teacher."""
     lines = [f"neuron {name!r}: adapter {r.adapter_path}"]
     if h := r.held_out:
-        lines += [f"  held-out prompts: {h['prompts']} (its own greedy answers, {r.config['eval_max_new_tokens']} tokens)",
-                  f"  KL(teacher||neuron) {h['kl']:.3f}   top-1 agreement {h['agreement']:.3f}",
-                  f"  repeated 4-grams {h['repetition']:.3f} (teacher {h['teacher_repetition']:.3f})   "
-                  f"teacher NLL of its answers {h['teacher_nll']:.3f}   ends with EOS {h['eos_rate']:.2f} "
+        lines += [f"  held-out prompts: {h['prompts']} (its own greedy answers, {r.config['eval_max_new_tokens']} tokens; "
+                  "90% intervals over prompts in brackets)",
+                  f"  KL(teacher||neuron) {h['kl']:.3f}{_interval(h, 'kl')}   top-1 agreement {h['agreement']:.3f}"
+                  f"{_interval(h, 'agreement')}",
+                  f"  repeated 4-grams {h['repetition']:.3f}{_interval(h, 'repetition')} (teacher {h['teacher_repetition']:.3f}"
+                  + (f"; the neuron's excess {h['repetition_excess']:+.3f}{_interval(h, 'repetition_excess', '+.3f')}"
+                     if "repetition_excess" in h else "") + ")",
+                  f"  teacher NLL of its answers {h['teacher_nll']:.3f}   ends with EOS {h['eos_rate']:.2f} "
                   f"(teacher {h['teacher_eos_rate']:.2f})"]
         for ex in h.get("examples", [])[:1]:
             lines += [f"  e.g. {ex['prompt']}", f"    neuron:  {ex['neuron'][:160]!r}", f"    teacher: {ex['teacher'][:160]!r}"]

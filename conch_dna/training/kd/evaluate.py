@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 
 from conch_dna.neuron import chat_prompt_ids, eos_id
 from conch_dna.training.kd.examples import Example, pad_batch
@@ -28,26 +29,58 @@ from conch_dna.training.kd.losses import next_token_view, token_cross_entropy, t
 
 def compare_to_teacher(student, teacher, examples: list[Example], batch_size: int = 4, logits_width: int | None = None) -> dict:
     """{"kl": mean KL(teacher||student), "agreement": top-1 agreement, "response_ppl": student perplexity,
-    "tokens": scored tokens} over the response tokens of `examples`."""
-    kl = ce = agree = n = 0.0
+    "tokens": scored tokens} over the response tokens of `examples`, and `per_example`: each example's summed
+    KL, agreeing tokens and scored tokens (for intervals over prompts)."""
+    kl, agree, tokens, ce = [], [], [], 0.0
     for start in range(0, len(examples), batch_size):
-        tokens, mask = pad_batch(examples[start : start + batch_size])
-        s_logits, t_logits = student(tokens), teacher(tokens)
+        batch, mask = pad_batch(examples[start : start + batch_size])
+        s_logits, t_logits = student(batch), teacher(batch)
         if logits_width is not None:
             s_logits, t_logits = s_logits[..., :logits_width], t_logits[..., :logits_width]
-        s, targets, m = next_token_view(s_logits, tokens, mask)
+        s, targets, m = next_token_view(s_logits, batch, mask)
         t = t_logits[:, :-1]
         mf = m.astype(mx.float32)
         parts = [
-            (token_divergence(t, s, 1.0) * mf).sum(),
+            (token_divergence(t, s, 1.0) * mf).sum(axis=-1),
+            ((mx.argmax(s, axis=-1) == mx.argmax(t, axis=-1)) & m).sum(axis=-1),
+            mf.sum(axis=-1),
             (token_cross_entropy(s, targets) * mf).sum(),
-            ((mx.argmax(s, axis=-1) == mx.argmax(t, axis=-1)) & m).sum(),
-            mf.sum(),
         ]
         mx.eval(parts)
-        kl, ce, agree, n = kl + parts[0].item(), ce + parts[1].item(), agree + parts[2].item(), n + parts[3].item()
-    d = max(n, 1.0)
-    return {"kl": kl / d, "agreement": agree / d, "response_ppl": math.exp(ce / d), "tokens": int(n)}
+        kl += parts[0].tolist()
+        agree += parts[1].tolist()
+        tokens += parts[2].tolist()
+        ce += parts[3].item()
+    d = max(sum(tokens), 1.0)
+    return {"kl": sum(kl) / d, "agreement": sum(agree) / d, "response_ppl": math.exp(ce / d), "tokens": int(sum(tokens)),
+            "per_example": {"kl": kl, "agreeing": agree, "tokens": tokens}}
+
+
+# Intervals are percentile bootstraps over prompts: the prompts are the sample, each resample draws as many
+# prompts with replacement and pools their tokens (or 4-grams) as the figure itself does. 90% two-sided, so
+# each bound alone is a one-sided 95% bound: what the quality gate decides on.
+INTERVAL_LEVEL = 0.90
+RESAMPLES = 2000
+
+
+def pooled_interval(numerators, denominators, minus: tuple | None = None, *, level: float = INTERVAL_LEVEL,
+                    resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """The bootstrap interval of sum(numerators) / sum(denominators) over prompts (one entry per prompt); with
+    `minus` = (numerators, denominators) of the same prompts, of the difference of the two pooled figures, each
+    resample drawing the same prompts for both (a paired comparison)."""
+    num, den = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
+    if num.shape != den.shape or num.ndim != 1 or num.size == 0:
+        raise ValueError(f"an interval needs one numerator and one denominator per prompt, got {num.shape} and {den.shape}")
+    picks = np.random.default_rng(seed).integers(0, num.size, size=(resamples, num.size))
+
+    def pooled(n, d):
+        return n[picks].sum(axis=1) / np.maximum(d[picks].sum(axis=1), 1e-12)
+
+    stat = pooled(num, den)
+    if minus is not None:
+        stat = stat - pooled(np.asarray(minus[0], dtype=np.float64), np.asarray(minus[1], dtype=np.float64))
+    low, high = np.quantile(stat, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 def text_perplexity(model, tokenizer, text: str | os.PathLike, max_tokens: int = 2048, window: int = 512) -> dict:
@@ -71,19 +104,24 @@ def text_perplexity(model, tokenizer, text: str | os.PathLike, max_tokens: int =
 # ------------------------------------------------------------------------ what a user of the neuron sees
 
 
+def repeated_ngram_counts(ids: list[int], n: int = 4) -> tuple[int, int]:
+    """(n-grams of one answer that already occurred earlier in it, n-grams in it)."""
+    seen: set[tuple[int, ...]] = set()
+    repeats = 0
+    for i in range(len(ids) - n + 1):
+        gram = tuple(ids[i : i + n])
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats, max(len(ids) - n + 1, 0)
+
+
 def repeated_ngram_share(answers: list[list[int]], n: int = 4) -> float:
     """Share of the answers' token n-grams that already occurred earlier in the same answer, pooled over
     answers. 0 for text that never repeats itself; a model stuck in a loop ("The hash-table is a
     hash-table." five times) scores close to 1."""
-    repeats = total = 0
-    for ids in answers:
-        seen: set[tuple[int, ...]] = set()
-        for i in range(len(ids) - n + 1):
-            gram = tuple(ids[i : i + n])
-            repeats += gram in seen
-            seen.add(gram)
-            total += 1
-    return repeats / total if total else 0.0
+    counts = [repeated_ngram_counts(ids, n) for ids in answers]
+    total = sum(t for _, t in counts)
+    return sum(r for r, _ in counts) / total if total else 0.0
 
 
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, system_prompt: str | None = None,
@@ -155,7 +193,9 @@ def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher
     * on the teacher's greedy answers: `kl` (KL(teacher || model), T = 1) and top-1 `agreement`;
     * on the model's own greedy answers: `repetition` (`repeated_ngram_share`, 4-grams), `teacher_nll`
       (the teacher's mean per-token NLL of them) and `eos_rate` (share that stop by themselves within
-      `max_new_tokens`).
+      `max_new_tokens`);
+    * intervals over prompts (`intervals`): `kl_low`, `kl_high`, ..., and `repetition_excess` (the model's
+      repetition minus the teacher's on the same prompts) with `repetition_excess_low` / `_high`.
 
     Pass `teacher_answers` (from `answer(teacher, ...)`) when scoring several models on the same prompts.
     `judging.teacher_lock` is held around the teacher's passes only (a live EGO keeps answering while the
@@ -175,10 +215,27 @@ def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher
         "kl": on_teacher["kl"], "agreement": on_teacher["agreement"], **answer_figures(own, tokenizer),
         "teacher_nll": nll,
         "prompts": len(prompts),
+        **intervals(on_teacher["per_example"], own, teacher_answers),
         # per answer, so methods judged on the same prompts can be compared prompt by prompt
         "repetitions": [repeated_ngram_share([list(e.tokens[e.prompt_len :])]) for e in own],
         "answers": decoded_responses(own, tokenizer),
     }
+
+
+def intervals(per_example: dict, own: list[Example], teacher_answers: list[Example]) -> dict:
+    """`<figure>_low` / `<figure>_high` (`pooled_interval`) of KL, agreement and repetition, and
+    `repetition_excess`: the neuron's repetition minus the teacher's on the same prompts, with its interval."""
+    mine = [repeated_ngram_counts(list(e.tokens[e.prompt_len :])) for e in own]
+    theirs = [repeated_ngram_counts(list(e.tokens[e.prompt_len :])) for e in teacher_answers]
+    rep, teacher_rep = [r for r, _ in mine], [r for r, _ in theirs]
+    grams, teacher_grams = [t for _, t in mine], [t for _, t in theirs]
+    out = {}
+    for name, num in (("kl", per_example["kl"]), ("agreement", per_example["agreeing"])):
+        out[f"{name}_low"], out[f"{name}_high"] = pooled_interval(num, per_example["tokens"])
+    out["repetition_low"], out["repetition_high"] = pooled_interval(rep, grams)
+    out["repetition_excess"] = sum(rep) / max(sum(grams), 1) - sum(teacher_rep) / max(sum(teacher_grams), 1)
+    out["repetition_excess_low"], out["repetition_excess_high"] = pooled_interval(rep, grams, (teacher_rep, teacher_grams))
+    return out
 
 
 def generation_speed(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> float:
