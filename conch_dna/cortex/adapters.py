@@ -51,6 +51,7 @@ class MultiLoRALinear(nn.Module):
         self.in_dims, self.out_dims = linear_dims(linear)
         self.lora_a = mx.zeros((slots, self.in_dims, rank))
         self.lora_b = mx.zeros((slots, rank, self.out_dims))  # the adapter's scale already multiplied in
+        self._cast: dict = {}  # the stacks in a compute dtype, made once per dtype rather than every step
 
     def resize(self, slots: int, rank: int) -> None:
         """Room for `slots` adapters of rank up to `rank` (zero padding changes no product)."""
@@ -62,6 +63,7 @@ class MultiLoRALinear(nn.Module):
         a[: min(s, slots), :, :r] = self.lora_a[:slots]
         b[: min(s, slots), :r, :] = self.lora_b[:slots]
         self.lora_a, self.lora_b = a, b
+        self._cast.clear()
 
     def put(self, slot: int, a: mx.array | None, b: mx.array | None, scale: float) -> None:
         """Write one adapter's matrices into `slot` (None: this adapter leaves the layer alone)."""
@@ -71,13 +73,21 @@ class MultiLoRALinear(nn.Module):
             r = a.shape[1]
             self.lora_a[slot, :, :r] = a.astype(self.lora_a.dtype)
             self.lora_b[slot, :r, :] = (scale * b).astype(self.lora_b.dtype)
+        self._cast.clear()
+
+    def stacks(self, dtype) -> tuple[mx.array, mx.array]:
+        """A and B in `dtype`, as the trainer's LoRA layer casts them before multiplying."""
+        if dtype not in self._cast:
+            self._cast[dtype] = (self.lora_a.astype(dtype), self.lora_b.astype(dtype))
+            mx.eval(self._cast[dtype])
+        return self._cast[dtype]
 
     def __call__(self, x):
         y = self.linear(x)
         single, slots = self.rows.single, self.rows.slots
         if single == BASE_SLOT:
             return y
-        a, b = self.lora_a.astype(x.dtype), self.lora_b.astype(x.dtype)  # as the trainer's LoRA layer computes
+        a, b = self.stacks(x.dtype)
         if single is not None:
             z = (x @ a[single]) @ b[single]
         else:
