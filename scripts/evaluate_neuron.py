@@ -5,7 +5,8 @@
     python scripts/evaluate_neuron.py --domain thinking --adapter models/distilled_neurons/adapters_kd/thinking
 
 Figures (`evaluate.generation_metrics`, greedy, chat template): KL(teacher || model) and top-1 agreement on
-the teacher's answers; repeated 4-grams, the teacher's NLL and the share ending with EOS of its own answers;
+the teacher's answers; repeated 4-grams (and their excess over the teacher's on the same prompts, what the
+quality gate reads), the teacher's NLL and the share ending with EOS of its own answers, with 90% intervals;
 weight bytes beside the teacher's in bf16. Then a few answers side by side.
 """
 
@@ -66,15 +67,18 @@ def main(argv=None) -> int:
         s.eval()
         size = base_bytes + (folder / "adapters.safetensors").stat().st_size if base_bytes else None
         rows.append((f"neuron {name}", s, size))
-    print(f"{args.domain}: {len(prompts)} held-out prompts, greedy answers of {args.max_new_tokens} tokens\n")
-    print("| model | KL(teacher‖model) | top-1 agreement | repeated 4-grams | teacher NLL of its answers | ends with EOS | weight bytes (share of teacher bf16) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"{args.domain}: {len(prompts)} held-out prompts, greedy answers of {args.max_new_tokens} tokens; "
+          "90% intervals over prompts in brackets\n")
+    print("| model | KL(teacher‖model) | top-1 agreement | repeated 4-grams | over the teacher's | teacher NLL of its answers | ends with EOS | weight bytes (share of teacher bf16) |")
+    print("|---|---|---|---|---|---|---|---|")
     answers = {}
     for name, model, size in rows:
         g = generation_metrics(model, teacher, tok, prompts, teacher_answers=t_answers, max_new_tokens=args.max_new_tokens)
         answers[name] = g["answers"]
         share = f"{size / 1e6:.1f} MB ({size / teacher_bf16:.0%})" if size else "?"
-        print(f"| {name} | {g['kl']:.3f} | {g['agreement']:.3f} | {g['repetition']:.3f} | {g['teacher_nll']:.3f} | "
+        shown = {k: f"{g[k]:.3f} [{g[k + '_low']:.3f}, {g[k + '_high']:.3f}]" for k in ("kl", "agreement", "repetition")}
+        excess = f"{g['repetition_excess']:+.3f} [{g['repetition_excess_low']:+.3f}, {g['repetition_excess_high']:+.3f}]"
+        print(f"| {name} | {shown['kl']} | {shown['agreement']} | {shown['repetition']} | {excess} | {g['teacher_nll']:.3f} | "
               f"{g['eos_rate']:.2f} | {share} |", flush=True)
     for i, prompt in enumerate(prompts[: args.answers]):
         print(f"\n### {prompt}")

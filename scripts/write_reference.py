@@ -136,13 +136,13 @@ def _first_line(obj) -> str:
 
 
 def python_api() -> str:
-    from conch_dna.cortex import AnswerStream, Cortex, NeuronRegistry
+    from conch_dna.cortex import AnswerStream, Cortex, NeuronRegistry, Sampling
     from conch_dna.ego import EGO
     from conch_dna.ego.experience import ExperienceStore
     from conch_dna.training.kd import TrueKnowledgeDistiller
 
     rows = []
-    for cls in (TrueKnowledgeDistiller, NeuronRegistry, Cortex, AnswerStream, EGO, ExperienceStore):
+    for cls in (TrueKnowledgeDistiller, NeuronRegistry, Cortex, AnswerStream, Sampling, EGO, ExperienceStore):
         rows += [f"### `{cls.__module__}.{cls.__name__}`", "", *_public_api(cls), ""]
     return "\n".join(rows).rstrip()
 

@@ -46,6 +46,18 @@ class NeuronAnswer:
     completion_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a request decodes: at most `max_tokens` tokens, greedy at temperature 0 (else sampled, nucleus
+    `top_p`), ending before any `stop` string; `ignore_eos` decodes all `max_tokens` (for benchmarks)."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+
+
 @cache
 def _sampler(temperature: float, top_p: float):
     """One sampler object per setting, so that a batch sharing one samples all rows in one call."""
@@ -156,27 +168,27 @@ class Cortex:
             raise NeuronNotFoundError(f"neuron {neuron!r} has no active version; distil it first (known: {known})")
         return version
 
-    def stream(self, neuron: str | None, prompt: str | list, *, max_tokens: int = 128, system_prompt: str | None = None,
-               temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), ignore_eos: bool = False) -> AnswerStream:
+    def stream(self, neuron: str | None, prompt: str | list, *, system_prompt: str | None = None, **sampling) -> AnswerStream:
         """Start answering `prompt` with `neuron`'s active version: a user turn (str), a conversation (list of
-        {"role", "content"}) or token ids (list of int, used as they are). `ignore_eos`: decode all `max_tokens`
-        (for benchmarks)."""
+        {"role", "content"}) or token ids (list of int, used as they are). `sampling`: the fields of `Sampling`
+        (max_tokens, temperature, top_p, stop, ignore_eos)."""
+        s = Sampling(**sampling)
         if not prompt:
             raise ValueError("the prompt is empty")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-        if prompt and all(isinstance(t, int) for t in prompt):
+        if s.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {s.max_tokens}")
+        if all(isinstance(t, int) for t in prompt):
             ids = list(prompt)
         else:
             turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             ids = chat_ids(self.tokenizer, ([{"role": "system", "content": system_prompt}] if system_prompt else []) + turns)
-        if len(ids) + max_tokens > self.context_length:
-            raise PromptTooLongError(f"the prompt is {len(ids)} tokens and {max_tokens} more were asked for: the base "
+        if len(ids) + s.max_tokens > self.context_length:
+            raise PromptTooLongError(f"the prompt is {len(ids)} tokens and {s.max_tokens} more were asked for: the base "
                                      f"model's context is {self.context_length} tokens; shorten the prompt or max_tokens")
         version = self.version_for(neuron)
-        request = Request(ids, version, max_tokens, _sampler(float(temperature), float(top_p)),
-                          self.tokenizer.detokenizer, ignore_eos=ignore_eos)
-        return AnswerStream(self.engine.submit(request), neuron or self.base_model_id, stop)
+        request = Request(ids, version, s.max_tokens, _sampler(float(s.temperature), float(s.top_p)),
+                          self.tokenizer.detokenizer, ignore_eos=s.ignore_eos)
+        return AnswerStream(self.engine.submit(request), neuron or self.base_model_id, s.stop)
 
     def generate(self, domain: str | None, prompt: str | list, max_tokens: int = 128, system_prompt: str | None = None,
                  **sampling) -> NeuronAnswer:

@@ -110,17 +110,18 @@ def build_tiny_model(dest: str | Path, *, seed: int = 0, tokenizer_from: str | P
                               info={"tiny": True, "seed": seed})
 
 
-def build_random_adapter(model_folder: str | Path, dest: str | Path, *, seed: int, rank: int = 8, num_layers: int = 2,
-                         keys: list[str] | None = None, scale: float = 10.0, std: float = 0.3) -> Path:
-    """Write an mlx-lm LoRA adapter folder for the model at `model_folder` with random A and B: a neuron that
-    answers unlike its base, for tests and serving benchmarks (no training needed)."""
+def build_random_adapter(model_folder: str | Path, dest: str | Path, *, seed: int, num_layers: int = 2, std: float = 0.3,
+                         **lora_parameters) -> Path:
+    """Write an mlx-lm LoRA adapter folder for the model at `model_folder` with random A and B (normal, `std`):
+    a neuron that answers unlike its base, for tests and serving benchmarks (no training needed).
+    `lora_parameters`: mlx-lm's (rank, scale, keys; default rank 8, scale 10, its default keys)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from conch_dna.models import load_model
 
-    params = {"rank": rank, "scale": scale, "dropout": 0.0, **({"keys": list(keys)} if keys is not None else {})}
+    params = {"rank": 8, "scale": 10.0, "dropout": 0.0, **{k: v for k, v in lora_parameters.items() if v is not None}}
     model, _ = load_model(str(model_folder))
     model.freeze()
     linear_to_lora_layers(model, num_layers, params)
