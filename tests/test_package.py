@@ -2,6 +2,7 @@
 fresh virtual environment (dependencies from the package index, no checkout on the path); then, from another
 folder, the installed commands and the public API work, with the packaged domains and settings."""
 
+import http.client
 import json
 import os
 import re
@@ -63,6 +64,8 @@ def test_the_cli_answers_help_from_any_folder(installed, tmp_path):
     out = run_installed(installed, "conch-distill", "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "--temperature" in out.stdout and "default 2.0" in out.stdout
+    out = run_installed(installed, "conch-cortex", "serve", "--help", cwd=tmp_path)
+    assert out.returncode == 0 and "--registry" in out.stdout, out.stderr
 
 
 def test_the_public_api_and_the_packaged_domains(installed, tmp_path):
@@ -90,6 +93,19 @@ def test_the_installed_cli_distils_one_step_on_tiny_models(installed, tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["domain"] == "thinking" and result["registered_version"] == 1
     assert (tmp_path / "models" / "distilled_neurons" / "adapters_kd" / "thinking" / "adapters.safetensors").is_file()
+    # and the installed server answers with the neuron it registered
+    server = subprocess.Popen(["conch-cortex", "serve", "--registry", "registry", "--port", "0"], cwd=tmp_path,
+                              env=installed[1], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = int(server.stdout.readline().rsplit(":", 1)[1].split("/")[0])
+        body = json.dumps({"model": "thinking", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/v1/chat/completions", body=body)
+        reply = json.loads(conn.getresponse().read())
+        assert reply["system_fingerprint"] == "thinking-v1" and reply["usage"]["completion_tokens"] >= 1
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def test_the_prepared_default_models_are_in_the_users_cache(installed, tmp_path):
