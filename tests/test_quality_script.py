@@ -71,5 +71,6 @@ def test_evaluate_neuron_script(tiny_pair, tmp_path, capsys):
     assert mod.main(["--teacher", str(tiny_pair[0]), "--student", str(tiny_pair[1]), "--registry", str(tmp_path / "reg"),
                      "--max-new-tokens", "8", "--answers", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| teacher | 0.000 | 1.000 |" in out and "| untrained student |" in out and "| neuron v1 (active) |" in out
+    assert "| teacher | 0.000 [0.000, 0.000] | 1.000 [1.000, 1.000] |" in out and "| untrained student |" in out
+    assert "| neuron v1 (active) |" in out and "over the teacher's" in out
     assert out.count("- **") == 3  # one answer of each model, side by side
