@@ -2,6 +2,7 @@
 version, adapters stay within their memory budget, and sampling, stop strings and streaming behave."""
 
 import threading
+import time
 
 import mlx.core as mx
 import pytest
@@ -86,9 +87,9 @@ def test_streaming_and_stop_strings(neurons):
         early = cortex.stream("task", QUESTIONS[1], max_tokens=2000)
         next(iter(early))
         early.close()
-        deadline = __import__("time").monotonic() + 10
-        while cortex.engine.in_flight and __import__("time").monotonic() < deadline:
-            __import__("time").sleep(0.01)
+        deadline = time.monotonic() + 10
+        while cortex.engine.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert cortex.engine.in_flight == 0
 
 

@@ -116,8 +116,8 @@ class Engine:
 
     @property
     def in_flight(self) -> int:
-        """Requests admitted and not finished (decoding or processing their prompt)."""
-        return len(self._running)
+        """Requests submitted and not finished: waiting, processing their prompt or decoding."""
+        return self._incoming.qsize() + len(self._waiting) + len(self._running)
 
     def submit(self, request: Request) -> Request:
         with self._start_lock:
