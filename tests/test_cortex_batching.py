@@ -165,3 +165,25 @@ def test_batched_answers_equal_alone_on_the_default_student(default_pair, tmp_pa
     for (neuron, q), text in zip(jobs, answers):
         assert text == alone(student, registry, neuron, q, 16), (neuron, q)
     assert len(set(answers[:4])) >= 3  # the neurons answer differently
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_refused(neurons, tmp_path):
+    """Read back from the registry, an adapter is checked against the base before any row uses it."""
+    import json
+
+    from conch_dna.cortex.registry import AdapterMismatchError, NeuronVersion
+
+    registry, student = neurons
+    model, _ = load_model(str(student))
+    slots = AdapterSlots(model, lambda v: tmp_path / v.neuron)
+    for name, key, shape in (("norm", "model.layers.0.input_layernorm", (32, 4)), ("wide", "model.layers.0.self_attn.q_proj", (48, 4))):
+        (tmp_path / name).mkdir()
+        mx.save_safetensors(str(tmp_path / name / "adapters.safetensors"),
+                            {f"{key}.lora_a": mx.zeros(shape), f"{key}.lora_b": mx.zeros((4, 32))})
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"lora_parameters": {"rank": 4, "scale": 1.0}}))
+    version = dict(version=1, path="x", sha256="0", created="now")
+    with pytest.raises(AdapterMismatchError, match="no linear layer"):
+        slots.acquire(NeuronVersion(neuron="norm", **version))
+    with pytest.raises(AdapterMismatchError, match="trained on another base"):
+        slots.acquire(NeuronVersion(neuron="wide", **version))
+    assert not slots.loaded and not slots.layers  # nothing half-loaded

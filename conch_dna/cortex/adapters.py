@@ -173,10 +173,13 @@ class AdapterSlots:
     def _write(self, slot: int, pairs: dict, scale: float) -> None:
         modules = dict(self.model.named_modules())
         for path, (a, b) in pairs.items():
-            layer = self.layers.get(path) or modules.get(path)
-            if layer is None or not hasattr(layer, "weight") and not isinstance(layer, MultiLoRALinear):
+            layer = self.layers[path] if path in self.layers else modules.get(path)
+            if isinstance(layer, MultiLoRALinear):
+                dims = (layer.in_dims, layer.out_dims)
+            elif isinstance(layer, nn.Linear | nn.QuantizedLinear):
+                dims = linear_dims(layer)
+            else:
                 raise AdapterMismatchError(f"the adapter adapts {path}, which the base model has no linear layer at")
-            dims = (layer.in_dims, layer.out_dims) if isinstance(layer, MultiLoRALinear) else linear_dims(layer)
             if a.shape[0] != dims[0] or b.shape[1] != dims[1] or a.shape[1] != b.shape[0]:
                 raise AdapterMismatchError(f"the adapter's {path} is {a.shape[0]}x{b.shape[1]} (rank {a.shape[1]}); the "
                                            f"base model's layer is {dims[0]}x{dims[1]}: it was trained on another base")
