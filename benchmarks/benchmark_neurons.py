@@ -40,6 +40,17 @@ METHODS = {
     "on_policy": dict(on_policy_lambda=0.5),
 }
 FIGURES = ("kl", "agreement", "repetition", "teacher_nll", "eos_rate")
+# 90% intervals over prompts (evaluate.intervals): what the registry's gate decides on
+INTERVAL_FIGURES = tuple(f"{k}_{end}" for k in ("kl", "agreement", "repetition", "repetition_excess") for end in ("low", "high"))
+SAVED = (*FIGURES, "repetition_excess", *INTERVAL_FIGURES)
+
+
+def gate_verdict(figures: dict) -> str:
+    """The registry gate's loop verdict on these held-out figures: "passes", "may loop" or "loops"."""
+    from conch_dna.cortex.registry import loops
+
+    why = loops({f"held_out_{k}": v for k, v in figures.items()})
+    return "passes" if why is None else why.split(":")[0].split(" (")[0]
 
 
 def mean_sd(xs):
@@ -113,9 +124,10 @@ def main(argv=None) -> int:
         folder = model_path(student)
         if teacher_bf16 is None:
             teacher_bf16 = bf16_bytes(teacher)
-            results["cost"]["teacher"] = {"weight_bytes_bf16": teacher_bf16,
+            results["cost"]["teacher"] = {"weight_bytes_bf16": teacher_bf16, "flops_per_token": model_flops(args.teacher),
                                           "tokens_per_second": generation_speed(teacher, tok, speed_prompt)}
         results["cost"][student] = {"weight_bytes": weight_bytes(folder) if folder else None,
+                                    "flops_per_token": model_flops(student),
                                     "tokens_per_second": generation_speed(s, tok, speed_prompt)}
         del s
     for domain in args.domains:
@@ -130,9 +142,9 @@ def main(argv=None) -> int:
                     if method == "start":  # the adapter's residual start (lora.init), before any step
                         start_only(s, teacher, tok, domain, args)
                     g = generation_metrics(s, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=args.eval_tokens)
-                    per[method] = [{k: g[k] for k in FIGURES} | {"answer": g["answers"][0], "repetitions": g["repetitions"]}]
-                    print(json.dumps({"domain": domain, "student": student, "method": method,
-                                      **{k: round(g[k], 4) for k in FIGURES}}), flush=True)
+                    per[method] = [{k: g[k] for k in SAVED} | {"answer": g["answers"][0], "repetitions": g["repetitions"]}]
+                    print(json.dumps({"domain": domain, "student": student, "method": method, "gate": gate_verdict(g),
+                                      **{k: round(g[k], 4) for k in SAVED}}), flush=True)
                     continue
                 for seed in args.seeds:
                     cfg = KDConfig(**{"iters": args.iters, "max_seq_length": args.max_seq_length, "seed": seed,
@@ -147,11 +159,11 @@ def main(argv=None) -> int:
                     load_adapters(s, r.adapter_path)
                     s.eval()
                     g = generation_metrics(s, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=args.eval_tokens)
-                    per.setdefault(method, []).append({k: g[k] for k in FIGURES} | {
+                    per.setdefault(method, []).append({k: g[k] for k in SAVED} | {
                         "answer": g["answers"][0], "repetitions": g["repetitions"], "val_kd": r.final_val_kd, "seconds": time.perf_counter() - t0,
                         "adapter_bytes": (Path(r.adapter_path) / "adapters.safetensors").stat().st_size})
                     print(json.dumps({"domain": domain, "student": student, "method": method, "seed": seed,
-                                      **{k: round(g[k], 4) for k in FIGURES}}), flush=True)
+                                      "gate": gate_verdict(g), **{k: round(g[k], 4) for k in SAVED}}), flush=True)
                     if args.out:  # after every run: a long benchmark cut short keeps what it measured
                         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                         Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2))
@@ -164,6 +176,14 @@ def main(argv=None) -> int:
         Path(args.out).write_text(report)
         Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2))
     return 0
+
+
+def model_flops(model_id: str) -> int | None:
+    """Forward FLOPs per token of a local model (None for a hub id): `flops_per_token` at no context."""
+    from conch_dna.models import flops_per_token, model_path
+
+    folder = model_path(model_id)
+    return flops_per_token(json.loads((folder / "config.json").read_text())) if folder else None
 
 
 def start_only(student, teacher, tok, domain: str, args) -> dict:
@@ -187,36 +207,47 @@ def render(results: dict, args) -> str:
     cmd = "python benchmarks/benchmark_neurons.py " + " ".join(sys.argv[1:])
     lines = [f"Command: `{cmd}`", "",
              f"Seeds {args.seeds}; {args.iters} steps; held-out answers of {args.eval_tokens} tokens (greedy, chat "
-             "template). Mean ± standard deviation over seeds.", ""]
+             "template). Mean ± standard deviation over seeds; one run shows its 90% interval over prompts.", ""]
     cost = results["cost"]
-    t_bytes, t_tps = cost["teacher"]["weight_bytes_bf16"], cost["teacher"]["tokens_per_second"]
-    lines += ["| model | weight MB | share of the teacher's bf16 bytes | generation tokens/s (1 stream) |", "|---|---|---|---|",
-              f"| teacher (bf16) | {t_bytes / 1e6:.1f} | 100% | {t_tps:.1f} |"]
+    t_bytes, t_flops = cost["teacher"]["weight_bytes_bf16"], cost["teacher"]["flops_per_token"]
+    lines += ["| model | weight MB | of the teacher's bf16 bytes | MFLOPs per token | of the teacher's | tokens/s (1 stream) |",
+              "|---|---|---|---|---|---|",
+              f"| teacher (bf16) | {t_bytes / 1e6:.1f} | 100% | {t_flops / 1e6:.0f} | 100% | {cost['teacher']['tokens_per_second']:.1f} |"]
     for name, c in cost.items():
         if name != "teacher" and c["weight_bytes"]:
-            lines.append(f"| {name} | {c['weight_bytes'] / 1e6:.1f} | {c['weight_bytes'] / t_bytes:.0%} | {c['tokens_per_second']:.1f} |")
+            lines.append(f"| {name} | {c['weight_bytes'] / 1e6:.1f} | {c['weight_bytes'] / t_bytes:.1%} | "
+                         f"{c['flops_per_token'] / 1e6:.0f} | {c['flops_per_token'] / t_flops:.0%} | {c['tokens_per_second']:.1f} |")
     lines.append("")
     for domain, rows in results["domains"].items():
         t = rows["teacher"]
         lines += [f"### {domain}", "", f"{t.get('prompts', '?')} held-out prompts. Teacher's own answers: repeated 4-grams {t['repetition']:.3f}, "
                   f"end with EOS {t['eos_rate']:.2f}.", "",
-                  "| student | method | KL(teacher‖neuron) | top-1 agreement | repeated 4-grams | teacher NLL of its answers | ends with EOS | KL gap closed |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| student | method | KL(teacher‖neuron) | top-1 agreement | repeated 4-grams | over the teacher's | "
+                  "teacher NLL of its answers | ends with EOS | KL gap closed | gate |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for student, per in rows.items():
             if student == "teacher":
                 continue
             base = per.get("untrained", [{}])[0].get("kl")
             for method, runs in per.items():
-                cols = []
-                for key in FIGURES:
-                    mu, sd = mean_sd([r[key] for r in runs])
-                    cols.append(f"{mu:.3f} ± {sd:.3f}" if len(runs) > 1 else f"{mu:.3f}")
+                cols = [cell(runs, key) for key in ("kl", "agreement", "repetition", "repetition_excess", "teacher_nll", "eos_rate")]
                 kl = mean_sd([r["kl"] for r in runs])[0]
                 gap = f"{(base - kl) / base:.0%}" if base and method != "untrained" else ""
-                lines.append(f"| {student} | {method} | " + " | ".join(cols) + f" | {gap} |")
+                gates = ", ".join(gate_verdict(r) for r in runs) if all("repetition_excess_high" in r for r in runs) else ""
+                lines.append(f"| {student} | {method} | " + " | ".join(cols) + f" | {gap} | {gates} |")
         lines.append("")
     return "\n".join(lines)
 
+
+def cell(runs: list[dict], key: str) -> str:
+    """A figure over seeds (mean ± sd), or one run's figure with its interval where it has one."""
+    if len(runs) > 1:
+        mu, sd = mean_sd([r.get(key) for r in runs])
+        return f"{mu:.3f} ± {sd:.3f}"
+    r, sign = runs[0], "+" if key == "repetition_excess" else ""
+    if f"{key}_low" in r:
+        return f"{r[key]:{sign}.3f} [{r[f'{key}_low']:{sign}.3f}, {r[f'{key}_high']:{sign}.3f}]"
+    return f"{r[key]:{sign}.3f}" if key in r else ""
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,12 @@
     python benchmarks/corpus_kd_curve.py --student smollm2-135m-instruct-pruned16 \\
         --text /usr/share/doc/python3.11/html/_sources --tokens 20000000 --points 8 --out corpus_kd
 
-The teacher scores the corpus (dense targets, no generation: `KDConfig.text`, `text_share = 1`); the run
+The teacher scores the corpus (dense targets, no generation: `KDConfig.text`, `text_share = 1`). With
+`--prompts FILE` the teacher also answers those prompts (sampled, as for a domain) and its answers make up
+`1 - --text-share` of the sequences: chat-shaped data beside the corpus (benchmarks/heal/chat.txt: the first
+lines of chatterbot-corpus's English conversations and the questions of Python's FAQ, none a domain prompt).
+`--max-seconds` stops the run cleanly at a checkpoint; `--resume` continues it (same settings) in a later
+run, so a long healing spans several machine sessions; the curve covers every checkpoint kept. The run
 checkpoints `--points` times, and each checkpoint is judged on the held-out prompts of `--domain`
 (`evaluate.generation_metrics`: KL and agreement on the teacher's greedy answers, repetition and teacher NLL of
 its own) and on held-out corpus windows (validation KD at T = 1 and agreement). Writes <out>.json and, with
@@ -31,8 +36,9 @@ def main(argv=None) -> int:
     from conch_dna.models import load_model
     from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
     from conch_dna.training.kd.checkpoints import checkpoint_dirs
-    from conch_dna.training.kd.domains import load_held_out
+    from conch_dna.training.kd.domains import load_held_out, load_prompts
     from conch_dna.training.kd.evaluate import answer, generation_metrics
+    from conch_dna.training.kd.trainer import TrainingCancelled
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="default-teacher")
@@ -46,6 +52,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--prompts", help="prompt file the teacher answers; its answers are 1 - text-share of the sequences")
+    ap.add_argument("--text-share", type=float, default=1.0, help="share of corpus windows among the sequences")
+    ap.add_argument("--max-seconds", type=float, help="stop at a checkpoint after this long (continue with --resume)")
+    ap.add_argument("--resume", action="store_true", help="continue the run saved in --work")
     ap.add_argument("--domain", default="thinking", help="whose held-out prompts judge each checkpoint")
     ap.add_argument("--eval-tokens", type=int, default=64)
     ap.add_argument("--work", default="models/corpus_kd")
@@ -54,46 +64,65 @@ def main(argv=None) -> int:
     configure_logging(json_lines=True)
     iters = max(args.points, args.tokens // (args.batch_size * args.max_seq_length))
     every = max(1, iters // args.points)
-    cfg = KDConfig(teacher_model_id=args.teacher, student_model_id=args.student, text=args.text, text_share=1.0,
+    prompts = load_prompts(args.prompts) if args.prompts else []
+    cfg = KDConfig(teacher_model_id=args.teacher, student_model_id=args.student, text=args.text, text_share=args.text_share,
                    text_val_windows=32, iters=iters, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
                    learning_rate=args.learning_rate, temperature=args.temperature, alpha=args.alpha,
                    warmup_steps=min(100, iters // 10), val_interval=every, checkpoint_interval=every,
                    keep_checkpoints=args.points + 1, output_dir=args.work, eval_max_new_tokens=0,
-                   lora={"rank": args.lora_rank})
+                   lora={"rank": args.lora_rank}, generation={"batch_size": 128})
     teacher, tok = load_model(args.teacher)
     d = TrueKnowledgeDistiller(config=cfg, teacher=teacher, teacher_tokenizer=tok)
     t0 = time.perf_counter()
-    r = d.distill_domain("corpus", [], held_out=[])
+    stop = (lambda: time.perf_counter() - t0 > args.max_seconds) if args.max_seconds is not None else None
+    try:
+        r = d.distill_domain("corpus", prompts, held_out=[], resume=args.resume, should_stop=stop)
+        speed = r.tokens_processed / r.training_seconds
+    except TrainingCancelled as e:
+        print(f"stopped: {e}", flush=True)
+        speed = None
     train_seconds = time.perf_counter() - t0
-    out_dir = Path(r.adapter_path)
-    val = {row["step"]: row for row in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())
-           if row["type"] == "val"}
+    out_dir = Path(cfg.output_dir) / "corpus"
+    metrics = out_dir / "metrics.jsonl"  # absent when stopped before training began
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    val = {row["step"]: row for row in rows if row["type"] == "val"}
+    trained = tokens_by_step(rows)
     held = load_held_out(args.domain)
     t_answers = answer(teacher, tok, held, args.eval_tokens)
     curve = []
     student, _ = load_model(args.student)
     g = generation_metrics(student, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=args.eval_tokens)
     curve.append({"step": 0, "tokens": 0, **{k: v for k, v in g.items() if k != "answers"}, "answer": g["answers"][0],
-                  "val_kd": val[0]["val_kd"], "val_agreement": val[0]["val_agreement"]})
+                  "val_kd": val.get(0, {}).get("val_kd"), "val_agreement": val.get(0, {}).get("val_agreement")})
     for ckpt in checkpoint_dirs(out_dir):
         step = json.loads((ckpt / "state.json").read_text())["step"]
         student, _ = load_model(args.student)
         load_adapters(student, str(ckpt))
         student.eval()
         g = generation_metrics(student, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=args.eval_tokens)
-        curve.append({"step": step, "tokens": step * args.batch_size * (args.max_seq_length - 1),
+        curve.append({"step": step, "tokens": trained.get(step),
                       **{k: v for k, v in g.items() if k != "answers"}, "answer": g["answers"][0],
                       "val_kd": val.get(step, {}).get("val_kd"), "val_agreement": val.get(step, {}).get("val_agreement")})
         print(json.dumps({k: v for k, v in curve[-1].items() if k != "answer"}), flush=True)
     from conch_dna.training.kd.evaluate import answer_figures
 
     teacher_rep = answer_figures(t_answers, tok)["repetition"]
-    result = {"args": vars(args), "iters": iters, "train_seconds": train_seconds, "tokens_per_second":
-              r.tokens_processed / r.training_seconds, "teacher_repetition": teacher_rep, "curve": curve}
+    result = {"args": vars(args), "iters": iters, "train_seconds": train_seconds, "tokens_per_second": speed,
+              "teacher_repetition": teacher_rep, "curve": curve}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, Path(args.out).with_suffix(".png"))
     return 0
+
+
+def tokens_by_step(rows: list[dict]) -> dict[int, int]:
+    """Training tokens seen up to each step, from metrics.jsonl's step rows (a resumed run counts from zero
+    again: its counts continue the earlier run's)."""
+    seen, last, out = 0, 0, {}
+    for row in (r for r in rows if r["type"] == "train"):
+        seen += row["tokens"] - last if row["tokens"] >= last else row["tokens"]
+        last, out[row["step"]] = row["tokens"], seen
+    return out
 
 
 def plot(result: dict, path: Path) -> None:

@@ -269,3 +269,25 @@ def test_conch_dtype_overrides_the_compute_dtype(monkeypatch):
         compute_dtype()
     monkeypatch.delenv("CONCH_DTYPE")
     assert compute_dtype() == (mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16)
+
+
+def test_flops_per_token_counts_every_matmul():
+    from conch_dna.models import flops_per_token
+
+    cfg = {"hidden_size": 8, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "intermediate_size": 16, "vocab_size": 10}
+    # per block: q and o 8x8, k and v 8x4, MLP 3 x 8x16; then the head 8x10; attention 2 x 2 heads x 4 dims per earlier token
+    block = 64 + 64 + 32 + 32 + 3 * 128
+    assert flops_per_token(cfg) == 2 * (3 * block + 80)
+    assert flops_per_token(cfg, context=5) == 2 * (3 * (block + 2 * 2 * 4 * 5) + 80)
+    assert flops_per_token({**cfg, "num_hidden_layers": 1}) < flops_per_token(cfg)
+
+
+def test_default_students_flops_against_the_teacher(default_pair):
+    """Depth pruning cuts the blocks' FLOPs, not the output head's: 16 of 30 layers cost 63% of the teacher."""
+    from conch_dna.models import flops_per_token
+
+    teacher = json.loads((default_pair[0] / "config.json").read_text())
+    pruned = {**teacher, "num_hidden_layers": len(STUDENT_LAYERS)}
+    assert flops_per_token(teacher) == 268_959_744
+    assert round(flops_per_token(pruned) / flops_per_token(teacher), 3) == 0.632

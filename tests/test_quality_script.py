@@ -35,6 +35,14 @@ def test_benchmark_neurons_tiny(tiny_pair, tmp_path):
     assert data["domains"]["thinking"]["teacher"]["prompts"] == judged and f"{judged} held-out prompts" in report
     assert all(len(r["repetitions"]) == judged for runs_ in runs.values() for r in runs_)
     assert data["cost"][str(tiny_pair[1])]["weight_bytes"] > 0 and data["cost"]["teacher"]["tokens_per_second"] > 0
+    assert 0 < data["cost"][str(tiny_pair[1])]["flops_per_token"] < data["cost"]["teacher"]["flops_per_token"]
+    one = runs["untrained"][0]  # one run: its intervals and the gate's verdict are in the table
+    assert one["kl_low"] <= one["kl"] <= one["kl_high"] and "repetition_excess_high" in one
+    assert f"| {one['kl']:.3f} [{one['kl_low']:.3f}, {one['kl_high']:.3f}] |" in report
+    assert mod.gate_verdict(one) in report.split(f"| {tiny_pair[1]} | untrained |")[1].splitlines()[0]
+    assert mod.gate_verdict({"repetition_excess": 0.2, "repetition_excess_low": 0.1, "repetition_excess_high": 0.3}) == "loops"
+    assert mod.gate_verdict({"repetition_excess": 0.04, "repetition_excess_low": 0.0, "repetition_excess_high": 0.09}) == "may loop"
+    assert mod.gate_verdict({"repetition_excess": 0.0, "repetition_excess_low": -0.02, "repetition_excess_high": 0.03}) == "passes"
     with pytest.raises(SystemExit):
         mod.main(["--methods", "nonsense"])
     (judge / "thinking.txt").write_text(load_domains()["thinking"][0] + "\n")  # a training prompt: refused
@@ -74,3 +82,41 @@ def test_evaluate_neuron_script(tiny_pair, tmp_path, capsys):
     assert "| teacher | 0.000 [0.000, 0.000] | 1.000 [1.000, 1.000] |" in out and "| untrained student |" in out
     assert "| neuron v1 (active) |" in out and "over the teacher's" in out
     assert out.count("- **") == 3  # one answer of each model, side by side
+
+
+def _load_script(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_corpus_kd_curve_with_teacher_answers_stops_and_resumes(tiny_pair, tmp_path):
+    """The healing curve mixes corpus windows with the teacher's answers to a prompt file, stops cleanly when
+    its time is up and continues with --resume; each kept checkpoint is judged once."""
+    mod = _load_script("corpus_kd_curve", "benchmarks/corpus_kd_curve.py")
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(f"The function number {i} returns a list of {i % 7} items sorted by name." for i in range(900)))
+    prompts = tmp_path / "chat.txt"
+    prompts.write_text("What is a list?\nHow do I sort names?\nWhy use a dictionary?\nWhat does return do?\n")
+    args = ["--teacher", str(tiny_pair[0]), "--student", str(tiny_pair[1]), "--text", str(text), "--prompts", str(prompts),
+            "--text-share", "0.5", "--tokens", str(8 * 4 * 64), "--points", "2", "--batch-size", "4", "--max-seq-length", "64",
+            "--lora-rank", "4", "--eval-tokens", "4", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "curve")]
+    assert mod.main([*args, "--max-seconds", "0"]) == 0  # stops before its first step: only the start is judged
+    first = json.loads((tmp_path / "curve.json").read_text())
+    assert [p["step"] for p in first["curve"]] == [0] and first["tokens_per_second"] is None
+    assert mod.main([*args, "--resume"]) == 0
+    curve = json.loads((tmp_path / "curve.json").read_text())["curve"]
+    assert [p["step"] for p in curve] == [0, 4, 8]
+    assert 0 < curve[1]["tokens"] < curve[2]["tokens"] <= 8 * 4 * 64
+    assert all({"kl", "kl_low", "kl_high", "agreement", "repetition"} <= set(p) for p in curve)
+    rows = [json.loads(line) for line in (tmp_path / "work" / "corpus" / "metrics.jsonl").read_text().splitlines()]
+    answers = [r for r in rows if r["type"] == "train"]
+    assert answers and curve[2]["tokens"] == mod.tokens_by_step(rows)[8]
+
+
+def test_tokens_by_step_continues_across_a_resume():
+    mod = _load_script("corpus_kd_curve", "benchmarks/corpus_kd_curve.py")
+    rows = [{"type": "train", "step": 1, "tokens": 100}, {"type": "val", "step": 1}, {"type": "train", "step": 2, "tokens": 250},
+            {"type": "train", "step": 3, "tokens": 120}, {"type": "train", "step": 4, "tokens": 200}]  # resumed after step 2
+    assert mod.tokens_by_step(rows) == {1: 100, 2: 250, 3: 370, 4: 450}

@@ -43,6 +43,19 @@ def bf16_bytes(model) -> int:
     return sum(2 * p.size if mx.issubdtype(p.dtype, mx.floating) else p.nbytes for _, p in tree_flatten(model.parameters()))
 
 
+def flops_per_token(config: dict, context: int = 0) -> int:
+    """Forward FLOPs (2 per multiply-add) of one token through a llama-style decoder described by its
+    `config.json`: every block's projections and MLP, the output head, and attention over `context` earlier
+    tokens. What a student costs to run, against its teacher, independent of the machine."""
+    d, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or d // heads
+    kv = config.get("num_key_value_heads") or heads
+    block = d * heads * head_dim * 2 + d * kv * head_dim * 2 + 3 * d * config["intermediate_size"]
+    attention = 2 * heads * head_dim * context
+    return 2 * (layers * (block + attention) + d * config["vocab_size"])
+
+
 def model_path(path_or_id: str | os.PathLike) -> Path | None:
     """The local folder a model id names (an offline default, prepared on first use, or an existing path);
     None for a hub id."""
