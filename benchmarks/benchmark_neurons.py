@@ -47,10 +47,9 @@ SAVED = (*FIGURES, "repetition_excess", *INTERVAL_FIGURES)
 
 def gate_verdict(figures: dict) -> str:
     """The registry gate's loop verdict on these held-out figures: "passes", "may loop" or "loops"."""
-    from conch_dna.cortex.registry import loops
+    from conch_dna.cortex.registry import loop_verdict
 
-    why = loops({f"held_out_{k}": v for k, v in figures.items()})
-    return "passes" if why is None else why.split(":")[0].split(" (")[0]
+    return loop_verdict({f"held_out_{k}": v for k, v in figures.items()})
 
 
 def mean_sd(xs):
@@ -124,10 +123,10 @@ def main(argv=None) -> int:
         folder = model_path(student)
         if teacher_bf16 is None:
             teacher_bf16 = bf16_bytes(teacher)
-            results["cost"]["teacher"] = {"weight_bytes_bf16": teacher_bf16, "flops_per_token": model_flops(args.teacher),
+            results["cost"]["teacher"] = {"weight_bytes_bf16": teacher_bf16, "flops_per_token": model_flops(model_path(args.teacher)),
                                           "tokens_per_second": generation_speed(teacher, tok, speed_prompt)}
         results["cost"][student] = {"weight_bytes": weight_bytes(folder) if folder else None,
-                                    "flops_per_token": model_flops(student),
+                                    "flops_per_token": model_flops(folder),
                                     "tokens_per_second": generation_speed(s, tok, speed_prompt)}
         del s
     for domain in args.domains:
@@ -178,11 +177,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def model_flops(model_id: str) -> int | None:
-    """Forward FLOPs per token of a local model (None for a hub id): `flops_per_token` at no context."""
-    from conch_dna.models import flops_per_token, model_path
+def model_flops(folder: Path | None) -> int | None:
+    """Forward FLOPs per token of a local model folder (None for a hub id): `flops_per_token` at no context."""
+    from conch_dna.models import flops_per_token
 
-    folder = model_path(model_id)
     return flops_per_token(json.loads((folder / "config.json").read_text())) if folder else None
 
 

@@ -8,13 +8,18 @@ import pytest
 from conch_dna.training.kd.evaluate import compare_to_teacher, text_perplexity
 
 
+def _load_script(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_benchmark_neurons_tiny(tiny_pair, tmp_path):
     from conch_dna.training.kd import load_domains
     from conch_dna.training.kd.domains import load_held_out
 
-    spec = importlib.util.spec_from_file_location("bench_neurons", "benchmarks/benchmark_neurons.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_script("bench_neurons", "benchmarks/benchmark_neurons.py")
     judge = tmp_path / "judge"
     judge.mkdir()
     (judge / "thinking.txt").write_text("Is 77 a prime number?\nHow many legs do three spiders have?\n")
@@ -72,9 +77,7 @@ def test_evaluate_neuron_script(tiny_pair, tmp_path, capsys):
                    output_dir=str(tmp_path / "out"), generation={"max_new_tokens": 8}, eval_max_new_tokens=0)
     r = TrueKnowledgeDistiller(str(tiny_pair[0]), str(tiny_pair[1]), cfg).distill_domain("thinking", PROMPTS[:4])
     NeuronRegistry(tmp_path / "reg", base_model=str(tiny_pair[1])).register("thinking", r.adapter_path)
-    spec = importlib.util.spec_from_file_location("evaluate_neuron", "scripts/evaluate_neuron.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_script("evaluate_neuron", "scripts/evaluate_neuron.py")
     capsys.readouterr()
     assert mod.main(["--teacher", str(tiny_pair[0]), "--student", str(tiny_pair[1]), "--registry", str(tmp_path / "reg"),
                      "--max-new-tokens", "8", "--answers", "1"]) == 0
@@ -82,13 +85,6 @@ def test_evaluate_neuron_script(tiny_pair, tmp_path, capsys):
     assert "| teacher | 0.000 [0.000, 0.000] | 1.000 [1.000, 1.000] |" in out and "| untrained student |" in out
     assert "| neuron v1 (active) |" in out and "over the teacher's" in out
     assert out.count("- **") == 3  # one answer of each model, side by side
-
-
-def _load_script(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_corpus_kd_curve_with_teacher_answers_stops_and_resumes(tiny_pair, tmp_path):

@@ -158,21 +158,31 @@ def unusable_figures(metrics: dict) -> str | None:
     return None
 
 
-def loops(metrics: dict) -> str | None:
-    """Why the neuron's own answers count as looping, or None (None also when it was not judged). Judged with
-    intervals, a neuron passes only when the whole interval of its repetition over the teacher's is within the
-    margin: a looping neuron does not pass by luck of the prompts."""
+def loop_verdict(metrics: dict) -> str:
+    """The gate's verdict on the neuron's own answers: "passes", "may loop" or "loops" ("passes" also when it
+    was not judged). Judged with intervals, a neuron passes only when the whole interval of its repetition over
+    the teacher's is within the margin: a looping neuron does not pass by luck of the prompts."""
     if _has_intervals(metrics):
-        low, high, excess = (metrics.get(f"{EXCESS}{end}") for end in ("_low", "_high", ""))
-        if high <= REPETITION_MARGIN:
-            return None
-        verdict = "loops" if low > REPETITION_MARGIN else "may loop (its interval reaches past the bar)"
-        shown = f"{excess:+.3f} " if _finite(excess) else ""
-        return (f"{verdict}: its held-out answers repeat {shown}(90% interval {low:+.3f} to {high:+.3f}) of their "
-                f"4-grams beyond the teacher's answers; allowed: + {REPETITION_MARGIN}")
+        low, high = metrics.get(f"{EXCESS}_low"), metrics.get(f"{EXCESS}_high")
+        return "passes" if high <= REPETITION_MARGIN else "loops" if low > REPETITION_MARGIN else "may loop"
     rep, teacher = metrics.get("held_out_repetition"), metrics.get("held_out_teacher_repetition")
     if not _finite(rep) or not _finite(teacher) or rep <= teacher + REPETITION_MARGIN:
+        return "passes"
+    return "loops"
+
+
+def loops(metrics: dict) -> str | None:
+    """Why the neuron's own answers count as looping (`loop_verdict`), or None."""
+    verdict = loop_verdict(metrics)
+    if verdict == "passes":
         return None
+    if _has_intervals(metrics):
+        low, high, excess = (metrics.get(f"{EXCESS}{end}") for end in ("_low", "_high", ""))
+        shown = f"{excess:+.3f} " if _finite(excess) else ""
+        reason = " (its interval reaches past the bar)" if verdict == "may loop" else ""
+        return (f"{verdict}{reason}: its held-out answers repeat {shown}(90% interval {low:+.3f} to {high:+.3f}) of "
+                f"their 4-grams beyond the teacher's answers; allowed: + {REPETITION_MARGIN}")
+    rep, teacher = metrics["held_out_repetition"], metrics["held_out_teacher_repetition"]
     return (f"loops: {rep:.2f} of the 4-grams of its held-out answers are repeats, the teacher's answers "
             f"{teacher:.2f} (allowed: + {REPETITION_MARGIN})")
 
