@@ -8,12 +8,16 @@ The teacher scores the corpus (dense targets, no generation: `KDConfig.text`, `t
 `--prompts FILE` the teacher also answers those prompts (sampled, as for a domain) and its answers make up
 `1 - --text-share` of the sequences: chat-shaped data beside the corpus (benchmarks/heal/chat.txt: the first
 lines of chatterbot-corpus's English conversations and the questions of Python's FAQ, none a domain prompt).
+`--prompts` takes files and domain names (a domain's training prompts; `all`: every domain's), `--answers N`
+has the teacher answer each prompt N times (sampled: N different answers), `--on-policy L` has the student
+write that share of the answers as it trains (the teacher scores them; corpus windows stay as they are).
 `--max-seconds` stops the run cleanly at a checkpoint; `--resume` continues it (same settings) in a later
 run, so a long healing spans several machine sessions; the curve covers every checkpoint kept. The run
 checkpoints `--points` times, and each checkpoint is judged on the held-out prompts of `--domain`
 (`evaluate.generation_metrics`: KL and agreement on the teacher's greedy answers, repetition and teacher NLL of
-its own) and on held-out corpus windows (validation KD at T = 1 and agreement). Writes <out>.json and, with
-matplotlib, <out>.png.
+its own) and on held-out corpus windows (validation KD at T = 1 and agreement). `--judge-domains` judges the last
+checkpoint on those domains' held-out prompts too, with the registry gate's verdict. Writes <out>.json and,
+with matplotlib, <out>.png.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def main(argv=None) -> int:
     from conch_dna.models import load_model
     from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
     from conch_dna.training.kd.checkpoints import checkpoint_dirs
-    from conch_dna.training.kd.domains import load_held_out, load_prompts
+    from conch_dna.training.kd.domains import load_domains, load_held_out, load_prompts
     from conch_dna.training.kd.evaluate import answer, generation_metrics
     from conch_dna.training.kd.trainer import TrainingCancelled
 
@@ -52,7 +56,14 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--prompts", help="prompt file the teacher answers; its answers are 1 - text-share of the sequences")
+    ap.add_argument("--prompts", nargs="+", default=[], help="prompt files or domain names (their training prompts; "
+                    "all: every domain's) the teacher answers; its answers are 1 - text-share of the sequences")
+    ap.add_argument("--answers", type=int, default=1, help="answers the teacher writes to each prompt (sampled)")
+    ap.add_argument("--on-policy", type=float, default=0.0, help="share of the answers the student writes as it trains")
+    ap.add_argument("--unlikelihood", type=float, help="weight of the unlikelihood term (default: KDConfig's)")
+    ap.add_argument("--generation-batch", type=int, default=128, help="prompts the teacher answers at once")
+    ap.add_argument("--judge-domains", nargs="*", default=[], help="also judge the last checkpoint on these "
+                    "domains' held-out prompts (all: every domain)")
     ap.add_argument("--text-share", type=float, default=1.0, help="share of corpus windows among the sequences")
     ap.add_argument("--max-seconds", type=float, help="stop at a checkpoint after this long (continue with --resume)")
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --work")
@@ -64,13 +75,16 @@ def main(argv=None) -> int:
     configure_logging(json_lines=True)
     iters = max(args.points, args.tokens // (args.batch_size * args.max_seq_length))
     every = max(1, iters // args.points)
-    prompts = load_prompts(args.prompts) if args.prompts else []
+    prompts = gather_prompts(args.prompts, load_domains(), load_prompts) * args.answers
+    judge_domains = list(load_domains()) if args.judge_domains == ["all"] else args.judge_domains
+    extra = {"unlikelihood": args.unlikelihood} if args.unlikelihood is not None else {}
     cfg = KDConfig(teacher_model_id=args.teacher, student_model_id=args.student, text=args.text, text_share=args.text_share,
                    text_val_windows=32, iters=iters, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
                    learning_rate=args.learning_rate, temperature=args.temperature, alpha=args.alpha,
                    warmup_steps=min(100, iters // 10), val_interval=every, checkpoint_interval=every,
                    keep_checkpoints=args.points + 1, output_dir=args.work, eval_max_new_tokens=0,
-                   lora={"rank": args.lora_rank}, generation={"batch_size": 128})
+                   on_policy_lambda=args.on_policy, lora={"rank": args.lora_rank},
+                   generation={"batch_size": args.generation_batch}, **extra)
     teacher, tok = load_model(args.teacher)
     d = TrueKnowledgeDistiller(config=cfg, teacher=teacher, teacher_tokenizer=tok)
     t0 = time.perf_counter()
@@ -107,12 +121,50 @@ def main(argv=None) -> int:
     from conch_dna.training.kd.evaluate import answer_figures
 
     teacher_rep = answer_figures(t_answers, tok)["repetition"]
+    last = checkpoint_dirs(out_dir)[-1:]
+    judged = judge_domains_at(last[0], args, teacher, tok, judge_domains) if last and judge_domains else {}
     result = {"args": vars(args), "iters": iters, "train_seconds": train_seconds, "tokens_per_second": speed,
-              "teacher_repetition": teacher_rep, "curve": curve}
+              "teacher_repetition": teacher_rep, "curve": curve, "domains": judged}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, Path(args.out).with_suffix(".png"))
     return 0
+
+
+def gather_prompts(sources: list[str], domains: dict[str, list[str]], load_prompts) -> list[str]:
+    """The prompts of `sources`: a domain's name gives its training prompts, `all` every domain's, anything else
+    is a prompt file."""
+    prompts = []
+    for source in sources:
+        if source == "all":
+            prompts += [p for ps in domains.values() for p in ps]
+        else:
+            prompts += domains[source] if source in domains else load_prompts(source)
+    return prompts
+
+
+def judge_domains_at(ckpt: Path, args, teacher, tok, domains: list[str]) -> dict:
+    """The checkpoint's adapter judged on each domain's held-out prompts, with the registry gate's verdict."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    from conch_dna.cortex.registry import loop_verdict
+    from conch_dna.models import load_model
+    from conch_dna.training.kd.domains import load_held_out
+    from conch_dna.training.kd.evaluate import answer, answer_figures, generation_metrics
+
+    student, _ = load_model(args.student)
+    load_adapters(student, str(ckpt))
+    student.eval()
+    out = {}
+    for domain in domains:
+        held = load_held_out(domain)
+        t_answers = answer(teacher, tok, held, args.eval_tokens)
+        g = generation_metrics(student, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=args.eval_tokens)
+        figures = {k: v for k, v in g.items() if isinstance(v, float)}
+        out[domain] = {**figures, "teacher_repetition": answer_figures(t_answers, tok)["repetition"],
+                       "gate": loop_verdict({f"held_out_{k}": v for k, v in figures.items()}), "answer": g["answers"][0]}
+        print(json.dumps({"domain": domain, **{k: v for k, v in out[domain].items() if k != "answer"}}), flush=True)
+    return out
 
 
 def tokens_by_step(rows: list[dict]) -> dict[int, int]:

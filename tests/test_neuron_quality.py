@@ -185,6 +185,24 @@ def test_corpus_kd_alone_and_mixed(tiny_pair, tmp_path):
         KDConfig(**base, teacher_targets="cache")
 
 
+def test_on_policy_beside_a_corpus_answers_prompts_only(tiny_pair, tmp_path, monkeypatch):
+    """The student writes answers to prompts; corpus windows (no prompt) are trained on as they are."""
+    from conch_dna.training.kd import distiller
+
+    teacher_dir, student_dir = tiny_pair
+    text = tmp_path / "corpus.txt"
+    text.write_text("Knowledge distillation trains a small student to match a teacher. " * 200)
+    asked = []
+    real = distiller.continue_prompts
+    monkeypatch.setattr(distiller, "continue_prompts", lambda m, t, ex, *a, **k: asked.append(ex) or real(m, t, ex, *a, **k))
+    cfg = KDConfig(iters=6, batch_size=4, val_interval=3, checkpoint_interval=3, max_seq_length=48, learning_rate=5e-3,
+                   generation={"max_new_tokens": 8, "temperature": 0.0}, eval_max_new_tokens=0, text=str(text),
+                   text_share=0.5, text_val_windows=2, on_policy_lambda=1.0, output_dir=str(tmp_path / "o"))
+    r = TrueKnowledgeDistiller(str(teacher_dir), str(student_dir), cfg).distill_domain("mixed", PROMPTS[:6])
+    assert np.isfinite(r.final_train_loss) and asked
+    assert all(e.prompt_len > 0 for batch in asked for e in batch)
+
+
 def test_held_out_prompts_are_not_training_prompts(tmp_path):
     assert len(load_held_out("thinking")) >= 8
     f = tmp_path / "d.toml"

@@ -111,6 +111,36 @@ def test_corpus_kd_curve_with_teacher_answers_stops_and_resumes(tiny_pair, tmp_p
     assert answers and curve[2]["tokens"] == mod.tokens_by_step(rows)[8]
 
 
+def test_corpus_kd_curve_on_policy_with_domain_prompts_judges_every_domain_asked(tiny_pair, tmp_path):
+    """Domain prompts answered twice each, the student writing half the answers as it trains, and the last
+    checkpoint judged on two domains' held-out prompts with the gate's verdict."""
+    mod = _load_script("corpus_kd_curve", "benchmarks/corpus_kd_curve.py")
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(f"The function number {i} returns a list of {i % 7} items sorted by name." for i in range(900)))
+    args = ["--teacher", str(tiny_pair[0]), "--student", str(tiny_pair[1]), "--text", str(text), "--prompts", "thinking",
+            "--answers", "2", "--on-policy", "0.5", "--unlikelihood", "1", "--text-share", "0.5", "--tokens", str(4 * 4 * 192),
+            "--points", "1", "--batch-size", "4", "--max-seq-length", "192", "--lora-rank", "4", "--eval-tokens", "4",
+            "--judge-domains", "thinking", "task", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "curve")]
+    assert mod.main(args) == 0
+    result = json.loads((tmp_path / "curve.json").read_text())
+    assert set(result["domains"]) == {"thinking", "task"}
+    for figures in result["domains"].values():
+        assert figures["gate"] in ("passes", "may loop", "loops") and figures["repetition_excess_high"] >= figures["repetition_excess_low"]
+    saved = json.loads((tmp_path / "work" / "corpus" / "adapter_config.json").read_text())
+    assert saved["conch_kd"]["on_policy_lambda"] == 0.5 and saved["conch_kd"]["unlikelihood"] == 1
+
+
+def test_gather_prompts_reads_domains_and_files(tmp_path):
+    mod = _load_script("corpus_kd_curve", "benchmarks/corpus_kd_curve.py")
+    f = tmp_path / "p.txt"
+    f.write_text("one\ntwo\n")
+    domains = {"a": ["x", "y"], "b": ["z"]}
+    from conch_dna.training.kd.domains import load_prompts
+
+    assert mod.gather_prompts(["b", str(f)], domains, load_prompts) == ["z", "one", "two"]
+    assert mod.gather_prompts(["all"], domains, load_prompts) == ["x", "y", "z"]
+
+
 def test_tokens_by_step_continues_across_a_resume():
     mod = _load_script("corpus_kd_curve", "benchmarks/corpus_kd_curve.py")
     rows = [{"type": "train", "step": 1, "tokens": 100}, {"type": "val", "step": 1}, {"type": "train", "step": 2, "tokens": 250},

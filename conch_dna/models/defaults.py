@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from conch_dna.atomic import WriteError, atomic_write, check_writable
+from conch_dna.models.fuse import FuseError, fuse_adapter
 from conch_dna.models.gguf_convert import (
     MANIFEST,
     GGUFError,
@@ -289,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify", action="store_true", help="re-hash every file against its manifest")
     ap.add_argument("--gguf", help="convert this GGUF file instead of preparing the default pair")
     ap.add_argument("--gemma3", action="store_true", help="also prepare Gemma-3-270m (another tokenizer, for cross-tokenizer KD)")
-    ap.add_argument("--out", help="destination folder for --gguf")
+    ap.add_argument("--fuse", metavar="ADAPTER", help="fuse this LoRA adapter folder into --base, written to --out "
+                    "(a healed student becomes a base model of its own)")
+    ap.add_argument("--base", help="the model (folder or offline name) --fuse's adapter was trained on")
+    ap.add_argument("--out", help="destination folder for --gguf or --fuse")
     ap.add_argument("--student", action="append", choices=list(STUDENTS), default=[],
                     help="also prepare this offline student (repeatable); the default is " + DEFAULT_STUDENT)
     args = ap.parse_args(argv)
@@ -299,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.out:
                 ap.error("--gguf needs --out DEST_FOLDER")
             print(convert_gguf(args.gguf, args.out, keep_foreign=args.force))
+        elif args.fuse:
+            if not args.out or not args.base:
+                ap.error("--fuse needs --base MODEL and --out DEST_FOLDER")
+            base = prepare_named(args.base, args.cache_dir) if args.base in NAMED_MODELS else args.base
+            print(fuse_adapter(base, args.fuse, args.out))
         else:
             teacher, student = prepare_default_models(args.cache_dir, force=args.force, verify=args.verify)
             out = {"teacher": str(teacher), "student": str(student)}
@@ -307,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.gemma3:
                 out["gemma3"] = str(prepare_gemma3(args.cache_dir, force=args.force))
             print(json.dumps({**out, "seconds": round(time.perf_counter() - t0, 2)}))
-    except (GGUFError, ValueError, WriteError) as e:
+    except (GGUFError, FuseError, ValueError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

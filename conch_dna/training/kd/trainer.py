@@ -348,8 +348,10 @@ def save(run: Run, force: bool = False) -> None:
 
 def on_policy(model, examples: list[Example], config: KDConfig, step: int, student_writes) -> list[Example]:
     """The on-policy share of a step's batch: the current student answers these prompts, and the teacher
-    scores its tokens. Each process writes the answers of its own shard only."""
+    scores its tokens. Corpus windows (no prompt) stay as they are. Each process writes the answers of its own
+    shard only."""
     pick = np.random.default_rng([config.seed, step, 7]).random(len(examples)) < config.on_policy_lambda
+    pick &= np.array([e.prompt_len > 0 for e in examples])
     mine = np.zeros(len(examples), bool)
     mine[dist.rank() :: dist.size()] = True
     pick &= mine
