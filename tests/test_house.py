@@ -15,7 +15,7 @@ LAYERS = {
     "base": ["conch_dna", "conch_dna._blas", "conch_dna._faults", "conch_dna.atomic", "conch_dna.inputs",
              "conch_dna.defaults", "conch_dna.log_setup"],
     "models": ["conch_dna.models", "conch_dna.models.__main__", "conch_dna.models.defaults",
-               "conch_dna.models.gguf_convert", "conch_dna.models.templates", "conch_dna.models.tiny"],
+               "conch_dna.models.fuse", "conch_dna.models.gguf_convert", "conch_dna.models.templates", "conch_dna.models.tiny"],
     "core": [KD + m for m in ("losses", "kernels", "fused", "vocab", "cross_vocab", "flat", "distributed", "config")]
     + ["conch_dna.neuron"],
     "data": [KD + m for m in ("domains", "examples", "teacher_cache", "teacher_data", "cross_examples", "corpus",
