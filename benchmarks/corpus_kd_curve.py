@@ -75,8 +75,9 @@ def main(argv=None) -> int:
     configure_logging(json_lines=True)
     iters = max(args.points, args.tokens // (args.batch_size * args.max_seq_length))
     every = max(1, iters // args.points)
-    prompts = gather_prompts(args.prompts, load_domains(), load_prompts) * args.answers
-    judge_domains = list(load_domains()) if args.judge_domains == ["all"] else args.judge_domains
+    domains = load_domains()
+    prompts = gather_prompts(args.prompts, domains, load_prompts) * args.answers
+    judge_domains = list(domains) if args.judge_domains == ["all"] else args.judge_domains
     extra = {"unlikelihood": args.unlikelihood} if args.unlikelihood is not None else {}
     cfg = KDConfig(teacher_model_id=args.teacher, student_model_id=args.student, text=args.text, text_share=args.text_share,
                    text_val_windows=32, iters=iters, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
     g = generation_metrics(student, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=args.eval_tokens)
     curve.append({"step": 0, "tokens": 0, **{k: v for k, v in g.items() if k != "answers"}, "answer": g["answers"][0],
                   "val_kd": val.get(0, {}).get("val_kd"), "val_agreement": val.get(0, {}).get("val_agreement")})
-    for ckpt in checkpoint_dirs(out_dir):
+    checkpoints = checkpoint_dirs(out_dir)
+    for ckpt in checkpoints:
         step = json.loads((ckpt / "state.json").read_text())["step"]
         student, _ = load_model(args.student)
         load_adapters(student, str(ckpt))
@@ -121,8 +123,8 @@ def main(argv=None) -> int:
     from conch_dna.training.kd.evaluate import answer_figures
 
     teacher_rep = answer_figures(t_answers, tok)["repetition"]
-    last = checkpoint_dirs(out_dir)[-1:]
-    judged = judge_domains_at(last[0], args, teacher, tok, judge_domains) if last and judge_domains else {}
+    # the last checkpoint's student, still loaded
+    judged = judge_domains_at(student, teacher, tok, judge_domains, args.eval_tokens) if checkpoints and judge_domains else {}
     result = {"args": vars(args), "iters": iters, "train_seconds": train_seconds, "tokens_per_second": speed,
               "teacher_repetition": teacher_rep, "curve": curve, "domains": judged}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -143,23 +145,17 @@ def gather_prompts(sources: list[str], domains: dict[str, list[str]], load_promp
     return prompts
 
 
-def judge_domains_at(ckpt: Path, args, teacher, tok, domains: list[str]) -> dict:
-    """The checkpoint's adapter judged on each domain's held-out prompts, with the registry gate's verdict."""
-    from mlx_lm.tuner.utils import load_adapters
-
+def judge_domains_at(student, teacher, tok, domains: list[str], eval_tokens: int) -> dict:
+    """The student judged on each domain's held-out prompts, with the registry gate's verdict."""
     from conch_dna.cortex.registry import loop_verdict
-    from conch_dna.models import load_model
     from conch_dna.training.kd.domains import load_held_out
     from conch_dna.training.kd.evaluate import answer, answer_figures, generation_metrics
 
-    student, _ = load_model(args.student)
-    load_adapters(student, str(ckpt))
-    student.eval()
     out = {}
     for domain in domains:
         held = load_held_out(domain)
-        t_answers = answer(teacher, tok, held, args.eval_tokens)
-        g = generation_metrics(student, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=args.eval_tokens)
+        t_answers = answer(teacher, tok, held, eval_tokens)
+        g = generation_metrics(student, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=eval_tokens)
         figures = {k: v for k, v in g.items() if isinstance(v, float)}
         out[domain] = {**figures, "teacher_repetition": answer_figures(t_answers, tok)["repetition"],
                        "gate": loop_verdict({f"held_out_{k}": v for k, v in figures.items()}), "answer": g["answers"][0]}

@@ -41,6 +41,7 @@ from conch_dna.models.gguf_convert import (
     convert_gguf,
     tokenizer_files,
     verify_model_folder,
+    write_derived_folder,
     write_model_folder,
 )
 
@@ -176,24 +177,14 @@ def quantize_folder(src: Path, dest: Path, bits: int, group_size: int, info: dic
     from mlx_lm.utils import load_model as mlx_load_model
     from mlx_lm.utils import quantize_model
 
-    from conch_dna.atomic import atomic_folder, sha256_file
-
     if bits not in (2, 3, 4, 5, 6, 8) or group_size not in (32, 64, 128):
         raise ValueError(f"quantization needs bits in {{2, 3, 4, 5, 6, 8}} and group_size in {{32, 64, 128}}, got {bits}, {group_size}")
     model, config = mlx_load_model(src, lazy=True)
     model.update(tree_map(lambda p: p.astype(mx.float16) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
     model, config = quantize_model(model, config, group_size, bits)
     assert any(isinstance(m, nn.QuantizedLinear) for m in model.modules())
-    weights = dict(tree_flatten(model.parameters()))
-    with atomic_folder(dest) as tmp:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, {"format": "mlx"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            (tmp / f).write_bytes((src / f).read_bytes())
-        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"files": files, "quantized_from": str(src), "bits": bits,
-                                                "group_size": group_size, **(info or {})}, indent=2))
-    return dest
+    return write_derived_folder(dest, dict(tree_flatten(model.parameters())), config, src,
+                                {"quantized_from": str(src), "bits": bits, "group_size": group_size, **(info or {})})
 
 
 def weight_bytes(folder: str | os.PathLike) -> int:

@@ -11,11 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from conch_dna.atomic import OWNER_FILE
-from conch_dna.models.gguf_convert import MANIFEST
-
-# Files of the base folder that the fused folder writes anew (besides its weights, *.safetensors).
-OWN_FILES = {"config.json", "model.safetensors.index.json", MANIFEST, OWNER_FILE}
+from conch_dna.models.gguf_convert import write_derived_folder
 
 
 class FuseError(ValueError):
@@ -24,15 +20,14 @@ class FuseError(ValueError):
 
 def fuse_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Write the model folder `dest`: the mlx-lm folder `base` with the LoRA adapter folder `adapter` (mlx-lm's
-    format) added into its weights, in the base's stored dtype and quantization. The adapter is checked against
-    the base (every tensor a LoRA parameter of it, of its shape) before anything is written; `dest` is written
-    whole or not at all, and a folder there that this tool did not write is refused."""
-    import mlx.core as mx
+    format) added into its weights, in the base's stored dtype and quantization (mlx-lm's `fuse`). The adapter
+    is checked against the base (every tensor a LoRA parameter of it, of its shape) before anything is written;
+    `dest` is written whole or not at all, and a folder there that this tool did not write is refused."""
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import load_model as mlx_load_model
 
-    from conch_dna.atomic import atomic_folder, check_replaceable, sha256_file
+    from conch_dna.atomic import check_replaceable, sha256_file
     from conch_dna.models import check_model_folder
 
     base_dir, adapter_dir = check_model_folder(str(base)), Path(adapter)
@@ -44,22 +39,11 @@ def fuse_adapter(base: str | os.PathLike, adapter: str | os.PathLike, dest: str 
                             "adapter_config.json and adapters.safetensors")
     check_replaceable(dest)
     model, config = mlx_load_model(base_dir, lazy=True)
-    stored = {k: p.dtype for k, p in tree_flatten(model.parameters())}
     try:
         load_adapters(model, str(adapter_dir))
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise FuseError(f"adapter {adapter_dir} does not fit base model {base_dir}: {e}") from e
-    fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
-    model.update_modules(tree_unflatten(fused))
-    weights = {k: p.astype(stored[k]) if k in stored and mx.issubdtype(p.dtype, mx.floating) else p
-               for k, p in tree_flatten(model.parameters())}
-    with atomic_folder(dest) as tmp:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, {"format": "mlx"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for f in base_dir.iterdir():  # the tokenizer's files and any other the base has beside its weights
-            if f.is_file() and f.name not in OWN_FILES and not f.name.endswith(".safetensors"):
-                (tmp / f.name).write_bytes(f.read_bytes())
-        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"files": files, "fused_from": str(base_dir), "adapter": str(adapter_dir),
-                                                "adapter_sha256": sha256_file(adapter_dir / "adapters.safetensors")}, indent=2))
-    return Path(dest)
+    model.update_modules(tree_unflatten([(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]))
+    info = {"fused_from": str(base_dir), "adapter": str(adapter_dir),
+            "adapter_sha256": sha256_file(adapter_dir / "adapters.safetensors")}
+    return write_derived_folder(dest, dict(tree_flatten(model.parameters())), config, base_dir, info)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conch_dna.atomic import atomic_folder, check_replaceable, sha256_file
+from conch_dna.atomic import OWNER_FILE, atomic_folder, check_replaceable, sha256_file
 from conch_dna.models.templates import check_chat_template
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
@@ -373,6 +373,24 @@ def write_model_folder(dest: Path, config: dict, weights: dict, files: dict[str,
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"files": files, **(info or {})}, indent=2))
     return dest
+
+
+def write_derived_folder(dest: str | os.PathLike, weights: dict, config: dict, source: Path, info: dict) -> Path:
+    """Write a model folder derived from the model folder `source` (quantized, fused) atomically, as
+    `write_model_folder` does: `weights` (MLX arrays) and `config`, every other file of `source` but its weights
+    and what this tool writes (the tokenizer's), and a manifest with `info`."""
+    import mlx.core as mx
+
+    own = {"config.json", "model.safetensors.index.json", MANIFEST, OWNER_FILE}
+    with atomic_folder(dest) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, {"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for f in source.iterdir():
+            if f.is_file() and f.name not in own and not f.name.endswith(".safetensors"):
+                (tmp / f.name).write_bytes(f.read_bytes())
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files, **info}, indent=2))
+    return Path(dest)
 
 
 def tokenizer_files(tokenizer_json: str, tokenizer_config: dict) -> dict[str, str]:
