@@ -12,7 +12,9 @@ lines of chatterbot-corpus's English conversations and the questions of Python's
 has the teacher answer each prompt N times (sampled: N different answers), `--on-policy L` has the student
 write that share of the answers as it trains (the teacher scores them; corpus windows stay as they are).
 `--max-seconds` stops the run cleanly at a checkpoint; `--resume` continues it (same settings) in a later
-run, so a long healing spans several machine sessions; the curve covers every checkpoint kept. The run
+run, so a long healing spans several machine sessions; the curve covers every checkpoint kept. A healing can
+also go on in stages that carry only the adapter: fuse it (`python -m conch_dna.models --fuse`), heal the fused
+student in a new run, and `--join` the runs' results into one curve. The run
 checkpoints `--points` times, and each checkpoint is judged on the held-out prompts of `--domain`
 (`evaluate.generation_metrics`: KL and agreement on the teacher's greedy answers, repetition and teacher NLL of
 its own) and on held-out corpus windows (validation KD at T = 1 and agreement). `--judge-domains` judges the last
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="default-teacher")
     ap.add_argument("--student", default="smollm2-135m-instruct-pruned16")
-    ap.add_argument("--text", required=True, help="text file or folder (the corpus)")
+    ap.add_argument("--text", help="text file or folder (the corpus)")
     ap.add_argument("--tokens", type=int, default=20_000_000, help="training tokens in all")
     ap.add_argument("--points", type=int, default=8, help="checkpoints judged along the way")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -71,7 +73,16 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=64)
     ap.add_argument("--work", default="models/corpus_kd")
     ap.add_argument("--out", default="corpus_kd")
+    ap.add_argument("--join", nargs="+", metavar="RESULT", help="no training: join these runs' <out>.json in order "
+                    "(each run's student the one before it, healed and fused) into one curve, <out>.json and .png")
     args = ap.parse_args(argv)
+    if args.join:
+        result = join_runs([json.loads(Path(f).read_text()) for f in args.join])
+        Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2))
+        plot(result, Path(args.out).with_suffix(".png"))
+        return 0
+    if not args.text:
+        ap.error("--text (the corpus) is needed to train; --join only joins finished runs")
     configure_logging(json_lines=True)
     iters = max(args.points, args.tokens // (args.batch_size * args.max_seq_length))
     every = max(1, iters // args.points)
@@ -131,6 +142,18 @@ def main(argv=None) -> int:
     Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(result, Path(args.out).with_suffix(".png"))
     return 0
+
+
+def join_runs(runs: list[dict]) -> dict:
+    """Runs that healed in stages as one curve: each run's student is the one before it with its adapter fused,
+    so its step 0 judges the model the previous run's last point judged (kept once: the previous run's), and
+    its tokens count on from there. The last run's domains and teacher figures stand for the whole."""
+    curve, offset = list(runs[0]["curve"]), 0
+    for run in runs[1:]:
+        offset = curve[-1]["tokens"] or 0
+        curve += [{**p, "tokens": (p["tokens"] or 0) + offset} for p in run["curve"][1:]]
+    return {**runs[-1], "curve": curve, "runs": [r["args"] for r in runs],
+            "train_seconds": sum(r["train_seconds"] for r in runs)}
 
 
 def gather_prompts(sources: list[str], domains: dict[str, list[str]], load_prompts) -> list[str]:

@@ -152,6 +152,18 @@ def test_bad_requests(served, body, status, says):
     assert cortex.engine.in_flight == 0
 
 
+def test_a_request_reads_the_registry_once(served, monkeypatch):
+    """One stat of the registry per request: the cortex decides whether the model is served."""
+    port, cortex, _ = served
+    reads = []
+    refresh = cortex.registry.refresh
+    monkeypatch.setattr(cortex.registry, "refresh", lambda: reads.append(1) or refresh())
+    status, _ = chat(port, "thinking", "hi", max_tokens=2)
+    assert status == 200 and len(reads) == 1
+    status, payload = chat(port, "nope", "hi")
+    assert status == 404 and "thinking" in payload["error"]["message"]
+
+
 def test_malformed_bodies_and_routes(served):
     port, _, _ = served
     status, payload = call(port, "POST", "/v1/chat/completions", raw=b"{not json")

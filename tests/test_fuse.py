@@ -63,3 +63,35 @@ def test_fusing_never_replaces_a_folder_it_did_not_write(tiny_pair, tmp_path):
     assert (tmp_path / "fused" / "model.safetensors").is_file()
     missing = subprocess.run(cmd[:5], capture_output=True, text=True)
     assert missing.returncode == 2 and "--fuse needs --base MODEL and --out" in missing.stderr
+
+
+def test_a_fused_student_is_quantized_from_the_command_line(tiny_pair, tmp_path):
+    """prune, heal, fuse, quantize: `--quantize BITS --base FOLDER --out DIR` writes a quantized copy that
+    loads and stays close to its float base; a bad width, a missing base or a foreign --out exits 2."""
+    _, student = tiny_pair
+    fused = fuse_adapter(student, random_adapter(student, tmp_path / "adapter", seed=2), tmp_path / "fused")
+    cmd = [sys.executable, "-m", "conch_dna.models", "--quantize", "4", "--base", str(fused), "--out"]
+    run = subprocess.run(cmd + [str(tmp_path / "q4")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    stored = mx.load(str(tmp_path / "q4" / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj"
+    restored = mx.dequantize(stored[f"{name}.weight"], stored[f"{name}.scales"], stored[f"{name}.biases"], group_size=32, bits=4)
+    fused_weight = load_model(str(fused))[0].model.layers[0].self_attn.q_proj.weight
+    # every weight within one quantization step of the fused one (MLX's affine rounding keeps an edge of the
+    # group exact, which can cost up to a step elsewhere), and not of the unfused base
+    step = mx.abs(mx.repeat(stored[f"{name}.scales"].astype(mx.float32), 32, axis=-1))
+    assert bool(mx.all(mx.abs(restored - fused_weight) <= step).item())
+    base_weight = load_model(str(student))[0].model.layers[0].self_attn.q_proj.weight
+    assert not bool(mx.all(mx.abs(restored - base_weight) <= step).item())
+    assert load_model(str(tmp_path / "q4"))[0](TOKENS).shape == (1, TOKENS.shape[1], 384)
+    assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]["bits"] == 4
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for bad, message in ((["--quantize", "7", "--base", str(fused), "--out", str(tmp_path / "q7")], "bits in"),
+                         (["--quantize", "4", "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "q")], "not a model folder"),
+                         (["--quantize", "4", "--base", str(fused), "--out", str(mine)], "error:"),
+                         (["--quantize", "4", "--base", str(fused)], "--quantize needs --base MODEL and --out")):
+        refused = subprocess.run([sys.executable, "-m", "conch_dna.models", *bad], capture_output=True, text=True)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    assert (mine / "notes.txt").read_text() == "keep me" and not (tmp_path / "q7").exists()

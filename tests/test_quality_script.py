@@ -146,3 +146,30 @@ def test_tokens_by_step_continues_across_a_resume():
     rows = [{"type": "train", "step": 1, "tokens": 100}, {"type": "val", "step": 1}, {"type": "train", "step": 2, "tokens": 250},
             {"type": "train", "step": 3, "tokens": 120}, {"type": "train", "step": 4, "tokens": 200}]  # resumed after step 2
     assert mod.tokens_by_step(rows) == {1: 100, 2: 250, 3: 370, 4: 450}
+
+
+def test_a_healing_in_stages_joins_into_one_curve(tiny_pair, tmp_path):
+    """Stage two heals the fused result of stage one (only the adapter carried between them); --join makes one
+    curve whose tokens count on, and stage two's start, the fused student, is judged as stage one ended."""
+    from conch_dna.models.fuse import fuse_adapter
+
+    mod = _load_script("corpus_kd_curve", "benchmarks/corpus_kd_curve.py")
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(f"The function number {i} returns a list of {i % 7} items sorted by name." for i in range(900)))
+
+    def stage(student, name):
+        args = ["--teacher", str(tiny_pair[0]), "--student", str(student), "--text", str(text), "--tokens", str(4 * 4 * 64),
+                "--points", "1", "--batch-size", "4", "--max-seq-length", "64", "--lora-rank", "4", "--eval-tokens", "4",
+                "--work", str(tmp_path / name), "--out", str(tmp_path / name)]
+        assert mod.main(args) == 0
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    one = stage(tiny_pair[1], "one")
+    two = stage(fuse_adapter(tiny_pair[1], tmp_path / "one" / "corpus", tmp_path / "fused"), "two")
+    assert two["curve"][0]["kl"] == pytest.approx(one["curve"][-1]["kl"], abs=1e-3)
+    assert mod.main(["--join", str(tmp_path / "one.json"), str(tmp_path / "two.json"), "--out", str(tmp_path / "both")]) == 0
+    both = json.loads((tmp_path / "both.json").read_text())
+    tokens = [p["tokens"] for p in both["curve"]]
+    assert len(both["curve"]) == len(one["curve"]) + len(two["curve"]) - 1 and tokens == sorted(tokens)
+    assert tokens[-1] == one["curve"][-1]["tokens"] + two["curve"][-1]["tokens"]
+    assert both["curve"][-1]["kl"] == two["curve"][-1]["kl"] and both["runs"] == [one["args"], two["args"]]

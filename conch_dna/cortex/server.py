@@ -123,8 +123,10 @@ class CortexHandler(BaseHTTPRequestHandler):
             except PromptTooLongError as e:
                 raise BadRequest(400, str(e), "messages" if route.endswith("chat/completions") else "prompt",
                                  code="context_length_exceeded") from e
-            except NeuronNotFoundError as e:  # unregistered or deactivated since the check above
-                raise BadRequest(404, str(e), "model", code="model_not_found") from e
+            except NeuronNotFoundError as e:  # checked here, where the registry is read once per request
+                known = ", ".join(m["id"] for m in self._models())
+                raise BadRequest(404, f"model {model!r} is not served here; known: {known}", "model",
+                                 code="model_not_found") from e
         except BadRequest as e:
             return self._error(e)
         chat = route == "/v1/chat/completions"
@@ -153,13 +155,10 @@ class CortexHandler(BaseHTTPRequestHandler):
         return served
 
     def _model(self, body: dict) -> str:
+        """The model asked for; whether it is served is the cortex's answer (`Cortex.version_for`)."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest(400, "model must name a neuron or the base model (see /v1/models)", "model")
-        known = [m["id"] for m in self._models()]
-        if model not in known:
-            raise BadRequest(404, f"model {model!r} is not served here; known: {', '.join(known)}", "model",
-                             code="model_not_found")
         return model
 
     def _body(self) -> dict:

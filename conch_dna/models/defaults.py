@@ -283,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gemma3", action="store_true", help="also prepare Gemma-3-270m (another tokenizer, for cross-tokenizer KD)")
     ap.add_argument("--fuse", metavar="ADAPTER", help="fuse this LoRA adapter folder into --base, written to --out "
                     "(a healed student becomes a base model of its own)")
-    ap.add_argument("--base", help="the model (folder or offline name) --fuse's adapter was trained on")
-    ap.add_argument("--out", help="destination folder for --gguf or --fuse")
+    ap.add_argument("--quantize", type=int, metavar="BITS", help="write an mlx-lm quantized copy of --base to --out "
+                    "(a healed or fused student made smaller)")
+    ap.add_argument("--group-size", type=int, default=32, help="--quantize's group size (32, 64 or 128)")
+    ap.add_argument("--base", help="the model (folder or offline name) --fuse's adapter was trained on, or --quantize's")
+    ap.add_argument("--out", help="destination folder for --gguf, --fuse or --quantize")
     ap.add_argument("--student", action="append", choices=list(STUDENTS), default=[],
                     help="also prepare this offline student (repeatable); the default is " + DEFAULT_STUDENT)
     args = ap.parse_args(argv)
@@ -299,6 +302,15 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error("--fuse needs --base MODEL and --out DEST_FOLDER")
             base = prepare_named(args.base, args.cache_dir) if args.base in NAMED_MODELS else args.base
             print(fuse_adapter(base, args.fuse, args.out))
+        elif args.quantize is not None:
+            if not args.out or not args.base:
+                ap.error("--quantize needs --base MODEL and --out DEST_FOLDER")
+            from conch_dna.models import check_model_folder
+
+            base = prepare_named(args.base, args.cache_dir) if args.base in NAMED_MODELS else check_model_folder(args.base)
+            if base is None:
+                raise ValueError(f"--base {args.base} is not a model folder (config.json and *.safetensors) nor an offline name")
+            print(quantize_folder(Path(base), Path(args.out), args.quantize, args.group_size))
         else:
             teacher, student = prepare_default_models(args.cache_dir, force=args.force, verify=args.verify)
             out = {"teacher": str(teacher), "student": str(student)}
@@ -307,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.gemma3:
                 out["gemma3"] = str(prepare_gemma3(args.cache_dir, force=args.force))
             print(json.dumps({**out, "seconds": round(time.perf_counter() - t0, 2)}))
-    except (GGUFError, FuseError, ValueError, WriteError) as e:
+    except (GGUFError, FuseError, ValueError, WriteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -48,6 +48,7 @@ from conch_dna.training.kd.evaluate import (
     decoded_responses,
     generation_metrics,
     repeated_ngram_share,
+    responses,
 )
 from conch_dna.training.kd.examples import (
     Example,
@@ -345,7 +346,7 @@ class TrueKnowledgeDistiller:
         student.train()
         own = [w for w, e in zip(written, asked) if w is not e]
         log.info("student answered its training prompts", answers=len(own), seconds=round(time.perf_counter() - t0, 1),
-                 repetition=round(repeated_ngram_share([list(e.tokens[e.prompt_len :]) for e in own]), 4))
+                 repetition=round(repeated_ngram_share(responses(own)), 4))
         if dist.is_writer():
             records = [{"tokens": list(e.tokens), "prompt_len": e.prompt_len, "prompt": e.prompt} for e in own]
             atomic_write(path, lambda p: p.write_text(json.dumps(records)))

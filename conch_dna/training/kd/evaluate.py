@@ -119,9 +119,18 @@ def repeated_ngram_share(answers: list[list[int]], n: int = 4) -> float:
     """Share of the answers' token n-grams that already occurred earlier in the same answer, pooled over
     answers. 0 for text that never repeats itself; a model stuck in a loop ("The hash-table is a
     hash-table." five times) scores close to 1."""
-    counts = [repeated_ngram_counts(ids, n) for ids in answers]
+    return pooled_share([repeated_ngram_counts(ids, n) for ids in answers])
+
+
+def pooled_share(counts: list[tuple[int, int]]) -> float:
+    """sum(repeats) / sum(n-grams) of per-answer `repeated_ngram_counts`."""
     total = sum(t for _, t in counts)
     return sum(r for r, _ in counts) / total if total else 0.0
+
+
+def responses(answers: list[Example]) -> list[list[int]]:
+    """The response token ids of answers (what follows each prompt)."""
+    return [list(e.tokens[e.prompt_len :]) for e in answers]
 
 
 def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, system_prompt: str | None = None,
@@ -147,10 +156,14 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, syste
 def answer_figures(answers: list[Example], tokenizer) -> dict:
     """What can be read off answers alone: `repetition` (`repeated_ngram_share` of the responses) and
     `eos_rate` (the share that stopped by themselves, i.e. end with EOS)."""
+    return {"repetition": repeated_ngram_share(responses(answers)), "eos_rate": eos_rate(answers, tokenizer)}
+
+
+def eos_rate(answers: list[Example], tokenizer) -> float:
+    """The share of answers that stopped by themselves (end with EOS)."""
     eos = eos_id(tokenizer)
-    responses = [list(e.tokens[e.prompt_len :]) for e in answers]
-    return {"repetition": repeated_ngram_share(responses),
-            "eos_rate": sum(bool(r) and r[-1] == eos for r in responses) / max(len(responses), 1)}
+    ids = responses(answers)
+    return sum(bool(r) and r[-1] == eos for r in ids) / max(len(ids), 1)
 
 
 def decoded_responses(answers: list[Example], tokenizer) -> list[str]:
@@ -211,22 +224,24 @@ def generation_metrics(model, teacher, tokenizer, prompts: list[str], *, teacher
     own = answer(model, tokenizer, prompts, max_new_tokens, system_prompt)
     with teacher_lock or nullcontext():
         nll = response_nll(teacher, own, logits_width=logits_width)
+    mine = [repeated_ngram_counts(ids) for ids in responses(own)]  # each answer's 4-grams, counted once
+    theirs = [repeated_ngram_counts(ids) for ids in responses(teacher_answers)]
     return {
-        "kl": on_teacher["kl"], "agreement": on_teacher["agreement"], **answer_figures(own, tokenizer),
+        "kl": on_teacher["kl"], "agreement": on_teacher["agreement"],
+        "repetition": pooled_share(mine), "eos_rate": eos_rate(own, tokenizer),
         "teacher_nll": nll,
         "prompts": len(prompts),
-        **intervals(on_teacher["per_example"], own, teacher_answers),
+        **intervals(on_teacher["per_example"], mine, theirs),
         # per answer, so methods judged on the same prompts can be compared prompt by prompt
-        "repetitions": [repeated_ngram_share([list(e.tokens[e.prompt_len :])]) for e in own],
+        "repetitions": [pooled_share([c]) for c in mine],
         "answers": decoded_responses(own, tokenizer),
     }
 
 
-def intervals(per_example: dict, own: list[Example], teacher_answers: list[Example]) -> dict:
+def intervals(per_example: dict, mine: list[tuple[int, int]], theirs: list[tuple[int, int]]) -> dict:
     """`<figure>_low` / `<figure>_high` (`pooled_interval`) of KL, agreement and repetition, and
-    `repetition_excess`: the neuron's repetition minus the teacher's on the same prompts, with its interval."""
-    mine = [repeated_ngram_counts(list(e.tokens[e.prompt_len :])) for e in own]
-    theirs = [repeated_ngram_counts(list(e.tokens[e.prompt_len :])) for e in teacher_answers]
+    `repetition_excess`: the neuron's repetition minus the teacher's on the same prompts, with its interval.
+    `mine` and `theirs`: `repeated_ngram_counts` of the neuron's and the teacher's answers, prompt by prompt."""
     rep, teacher_rep = [r for r, _ in mine], [r for r, _ in theirs]
     grams, teacher_grams = [t for _, t in mine], [t for _, t in theirs]
     out = {}
