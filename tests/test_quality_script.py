@@ -173,3 +173,24 @@ def test_a_healing_in_stages_joins_into_one_curve(tiny_pair, tmp_path):
     assert len(both["curve"]) == len(one["curve"]) + len(two["curve"]) - 1 and tokens == sorted(tokens)
     assert tokens[-1] == one["curve"][-1]["tokens"] + two["curve"][-1]["tokens"]
     assert both["curve"][-1]["kl"] == two["curve"][-1]["kl"] and both["runs"] == [one["args"], two["args"]]
+
+
+def test_students_table_reads_both_result_formats_and_gives_the_gate(tmp_path, capsys):
+    mod = _load_script("students_table", "benchmarks/students_table.py")
+    good = {"kl": 0.1, "kl_low": 0.09, "kl_high": 0.11, "agreement": 0.8, "repetition": 0.05, "repetition_excess": 0.0,
+            "repetition_excess_low": -0.02, "repetition_excess_high": 0.02, "repetition_low": 0.03, "repetition_high": 0.07}
+    looping = {**good, "repetition": 0.3, "repetition_excess": 0.25, "repetition_excess_low": 0.2, "repetition_excess_high": 0.3}
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"domains": {d: {"teacher": {"repetition": 0.05}, "s": {"kd": [looping], "sft": [good]}}
+                                             for d in ("task", "memory")}}))
+    every = tmp_path / "all.json"
+    every.write_text(json.dumps({"domains": [{"domain": "task", "held_out": {**good, "teacher_repetition": 0.05}},
+                                             {"domain": "debug", "held_out": None}]}))
+    assert mod.main([f"main job={every}", f"kd={bench}#s/kd@memory", f"sft={bench}#s/sft"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [
+        ("| task", "main job", "passes |"), ("| task", "sft", "passes |"),
+        ("| memory", "kd", "loops |"), ("| memory", "sft", "passes |")]
+    assert rows[0][2] == "0.100 [0.090, 0.110]" and rows[2][5] == "+0.250 [+0.200, +0.300]"
+    for bad in ("no-equals", f"x={tmp_path / 'missing.json'}", f"x={bench}#nomethod", f"x={bench}#other/kd"):
+        assert mod.main([bad]) == 2
