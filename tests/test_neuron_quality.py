@@ -210,3 +210,22 @@ def test_held_out_prompts_are_not_training_prompts(tmp_path):
     with pytest.raises(DataError, match="also a training prompt"):
         load_held_out("x", f)
     assert load_held_out("nope", f) == []
+
+
+def test_the_teacher_decodes_a_whole_generation_batch_at_once(tiny_pair, kd_config, monkeypatch):
+    """generation.batch_size prompts are decoded together (mlx-lm's BatchGenerator would take 32 at a time),
+    and so are the held-out prompts a judge answers."""
+    from conch_dna.models import load_model
+    from conch_dna.training.kd.evaluate import answer
+    from conch_dna.training.kd.examples import generate_examples
+
+    model, tok = load_model(str(tiny_pair[0]))
+    rows = []
+    forward = type(model).__call__
+    monkeypatch.setattr(type(model), "__call__", lambda self, x, *a, **k: rows.append(x.shape[0]) or forward(self, x, *a, **k))
+    prompts = [f"Question number {i}: what is {i} plus {i}?" for i in range(40)]
+    examples, _ = generate_examples(model, tok, prompts, kd_config(generation={"max_new_tokens": 16, "batch_size": 40}))
+    assert len(examples) == 40 and max(rows) == 40
+    rows.clear()
+    answer(model, tok, prompts, max_new_tokens=16, batch_size=40)
+    assert max(rows) == 40

@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from conch_dna.neuron import chat_prompt_ids, eos_id
-from conch_dna.training.kd.examples import Example, pad_batch
+from conch_dna.training.kd.examples import Example, decode_together, pad_batch
 from conch_dna.training.kd.losses import next_token_view, token_cross_entropy, token_divergence
 
 
@@ -146,7 +146,7 @@ def answer(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, syste
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         ids = [chat_prompt_ids(tokenizer, p, system_prompt) for p in chunk]
-        gen = batch_generate(model, tokenizer, ids, max_tokens=max_new_tokens, return_token_ids=True)
+        gen = batch_generate(model, tokenizer, ids, max_tokens=max_new_tokens, return_token_ids=True, **decode_together(len(ids)))
         for p, prompt_ids, resp in zip(chunk, ids, gen.token_ids):
             resp = list(resp) + ([eos] if eos is not None and len(resp) < max_new_tokens else [])
             out.append(Example(tuple(prompt_ids + resp), len(prompt_ids), p))
