@@ -68,19 +68,19 @@ def main(argv=None) -> int:
     from mlx_lm.tuner.utils import load_adapters
 
     from conch_dna.log_setup import configure_logging
-    from conch_dna.models import bf16_bytes, load_model, model_path
-    from conch_dna.models.defaults import weight_bytes
+    from conch_dna.models import load_model
     from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller, load_domains
     from conch_dna.training.kd.domains import load_held_out, load_prompts
     from conch_dna.training.kd.evaluate import (
         answer,
         answer_figures,
         generation_metrics,
-        generation_speed,
     )
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--domains", nargs="+", default=["thinking"])
+    ap.add_argument("--domains", nargs="*", default=["thinking"], help="none: only the costs")
+    ap.add_argument("--speed-repeats", type=int, default=1, help="measure tokens/s this many times, the teacher and "
+                    "students alternated (the median, and every figure in the JSON)")
     ap.add_argument("--students", nargs="+", default=["default-student"])
     ap.add_argument("--methods", nargs="+", default=["untrained", "sft", "kd"])
     ap.add_argument("--set", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
@@ -115,20 +115,7 @@ def main(argv=None) -> int:
             held += more
 
     teacher, tok = load_model(args.teacher)
-    results: dict = {"cost": {}, "domains": {}}
-    speed_prompt = "Explain in a few sentences why the sky is blue."
-    teacher_bf16 = None
-    for student in args.students:
-        s, _ = load_model(student)
-        folder = model_path(student)
-        if teacher_bf16 is None:
-            teacher_bf16 = bf16_bytes(teacher)
-            results["cost"]["teacher"] = {"weight_bytes_bf16": teacher_bf16, "flops_per_token": model_flops(model_path(args.teacher)),
-                                          "tokens_per_second": generation_speed(teacher, tok, speed_prompt)}
-        results["cost"][student] = {"weight_bytes": weight_bytes(folder) if folder else None,
-                                    "flops_per_token": model_flops(folder),
-                                    "tokens_per_second": generation_speed(s, tok, speed_prompt)}
-        del s
+    results: dict = {"cost": measure_costs(teacher, tok, args.teacher, args.students, args.speed_repeats), "domains": {}}
     for domain in args.domains:
         held = held_out[domain]
         t_answers = answer(teacher, tok, held, args.eval_tokens)
@@ -201,6 +188,37 @@ def start_only(student, teacher, tok, domain: str, args) -> dict:
     return residual_start(student, teacher, train[:CALIBRATION_EXAMPLES], strict=True)
 
 
+SPEED_PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+def measure_costs(teacher, tok, teacher_id: str, students: list[str], repeats: int) -> dict:
+    """Weight bytes, FLOPs per token and single-stream tokens/s of the teacher and each student. Tokens/s is
+    measured `repeats` times with the models alternated, so that a busy spell of the machine slows them alike:
+    the median, and every figure as `tokens_per_second_all`."""
+    from conch_dna.models import bf16_bytes, load_model, model_path
+    from conch_dna.models.defaults import weight_bytes
+    from conch_dna.training.kd.evaluate import generation_speed
+
+    models = {"teacher": teacher, **{s: load_model(s)[0] for s in students}}
+    cost = {"teacher": {"weight_bytes_bf16": bf16_bytes(teacher), "flops_per_token": model_flops(model_path(teacher_id))}}
+    for s in students:
+        folder = model_path(s)
+        cost[s] = {"weight_bytes": weight_bytes(folder) if folder else None, "flops_per_token": model_flops(folder)}
+    speeds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(max(1, repeats)):
+        for name, model in models.items():
+            speeds[name].append(generation_speed(model, tok, SPEED_PROMPT))
+    for name, xs in speeds.items():
+        cost[name] |= {"tokens_per_second": statistics.median(xs), "tokens_per_second_all": xs}
+    return cost
+
+
+def speed(cost: dict) -> str:
+    """Tokens/s: the median, with the range when measured more than once."""
+    xs = cost.get("tokens_per_second_all") or [cost["tokens_per_second"]]
+    return f"{cost['tokens_per_second']:.1f}" + (f" ({min(xs):.1f}-{max(xs):.1f})" if len(xs) > 1 else "")
+
+
 def render(results: dict, args) -> str:
     cmd = "python benchmarks/benchmark_neurons.py " + " ".join(sys.argv[1:])
     lines = [f"Command: `{cmd}`", "",
@@ -210,11 +228,11 @@ def render(results: dict, args) -> str:
     t_bytes, t_flops = cost["teacher"]["weight_bytes_bf16"], cost["teacher"]["flops_per_token"]
     lines += ["| model | weight MB | of the teacher's bf16 bytes | MFLOPs per token | of the teacher's | tokens/s (1 stream) |",
               "|---|---|---|---|---|---|",
-              f"| teacher (bf16) | {t_bytes / 1e6:.1f} | 100% | {t_flops / 1e6:.0f} | 100% | {cost['teacher']['tokens_per_second']:.1f} |"]
+              f"| teacher (bf16) | {t_bytes / 1e6:.1f} | 100% | {t_flops / 1e6:.0f} | 100% | {speed(cost['teacher'])} |"]
     for name, c in cost.items():
         if name != "teacher" and c["weight_bytes"]:
             lines.append(f"| {name} | {c['weight_bytes'] / 1e6:.1f} | {c['weight_bytes'] / t_bytes:.1%} | "
-                         f"{c['flops_per_token'] / 1e6:.0f} | {c['flops_per_token'] / t_flops:.0%} | {c['tokens_per_second']:.1f} |")
+                         f"{c['flops_per_token'] / 1e6:.0f} | {c['flops_per_token'] / t_flops:.0%} | {speed(c)} |")
     lines.append("")
     for domain, rows in results["domains"].items():
         t = rows["teacher"]

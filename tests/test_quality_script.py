@@ -55,6 +55,21 @@ def test_benchmark_neurons_tiny(tiny_pair, tmp_path):
         mod.main(["--teacher", "no-such-model", "--judge-dir", str(judge)])
 
 
+def test_benchmark_neurons_costs_only_with_alternated_speed_repeats(tiny_pair, tmp_path):
+    import statistics
+
+    mod = _load_script("bench_neurons", "benchmarks/benchmark_neurons.py")
+    out = tmp_path / "cost.md"
+    assert mod.main(["--teacher", str(tiny_pair[0]), "--students", str(tiny_pair[1]), "--domains", "--speed-repeats", "3",
+                     "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["domains"] == {}
+    for cost in data["cost"].values():
+        assert len(cost["tokens_per_second_all"]) == 3 and cost["tokens_per_second"] == statistics.median(cost["tokens_per_second_all"])
+    low, high = min(data["cost"]["teacher"]["tokens_per_second_all"]), max(data["cost"]["teacher"]["tokens_per_second_all"])
+    assert f"({low:.1f}-{high:.1f})" in out.read_text()
+
+
 def test_evaluation_functions_are_consistent(tiny_pair):
     from conch_dna.models import load_model
     from conch_dna.training.kd.examples import Example
