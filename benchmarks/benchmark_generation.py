@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
     from conch_dna.models import load_model
     from conch_dna.training.kd import KDConfig, examples
-    from conch_dna.training.kd.domains import load_domains, load_prompts
+    from conch_dna.training.kd.domains import gather_prompts
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="default-teacher")
@@ -36,14 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
-    domains = load_domains()
-    prompts = []
-    for source in args.prompts:
-        if source == "all":
-            prompts += [p for ps in domains.values() for p in ps]
-        else:
-            prompts += domains[source] if source in domains else load_prompts(source)
-    prompts *= args.answers
+    prompts = gather_prompts(args.prompts) * args.answers
     teacher, tok = load_model(args.teacher)
     cfg = KDConfig(generation={"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}, max_seq_length=512)
     together = examples.decode_together

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     from conch_dna.models import load_model
     from conch_dna.training.kd import KDConfig, TrueKnowledgeDistiller
     from conch_dna.training.kd.checkpoints import checkpoint_dirs
-    from conch_dna.training.kd.domains import load_domains, load_held_out, load_prompts
+    from conch_dna.training.kd.domains import gather_prompts, load_domains, load_held_out
     from conch_dna.training.kd.evaluate import answer, generation_metrics
     from conch_dna.training.kd.trainer import TrainingCancelled
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     iters = max(args.points, args.tokens // (args.batch_size * args.max_seq_length))
     every = max(1, iters // args.points)
     domains = load_domains()
-    prompts = gather_prompts(args.prompts, domains, load_prompts) * args.answers
+    prompts = gather_prompts(args.prompts, domains) * args.answers
     judge_domains = list(domains) if args.judge_domains == ["all"] else args.judge_domains
     extra = {"unlikelihood": args.unlikelihood} if args.unlikelihood is not None else {}
     cfg = KDConfig(teacher_model_id=args.teacher, student_model_id=args.student, text=args.text, text_share=args.text_share,
@@ -154,18 +154,6 @@ def join_runs(runs: list[dict]) -> dict:
         curve += [{**p, "tokens": (p["tokens"] or 0) + offset} for p in run["curve"][1:]]
     return {**runs[-1], "curve": curve, "runs": [r["args"] for r in runs],
             "train_seconds": sum(r["train_seconds"] for r in runs)}
-
-
-def gather_prompts(sources: list[str], domains: dict[str, list[str]], load_prompts) -> list[str]:
-    """The prompts of `sources`: a domain's name gives its training prompts, `all` every domain's, anything else
-    is a prompt file."""
-    prompts = []
-    for source in sources:
-        if source == "all":
-            prompts += [p for ps in domains.values() for p in ps]
-        else:
-            prompts += domains[source] if source in domains else load_prompts(source)
-    return prompts
 
 
 def judge_domains_at(student, teacher, tok, domains: list[str], eval_tokens: int) -> dict:

@@ -146,14 +146,14 @@ def test_corpus_kd_curve_on_policy_with_domain_prompts_judges_every_domain_asked
 
 
 def test_gather_prompts_reads_domains_and_files(tmp_path):
-    mod = _load_script("corpus_kd_curve", "benchmarks/corpus_kd_curve.py")
+    from conch_dna.training.kd.domains import gather_prompts, load_domains
+
     f = tmp_path / "p.txt"
     f.write_text("one\ntwo\n")
     domains = {"a": ["x", "y"], "b": ["z"]}
-    from conch_dna.training.kd.domains import load_prompts
-
-    assert mod.gather_prompts(["b", str(f)], domains, load_prompts) == ["z", "one", "two"]
-    assert mod.gather_prompts(["all"], domains, load_prompts) == ["x", "y", "z"]
+    assert gather_prompts(["b", str(f)], domains) == ["z", "one", "two"]
+    assert gather_prompts(["all"], domains) == ["x", "y", "z"]
+    assert gather_prompts(["thinking"]) == load_domains()["thinking"]
 
 
 def test_tokens_by_step_continues_across_a_resume():
@@ -209,3 +209,17 @@ def test_students_table_reads_both_result_formats_and_gives_the_gate(tmp_path, c
     assert rows[0][2] == "0.100 [0.090, 0.110]" and rows[2][5] == "+0.250 [+0.200, +0.300]"
     for bad in ("no-equals", f"x={tmp_path / 'missing.json'}", f"x={bench}#nomethod", f"x={bench}#other/kd"):
         assert mod.main([bad]) == 2
+
+
+def test_benchmark_generation_compares_both_decoding_settings(tiny_pair, tmp_path, capsys):
+    mod = _load_script("benchmark_generation", "benchmarks/benchmark_generation.py")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"What is {i} times {i}?" for i in range(40)) + "\n")
+    assert mod.main(["--teacher", str(tiny_pair[0]), "--prompts", str(prompts), "--batch-size", "40",
+                     "--max-new-tokens", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "40 answers, batch 40" in out
+    assert "mlx-lm default (32 at a time): " in out and "whole batch together: " in out
+    from conch_dna.training.kd import examples
+
+    assert examples.decode_together(40) == {"completion_batch_size": 40}  # put back after the comparison

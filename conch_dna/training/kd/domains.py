@@ -93,3 +93,16 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
                             "or an object with a \"prompt\" string")
         prompts.append(p.strip())
     return prompts
+
+
+def gather_prompts(sources: list[str], domains: dict[str, list[str]] | None = None) -> list[str]:
+    """The prompts of `sources`, in order: a domain's name gives its training prompts (never its held-out
+    ones), `all` every domain's, anything else is a prompt file (`load_prompts`)."""
+    domains = load_domains() if domains is None else domains
+    prompts = []
+    for source in sources:
+        if source == "all":
+            prompts += [p for ps in domains.values() for p in ps]
+        else:
+            prompts += domains[source] if source in domains else load_prompts(source)
+    return prompts
