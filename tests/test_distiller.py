@@ -468,3 +468,22 @@ def test_own_answers_join_training_and_a_resume_reuses_them(tiny_pair, kd_config
         assert np.array_equal(np.array(a[k]), np.array(b[k])), k
     with pytest.raises(ConfigError, match="own_answers = 'on' needs teacher_targets = 'online'"):
         KDConfig.load(own_answers="on", teacher_targets="cache")
+
+
+def test_a_cuda_graph_out_of_memory_says_what_to_do(tiny_pair, kd_config, monkeypatch):
+    """MLX's bare "cudaGraphInstantiate ... out of memory" reaches the user with the setting that avoids it;
+    any other error passes through as it was."""
+    import conch_dna.training.kd.distiller as dist
+
+    teacher, student = tiny_pair
+    d = TrueKnowledgeDistiller(teacher_model_id=str(teacher), student_model_id=str(student), config=kd_config(iters=2))
+    graph = RuntimeError("cudaGraphInstantiate(&handle_, graph, nullptr, nullptr, 0) failed: out of memory")
+    monkeypatch.setattr(dist, "train_with_kd", lambda *a, **k: (_ for _ in ()).throw(graph))
+    with pytest.raises(RuntimeError, match="MLX_USE_CUDA_GRAPHS=0") as caught:
+        d.distill_domain("memory", PROMPTS[:4])
+    assert caught.value.__cause__ is graph
+    other = RuntimeError("something else")
+    monkeypatch.setattr(dist, "train_with_kd", lambda *a, **k: (_ for _ in ()).throw(other))
+    with pytest.raises(RuntimeError) as caught:
+        d.distill_domain("memory", PROMPTS[:4])
+    assert caught.value is other

@@ -219,6 +219,16 @@ class DomainJob:
         return self.report.context["run_id"]
 
 
+def explained_device_error(e: RuntimeError) -> RuntimeError | None:
+    """`e` with what to do, where MLX's message alone does not say (else None): on CUDA the eager step's CUDA
+    graphs ran out of memory at batches of 16 x 512 on one H100 (docs/benchmarks.md, "Corpus KD heals the
+    pruned student")."""
+    if "cudaGraphInstantiate" in str(e) and "out of memory" in str(e):
+        return RuntimeError(f"{e}: MLX's CUDA graphs ran out of memory; run with MLX_USE_CUDA_GRAPHS=0 in the "
+                            "environment (or compile_step = 'on'), or lower batch_size / max_seq_length")
+    return None
+
+
 class TrueKnowledgeDistiller:
     """Distils a teacher (EGO) into per-domain LoRA adapters on a student (a CORTEX neuron's base)."""
 
@@ -437,8 +447,13 @@ class TrueKnowledgeDistiller:
             return continue_prompts(student, student_tok, examples, g, cfg.max_seq_length)
 
         hooks = Hooks(job.report, job.should_stop, student_writes if cfg.on_policy_lambda > 0 else None)
-        summary = train_with_kd(student, TrainingData(job.train, job.val, targets_fn, job.logits_width), cfg, job.out_dir,
-                                adapter_cfg=acfg, resume=job.resume, hooks=hooks)
+        try:
+            summary = train_with_kd(student, TrainingData(job.train, job.val, targets_fn, job.logits_width), cfg, job.out_dir,
+                                    adapter_cfg=acfg, resume=job.resume, hooks=hooks)
+        except RuntimeError as e:
+            if (explained := explained_device_error(e)) is None:
+                raise
+            raise explained from e
         if dist.is_writer():
             save_adapter(student, job.out_dir, acfg)
         quality = None
