@@ -344,3 +344,20 @@ def test_the_gpu_queue_is_bounded_where_the_budget_is_tight_on_cuda_only_and_the
     (tmp_path / "b" / "model-00001.safetensors").write_bytes(b"x" * 24)
     assert memory.stored_weights_bytes(str(tmp_path / "a"), str(tmp_path / "b")) == 1024
     assert memory.stored_weights_bytes(str(tmp_path / "a"), "Qwen/Qwen2.5-0.5B") is None
+
+
+def test_a_compiled_step_on_cuda_says_its_first_steps_compile(tiny_pair, monkeypatch):
+    from structlog.testing import capture_logs
+
+    from conch_dna.models import load_model
+    from conch_dna.training.kd import KDConfig, kernels
+    from conch_dna.training.kd.trainer import build_step
+
+    model, _ = load_model(str(tiny_pair[1]))
+    monkeypatch.setattr(kernels, "on_cuda", lambda: True)
+    monkeypatch.setattr(kernels, "use_rope_kernel", lambda m: None)  # the CUDA kernel itself needs the GPU
+    for setting, said in (("on", True), ("off", False)):
+        with capture_logs() as logs:
+            build_step(model, KDConfig(compile_step=setting), None)
+        hints = [e for e in logs if e["event"] == "kernels compile first"]
+        assert bool(hints) == said and all("MLX_USE_CUDA_GRAPHS=0" in e["advice"] for e in hints)

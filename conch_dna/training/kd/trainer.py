@@ -291,6 +291,10 @@ def build_step(model: nn.Module, config: KDConfig, logits_width: int | None) -> 
     if dist.is_writer():
         log.info("training", steps=config.iters, fused_loss=fused, compiled=compiled, teacher_prefetch=use_prefetch(config),
                  grad_checkpoint=checkpoint_setting(config), memory_limit_gb=config.memory_limit_gb)
+        if compiled and kernels.on_cuda():  # 207 s before the first 146 steps of a healing run (docs/benchmarks.md)
+            log.info("kernels compile first", advice="the first steps compile MLX's CUDA kernels (minutes on a machine "
+                     "that has not run them; MLX keeps them on disk); for a short run set compile_step = 'off' with "
+                     "MLX_USE_CUDA_GRAPHS=0 in the environment")
     return loss_and_grad, 32 if compiled else 1
 
 
