@@ -91,7 +91,8 @@ def test_a_fused_student_is_quantized_from_the_command_line(tiny_pair, tmp_path)
     for bad, message in ((["--quantize", "7", "--base", str(fused), "--out", str(tmp_path / "q7")], "bits in"),
                          (["--quantize", "4", "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "q")], "not a model folder"),
                          (["--quantize", "4", "--base", str(fused), "--out", str(mine)], "error:"),
-                         (["--quantize", "4", "--base", str(fused)], "--quantize needs --base MODEL and --out")):
+                         (["--quantize", "4", "--base", str(fused)], "--quantize needs --base MODEL and --out"),
+                         (["--quantize", "3", "--base", str(tmp_path / "q4"), "--out", str(tmp_path / "q3")], "already quantized")):
         refused = subprocess.run([sys.executable, "-m", "conch_dna.models", *bad], capture_output=True, text=True)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
-    assert (mine / "notes.txt").read_text() == "keep me" and not (tmp_path / "q7").exists()
+    assert (mine / "notes.txt").read_text() == "keep me" and not (tmp_path / "q7").exists() and not (tmp_path / "q3").exists()

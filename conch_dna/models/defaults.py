@@ -179,6 +179,10 @@ def quantize_folder(src: Path, dest: Path, bits: int, group_size: int, info: dic
 
     if bits not in (2, 3, 4, 5, 6, 8) or group_size not in (32, 64, 128):
         raise ValueError(f"quantization needs bits in {{2, 3, 4, 5, 6, 8}} and group_size in {{32, 64, 128}}, got {bits}, {group_size}")
+    stored = json.loads((Path(src) / "config.json").read_text()).get("quantization")
+    if stored:
+        raise ValueError(f"{src} is already quantized ({stored.get('bits')} bits, group {stored.get('group_size')}); "
+                         "quantize the float folder it came from instead")
     model, config = mlx_load_model(src, lazy=True)
     model.update(tree_map(lambda p: p.astype(mx.float16) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
     model, config = quantize_model(model, config, group_size, bits)
