@@ -77,7 +77,11 @@ def main(argv=None) -> int:
                     "(each run's student the one before it, healed and fused) into one curve, <out>.json and .png")
     args = ap.parse_args(argv)
     if args.join:
-        result = join_runs([json.loads(Path(f).read_text()) for f in args.join])
+        runs = [json.loads(Path(f).read_text()) for f in args.join]
+        judged = {(r["args"]["domain"], r["args"]["eval_tokens"]) for r in runs}
+        if len(judged) > 1 or not all(r["curve"] for r in runs):
+            ap.error(f"--join needs runs judged alike (the same --domain and --eval-tokens), each with a curve; got {sorted(judged)}")
+        result = join_runs(runs)
         Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2))
         plot(result, Path(args.out).with_suffix(".png"))
         return 0

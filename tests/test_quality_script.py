@@ -188,6 +188,9 @@ def test_a_healing_in_stages_joins_into_one_curve(tiny_pair, tmp_path):
     assert len(both["curve"]) == len(one["curve"]) + len(two["curve"]) - 1 and tokens == sorted(tokens)
     assert tokens[-1] == one["curve"][-1]["tokens"] + two["curve"][-1]["tokens"]
     assert both["curve"][-1]["kl"] == two["curve"][-1]["kl"] and both["runs"] == [one["args"], two["args"]]
+    (tmp_path / "other.json").write_text(json.dumps({**two, "args": {**two["args"], "domain": "memory"}}))
+    with pytest.raises(SystemExit):  # judged on another domain's prompts: not one curve
+        mod.main(["--join", str(tmp_path / "one.json"), str(tmp_path / "other.json"), "--out", str(tmp_path / "mixed")])
 
 
 def test_students_table_reads_both_result_formats_and_gives_the_gate(tmp_path, capsys):
