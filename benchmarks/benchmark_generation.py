@@ -43,14 +43,16 @@ def main(argv=None) -> int:
     settings = {"mlx-lm default (32 at a time)": lambda n: {}, "whole batch together": together}
     speeds: dict[str, list[float]] = {name: [] for name in settings}
     examples.generate_examples(teacher, tok, prompts[: min(8, len(prompts))], cfg)  # warm-up
-    for r in range(args.repeats):
-        for name, setting in settings.items():
-            examples.decode_together = setting
-            _, stats = examples.generate_examples(teacher, tok, prompts, cfg)
-            speeds[name].append(stats["tokens_per_second"])
-            print(f"repeat {r}: {name}: {stats['generated_tokens']} tokens in {stats['seconds']:.1f} s, "
-                  f"{stats['tokens_per_second']:.0f} tokens/s", flush=True)
-    examples.decode_together = together
+    try:
+        for r in range(args.repeats):
+            for name, setting in settings.items():
+                examples.decode_together = setting  # what generate_examples asks mlx-lm for
+                _, stats = examples.generate_examples(teacher, tok, prompts, cfg)
+                speeds[name].append(stats["tokens_per_second"])
+                print(f"repeat {r}: {name}: {stats['generated_tokens']} tokens in {stats['seconds']:.1f} s, "
+                      f"{stats['tokens_per_second']:.0f} tokens/s", flush=True)
+    finally:
+        examples.decode_together = together
     print(f"\n{len(prompts)} answers, batch {args.batch_size}, up to {args.max_new_tokens} tokens each, "
           f"device {mx.default_device()}")
     for name, xs in speeds.items():

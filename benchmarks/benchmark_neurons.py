@@ -47,9 +47,9 @@ SAVED = (*FIGURES, "repetition_excess", *INTERVAL_FIGURES)
 
 def gate_verdict(figures: dict) -> str:
     """The registry gate's loop verdict on these held-out figures: "passes", "may loop" or "loops"."""
-    from conch_dna.cortex.registry import loop_verdict
+    from conch_dna.cortex.registry import held_out_verdict
 
-    return loop_verdict({f"held_out_{k}": v for k, v in figures.items()})
+    return held_out_verdict(figures)
 
 
 def mean_sd(xs):

@@ -152,7 +152,7 @@ def join_runs(runs: list[dict]) -> dict:
     """Runs that healed in stages as one curve: each run's student is the one before it with its adapter fused,
     so its step 0 judges the model the previous run's last point judged (kept once: the previous run's), and
     its tokens count on from there. The last run's domains and teacher figures stand for the whole."""
-    curve, offset = list(runs[0]["curve"]), 0
+    curve = list(runs[0]["curve"])
     for run in runs[1:]:
         offset = curve[-1]["tokens"] or 0
         curve += [{**p, "tokens": (p["tokens"] or 0) + offset} for p in run["curve"][1:]]
@@ -162,7 +162,7 @@ def join_runs(runs: list[dict]) -> dict:
 
 def judge_domains_at(student, teacher, tok, domains: list[str], eval_tokens: int) -> dict:
     """The student judged on each domain's held-out prompts, with the registry gate's verdict."""
-    from conch_dna.cortex.registry import loop_verdict
+    from conch_dna.cortex.registry import held_out_verdict
     from conch_dna.training.kd.domains import load_held_out
     from conch_dna.training.kd.evaluate import answer, answer_figures, generation_metrics
 
@@ -173,7 +173,7 @@ def judge_domains_at(student, teacher, tok, domains: list[str], eval_tokens: int
         g = generation_metrics(student, teacher, tok, held, teacher_answers=t_answers, max_new_tokens=eval_tokens)
         figures = {k: v for k, v in g.items() if isinstance(v, float)}
         out[domain] = {**figures, "teacher_repetition": answer_figures(t_answers, tok)["repetition"],
-                       "gate": loop_verdict({f"held_out_{k}": v for k, v in figures.items()}), "answer": g["answers"][0]}
+                       "gate": held_out_verdict(figures), "answer": g["answers"][0]}
         print(json.dumps({"domain": domain, **{k: v for k, v in out[domain].items() if k != "answer"}}), flush=True)
     return out
 

@@ -56,7 +56,7 @@ def interval(f: dict, key: str, signed: bool = False) -> str:
 
 
 def table(rows: list[tuple[str, dict[str, dict]]]) -> str:
-    from conch_dna.cortex.registry import loop_verdict
+    from conch_dna.cortex.registry import held_out_verdict
 
     domains = list(dict.fromkeys(d for _, by_domain in rows for d in by_domain))
     lines = ["| domain | neuron | KL(teacher‖neuron) | top-1 agreement | repeated 4-grams (teacher's) | over the teacher's | gate |",
@@ -66,7 +66,7 @@ def table(rows: list[tuple[str, dict[str, dict]]]) -> str:
             f = by_domain.get(domain)
             if f is None:
                 continue
-            gate = loop_verdict({f"held_out_{k}": v for k, v in f.items() if isinstance(v, (int, float))})
+            gate = held_out_verdict(f)
             lines.append(f"| {domain} | {label} | {interval(f, 'kl')} | {interval(f, 'agreement')} | "
                          f"{f['repetition']:.3f} ({f['teacher_repetition']:.3f}) | {interval(f, 'repetition_excess', True)} | {gate} |")
     return "\n".join(lines)

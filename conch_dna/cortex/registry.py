@@ -158,6 +158,12 @@ def unusable_figures(metrics: dict) -> str | None:
     return None
 
 
+def held_out_verdict(figures: dict) -> str:
+    """`loop_verdict` on the figures of `evaluate.generation_metrics` (named as it names them, without the
+    registry's `held_out_` prefix)."""
+    return loop_verdict({f"held_out_{k}": v for k, v in figures.items()})
+
+
 def loop_verdict(metrics: dict) -> str:
     """The gate's verdict on the neuron's own answers: "passes", "may loop" or "loops" ("passes" also when it
     was not judged). Judged with intervals, a neuron passes only when the whole interval of its repetition over
